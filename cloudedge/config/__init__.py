@@ -1,0 +1,84 @@
+"""Configuration: YAML files validated by pydantic models, one file per section.
+
+`load_config(path)` is the one entry point that reads user configs. Every problem becomes an
+`InputError` naming the file, the field path and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from cloudedge.config.adapt import AdaptConfig
+from cloudedge.config.data import DataConfig, PartitionConfig
+from cloudedge.config.finetune import FinetuneConfig
+from cloudedge.config.fleet import DeviceGroup, EdgeSpec, FleetConfig
+from cloudedge.config.model import ModelConfig
+from cloudedge.config.pretrain import PretrainConfig
+from cloudedge.config.run import EngineConfig, RunConfig
+from cloudedge.errors import InputError
+
+__all__ = [
+    "AdaptConfig", "DataConfig", "DeviceGroup", "EdgeSpec", "EngineConfig", "FinetuneConfig",
+    "FleetConfig", "ModelConfig", "PartitionConfig", "PretrainConfig", "RunConfig",
+    "format_validation_error", "load_config", "config_from_dict", "dump_config",
+]
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """First problem of a pydantic error as `source: a.b.0.c: what was expected (got X)`."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = first.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    more = len(err.errors()) - 1
+    tail = f" [+{more} more]" if more > 0 else ""
+    return f"{source}: {loc}: {msg}{shown}{tail}"
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: str | Path = ".") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise InputError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = {**raw, "base_dir": str(Path(base_dir).resolve())}
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, source)) from None
+    _check_names(cfg, source)
+    return cfg
+
+
+def _check_names(cfg: RunConfig, source: str) -> None:
+    """Names that only the registries know (profiles); checked here so the error names the field."""
+    from cloudedge.fleet.profiles import check_fleet_profiles
+
+    check_fleet_profiles(cfg.fleet, source)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if raw is None:
+        raise InputError(f"{path}: the file is empty")
+    return config_from_dict(raw, source=str(path), base_dir=path.parent)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what a run directory keeps)."""
+    data = cfg.model_dump(mode="json", exclude={"base_dir"})
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,45 @@
+"""The `data` section: which data, and how it is split over the fleet's devices."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cloudedge.config.base import StrictModel
+
+SourceName = Literal["digits", "colored", "rotated", "corrupted", "pydocs", "text", "jsonl", "imagefolder"]
+
+
+class PartitionConfig(StrictModel):
+    """How samples are dealt to devices. Deterministic under the run's seed."""
+
+    kind: Literal["iid", "dirichlet", "domain", "quantity"] = "iid"
+    alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration (dirichlet, quantity)")
+    min_samples: int = Field(default=1, ge=0, description="every client gets at least this many")
+
+
+class DataConfig(StrictModel):
+    source: SourceName = "digits"
+    path: str | None = Field(default=None, description="file or folder for text, jsonl, imagefolder")
+    text_field: str = "text"
+    label_field: str | None = None
+    class_names: str | None = Field(default=None, description="file with one class name a line (imagefolder)")
+    # Variants of the bundled digits.
+    flip_prob: float = Field(default=0.1, ge=0, le=1, description="colored: chance the color lies")
+    degrees: float = Field(default=0.0, description="rotated: rotation angle")
+    corruption: str | None = None
+    severity: int = Field(default=3, ge=1, le=5)
+    image_size: int = Field(default=8, ge=4, le=512, description="images are resized to this")
+    # pydocs
+    max_docs: int | None = Field(default=None, ge=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> DataConfig:
+        if self.source in ("text", "jsonl", "imagefolder") and not self.path:
+            raise ValueError(f"source '{self.source}' needs 'path'")
+        if self.source == "corrupted" and not self.corruption:
+            raise ValueError("source 'corrupted' needs 'corruption'")
+        return self

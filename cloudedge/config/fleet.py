@@ -1,0 +1,72 @@
+"""The `fleet` section: one cloud, N edges, each with groups of devices."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from cloudedge.config.base import StrictModel
+
+
+class ProfileOverride(StrictModel):
+    """Figures that replace a named profile's (any subset). Units as in `cloudedge.fleet.Profile`."""
+
+    flops: float | None = Field(default=None, gt=0)
+    memory_bytes: float | None = Field(default=None, gt=0)
+    uplink_Bps: float | None = Field(default=None, gt=0)
+    downlink_Bps: float | None = Field(default=None, gt=0)
+    latency_s: float | None = Field(default=None, ge=0)
+    availability: float | None = Field(default=None, ge=0, le=1)
+    joules_per_flop: float | None = Field(default=None, ge=0)
+    radio_joules_per_byte: float | None = Field(default=None, ge=0)
+
+
+class CustomProfile(ProfileOverride):
+    """A profile defined in config: based on a named one (`base`), with overrides."""
+
+    base: str
+
+
+class DeviceGroup(StrictModel):
+    """`count` devices of one profile, or a `mix` of profiles by fraction."""
+
+    count: int = Field(ge=1)
+    profile: str | None = None
+    mix: dict[str, float] | None = None
+    data_share: float = Field(default=1.0, gt=0, description="relative amount of data per device")
+    overrides: ProfileOverride | None = None
+
+    @model_validator(mode="after")
+    def _profile_or_mix(self) -> DeviceGroup:
+        if (self.profile is None) == (self.mix is None):
+            raise ValueError("give exactly one of 'profile' or 'mix'")
+        if self.mix is not None:
+            if not self.mix or any(v <= 0 for v in self.mix.values()):
+                raise ValueError("'mix' needs positive fractions")
+        return self
+
+
+class EdgeSpec(StrictModel):
+    """`count` edge servers alike, each with the same device groups."""
+
+    count: int = Field(default=1, ge=1)
+    profile: str = "edge-server"
+    overrides: ProfileOverride | None = None
+    devices: list[DeviceGroup] = Field(default_factory=list)
+
+
+class CloudSpec(StrictModel):
+    profile: str = "a100"
+    overrides: ProfileOverride | None = None
+
+
+class FleetConfig(StrictModel):
+    cloud: CloudSpec = Field(default_factory=CloudSpec)
+    edges: list[EdgeSpec] = Field(default_factory=lambda: [EdgeSpec()])
+    profiles: dict[str, CustomProfile] = Field(default_factory=dict, description="extra named profiles")
+
+    @field_validator("edges")
+    @classmethod
+    def _some_edges(cls, v: list[EdgeSpec]) -> list[EdgeSpec]:
+        if not v:
+            raise ValueError("at least one edge is needed")
+        return v

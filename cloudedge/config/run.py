@@ -1,0 +1,43 @@
+"""The top level of a config file."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from cloudedge.config.adapt import AdaptConfig
+from cloudedge.config.base import StrictModel
+from cloudedge.config.data import DataConfig
+from cloudedge.config.finetune import FinetuneConfig
+from cloudedge.config.fleet import FleetConfig
+from cloudedge.config.model import ModelConfig
+from cloudedge.config.pretrain import PretrainConfig
+
+
+class EngineConfig(StrictModel):
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(default=None, description="ray: 'auto' or HOST:PORT; none starts a local Ray")
+
+
+class RunConfig(StrictModel):
+    name: str = "run"
+    seed: int = 0
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig | None = None
+    finetune: FinetuneConfig | None = None
+    adapt: AdaptConfig | None = None
+    # Directory that relative paths in this config are resolved against (set by load_config).
+    base_dir: str = "."
+
+    def stage_data(self, stage: str) -> DataConfig:
+        """The data a stage uses: its own section's, else the top-level one."""
+        section = getattr(self, stage)
+        return section.data if section is not None and section.data is not None else self.data
+
+    def stage_model(self, stage: str) -> ModelConfig:
+        section = getattr(self, stage)
+        return section.model if section is not None and section.model is not None else self.model
