@@ -1,1 +1,62 @@
-"""cloudedge.bench."""
+"""Benchmarks: `cloudedge bench NAME [--quick] --out DIR` writes DIR/results.json.
+
+Each benchmark is a module here with ``run(quick: bool, out_dir: Path, **options) -> dict`` that
+returns ``{"benchmark": NAME, "config": {...}, "methods": {METHOD: {METRIC: value}}}``; it compares
+methods side by side in one run. Benchmarks measure; they are not tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from cloudedge.errors import InputError
+
+# name -> (module, one-line description)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "pretrain-hetero": ("pretrain_hetero", "LM pre-training on pydocs over a heterogeneous fleet: batch controllers"),
+    "pretrain-ood": ("pretrain_ood", "colored/rotated digits: invariant objectives, in- and out-of-distribution accuracy"),
+    "finetune-hier": ("finetune_hier", "hierarchical LoRA fine-tuning: synchronization policies"),
+    "adapt-tta": ("adapt_tta", "test-time prompt adaptation of the bundled CLIP on corrupted digits"),
+    "robustness": ("robustness", "robust aggregators against sign-flip, scaled and random updates"),
+    "overhead": ("overhead", "one worker's throughput through cloudedge vs a plain PyTorch loop"),
+    "scale": ("scale", "seconds per round and peak memory for large simulated fleets"),
+}
+
+
+def machine_info() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_benchmark(name: str, out_dir: Path, quick: bool = False, **options: Any) -> Path:
+    """Run benchmark ``name`` and write ``out_dir/results.json``; returns its path."""
+    if name not in BENCHMARKS:
+        raise InputError(f"benchmark: unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
+    module_name, _ = BENCHMARKS[name]
+    try:
+        module = importlib.import_module(f"cloudedge.bench.{module_name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"cloudedge.bench.{module_name}":
+            raise InputError(f"benchmark: {name!r} is not available in this version") from None
+        raise
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = module.run(quick=quick, out_dir=out_dir, **options)
+    result.setdefault("benchmark", name)
+    result["quick"] = quick
+    result["wall_s"] = round(time.perf_counter() - t0, 2)
+    result["machine"] = machine_info()
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(result, indent=2, default=float))
+    return path

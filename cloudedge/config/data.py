@@ -24,15 +24,23 @@ class DataConfig(StrictModel):
     path: str | None = Field(default=None, description="file or folder for text, jsonl, imagefolder")
     text_field: str = "text"
     label_field: str | None = None
+    domain_field: str | None = Field(default=None, description="jsonl: field naming each record's domain")
     class_names: str | None = Field(default=None, description="file with one class name a line (imagefolder)")
     # Variants of the bundled digits.
     flip_prob: float = Field(default=0.1, ge=0, le=1, description="colored: chance the color lies")
+    test_flip_prob: float | None = Field(
+        default=None, ge=0, le=1, description="colored: flip_prob of the test split (None: same as flip_prob)"
+    )
     degrees: float = Field(default=0.0, description="rotated: rotation angle")
     corruption: str | None = None
     severity: int = Field(default=3, ge=1, le=5)
     image_size: int = Field(default=8, ge=4, le=512, description="images are resized to this")
     # pydocs
     max_docs: int | None = Field(default=None, ge=1)
+    min_chars: int = Field(default=40, ge=1, description="pydocs: drop docstrings shorter than this")
+    n_classes: int | None = Field(
+        default=None, ge=2, description="pydocs: classify docstrings by module over the n largest modules"
+    )
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
 

@@ -23,6 +23,9 @@ class ModelConfig(StrictModel):
     channels: int = Field(default=3, ge=1)
     num_labels: int = Field(default=10, ge=2)
     projection_dim: int = Field(default=64, ge=8, description="clip: joint embedding size")
+    dropout: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="dropout of built models (0: training is reproducible)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:

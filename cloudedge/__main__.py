@@ -1,0 +1,5 @@
+import sys
+
+from cloudedge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""The `cloudedge` command: demo, pretrain, finetune, adapt, fleet, bench, report.
+
+Every command turns bad input into one line on stderr and exit code 2 (see cloudedge.errors).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cloudedge.errors import EXIT_INPUT_ERROR, InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cloud-edge collaborative large models: pre-train, fine-tune and adapt across a fleet.")
+console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="run directory (default runs/NAME)")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last checkpoint")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="move an existing --out aside and start afresh")]
+EngineOpt = Annotated[str | None, typer.Option("--engine", help="local | ray (overrides engine.kind)")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="ray: auto or HOST:PORT")]
+
+
+def _load(config: Path, engine: str | None, address: str | None):
+    from cloudedge.config import load_config
+
+    cfg = load_config(config)
+    if engine is not None:
+        if engine not in ("local", "ray"):
+            raise InputError(f"--engine: unknown engine {engine!r} (known: local, ray)")
+        cfg.engine.kind = engine
+    if address is not None:
+        cfg.engine.address = address
+    return cfg
+
+
+def _out(out: Path | None, cfg, stage: str) -> Path:
+    return out if out is not None else Path("runs") / f"{cfg.name}-{stage}"
+
+
+def _need(cfg, stage: str, config: Path) -> None:
+    if getattr(cfg, stage) is None:
+        raise InputError(f"{config}: {stage}: this command needs a '{stage}' section")
+
+
+def _stage(stage: str, config: Path, out: Path | None, resume: bool, overwrite: bool,
+           engine: str | None, address: str | None) -> None:
+    cfg = _load(config, engine, address)
+    _need(cfg, stage, config)
+    module = importlib.import_module(f"cloudedge.{stage}")
+    runner = getattr(module, f"run_{stage}")
+    out_dir = _out(out, cfg, stage)
+    summary = runner(cfg, out_dir, resume=resume, overwrite=overwrite, engine_kind=cfg.engine.kind)
+    console.print(f"[green]{stage} finished[/green]: {out_dir}")
+    console.print_json(json.dumps(summary, default=str))
+
+
+@app.command()
+def pretrain(config: ConfigArg, out: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+             engine: EngineOpt = None, address: AddressOpt = None) -> None:
+    """Pre-train one model across cloud, edges and devices (adaptive batches, invariant objectives)."""
+    _stage("pretrain", config, out, resume, overwrite, engine, address)
+
+
+@app.command()
+def finetune(config: ConfigArg, out: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+             engine: EngineOpt = None, address: AddressOpt = None) -> None:
+    """Hierarchical device -> edge -> cloud fine-tuning of adapters with autonomous synchronization."""
+    _stage("finetune", config, out, resume, overwrite, engine, address)
+
+
+@app.command()
+def adapt(config: ConfigArg, out: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+          engine: EngineOpt = None, address: AddressOpt = None) -> None:
+    """Test-time prompt adaptation of a CLIP-style model on every edge's unlabeled stream."""
+    _stage("adapt", config, out, resume, overwrite, engine, address)
+
+
+@app.command()
+def fleet(config: ConfigArg, limit: Annotated[int, typer.Option(help="rows shown before devices are grouped")] = 60) -> None:
+    """Print the fleet a config describes: nodes, hardware, links, and the data each device holds."""
+    from cloudedge.fleetview import fleet_table
+
+    cfg = _load(config, None, None)
+    console.print(fleet_table(cfg, limit=limit))
+
+
+@app.command()
+def demo(out: OutOpt = None, quick: Annotated[bool, typer.Option("--quick", help="the short version (< 3 min)")] = False,
+         config: Annotated[Path | None, typer.Option("--config", help="demo config (default: bundled demo.yaml)")] = None,
+         overwrite: OverwriteOpt = True) -> None:
+    """The whole lifecycle on bundled data: pre-train, fine-tune, adapt; writes a report."""
+    from cloudedge.demo import run_demo
+
+    run_demo(config=config, out_dir=out or Path("runs/demo"), quick=quick, overwrite=overwrite, console=console)
+
+
+@app.command()
+def bench(name: Annotated[str, typer.Argument(help="benchmark name (see --list)")] = "",
+          out: Annotated[Path | None, typer.Option("--out", help="directory for results.json")] = None,
+          quick: Annotated[bool, typer.Option("--quick", help="the short version (< 3 min)")] = False,
+          engine: EngineOpt = None,
+          devices: Annotated[str | None, typer.Option("--devices", help="scale: comma-separated fleet sizes")] = None,
+          list_: Annotated[bool, typer.Option("--list", help="list benchmarks")] = False) -> None:
+    """Run a benchmark and write DIR/results.json."""
+    from cloudedge.bench import BENCHMARKS, run_benchmark
+
+    if list_ or not name:
+        for key, (_, doc) in BENCHMARKS.items():
+            console.print(f"[bold]{key}[/bold]  {doc}")
+        return
+    out_dir = out or Path("runs") / f"bench-{name}"
+    extra = {}
+    if engine is not None:
+        extra["engine"] = engine
+    if devices is not None:
+        try:
+            extra["devices"] = [int(x) for x in devices.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(f"--devices: expected comma-separated integers, got {devices!r}") from None
+    path = run_benchmark(name, out_dir=out_dir, quick=quick, **extra)
+    console.print(f"[green]results[/green]: {path}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Render RUN_DIR/report.md (and report.html) from the run's metrics."""
+    from cloudedge.track.report import render_report
+
+    md, html = render_report(run_dir)
+    console.print(f"[green]report[/green]: {md}\n[green]html[/green]: {html}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the typer app, mapping InputError to one line and exit code 2."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        app(args=argv, standalone_mode=False)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except typer.Exit as ex:
+        return ex.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as err:  # click usage errors: bad flags, missing arguments
+        import click
+
+        if isinstance(err, click.ClickException):
+            print(f"error: {err.format_message()}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

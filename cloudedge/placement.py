@@ -1,0 +1,30 @@
+"""Which samples live on which device: a dataset's labels dealt over a fleet's devices.
+
+Every stage places its data the same way, so `cloudedge fleet` shows what a stage will train on.
+Data stays where it is placed: a worker is built with its own indices and never sees others'.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cloudedge.config.data import PartitionConfig
+
+
+def place_data(fleet, labels: np.ndarray, partition_cfg: PartitionConfig, seed: int,
+               domains: np.ndarray | list | None = None) -> dict[str, np.ndarray]:
+    """Partition sample indices over ``fleet.devices`` (weighted by each device's data_share).
+
+    Returns ``{device_id: indices}``. Deterministic under ``seed``.
+    """
+    from cloudedge.data.partition import partition
+
+    devices = fleet.devices
+    if not devices:
+        # A fleet without devices trains on its edge servers: each edge holds a shard.
+        devices = fleet.edges
+    weights = np.array([getattr(d, "data_share", 1.0) for d in devices], dtype=float)
+    parts = partition(np.asarray(labels), len(devices), partition_cfg.kind, seed,
+                      alpha=partition_cfg.alpha, domains=domains,
+                      min_samples=partition_cfg.min_samples, weights=weights)
+    return {d.id: np.asarray(p, dtype=np.int64) for d, p in zip(devices, parts, strict=True)}

@@ -1,0 +1,84 @@
+"""Matplotlib figures of a run's metrics (PNG, headless backend)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+
+QUALITY_KEYS = ("val_loss", "acc", "test_acc", "ood_acc")
+X_AXES = (("time_s", "virtual time (s)"), ("bytes_total", "bytes moved"))
+
+
+def _series(rows: list[dict[str, Any]], x: str, y: str) -> dict[str, tuple[list[float], list[float]]]:
+    by_method: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for r in rows:
+        if r.get(x) is None or r.get(y) is None or "shift" in r:
+            continue
+        xs, ys = by_method[str(r.get("method", "run"))]
+        xs.append(float(r[x]))
+        ys.append(float(r[y]))
+    return dict(by_method)
+
+
+def curve_plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """For each stage and quality metric: one PNG per x-axis (virtual time, bytes), a line per method."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    stages = sorted({str(r.get("stage")) for r in rows if r.get("stage")})
+    for stage in stages:
+        srows = [r for r in rows if r.get("stage") == stage]
+        for key in QUALITY_KEYS:
+            for x, xlabel in X_AXES:
+                series = _series(srows, x, key)
+                if not series or all(len(v[0]) < 2 for v in series.values()):
+                    continue
+                fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+                for method, (xs, ys) in sorted(series.items()):
+                    ax.plot(xs, ys, marker=".", label=method)
+                if x == "bytes_total":
+                    ax.set_xscale("symlog")
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel(key)
+                ax.set_title(f"{stage}: {key} vs {xlabel.split(' (')[0]}")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+                fig.tight_layout()
+                path = out_dir / f"{stage}_{key}_vs_{x}.png"
+                fig.savefig(path)
+                plt.close(fig)
+                paths.append(path)
+    return paths
+
+
+def shift_bars(rows: list[dict[str, Any]], out_dir: Path, metric: str = "acc") -> Path | None:
+    """Test-time adaptation accuracy per shift, one bar group per shift, a bar per method."""
+    acc: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r.get("shift") is not None and r.get(metric) is not None and r.get("final", True):
+            acc[str(r["shift"])][str(r.get("method"))] = float(r[metric])
+    if not acc:
+        return None
+    shifts = sorted(acc)
+    methods = sorted({m for d in acc.values() for m in d})
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.6 * len(shifts) * len(methods) / 2), 4.2), dpi=110)
+    for i, m in enumerate(methods):
+        xs = [j + i * width for j in range(len(shifts))]
+        ax.bar(xs, [acc[s].get(m, 0.0) for s in shifts], width=width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shifts))])
+    ax.set_xticklabels(shifts, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(f"top-1 {metric}")
+    ax.set_title("test-time adaptation: accuracy per shift")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "adapt_acc_per_shift.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,41 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from cloudedge.cli import main
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_fleet_table_prints(capsys):
+    assert main(["fleet", str(ROOT / "configs" / "demo.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "edge0/dev0" in out and "jetson-orin" in out and "samples" in out
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fleet:\n  cloud: {profile: abacus}\n")
+    assert main(["fleet", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "fleet.cloud.profile" in err and "abacus" in err and str(bad) in err
+
+
+def test_missing_data_file_exits_2(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {source: jsonl, path: nowhere.jsonl}\n")
+    assert main(["fleet", str(cfg)]) == 2
+    assert "nowhere.jsonl" in capsys.readouterr().err
+
+
+def test_unknown_benchmark_and_bad_flag(capsys):
+    assert main(["bench", "nope", "--out", "/tmp/x"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+    assert main(["fleet"]) == 2  # missing argument is a usage error
+
+
+def test_entry_point_exit_code(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1]\n")
+    proc = subprocess.run([sys.executable, "-m", "cloudedge", "fleet", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "seed" in proc.stderr

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from cloudedge.config import config_from_dict, dump_config, load_config
+from cloudedge.errors import InputError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_demo_config_loads_and_round_trips(tmp_path):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    assert cfg.name == "demo" and len(cfg.fleet.edges) == 3
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again.fleet == cfg.fleet and again.data == cfg.data
+
+
+def test_wrong_type_names_file_and_field(tmp_path):
+    p = write(tmp_path, "seed: zero\n")
+    with pytest.raises(InputError) as ei:
+        load_config(p)
+    msg = str(ei.value)
+    assert str(p) in msg and "seed" in msg and "\n" not in msg
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    with pytest.raises(InputError, match=r"fleet\.cloud\.gpu"):
+        load_config(write(tmp_path, "fleet:\n  cloud: {profile: a100, gpu: 8}\n"))
+
+
+def test_nested_field_path(tmp_path):
+    text = "fleet:\n  edges:\n    - devices:\n        - {count: 0, profile: phone-mid}\n"
+    with pytest.raises(InputError, match=r"fleet\.edges\.0\.devices\.0\.count"):
+        load_config(write(tmp_path, text))
+
+
+def test_profile_or_mix_required():
+    with pytest.raises(InputError, match="exactly one of 'profile' or 'mix'"):
+        config_from_dict({"fleet": {"edges": [{"devices": [{"count": 2}]}]}})
+
+
+def test_unknown_profile_names_field():
+    with pytest.raises(InputError, match=r"fleet\.edges\.0\.devices\.0\.profile.*nokia-3310"):
+        config_from_dict({"fleet": {"edges": [{"devices": [{"count": 2, "profile": "nokia-3310"}]}]}})
+
+
+def test_bad_yaml_and_missing_and_empty(tmp_path):
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(InputError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(InputError, match="empty"):
+        load_config(write(tmp_path, ""))
+    with pytest.raises(InputError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_data_source_needs_path():
+    with pytest.raises(InputError, match=r"data.*needs 'path'"):
+        config_from_dict({"data": {"source": "jsonl"}})
+
+
+def test_stage_inherits_top_level_data():
+    cfg = config_from_dict({"data": {"source": "rotated", "degrees": 30}, "pretrain": {}})
+    assert cfg.stage_data("pretrain").source == "rotated"
+    assert cfg.stage_model("finetune") == cfg.model
