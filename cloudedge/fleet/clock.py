@@ -1,0 +1,280 @@
+"""The virtual clock: work is real, time is accounted.
+
+A node's compute takes `flops / profile.flops` seconds; a message takes `nbytes / min(sender
+uplink, receiver downlink)` plus the larger of the two ends' latencies. The clock keeps, per node,
+when it is next free (`busy_until`), how long it has been busy, how much energy it used and how
+many FLOPs it did; per link (pair of tiers), how many bytes crossed.
+
+Scheduling rules (docs/profiles.md, "The clock"):
+
+- `compute` starts at `max(start or now, busy_until[node])`: a node does one thing at a time.
+- `transfer` starts once the sender's data exists (its last compute or receive has ended), not
+  after its other sends: a node's link is a pipe that many messages share. Each end's link
+  carries bytes at its own rate, first come first served, so an edge sending to 100 phones is
+  bounded by its uplink in total and by each phone's downlink per message, rather than sending
+  one message after another. A lone message takes exactly `transfer_seconds`. Both ends are
+  busy until the message has arrived.
+- `barrier(ids)` moves `now` to when the slowest of them is done, and makes them all wait there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cloudedge.errors import InputError
+from cloudedge.fleet.profiles import TIERS, Profile, Tier
+from cloudedge.fleet.topology import Fleet, Node
+
+STATE_VERSION = 1
+_TIER_RANK = {t: i for i, t in enumerate(TIERS)}
+
+
+def compute_seconds(profile: Profile, flops: float) -> float:
+    """Seconds `profile` needs for `flops` floating-point operations."""
+    return flops / profile.flops
+
+
+def transfer_seconds(src_profile: Profile, dst_profile: Profile, nbytes: float) -> float:
+    """Seconds one message of `nbytes` takes from src to dst when nothing else is on the links."""
+    rate = min(src_profile.uplink_Bps, dst_profile.downlink_Bps)
+    return nbytes / rate + max(src_profile.latency_s, dst_profile.latency_s)
+
+
+def link_key(tier_a: Tier, tier_b: Tier) -> tuple[Tier, Tier]:
+    """The undirected link between two tiers, lower tier first: ("device", "edge")."""
+    return (tier_a, tier_b) if _TIER_RANK[tier_a] <= _TIER_RANK[tier_b] else (tier_b, tier_a)
+
+
+def available(node: Node, rng: np.random.Generator) -> bool:
+    """Whether `node` is reachable this round: one draw against its profile's availability."""
+    return bool(rng.random() < node.profile.availability)
+
+
+def available_nodes(nodes: Sequence[Node], rng: np.random.Generator) -> list[Node]:
+    """The reachable subset of `nodes` (one draw each, in order; same draws as `available`)."""
+    draws = rng.random(len(nodes))
+    return [n for n, u in zip(nodes, draws, strict=True) if u < n.profile.availability]
+
+
+@dataclass(frozen=True)
+class ClockMark:
+    """A point in virtual time and the busy seconds up to it, for `VirtualClock.utilization`."""
+
+    t: float
+    busy_s: dict[str, float] = field(repr=False)
+
+
+class VirtualClock:
+    """Accounts virtual time, energy and bytes over a fleet. All times are seconds from 0."""
+
+    def __init__(self, fleet: Fleet):
+        self.fleet = fleet
+        self.now = 0.0
+        ids = list(fleet.nodes)
+        self.busy_until: dict[str, float] = dict.fromkeys(ids, 0.0)
+        self.busy_s: dict[str, float] = dict.fromkeys(ids, 0.0)
+        self.energy_j: dict[str, float] = dict.fromkeys(ids, 0.0)
+        self.flops_done: dict[str, float] = dict.fromkeys(ids, 0.0)
+        # When a node's own data is ready to send (end of its last compute or receive).
+        self._data_ready: dict[str, float] = dict.fromkeys(ids, 0.0)
+        # When each node's uplink / downlink pipe has carried all bytes queued on it.
+        self._up_free: dict[str, float] = dict.fromkeys(ids, 0.0)
+        self._down_free: dict[str, float] = dict.fromkeys(ids, 0.0)
+        self.bytes_by_link: dict[tuple[Tier, Tier], int] = {}
+        self.bytes_by_direction: dict[tuple[Tier, Tier], int] = {}
+        self.messages = 0
+        self._energy_by_kind: dict[Tier, dict[str, float]] = {t: {"compute": 0.0, "radio": 0.0} for t in TIERS}
+
+    # -- work ---------------------------------------------------------------------------------
+
+    def compute(self, node_id: str, flops: float, start: float | None = None) -> float:
+        """Run `flops` on a node; returns when it ends. Charges `flops * joules_per_flop`."""
+        if flops < 0:
+            raise ValueError(f"flops must be >= 0, got {flops}")
+        node = self.fleet.nodes[node_id]
+        begin = max(self.now if start is None else start, self.busy_until[node_id])
+        end = begin + compute_seconds(node.profile, flops)
+        self._mark_busy(node_id, begin, end)
+        self._data_ready[node_id] = max(self._data_ready[node_id], end)
+        self.flops_done[node_id] += float(flops)
+        joules = float(flops) * node.profile.joules_per_flop
+        self.energy_j[node_id] += joules
+        self._energy_by_kind[node.tier]["compute"] += joules
+        return end
+
+    def transfer(self, src_id: str, dst_id: str, nbytes: int, start: float | None = None) -> float:
+        """Send `nbytes` from src to dst; returns when the message has fully arrived.
+
+        Charges `nbytes * radio_joules_per_byte` to each end (each with its own profile's figure)
+        and counts the bytes on the link between the two tiers.
+        """
+        if src_id == dst_id:
+            raise ValueError(f"transfer from {src_id!r} to itself")
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
+        sp, dp = src.profile, dst.profile
+        begin = max(self.now if start is None else start, self._data_ready[src_id])
+        # Each end's pipe carries the message at that end's full rate, after what is queued on it.
+        self._up_free[src_id] = max(begin, self._up_free[src_id]) + nbytes / sp.uplink_Bps
+        self._down_free[dst_id] = max(begin, self._down_free[dst_id]) + nbytes / dp.downlink_Bps
+        wire_end = max(
+            begin + nbytes / min(sp.uplink_Bps, dp.downlink_Bps), self._up_free[src_id], self._down_free[dst_id]
+        )
+        end = wire_end + max(sp.latency_s, dp.latency_s)
+        self._mark_busy(src_id, begin, end)
+        self._mark_busy(dst_id, begin, end)
+        self._data_ready[dst_id] = max(self._data_ready[dst_id], end)
+
+        for node in (src, dst):
+            joules = nbytes * node.profile.radio_joules_per_byte
+            self.energy_j[node.id] += joules
+            self._energy_by_kind[node.tier]["radio"] += joules
+        key = link_key(src.tier, dst.tier)
+        self.bytes_by_link[key] = self.bytes_by_link.get(key, 0) + int(nbytes)
+        direction = (src.tier, dst.tier)
+        self.bytes_by_direction[direction] = self.bytes_by_direction.get(direction, 0) + int(nbytes)
+        self.messages += 1
+        return end
+
+    def _mark_busy(self, node_id: str, begin: float, end: float) -> None:
+        # Only the part past what is already counted: overlapping messages are not double-counted.
+        old = self.busy_until[node_id]
+        self.busy_s[node_id] += max(0.0, end - max(begin, old))
+        if end > old:
+            self.busy_until[node_id] = end
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def barrier(self, node_ids: Iterable[str]) -> float:
+        """Everyone in `node_ids` waits for the slowest: returns that time and sets `now` to it.
+
+        Waiting is idle time, not busy time. `now` never moves back.
+        """
+        ids = list(node_ids)
+        t = max([self.now, *(self.busy_until[i] for i in ids)])
+        for i in ids:
+            self.busy_until[i] = t
+        self.now = t
+        return t
+
+    def advance_to(self, t: float) -> float:
+        """Move `now` forward to `t` (never back); returns the new `now`."""
+        self.now = max(self.now, float(t))
+        return self.now
+
+    def makespan(self) -> float:
+        """The latest time anything in the fleet is done (`now` or later)."""
+        return max(self.now, max(self.busy_until.values(), default=0.0))
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def mark(self) -> ClockMark:
+        """Remember `now` and every node's busy seconds, to measure utilization from here."""
+        return ClockMark(self.now, dict(self.busy_s))
+
+    def utilization(self, node_ids: Iterable[str], since: ClockMark | None = None) -> float:
+        """Mean share of the time since `since` (default: the start) that these nodes were busy.
+
+        The window ends at `now`, or later if one of them is still busy.
+        """
+        ids = list(node_ids)
+        if not ids:
+            return 0.0
+        t0 = since.t if since is not None else 0.0
+        t1 = max([self.now, *(self.busy_until[i] for i in ids)])
+        elapsed = t1 - t0
+        if elapsed <= 0:
+            return 0.0
+        before = since.busy_s if since is not None else {}
+        busy = sum(self.busy_s[i] - before.get(i, 0.0) for i in ids)
+        return busy / (len(ids) * elapsed)
+
+    def energy_by_tier(self) -> dict[Tier, float]:
+        """Joules used per tier, compute and radio together."""
+        return {t: kinds["compute"] + kinds["radio"] for t, kinds in self._energy_by_kind.items()}
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data totals for `summary.json` and reports."""
+        by_tier: dict[Tier, list[str]] = {t: [] for t in TIERS}
+        for node in self.fleet.nodes.values():
+            by_tier[node.tier].append(node.id)
+        return {
+            "virtual_time_s": self.makespan(),
+            "energy_j": {t: e for t, e in self.energy_by_tier().items()},
+            "energy_j_by_kind": {t: dict(k) for t, k in self._energy_by_kind.items()},
+            "energy_j_total": sum(self.energy_by_tier().values()),
+            "bytes_by_link": {_key_str(k, "-"): n for k, n in sorted(self.bytes_by_link.items())},
+            "bytes_by_direction": {_key_str(k, "->"): n for k, n in sorted(self.bytes_by_direction.items())},
+            "bytes_total": sum(self.bytes_by_link.values()),
+            "messages": self.messages,
+            "flops_by_tier": {t: sum(self.flops_done[i] for i in ids) for t, ids in by_tier.items()},
+            "busy_s_by_tier": {t: sum(self.busy_s[i] for i in ids) for t, ids in by_tier.items()},
+            "utilization_by_tier": {t: self.utilization(ids) for t, ids in by_tier.items() if ids},
+        }
+
+    # -- resume -------------------------------------------------------------------------------
+
+    _PER_NODE = ("busy_until", "busy_s", "energy_j", "flops_done", "_data_ready", "_up_free", "_down_free")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue accounting after a restart, as plain JSON-able data."""
+        ids = list(self.fleet.nodes)
+        return {
+            "version": STATE_VERSION,
+            "now": self.now,
+            "node_ids": ids,
+            "per_node": {name.lstrip("_"): [getattr(self, name)[i] for i in ids] for name in self._PER_NODE},
+            "bytes_by_link": {_key_str(k, "-"): n for k, n in self.bytes_by_link.items()},
+            "bytes_by_direction": {_key_str(k, "->"): n for k, n in self.bytes_by_direction.items()},
+            "messages": self.messages,
+            "energy_by_kind": {t: dict(k) for t, k in self._energy_by_kind.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output. A state from another fleet is an `InputError`."""
+        where = "clock state"
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise InputError(f"{where}: not a clock state of version {STATE_VERSION}")
+        ids = list(self.fleet.nodes)
+        saved = state.get("node_ids")
+        if saved != ids:
+            got = len(saved) if isinstance(saved, list) else "no"
+            raise InputError(f"{where}: saved for another fleet ({got} nodes, this fleet has {len(ids)})")
+        try:
+            per_node = {name: [float(v) for v in state["per_node"][name.lstrip("_")]] for name in self._PER_NODE}
+            if any(len(v) != len(ids) for v in per_node.values()):
+                raise ValueError("per-node lists of the wrong length")
+            now = float(state["now"])
+            links = {_parse_key(k, "-"): int(n) for k, n in state["bytes_by_link"].items()}
+            directions = {_parse_key(k, "->"): int(n) for k, n in state["bytes_by_direction"].items()}
+            messages = int(state["messages"])
+            by_kind = {t: {"compute": float(state["energy_by_kind"][t]["compute"]),
+                           "radio": float(state["energy_by_kind"][t]["radio"])} for t in TIERS}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise InputError(f"{where}: malformed ({err})") from None
+        if not all(math.isfinite(x) for v in per_node.values() for x in v) or not math.isfinite(now):
+            raise InputError(f"{where}: malformed (non-finite times or totals)")
+        self.now = now
+        for name, values in per_node.items():
+            setattr(self, name, dict(zip(ids, values, strict=True)))
+        self.bytes_by_link = links
+        self.bytes_by_direction = directions
+        self.messages = messages
+        self._energy_by_kind = by_kind  # type: ignore[assignment]
+
+
+def _key_str(key: tuple[str, str], sep: str) -> str:
+    return f"{key[0]}{sep}{key[1]}"
+
+
+def _parse_key(text: str, sep: str) -> tuple[Tier, Tier]:
+    a, b = text.split(sep)
+    if a not in _TIER_RANK or b not in _TIER_RANK:
+        raise ValueError(f"unknown tier in link {text!r}")
+    return a, b  # type: ignore[return-value]

@@ -1,0 +1,191 @@
+"""The virtual clock: hand-computed times, barriers, energy and byte accounting, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cloudedge.config import config_from_dict
+from cloudedge.errors import InputError
+from cloudedge.fleet import (
+    PROFILES,
+    Fleet,
+    VirtualClock,
+    available,
+    available_nodes,
+    compute_seconds,
+    transfer_seconds,
+)
+
+# Round figures so every expected number below can be checked by hand.
+CLOUD = {"flops": 1e12, "uplink_Bps": 1e9, "downlink_Bps": 1e9, "latency_s": 0.001,
+         "joules_per_flop": 1e-12, "radio_joules_per_byte": 1e-9}
+EDGE = {"flops": 1e11, "uplink_Bps": 1e8, "downlink_Bps": 1e8, "latency_s": 0.01,
+        "joules_per_flop": 1e-11, "radio_joules_per_byte": 1e-8}
+DEVICE = {"flops": 1e9, "uplink_Bps": 1e6, "downlink_Bps": 4e6, "latency_s": 0.05,
+          "joules_per_flop": 1e-10, "radio_joules_per_byte": 1e-6}
+
+
+def make_fleet(edge: dict | None = None, n_devices: int = 3, n_edges: int = 1) -> Fleet:
+    raw = {"fleet": {
+        "cloud": {"overrides": CLOUD},
+        "edges": [{"count": n_edges, "overrides": {**EDGE, **(edge or {})},
+                   "devices": [{"count": n_devices, "profile": "phone-low", "overrides": DEVICE}]}],
+    }}
+    return Fleet.from_config(config_from_dict(raw).fleet, seed=0)
+
+
+def test_pure_helpers():
+    a100, phone = PROFILES["a100"], PROFILES["phone-mid"]
+    assert compute_seconds(a100, 2 * a100.flops) == pytest.approx(2.0)
+    # 5 MB up a 20 Mbit/s phone link into a 100 Gbit/s NIC: 2 s, plus the phone's latency.
+    assert transfer_seconds(phone, a100, 5e6) == pytest.approx(5e6 / 2.5e6 + phone.latency_s)
+    assert transfer_seconds(a100, phone, 0) == pytest.approx(phone.latency_s)
+
+
+def test_compute_serializes_on_a_node_and_respects_start():
+    clock = VirtualClock(make_fleet())
+    assert clock.compute("edge0/dev0", 2e9) == pytest.approx(2.0)
+    assert clock.compute("edge0/dev0", 1e9) == pytest.approx(3.0)  # waits for the first
+    assert clock.compute("edge0/dev1", 1e9, start=5.0) == pytest.approx(6.0)
+    assert clock.compute("edge0/dev1", 1e9, start=0.0) == pytest.approx(7.0)  # busy until 6
+    assert clock.now == 0.0  # only barriers / advance_to move `now`
+    assert clock.energy_j["edge0/dev0"] == pytest.approx(3e9 * 1e-10)
+    assert clock.flops_done["edge0/dev1"] == 2e9
+
+
+def test_transfer_time_energy_and_bytes():
+    clock = VirtualClock(make_fleet())
+    clock.compute("edge0/dev0", 2e9)  # ends at 2.0; the upload waits for it
+    end = clock.transfer("edge0/dev0", "edge0", 1_000_000)
+    assert end == pytest.approx(2.0 + 1e6 / 1e6 + 0.05)
+    assert clock.busy_until["edge0"] == pytest.approx(end)
+    assert clock.energy_j["edge0/dev0"] == pytest.approx(2e9 * 1e-10 + 1e6 * 1e-6)
+    assert clock.energy_j["edge0"] == pytest.approx(1e6 * 1e-8)
+    end2 = clock.transfer("edge0", "cloud", 3_000_000)  # the edge has the data at `end`
+    assert end2 == pytest.approx(end + 3e6 / 1e8 + 0.01)
+    assert clock.bytes_by_link == {("device", "edge"): 1_000_000, ("edge", "cloud"): 3_000_000}
+    clock.transfer("cloud", "edge0/dev1", 10)
+    assert clock.bytes_by_link[("device", "cloud")] == 10
+    assert clock.bytes_by_direction[("cloud", "device")] == 10
+    assert clock.messages == 3
+    tiers = clock.energy_by_tier()
+    assert tiers["device"] == pytest.approx(0.2 + 1.0 + 10e-6)
+    assert tiers["edge"] == pytest.approx(1e6 * 1e-8 + 3e6 * 1e-8)
+    assert tiers["cloud"] == pytest.approx(3e6 * 1e-9 + 10e-9)
+    with pytest.raises(ValueError):
+        clock.transfer("edge0", "edge0", 1)
+
+
+def test_barrier_round_lasts_as_long_as_the_slowest_device():
+    clock = VirtualClock(make_fleet())
+    devices = [d.id for d in clock.fleet.devices_of("edge0")]
+    for k, dev in enumerate(devices, start=1):
+        clock.compute(dev, k * 1e9)  # 1, 2, 3 s
+        clock.transfer(dev, "edge0", 1_000_000)  # + 1.05 s each
+    t = clock.barrier([*devices, "edge0"])
+    assert t == pytest.approx(3.0 + 1.05)
+    assert clock.now == t
+    assert all(clock.busy_until[i] == t for i in [*devices, "edge0"])
+    # Next round starts for everyone at t, even the device that finished first.
+    assert clock.compute(devices[0], 1e9) == pytest.approx(t + 1.0)
+    # Waiting at the barrier is idle time: dev0 was busy 1 + 1.05 s of the first 4.05 s.
+    assert clock.busy_s[devices[0]] == pytest.approx(2.05 + 1.0)
+    # `now` never moves back.
+    assert clock.barrier(["cloud"]) == t
+    assert clock.advance_to(1.0) == t and clock.advance_to(10.0) == 10.0
+
+
+def test_broadcast_shares_the_senders_uplink():
+    # Edge uplink 8 MB/s, device downlink 4 MB/s: three 4 MB messages are 1.5 s of edge uplink.
+    clock = VirtualClock(make_fleet(edge={"uplink_Bps": 8e6}))
+    ends = [clock.transfer("edge0", d.id, 4_000_000) for d in clock.fleet.devices_of("edge0")]
+    assert ends == pytest.approx([1.05, 1.05, 1.55])
+    # A single message is exactly transfer_seconds.
+    solo = VirtualClock(make_fleet(edge={"uplink_Bps": 8e6}))
+    fleet = solo.fleet
+    assert solo.transfer("edge0", "edge0/dev0", 4_000_000) == pytest.approx(
+        transfer_seconds(fleet.nodes["edge0"].profile, fleet.nodes["edge0/dev0"].profile, 4_000_000))
+
+
+def test_uploads_share_the_receivers_downlink():
+    clock = VirtualClock(make_fleet(edge={"downlink_Bps": 2e6}))
+    ends = [clock.transfer(d.id, "edge0", 1_000_000) for d in clock.fleet.devices_of("edge0")]
+    assert ends == pytest.approx([1.05, 1.05, 1.55])
+    # The edge counts as busy once over the overlapping receptions, not three times.
+    assert clock.busy_s["edge0"] == pytest.approx(1.55)
+
+
+def test_utilization_whole_run_and_since_a_mark():
+    clock = VirtualClock(make_fleet())
+    clock.compute("edge0/dev0", 1e9)
+    clock.compute("edge0/dev1", 2e9)
+    clock.barrier(["edge0/dev0", "edge0/dev1"])
+    assert clock.utilization(["edge0/dev0", "edge0/dev1"]) == pytest.approx((1 + 2) / (2 * 2))
+    mark = clock.mark()
+    clock.compute("edge0/dev0", 4e9)
+    clock.barrier(["edge0/dev0", "edge0/dev1"])
+    assert clock.utilization(["edge0/dev0"], since=mark) == pytest.approx(1.0)
+    assert clock.utilization(["edge0/dev1"], since=mark) == pytest.approx(0.0)
+    assert clock.utilization(["edge0/dev0", "edge0/dev1"], since=mark) == pytest.approx(0.5)
+    summary = clock.summary()
+    assert summary["virtual_time_s"] == pytest.approx(6.0)
+    assert summary["flops_by_tier"]["device"] == 7e9
+    assert summary["utilization_by_tier"]["edge"] == 0.0
+    json.dumps(summary)
+
+
+def _some_work(clock: VirtualClock, rounds: range) -> None:
+    for r in rounds:
+        clock.transfer("cloud", "edge0", 2_000_000)
+        for k, dev in enumerate(clock.fleet.devices_of("edge0")):
+            clock.transfer("edge0", dev.id, 1_000_000)
+            clock.compute(dev.id, (k + r + 1) * 1e9)
+            clock.transfer(dev.id, "edge0", 500_000)
+        clock.barrier([n for n in clock.fleet.nodes if n != "cloud"])
+        clock.compute("edge0", 1e10)
+        clock.transfer("edge0", "cloud", 2_000_000)
+        clock.barrier(clock.fleet.nodes)
+
+
+def test_state_round_trip_resumes_exactly():
+    straight = VirtualClock(make_fleet())
+    _some_work(straight, range(4))
+
+    first = VirtualClock(make_fleet())
+    _some_work(first, range(2))
+    saved = json.loads(json.dumps(first.state_dict()))
+    resumed = VirtualClock(make_fleet())
+    resumed.load_state_dict(saved)
+    assert resumed.state_dict() == first.state_dict()
+    _some_work(resumed, range(2, 4))
+    assert resumed.state_dict() == straight.state_dict()
+    assert resumed.summary() == straight.summary()
+
+
+def test_state_from_another_fleet_or_malformed_is_input_error():
+    state = VirtualClock(make_fleet()).state_dict()
+    with pytest.raises(InputError, match="clock state: saved for another fleet"):
+        VirtualClock(make_fleet(n_devices=4)).load_state_dict(state)
+    broken = {**state, "per_node": {**state["per_node"], "busy_s": ["x"] * 5}}
+    with pytest.raises(InputError, match="clock state: malformed"):
+        VirtualClock(make_fleet()).load_state_dict(broken)
+    with pytest.raises(InputError, match="version"):
+        VirtualClock(make_fleet()).load_state_dict({"version": 99})
+
+
+def test_availability_draws():
+    fleet = Fleet.from_config(config_from_dict({"fleet": {"edges": [{"devices": [
+        {"count": 2000, "profile": "phone-low"},
+        {"count": 1, "profile": "phone-low", "overrides": {"availability": 0.0}}]}]}}).fleet, seed=0)
+    rng = np.random.default_rng(3)
+    assert all(available(fleet.cloud, rng) for _ in range(100))  # availability 1.0
+    assert not any(available(fleet.devices[-1], rng) for _ in range(100))
+    up = available_nodes(fleet.devices, np.random.default_rng(7))
+    assert fleet.devices[-1] not in up
+    assert len(up) / 2000 == pytest.approx(PROFILES["phone-low"].availability, abs=0.04)
+    # Same draws as calling `available` one node at a time.
+    rng = np.random.default_rng(7)
+    assert up == [n for n in fleet.devices if available(n, rng)]
