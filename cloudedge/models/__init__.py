@@ -1,1 +1,51 @@
-"""cloudedge.models."""
+"""cloudedge.models: the model zoo (small GPT / ViT / CLIP, local HF checkpoints) and FLOP counts."""
+
+from cloudedge.models.flops import (
+    TRAINING_FLOPS_FACTOR,
+    clip_forward_flops,
+    flops_per_sample,
+    gpt_forward_flops,
+    measure_flops,
+    training_flops_per_sample,
+    vit_forward_flops,
+)
+from cloudedge.models.zoo import (
+    ATTN_IMPLEMENTATION,
+    BOS_ID,
+    BYTE_VOCAB_SIZE,
+    EOS_ID,
+    PAD_ID,
+    build_model,
+    clip_config,
+    gpt_config,
+    load_local,
+    model_bytes,
+    param_count,
+    resolve_path,
+    save_local,
+    vit_config,
+)
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "BOS_ID",
+    "BYTE_VOCAB_SIZE",
+    "EOS_ID",
+    "PAD_ID",
+    "TRAINING_FLOPS_FACTOR",
+    "build_model",
+    "clip_config",
+    "clip_forward_flops",
+    "flops_per_sample",
+    "gpt_config",
+    "gpt_forward_flops",
+    "load_local",
+    "measure_flops",
+    "model_bytes",
+    "param_count",
+    "resolve_path",
+    "save_local",
+    "training_flops_per_sample",
+    "vit_config",
+    "vit_forward_flops",
+]
