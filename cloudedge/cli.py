@@ -19,7 +19,8 @@ from cloudedge.errors import EXIT_INPUT_ERROR, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cloud-edge collaborative large models: pre-train, fine-tune and adapt across a fleet.")
-console = Console()
+# Wide when printing to a file or pipe, so tables stay readable in logs.
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="run directory (default runs/NAME)")]
@@ -139,6 +140,17 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
     console.print(f"[green]report[/green]: {md}\n[green]html[/green]: {html}")
 
 
+def _is_usage_error(err: BaseException) -> bool:
+    """A command-line usage error, from click or from typer's vendored click."""
+    kinds: list[type] = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            kinds.append(importlib.import_module(module).ClickException)
+        except (ModuleNotFoundError, AttributeError):
+            pass
+    return isinstance(err, tuple(kinds))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the typer app, mapping InputError to one line and exit code 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -154,10 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         print("aborted", file=sys.stderr)
         return 130
     except Exception as err:  # click usage errors: bad flags, missing arguments
-        import click
-
-        if isinstance(err, click.ClickException):
-            print(f"error: {err.format_message()}", file=sys.stderr)
+        if _is_usage_error(err):
+            print(f"error: {' '.join(err.format_message().split())}", file=sys.stderr)
             return EXIT_INPUT_ERROR
         raise
     return 0

@@ -54,8 +54,10 @@ def fleet_table(cfg: RunConfig, limit: int = 60) -> Table:
     train, _ = build_dataset(cfg.data, cfg.base_dir, cfg.seed)
     labels = _labels_of(train)
     domains = getattr(train, "domains", None)
+    if domains is not None and not isinstance(domains, list):
+        domains = domains.tolist()  # image datasets keep domains as a tensor
     placed = place_data(fleet, labels, cfg.data.partition, cfg.seed,
-                        domains=np.asarray(domains) if isinstance(domains, list) else None)
+                        domains=np.asarray(domains) if domains else None)
     names = _class_names(train, int(labels.max()) + 1 if len(labels) else 0)
 
     table = Table(title=f"fleet of {cfg.name}: 1 cloud, {len(fleet.edges)} edges, {len(fleet.devices)} devices; "

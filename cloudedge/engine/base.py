@@ -41,6 +41,9 @@ class WorkerError(RuntimeError):
         self.worker_id, self.method, self.cause = worker_id, method, cause
         super().__init__(f"worker {worker_id}.{method} failed: {cause}")
 
+    def __reduce__(self):  # picklable across processes (Ray), as plain strings
+        return (WorkerError, (self.worker_id, self.method, str(self.cause)))
+
 
 def check_plain(value: Any, where: str = "value") -> None:
     """Raise TypeError unless ``value`` is plain data that may cross an engine."""

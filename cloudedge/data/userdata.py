@@ -1,0 +1,247 @@
+"""A user's own data from disk: plain text, JSON Lines, and image folders.
+
+Every problem with the files raises :class:`InputError` naming the file (and line, where there is
+one), e.g. ``data/train.jsonl:7: bad JSON: Expecting ',' delimiter (column 12)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cloudedge.data.sources import ImageDataset, TextDataset
+from cloudedge.errors import InputError
+
+TEXT_SUFFIXES = (".txt", ".md")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+_BLANK_LINES = re.compile(r"\n[ \t]*\n")
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; InputError when it is missing, unreadable or not UTF-8 (names the line)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    # A UTF-8 byte-order mark is not part of the text; Windows line ends are normalized.
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _paragraphs(text: str) -> list[tuple[int, str]]:
+    """(first line number, paragraph) for each blank-line-separated paragraph with any text."""
+    out: list[tuple[int, str]] = []
+    pos = 0
+    for match in [*_BLANK_LINES.finditer(text), None]:
+        end = match.start() if match else len(text)
+        chunk = text[pos:end]
+        stripped = chunk.strip()
+        if stripped:
+            lead = chunk[: len(chunk) - len(chunk.lstrip())]
+            out.append((text.count("\n", 0, pos) + lead.count("\n") + 1, stripped))
+        pos = match.end() if match else len(text)
+    return out
+
+
+def load_text(path: str | Path) -> TextDataset:
+    """Plain text: a ``.txt``/``.md`` file, or a folder of them (searched recursively, sorted).
+
+    A single file gives one document per paragraph (paragraphs are separated by blank lines);
+    its domain is the file's name without suffix. A folder gives one document per file; its
+    domain is the first component of the file's path inside the folder (a subfolder name, or the
+    file's name without suffix for files at the top), so subfolders can be partitioned by domain.
+    Empty files are errors.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InputError(f"{root}: no such file or folder")
+    if root.is_file():
+        text = _read_utf8(root)
+        paragraphs = _paragraphs(text)
+        if not paragraphs:
+            raise InputError(f"{root}: empty file (no text)")
+        return TextDataset(
+            texts=[p for _, p in paragraphs],
+            labels=None,
+            classes=[],
+            domains=[root.stem] * len(paragraphs),
+            ids=[f"{root.name}:{line}" for line, _ in paragraphs],
+        )
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise InputError(f"{root}: no {'/'.join(TEXT_SUFFIXES)} files in this folder")
+    texts, domains, ids = [], [], []
+    for file in files:
+        text = _read_utf8(file).strip()
+        if not text:
+            raise InputError(f"{file}: empty file (no text)")
+        rel = file.relative_to(root)
+        texts.append(text)
+        domains.append(rel.parts[0] if len(rel.parts) > 1 else rel.stem)
+        ids.append(rel.as_posix())
+    return TextDataset(texts=texts, labels=None, classes=[], domains=domains, ids=ids)
+
+
+def load_jsonl(
+    path: str | Path,
+    text_field: str = "text",
+    label_field: str | None = None,
+    domain_field: str | None = None,
+) -> TextDataset:
+    """JSON Lines: one JSON object per line (blank lines skipped), text in ``text_field``.
+
+    Labels (``label_field``) may be strings -- ``classes`` are then the sorted distinct strings --
+    or non-negative integers -- ``classes`` are then ``"0" .. str(max)``; not a mix. Domains come
+    from ``domain_field`` when given, else every record's domain is the file's name without suffix.
+    """
+    file = Path(path)
+    if file.is_dir():
+        raise InputError(f"{file}: is a folder, expected a .jsonl file")
+    lines = _read_utf8(file).split("\n")
+    texts: list[str] = []
+    raw_labels: list[str | int] = []
+    domains: list[str] = []
+    ids: list[str] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{file}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        texts.append(_str_field(record, text_field, where))
+        if label_field is not None:
+            if label_field not in record:
+                raise InputError(f"{where}: missing field '{label_field}'")
+            label = record[label_field]
+            if isinstance(label, bool) or not isinstance(label, (str, int)):
+                raise InputError(f"{where}: field '{label_field}' must be a string or an integer, got {label!r}")
+            if isinstance(label, int) and label < 0:
+                raise InputError(f"{where}: field '{label_field}' must be >= 0, got {label}")
+            if raw_labels and isinstance(label, str) != isinstance(raw_labels[0], str):
+                raise InputError(f"{where}: field '{label_field}' mixes strings and integers across lines")
+            raw_labels.append(label)
+        domains.append(_str_field(record, domain_field, where) if domain_field else file.stem)
+        ids.append(f"{file.name}:{lineno}")
+    if not texts:
+        raise InputError(f"{file}: empty file (no records)")
+    labels: list[int] | None = None
+    classes: list[str] = []
+    if label_field is not None:
+        if isinstance(raw_labels[0], str):
+            classes = sorted({str(v) for v in raw_labels})
+            index = {c: i for i, c in enumerate(classes)}
+            labels = [index[str(v)] for v in raw_labels]
+        else:
+            labels = [int(v) for v in raw_labels]
+            classes = [str(i) for i in range(max(labels) + 1)]
+    return TextDataset(texts=texts, labels=labels, classes=classes, domains=domains, ids=ids)
+
+
+def _str_field(record: dict, name: str, where: str) -> str:
+    if name not in record:
+        raise InputError(f"{where}: missing field '{name}'")
+    value = record[name]
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _read_class_names(file: Path) -> list[tuple[str, str]]:
+    """(folder, class name) per non-blank line: ``folder`` or ``folder: readable class name``."""
+    out: list[tuple[str, str]] = []
+    for lineno, line in enumerate(_read_utf8(file).split("\n"), start=1):
+        if not line.strip():
+            continue
+        folder, sep, name = line.partition(":")
+        folder, name = folder.strip(), (name.strip() if sep else folder.strip())
+        if not folder or not name:
+            raise InputError(f"{file}:{lineno}: expected 'folder' or 'folder: class name', got {line!r}")
+        if folder in {f for f, _ in out}:
+            raise InputError(f"{file}:{lineno}: folder '{folder}' listed twice")
+        out.append((folder, name))
+    if not out:
+        raise InputError(f"{file}: empty file (no class names)")
+    return out
+
+
+def _load_image(file: Path, image_size: int) -> torch.Tensor:
+    """RGB ``[3, S, S]`` in [0, 1]: shorter side resized to S (bicubic), then a centre crop."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise InputError(f"{file}: cannot decode image ({type(err).__name__}: {err})") from None
+    w, h = rgb.size
+    scale = image_size / min(w, h)
+    new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    rgb = rgb.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    rgb = rgb.crop((left, top, left + image_size, top + image_size))
+    arr = np.asarray(rgb, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_image_folder(
+    path: str | Path, image_size: int, class_names_file: str | Path | None = None
+) -> ImageDataset:
+    """Images in class subfolders (``root/<class>/<image>``), like torchvision's ImageFolder.
+
+    Classes are the subfolder names in sorted order, or, with ``class_names_file``, the order and
+    names given there (one line per class: ``folder`` or ``folder: readable class name``; every
+    subfolder must be listed, and every listed folder must exist). Images (PNG, JPEG, BMP, GIF,
+    WebP; other files and hidden files are ignored) are converted to RGB, their shorter side
+    resized to ``image_size`` and centre-cropped to ``image_size`` x ``image_size``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder" if not root.exists() else f"{root}: expected a folder of class folders")
+    if image_size < 1:
+        raise InputError(f"data.image_size: must be >= 1, got {image_size}")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise InputError(f"{root}: no class subfolders")
+    if class_names_file is not None:
+        listed = _read_class_names(Path(class_names_file))
+        unlisted = sorted(set(folders) - {f for f, _ in listed})
+        if unlisted:
+            raise InputError(f"{class_names_file}: class folders not listed: {', '.join(unlisted)}")
+        missing = [f for f, _ in listed if f not in set(folders)]
+        if missing:
+            raise InputError(f"{root}: no folder for listed classes: {', '.join(missing)}")
+    else:
+        listed = [(f, f) for f in folders]
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    for label, (folder, _) in enumerate(listed):
+        files = sorted(
+            p
+            for p in (root / folder).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
+        if not files:
+            raise InputError(f"{root / folder}: empty class folder (no images)")
+        for file in files:
+            images.append(_load_image(file, image_size))
+            labels.append(label)
+    return ImageDataset(
+        x=torch.stack(images),
+        y=torch.tensor(labels, dtype=torch.long),
+        classes=[name for _, name in listed],
+    )

@@ -1,0 +1,156 @@
+"""User data loaders on real files written into tmp_path, including every error case."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cloudedge.data import load_image_folder, load_jsonl, load_text
+from cloudedge.errors import InputError
+
+
+def test_text_file_paragraphs(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("First para\nstill first.\n\n\nSecond ünïcode.\r\n  \r\nThird.\n", encoding="utf-8")
+    ds = load_text(f)
+    assert ds.texts == ["First para\nstill first.", "Second ünïcode.", "Third."]
+    assert ds.domains == ["notes"] * 3 and ds.labels is None
+    assert ds.ids == ["notes.txt:1", "notes.txt:5", "notes.txt:7"]
+
+
+def test_text_folder_one_doc_per_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("bee\n\nmore bee")
+    (tmp_path / "a.md").write_text("# title\ntext")
+    (tmp_path / "sub" / "c.txt").write_text("sea")
+    (tmp_path / "ignored.csv").write_text("x,y")
+    ds = load_text(tmp_path)
+    assert ds.texts == ["# title\ntext", "bee\n\nmore bee", "sea"]
+    assert ds.domains == ["a", "b", "sub"]
+    assert ds.ids == ["a.md", "b.txt", "sub/c.txt"]
+
+
+def test_text_errors(tmp_path):
+    with pytest.raises(InputError, match="nothere.txt: no such"):
+        load_text(tmp_path / "nothere.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    with pytest.raises(InputError, match="empty.txt: empty file"):
+        load_text(empty)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("line one\nline two caf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin.txt:2: not UTF-8"):
+        load_text(latin)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    with pytest.raises(InputError, match="no .txt/.md files"):
+        load_text(folder)
+    (folder / "ok.txt").write_text("fine")
+    (folder / "blank.md").write_text("")
+    with pytest.raises(InputError, match="blank.md: empty file"):
+        load_text(folder)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+
+
+def test_jsonl_string_and_int_labels(tmp_path):
+    f = tmp_path / "train.jsonl"
+    _write_jsonl(f, [{"text": "good film", "y": "pos", "src": "imdb"}, "", {"text": "bad", "y": "neg", "src": "yelp"},
+                     {"text": "ok", "y": "pos", "src": "imdb"}])
+    ds = load_jsonl(f, "text", "y", domain_field="src")
+    assert ds.texts == ["good film", "bad", "ok"]
+    assert ds.classes == ["neg", "pos"] and ds.labels == [1, 0, 1]
+    assert ds.domains == ["imdb", "yelp", "imdb"] and ds.ids == ["train.jsonl:1", "train.jsonl:3", "train.jsonl:4"]
+    g = tmp_path / "ints.jsonl"
+    _write_jsonl(g, [{"body": "a", "label": 2}, {"body": "b", "label": 0}])
+    ints = load_jsonl(g, "body", "label")
+    assert ints.labels == [2, 0] and ints.classes == ["0", "1", "2"] and ints.domains == ["ints", "ints"]
+    unlabeled = load_jsonl(g, "body")
+    assert unlabeled.labels is None and unlabeled.classes == []
+
+
+@pytest.mark.parametrize(
+    ("rows", "fields", "message"),
+    [
+        ([{"text": "a"}, '{"text": "b",'], ("text", None), r"data.jsonl:2: bad JSON"),
+        ([{"text": "a"}, {"txt": "b"}], ("text", None), r"data.jsonl:2: missing field 'text'"),
+        ([{"text": 5}], ("text", None), r"data.jsonl:1: field 'text' must be a string"),
+        ([{"text": "a"}], ("text", "label"), r"data.jsonl:1: missing field 'label'"),
+        ([{"text": "a", "label": "x"}, {"text": "b", "label": 1}], ("text", "label"), r"data.jsonl:2: .*mixes"),
+        ([{"text": "a", "label": -1}], ("text", "label"), r"data.jsonl:1: .*>= 0"),
+        ([{"text": "a", "label": 1.5}], ("text", "label"), r"data.jsonl:1: .*string or an integer"),
+        (["[1, 2]"], ("text", None), r"data.jsonl:1: expected a JSON object"),
+        (["", "  "], ("text", None), r"data.jsonl: empty file"),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(tmp_path, rows, fields, message):
+    f = tmp_path / "data.jsonl"
+    _write_jsonl(f, rows)
+    with pytest.raises(InputError, match=message):
+        load_jsonl(f, *fields)
+
+
+def test_jsonl_missing_file(tmp_path):
+    with pytest.raises(InputError, match="missing.jsonl: no such file"):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+def _save_image(path, color, size=(12, 8), fmt=None):
+    arr = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    arr[...] = color
+    Image.fromarray(arr).save(path, format=fmt)
+
+
+def _make_folder(root):
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    _save_image(root / "cat" / "1.png", (255, 0, 0))
+    _save_image(root / "cat" / "2.jpg", (250, 0, 0), fmt="JPEG")
+    Image.fromarray(np.full((6, 6), 128, dtype=np.uint8), mode="L").save(root / "dog" / "gray.png")
+    (root / "dog" / "notes.txt").write_text("not an image, ignored")
+    (root / "dog" / ".hidden.png").write_bytes(b"junk")
+
+
+def test_image_folder_loads_classes(tmp_path):
+    _make_folder(tmp_path)
+    ds = load_image_folder(tmp_path, image_size=4)
+    assert ds.x.shape == (3, 3, 4, 4) and ds.x.dtype == torch.float32
+    assert ds.classes == ["cat", "dog"] and ds.y.tolist() == [0, 0, 1]
+    assert torch.allclose(ds.x[0, 0], torch.ones(4, 4)) and float(ds.x[0, 1].max()) == 0.0
+    assert float((ds.x[1, 0] - 250 / 255).abs().max()) < 0.05  # JPEG is lossy
+    assert torch.allclose(ds.x[2], torch.full((3, 4, 4), 128 / 255))  # grayscale -> RGB
+
+
+def test_image_folder_class_names_file(tmp_path):
+    root = tmp_path / "imgs"
+    _make_folder(root)
+    names = tmp_path / "classes.txt"
+    names.write_text("dog: a dog\ncat\n")
+    ds = load_image_folder(root, image_size=4, class_names_file=names)
+    assert ds.classes == ["a dog", "cat"] and ds.y.tolist() == [0, 1, 1]
+    names.write_text("dog\n")
+    with pytest.raises(InputError, match="classes.txt: class folders not listed: cat"):
+        load_image_folder(root, 4, names)
+    names.write_text("dog\ncat\nbird\n")
+    with pytest.raises(InputError, match="no folder for listed classes: bird"):
+        load_image_folder(root, 4, names)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(InputError, match="no such folder"):
+        load_image_folder(tmp_path / "nope", 8)
+    with pytest.raises(InputError, match="no class subfolders"):
+        load_image_folder(tmp_path, 8)
+    _make_folder(tmp_path)
+    (tmp_path / "bird").mkdir()
+    with pytest.raises(InputError, match="bird: empty class folder"):
+        load_image_folder(tmp_path, 8)
+    (tmp_path / "bird" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(InputError, match="broken.png: cannot decode image"):
+        load_image_folder(tmp_path, 8)
