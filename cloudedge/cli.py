@@ -59,7 +59,13 @@ def _stage(stage: str, config: Path, out: Path | None, resume: bool, overwrite: 
     module = importlib.import_module(f"cloudedge.{stage}")
     runner = getattr(module, f"run_{stage}")
     out_dir = _out(out, cfg, stage)
-    summary = runner(cfg, out_dir, resume=resume, overwrite=overwrite, engine_kind=cfg.engine.kind)
+    if overwrite and not resume:
+        from cloudedge.track.run import move_aside
+
+        aside = move_aside(out_dir)
+        if aside is not None:
+            console.print(f"moved the previous run to {aside}")
+    summary = runner(cfg, out_dir, resume=resume, engine_kind=cfg.engine.kind)
     console.print(f"[green]{stage} finished[/green]: {out_dir}")
     console.print_json(json.dumps(summary, default=str))
 

@@ -64,8 +64,7 @@ class RunDir:
             if not overwrite:
                 raise InputError(f"{path}: output directory already holds a run; pass --resume to continue it, "
                                  "--overwrite to move it aside, or choose another --out")
-            aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            path.rename(aside)
+            move_aside(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write-test"
@@ -133,6 +132,20 @@ class RunDir:
     @property
     def plots_dir(self) -> Path:
         return self.path / "plots"
+
+
+def move_aside(path: str | Path) -> Path | None:
+    """Rename an existing non-empty run directory to ``NAME.old-TIMESTAMP`` (nothing is deleted)."""
+    path = Path(path)
+    if not path.is_dir() or not any(path.iterdir()):
+        return None
+    aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    path.rename(aside)
+    return aside
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
