@@ -83,7 +83,7 @@ def test_jsonl_string_and_int_labels(tmp_path):
         ([{"text": 5}], ("text", None), r"data.jsonl:1: field 'text' must be a string"),
         ([{"text": "a"}], ("text", "label"), r"data.jsonl:1: missing field 'label'"),
         ([{"text": "a", "label": "x"}, {"text": "b", "label": 1}], ("text", "label"), r"data.jsonl:2: .*mixes"),
-        ([{"text": "a", "label": -1}], ("text", "label"), r"data.jsonl:1: .*>= 0"),
+        ([{"text": "a", "label": -1}], ("text", "label"), r"data.jsonl:1: .*must be in 0\.\.100000"),
         ([{"text": "a", "label": 1.5}], ("text", "label"), r"data.jsonl:1: .*string or an integer"),
         (["[1, 2]"], ("text", None), r"data.jsonl:1: expected a JSON object"),
         (["", "  "], ("text", None), r"data.jsonl: empty file"),

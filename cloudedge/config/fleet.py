@@ -6,6 +6,10 @@ from pydantic import Field, field_validator, model_validator
 
 from cloudedge.config.base import StrictModel
 
+# A bound on one group's size: far above any simulated fleet (the scale benchmark uses 10,000),
+# low enough that a typo cannot make `cloudedge fleet` allocate without end.
+MAX_COUNT = 1_000_000
+
 
 class ProfileOverride(StrictModel):
     """Figures that replace a named profile's (any subset). Units as in `cloudedge.fleet.Profile`."""
@@ -29,7 +33,7 @@ class CustomProfile(ProfileOverride):
 class DeviceGroup(StrictModel):
     """`count` devices of one profile, or a `mix` of profiles by fraction."""
 
-    count: int = Field(ge=1)
+    count: int = Field(ge=1, le=MAX_COUNT)
     profile: str | None = None
     mix: dict[str, float] | None = None
     data_share: float = Field(default=1.0, gt=0, description="relative amount of data per device")
@@ -48,7 +52,7 @@ class DeviceGroup(StrictModel):
 class EdgeSpec(StrictModel):
     """`count` edge servers alike, each with the same device groups."""
 
-    count: int = Field(default=1, ge=1)
+    count: int = Field(default=1, ge=1, le=MAX_COUNT)
     profile: str = "edge-server"
     overrides: ProfileOverride | None = None
     devices: list[DeviceGroup] = Field(default_factory=list)

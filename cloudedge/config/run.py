@@ -22,7 +22,7 @@ class EngineConfig(StrictModel):
 
 class RunConfig(StrictModel):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32, description="seeds numpy, torch and every worker")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     data: DataConfig = Field(default_factory=DataConfig)

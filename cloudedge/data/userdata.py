@@ -20,6 +20,9 @@ TEXT_SUFFIXES = (".txt", ".md")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 
+# Integer labels index classes 0..max: a bound keeps a stray huge label from building a huge class list.
+MAX_INT_LABEL = 100_000
+
 
 def _read_utf8(path: Path) -> str:
     """The file's text; InputError when it is missing, unreadable or not UTF-8 (names the line)."""
@@ -129,8 +132,8 @@ def load_jsonl(
             label = record[label_field]
             if isinstance(label, bool) or not isinstance(label, (str, int)):
                 raise InputError(f"{where}: field '{label_field}' must be a string or an integer, got {label!r}")
-            if isinstance(label, int) and label < 0:
-                raise InputError(f"{where}: field '{label_field}' must be >= 0, got {label}")
+            if isinstance(label, int) and not 0 <= label <= MAX_INT_LABEL:
+                raise InputError(f"{where}: field '{label_field}' must be in 0..{MAX_INT_LABEL}, got {label}")
             if raw_labels and isinstance(label, str) != isinstance(raw_labels[0], str):
                 raise InputError(f"{where}: field '{label_field}' mixes strings and integers across lines")
             raw_labels.append(label)
