@@ -1,12 +1,71 @@
-"""The `pretrain` section. Owned by the `cloudedge.pretrain` stage; extended as the stage grows."""
+"""The `pretrain` section: collaborative pre-training across the fleet (docs/pretraining.md)."""
 
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from cloudedge.config.base import StrictModel
 from cloudedge.config.data import DataConfig
 from cloudedge.config.model import ModelConfig
 
+TierName = Literal["cloud", "edge", "device"]
+
 
 class PretrainConfig(StrictModel):
+    """One pre-training run: task, algorithm, batch controller, objective, schedule, outputs."""
+
     data: DataConfig | None = None
     model: ModelConfig | None = None
+
+    # What is trained.
+    task: Literal["lm", "classify", "clip"] = Field(
+        default="lm", description="lm: causal LM on text; classify: images -> labels; clip: image-caption pairs")
+    encoder: Literal["vit", "mlp"] | None = Field(
+        default=None, description="classify: encoder of the Classifier (default: vit for model.kind vit, else mlp)")
+    seq_len: int | None = Field(default=None, ge=4, description="lm: tokens per training sequence (default: model.context)")
+    workers: list[TierName] = Field(
+        default_factory=lambda: ["cloud", "edge", "device"], description="tiers whose nodes train (each holds data)")
+
+    # How workers combine.
+    algorithm: Literal["sync", "local"] = Field(
+        default="sync", description="sync: one aggregated gradient step per round; local: H local steps then an outer step")
+    local_steps: int = Field(default=8, ge=1, description="local: inner steps per round (H)")
+    outer_optimizer: Literal["nesterov", "fedavg"] = Field(
+        default="nesterov", description="local: DiLoCo's SGD + Nesterov momentum on the pseudo-gradient, or plain FedAvg")
+    outer_lr: float = Field(default=0.7, gt=0)
+    outer_momentum: float = Field(default=0.9, ge=0, lt=1)
+    fednova: bool = Field(default=True, description="local: normalize updates by local steps when they differ")
+
+    # Batches.
+    controller: Literal["uniform", "proportional", "goodput", "learned"] = "uniform"
+    controller_args: dict[str, float] = Field(default_factory=dict)
+    global_batch: int = Field(default=32, ge=1, description="samples per step over all workers (sequences for lm)")
+    memory_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="share of a node's memory that training may use")
+
+    # Optimisation.
+    rounds: int = Field(default=50, ge=1)
+    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="sync: the step; local: inner steps")
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    warmup_rounds: int = Field(default=0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    objective: str = Field(default="erm", description="classify: erm irm vrex fedsr fediir pin")
+    objective_args: dict[str, float] = Field(default_factory=dict)
+
+    # Wire and outputs.
+    compression: Literal["none", "fp16", "int8"] = "none"
+    eval_every: int = Field(default=5, ge=1)
+    eval_samples: int = Field(default=128, ge=1, description="held-out samples the cloud evaluates on")
+    checkpoint_every: int = Field(default=10, ge=1)
+    target_val_loss: float | None = Field(default=None, description="report the virtual time to reach it")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainConfig:
+        if not self.workers:
+            raise ValueError("workers: name at least one tier")
+        if len(set(self.workers)) != len(self.workers):
+            raise ValueError("workers: a tier is named twice")
+        return self

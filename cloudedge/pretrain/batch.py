@@ -1,0 +1,533 @@
+"""Batch controllers: who trains this round and on how many samples.
+
+Every controller has the same two verbs, called by the loop each round:
+
+- ``plan(round, workers) -> Plan``: per-worker batch sizes (participants are the workers with a
+  positive batch), the global batch and a learning-rate scale;
+- ``observe(round, observations, round_s, train_loss)``: what happened (per-worker virtual compute
+  and communication seconds, batch, squared gradient norm), to adapt the next plan.
+
+``get_state()/set_state()`` hand the controller's memory to checkpoints (tensors + JSON), so a
+resumed run decides exactly as an uninterrupted one. Controllers by name (``get_controller``):
+``uniform``, ``proportional``, ``goodput``, ``learned``. The exact rules are in docs/pretraining.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cloudedge.errors import InputError
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a controller knows of a worker before a round (from its profile and memory estimate)."""
+
+    worker_id: str
+    flops: float  # profile FLOP/s: the prior for throughput before anything was measured
+    max_batch: int  # largest batch that fits in memory at once (more means gradient accumulation)
+    available: bool = True
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one worker did in a round, measured on the virtual clock."""
+
+    worker_id: str
+    batch: int  # samples per local step
+    compute_s: float  # virtual seconds computing
+    comm_s: float  # virtual seconds of fixed per-round overhead (transfers, latency)
+    steps: int = 1
+    grad_sq_norm: float | None = None  # |g|^2 of its (first) mini-batch gradient at batch size `batch`
+    loss: float | None = None
+
+    @property
+    def throughput(self) -> float:
+        """Samples per virtual second of compute."""
+        return self.batch * self.steps / max(self.compute_s, 1e-12)
+
+
+@dataclass
+class Plan:
+    """A round's plan. ``batches`` holds participants only (batch >= 1)."""
+
+    batches: dict[str, int]
+    lr_scale: float = 1.0
+    info: dict[str, float] = field(default_factory=dict)  # logged as is (e.g. noise scale)
+
+    @property
+    def global_batch(self) -> int:
+        return int(sum(self.batches.values()))
+
+
+def split_integer(total: int, weights: dict[str, float], minimum: int = 1) -> dict[str, int]:
+    """Split ``total`` into integers proportional to ``weights`` (largest remainder), each >= minimum.
+
+    Workers with zero weight get nothing. Used so a global batch is dealt exactly, never off by one.
+    """
+    keys = [k for k, w in weights.items() if w > 0]
+    if not keys:
+        return {}
+    total = max(total, minimum * len(keys))
+    wsum = sum(weights[k] for k in keys)
+    spare = total - minimum * len(keys)
+    raw = {k: spare * weights[k] / wsum for k in keys}
+    out = {k: minimum + int(math.floor(raw[k])) for k in keys}
+    left = total - sum(out.values())
+    # Deterministic tie-break: larger remainder first, then id.
+    for k in sorted(keys, key=lambda k: (-(raw[k] - math.floor(raw[k])), k))[:left]:
+        out[k] += 1
+    return out
+
+
+def finish_together(total: float, rate: dict[str, float], overhead: dict[str, float]) -> dict[str, float]:
+    """Real-valued batches b_i with b_i / rate_i + overhead_i equal for all, summing to ``total``.
+
+    Water-filling on the common finish time T: b_i = rate_i * max(T - overhead_i, 0). A worker whose
+    fixed overhead alone exceeds T gets nothing. With zero overheads this is b_i ~ rate_i.
+    """
+    ids = sorted(rate, key=lambda k: overhead[k])
+    active: list[str] = []
+    for k in ids:
+        active.append(k)
+        rsum = sum(rate[j] for j in active)
+        t = (total + sum(rate[j] * overhead[j] for j in active)) / rsum
+        nxt = next((overhead[j] for j in ids if j not in active), math.inf)
+        if t <= nxt:
+            break
+    return {k: (rate[k] * max(t - overhead[k], 0.0) if k in active else 0.0) for k in rate}
+
+
+class BatchController:
+    """Interface. Subclasses set ``name`` and override :meth:`plan` (and :meth:`observe`)."""
+
+    name = "base"
+
+    def __init__(self, global_batch: int, min_batch: int = 1):
+        if global_batch < 1:
+            raise InputError(f"pretrain.global_batch: must be >= 1, got {global_batch}")
+        self.global_batch = int(global_batch)
+        self.min_batch = int(min_batch)
+
+    def plan(self, round_idx: int, workers: list[WorkerInfo]) -> Plan:
+        raise NotImplementedError
+
+    def observe(self, round_idx: int, observations: list[Observation], round_s: float, train_loss: float) -> None:
+        """Learn from a finished round. Default: nothing to learn."""
+
+    # Checkpointing: tensors (safetensors) and plain JSON state.
+    def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def set_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_state` returned."""
+
+
+class UniformController(BatchController):
+    """Every available worker gets the same batch: global_batch / n (the DDP default)."""
+
+    name = "uniform"
+
+    def plan(self, round_idx: int, workers: list[WorkerInfo]) -> Plan:
+        avail = {w.worker_id: 1.0 for w in workers if w.available}
+        return Plan(split_integer(self.global_batch, avail, self.min_batch))
+
+
+class ThroughputTracker:
+    """EMA of each worker's measured throughput (samples per compute-second) and fixed overhead."""
+
+    def __init__(self, smoothing: float = 0.5):
+        self.smoothing = smoothing
+        self.rate: dict[str, float] = {}
+        self.overhead: dict[str, float] = {}
+
+    def update(self, observations: list[Observation]) -> None:
+        a = self.smoothing
+        for o in observations:
+            if o.compute_s <= 0:
+                continue
+            # Overhead per local step, so b / rate + overhead is one step's time for any H.
+            per_round_overhead = o.comm_s / max(1, o.steps)
+            if o.worker_id in self.rate:
+                self.rate[o.worker_id] = a * self.rate[o.worker_id] + (1 - a) * o.throughput
+                self.overhead[o.worker_id] = a * self.overhead[o.worker_id] + (1 - a) * per_round_overhead
+            else:
+                self.rate[o.worker_id] = o.throughput
+                self.overhead[o.worker_id] = per_round_overhead
+
+    def estimates(self, workers: list[WorkerInfo]) -> tuple[dict[str, float], dict[str, float]]:
+        """Rates and overheads for ``workers``; unmeasured ones scale from the profile FLOP/s ratio."""
+        measured = [w for w in workers if w.worker_id in self.rate]
+        if measured:
+            # samples/s per FLOP/s, from measured workers: a prior that is right up to model cost.
+            per_flop = float(np.median([self.rate[w.worker_id] / w.flops for w in measured]))
+        else:
+            per_flop = 1.0
+        rate = {w.worker_id: self.rate.get(w.worker_id, per_flop * w.flops) for w in workers}
+        overhead = {w.worker_id: self.overhead.get(w.worker_id, 0.0) for w in workers}
+        return rate, overhead
+
+
+def cap_by_memory(batches: dict[str, float], caps: dict[str, int], total: float) -> dict[str, float]:
+    """Cap each batch at its worker's memory; give the excess to uncapped workers pro rata."""
+    out = dict(batches)
+    for _ in range(len(out) + 1):
+        over = {k: v - caps[k] for k, v in out.items() if v > caps[k] + 1e-9}
+        if not over:
+            break
+        for k in over:
+            out[k] = float(caps[k])
+        free = {k: v for k, v in out.items() if v < caps[k] - 1e-9 and v > 0}
+        excess = sum(over.values())
+        fsum = sum(free.values())
+        if not free or fsum <= 0:
+            break  # everyone is at their cap: the global batch shrinks to what fits
+        for k in free:
+            out[k] += excess * free[k] / fsum
+    return out
+
+
+class ProportionalController(BatchController):
+    """b_i from measured throughput so all workers finish a step together, capped by memory.
+
+    Rule: b = finish_together(B, X, c) with X_i the EMA of measured samples per compute-second and
+    c_i the EMA of fixed per-round overhead; b_i <= max_batch_i (excess goes to uncapped workers);
+    integers by largest remainder. Dead band: a worker keeps its previous batch unless the new one
+    differs by more than ``dead_band`` (relative), so measurement noise does not make batches hop.
+    """
+
+    name = "proportional"
+
+    def __init__(self, global_batch: int, min_batch: int = 1, dead_band: float = 0.1,
+                 smoothing: float = 0.5, memory_cap: bool = True, **kw: Any):
+        super().__init__(global_batch, min_batch, **kw)
+        self.dead_band = float(dead_band)
+        self.memory_cap = bool(memory_cap)
+        self.tracker = ThroughputTracker(smoothing)
+        self.previous: dict[str, int] = {}
+
+    def split(self, total: int, workers: list[WorkerInfo]) -> dict[str, int]:
+        """The finish-together split of ``total`` over available ``workers`` (no dead band)."""
+        avail = [w for w in workers if w.available]
+        rate, overhead = self.tracker.estimates(avail)
+        real = finish_together(float(total), rate, overhead)
+        if self.memory_cap:
+            real = cap_by_memory(real, {w.worker_id: w.max_batch for w in avail}, float(total))
+        total_now = min(total, int(round(sum(real.values())))) if real else total
+        return split_integer(total_now, real, self.min_batch) if total_now > 0 else {}
+
+    def plan(self, round_idx: int, workers: list[WorkerInfo]) -> Plan:
+        target = self.split(self.global_batch, workers)
+        if self.previous and set(self.previous) == set(target):
+            held = {k: (self.previous[k] if abs(target[k] - self.previous[k]) <= self.dead_band * self.previous[k]
+                        else target[k]) for k in target}
+            # Holding some workers can move the sum off the global batch; only accept the held plan
+            # when it still deals the global batch within the dead band.
+            if abs(sum(held.values()) - sum(target.values())) <= self.dead_band * sum(target.values()):
+                target = held
+        self.previous = dict(target)
+        return Plan(target)
+
+    def observe(self, round_idx: int, observations: list[Observation], round_s: float, train_loss: float) -> None:
+        self.tracker.update(observations)
+
+    def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"rate": self.tracker.rate, "overhead": self.tracker.overhead, "previous": self.previous}
+
+    def set_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.tracker.rate = {k: float(v) for k, v in state.get("rate", {}).items()}
+        self.tracker.overhead = {k: float(v) for k, v in state.get("overhead", {}).items()}
+        self.previous = {k: int(v) for k, v in state.get("previous", {}).items()}
+
+
+def noise_regression(batches: list[int], sq_norms: list[float]) -> tuple[float, float] | None:
+    """Least-squares fit |g|^2 = |G|^2 + tr(Sigma) / b over workers' (b, |g_b|^2).
+
+    E|g_b|^2 = |G|^2 + tr(Sigma)/b for a mean over b i.i.d. samples, so the intercept estimates the
+    squared true gradient and the slope the per-sample gradient variance. None when all b are equal.
+    """
+    inv_b = np.array([1.0 / b for b in batches], dtype=np.float64)
+    y = np.array(sq_norms, dtype=np.float64)
+    if len(inv_b) < 2 or np.ptp(inv_b) <= 1e-12:
+        return None
+    slope, intercept = np.polyfit(inv_b, y, 1)
+    return float(intercept), float(slope)
+
+
+class GoodputController(ProportionalController):
+    """Global batch M from the gradient noise scale (Pollux goodput), split proportionally.
+
+    Each round the workers' (b_i, |g_i|^2) pairs give |G|^2 (intercept) and tr(Sigma) (slope) by
+    regression on 1/b; both are EMA-smoothed, B_noise = tr(Sigma) / |G|^2. Next M maximises
+    goodput(M) = M / T(M) * (B_noise + M0) / (B_noise + M) over a grid in [M_min, M_max], where
+    T(M) is the finish-together round time of the proportional split (measured rates and
+    overheads). The lr is scaled by AdaScale's gain r = (tr/M0 + |G|^2) / (tr/M + |G|^2), raised to
+    ``lr_power`` (1 for SGD; 0.5, the square-root rule, suits Adam).
+    """
+
+    name = "goodput"
+
+    def __init__(self, global_batch: int, min_batch: int = 1, max_global_batch: int | None = None,
+                 min_global_batch: int | None = None, ema: float = 0.8, lr_power: float = 1.0,
+                 **kw: Any):
+        super().__init__(global_batch, min_batch, **kw)
+        self.base_batch = int(global_batch)  # M0: the batch the base lr was tuned for
+        self.max_global = int(max_global_batch or 8 * global_batch)
+        self.min_global = int(min_global_batch or max(1, global_batch // 4))
+        self.ema = float(ema)
+        self.lr_power = float(lr_power)
+        self.g2: float | None = None  # EMA of |G|^2
+        self.trace: float | None = None  # EMA of tr(Sigma)
+        self.current = int(global_batch)
+
+    @property
+    def noise_scale(self) -> float | None:
+        if self.g2 is None or self.trace is None or self.g2 <= 0:
+            return None
+        return max(self.trace, 0.0) / self.g2
+
+    def gain(self, batch: int) -> float:
+        """AdaScale gain for a global batch ``batch`` relative to the base batch M0."""
+        if self.g2 is None or self.trace is None or self.g2 <= 0:
+            return 1.0
+        tr = max(self.trace, 0.0)
+        return (tr / self.base_batch + self.g2) / (tr / batch + self.g2)
+
+    def round_time(self, total: int, workers: list[WorkerInfo]) -> float:
+        avail = [w for w in workers if w.available]
+        rate, overhead = self.tracker.estimates(avail)
+        b = finish_together(float(total), rate, overhead)
+        return max(b[k] / rate[k] + overhead[k] for k in b if b[k] > 0)
+
+    def choose_batch(self, workers: list[WorkerInfo]) -> int:
+        bn = self.noise_scale
+        if bn is None or not self.tracker.rate:
+            return self.current
+        grid = np.unique(np.geomspace(self.min_global, self.max_global, 24).round().astype(int))
+        m0 = self.base_batch
+
+        def goodput(m: int) -> float:
+            return m / self.round_time(int(m), workers) * (bn + m0) / (bn + m)
+
+        return int(max(grid, key=goodput))
+
+    def plan(self, round_idx: int, workers: list[WorkerInfo]) -> Plan:
+        self.current = self.choose_batch(workers)
+        self.global_batch = self.current
+        plan = super().plan(round_idx, workers)
+        m = plan.global_batch
+        plan.lr_scale = self.gain(m) ** self.lr_power
+        plan.info = {"noise_scale": float(self.noise_scale or 0.0), "gain": float(self.gain(m))}
+        return plan
+
+    def observe(self, round_idx: int, observations: list[Observation], round_s: float, train_loss: float) -> None:
+        super().observe(round_idx, observations, round_s, train_loss)
+        pairs = [(o.batch, o.grad_sq_norm) for o in observations if o.grad_sq_norm is not None]
+        fit = noise_regression([b for b, _ in pairs], [g for _, g in pairs]) if pairs else None
+        if fit is None:
+            return
+        g2, trace = fit
+        a = self.ema
+        self.g2 = g2 if self.g2 is None else a * self.g2 + (1 - a) * g2
+        self.trace = trace if self.trace is None else a * self.trace + (1 - a) * trace
+
+    def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, state = super().get_state()
+        state.update(g2=self.g2, trace=self.trace, current=self.current)
+        return tensors, state
+
+    def set_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        super().set_state(tensors, state)
+        self.g2, self.trace = state.get("g2"), state.get("trace")
+        self.current = int(state.get("current", self.current))
+        self.global_batch = self.current
+
+
+class _PolicyNet(nn.Module):
+    """Shared per-worker policy: features -> logits over batch levels (level 0 = sit out)."""
+
+    def __init__(self, n_features: int, n_levels: int, hidden: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.Tanh(), nn.Linear(hidden, n_levels))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net(feats)
+
+
+class LearnedController(BatchController):
+    """A policy-gradient agent that picks participants and per-worker batches every round.
+
+    State (per worker, 5 features): log of its throughput relative to the fastest available worker;
+    its memory cap relative to the uniform share B/n (log, clipped); its fixed overhead relative to
+    the last round time; whether it took part last round; training progress (round / horizon).
+    Action (per worker): a level from ``levels`` (default 0, 0.5, 1, 2, 4) times the uniform share
+    B/n; level 0 means it sits out (at least the top-scored worker always takes part).
+    Reward: decrease of the (EMA-smoothed) training loss per virtual second of the round,
+    standardised by a running mean/std. Update: REINFORCE with the running-mean baseline, Adam.
+    A shared small MLP scores every worker, so the policy transfers across fleet sizes.
+    """
+
+    name = "learned"
+    N_FEATURES = 5
+
+    def __init__(self, global_batch: int, min_batch: int = 1, levels: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0),
+                 lr: float = 0.05, horizon: int = 100, seed: int = 0, hidden: int = 16,
+                 loss_smoothing: float = 0.5, **kw: Any):
+        super().__init__(global_batch, min_batch, **kw)
+        self.levels = tuple(float(x) for x in levels)
+        self.horizon = max(1, int(horizon))
+        self.loss_smoothing = float(loss_smoothing)
+        gen_seed = int(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(gen_seed)
+            self.policy = _PolicyNet(self.N_FEATURES, len(self.levels), hidden)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
+        self.generator = torch.Generator().manual_seed(gen_seed + 1)
+        self.tracker = ThroughputTracker(0.5)
+        self.last_round_s = 0.0
+        self.last_participants: set[str] = set()
+        self.smoothed_loss: float | None = None
+        self.reward_mean, self.reward_var, self.reward_count = 0.0, 1.0, 0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (features, actions) of last plan
+
+    def features(self, round_idx: int, workers: list[WorkerInfo]) -> torch.Tensor:
+        rate, overhead = self.tracker.estimates(workers)
+        top = max(rate.values())
+        share = self.global_batch / max(1, len(workers))
+        rows = []
+        for w in workers:
+            rows.append([
+                math.log(max(rate[w.worker_id], 1e-12) / top),
+                max(-3.0, min(3.0, math.log(max(w.max_batch, 1) / share))),
+                overhead[w.worker_id] / self.last_round_s if self.last_round_s > 0 else 0.0,
+                1.0 if w.worker_id in self.last_participants else 0.0,
+                min(1.0, round_idx / self.horizon),
+            ])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def act(self, feats: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        """Level index per worker (sampled, or argmax when ``greedy``); never everyone sitting out."""
+        with torch.no_grad():
+            logits = self.policy(feats)
+        if greedy:
+            actions = logits.argmax(dim=1)
+        else:
+            probs = torch.softmax(logits, dim=1)
+            actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        if bool((actions == 0).all()):
+            # The worker whose best non-zero level scores highest takes part at that level.
+            best = logits[:, 1:].max(dim=1)
+            i = int(best.values.argmax())
+            actions[i] = int(best.indices[i]) + 1
+        return actions
+
+    def plan(self, round_idx: int, workers: list[WorkerInfo]) -> Plan:
+        avail = [w for w in workers if w.available]
+        feats = self.features(round_idx, avail)
+        actions = self.act(feats)
+        self._pending = (feats, actions)
+        share = self.global_batch / max(1, len(avail))
+        batches = {w.worker_id: max(self.min_batch, int(round(self.levels[int(a)] * share)))
+                   for w, a in zip(avail, actions.tolist(), strict=True) if self.levels[int(a)] > 0}
+        return Plan(batches, info={"participants": float(len(batches))})
+
+    def reward(self, round_s: float, train_loss: float) -> float | None:
+        """Loss decrease per virtual second against the smoothed loss; None on the first round."""
+        prev = self.smoothed_loss
+        a = self.loss_smoothing
+        self.smoothed_loss = train_loss if prev is None else a * prev + (1 - a) * train_loss
+        if prev is None or round_s <= 0:
+            return None
+        return (prev - train_loss) / round_s
+
+    def learn(self, raw_reward: float) -> None:
+        """One REINFORCE step on the pending (features, actions) with a standardised reward."""
+        if self._pending is None:
+            return
+        self.reward_count += 1
+        delta = raw_reward - self.reward_mean
+        self.reward_mean += delta / self.reward_count
+        self.reward_var += (delta * (raw_reward - self.reward_mean) - self.reward_var) / self.reward_count
+        advantage = delta / math.sqrt(self.reward_var + 1e-12) if self.reward_count > 1 else 0.0
+        feats, actions = self._pending
+        logp = torch.log_softmax(self.policy(feats), dim=1).gather(1, actions[:, None]).sum()
+        self.optimizer.zero_grad()
+        (-advantage * logp).backward()
+        self.optimizer.step()
+        self._pending = None
+
+    def observe(self, round_idx: int, observations: list[Observation], round_s: float, train_loss: float) -> None:
+        self.tracker.update(observations)
+        self.last_round_s = round_s
+        self.last_participants = {o.worker_id for o in observations}
+        r = self.reward(round_s, train_loss)
+        if r is not None:
+            self.learn(r)
+        self._pending = None
+
+    def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"policy.{k}": v.detach().clone() for k, v in self.policy.state_dict().items()}
+        tensors["generator"] = self.generator.get_state()
+        opt = self.optimizer.state_dict()
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"adam.{pid}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+        state = {"rate": self.tracker.rate, "overhead": self.tracker.overhead, "last_round_s": self.last_round_s,
+                 "last_participants": sorted(self.last_participants), "smoothed_loss": self.smoothed_loss,
+                 "reward": [self.reward_mean, self.reward_var, self.reward_count],
+                 "adam_keys": {str(pid): sorted(st) for pid, st in opt["state"].items()}}
+        return tensors, state
+
+    def set_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
+        self.generator.set_state(tensors["generator"])
+        opt = self.optimizer.state_dict()
+        opt["state"] = {int(pid): {k: tensors[f"adam.{pid}.{k}"].clone() for k in keys}
+                        for pid, keys in state.get("adam_keys", {}).items()}
+        self.optimizer.load_state_dict(opt)
+        self.tracker.rate = {k: float(v) for k, v in state.get("rate", {}).items()}
+        self.tracker.overhead = {k: float(v) for k, v in state.get("overhead", {}).items()}
+        self.last_round_s = float(state.get("last_round_s", 0.0))
+        self.last_participants = set(state.get("last_participants", []))
+        self.smoothed_loss = state.get("smoothed_loss")
+        self.reward_mean, self.reward_var, count = state.get("reward", [0.0, 1.0, 0])
+        self.reward_count = int(count)
+
+
+CONTROLLERS: dict[str, type[BatchController]] = {
+    c.name: c for c in (UniformController, ProportionalController, GoodputController, LearnedController)
+}
+
+
+def get_controller(name: str, global_batch: int, **params: Any) -> BatchController:
+    """A controller by name; unknown names are an InputError listing the known ones."""
+    try:
+        cls = CONTROLLERS[name]
+    except KeyError:
+        raise InputError(f"pretrain.controller: unknown controller {name!r} (known: {', '.join(CONTROLLERS)})") from None
+    known = _accepted_params(cls)
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise InputError(f"pretrain.controller_args: {unknown[0]!r} is not a parameter of controller {name!r} "
+                         f"(known: {', '.join(sorted(known))})")
+    return cls(global_batch, **params)
+
+
+def _accepted_params(cls: type) -> set[str]:
+    """Keyword parameters of ``cls`` and its bases' constructors (they pass ``**kw`` upward)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD:
+                names.add(p.name)
+    return names - {"self", "global_batch"}

@@ -1,0 +1,498 @@
+"""The pre-training loop: every node of the fleet can be a worker; data stays on its node.
+
+Read top to bottom: set up (data shards, fleet, memory caps, workers, model, optimizers, controller,
+resume), then one round at a time:
+
+    available workers -> controller plans batches -> workers compute (through the Engine)
+    -> virtual clock charges transfers and FLOPs -> aggregate (sample/token weighted; FedNova)
+    -> optimizer step (sync) or outer step (local) -> controller observes -> log -> checkpoint.
+
+``pretrain(cfg, ...)`` is the API; ``run_pretrain(cfg, out_dir, resume, engine_kind)`` is what the
+CLI calls. The algorithms and controller rules are in docs/pretraining.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cloudedge import comm
+from cloudedge.aggregate import weighted_mean
+from cloudedge.checkpoint import check_state_dict, load_latest, save_checkpoint
+from cloudedge.config.pretrain import PretrainConfig
+from cloudedge.config.run import RunConfig
+from cloudedge.engine import Engine, Task, WorkerSpec, make_engine
+from cloudedge.errors import InputError
+from cloudedge.fleet import CLOUD_ID, Fleet, Node, VirtualClock, available_nodes
+from cloudedge.models.zoo import param_count
+from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerInfo, get_controller
+from cloudedge.pretrain.memory import activation_bytes_per_sample, max_micro_batch
+from cloudedge.pretrain.tasks import build_task_model, evaluate_loss, train_flops_per_sample
+from cloudedge.pretrain.workers import PretrainWorker, trainable
+from cloudedge.track.run import RunDir
+
+STAGE = "pretrain"
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain` returns: the trained global model, every logged row and the summary."""
+
+    model: nn.Module
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    run_dir: RunDir | None = None
+    excluded: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Shards:
+    """Each worker's training data (plain tensors), the cloud's held-out data, and task facts."""
+
+    train: dict[str, Tensors]
+    val: Tensors
+    n_classes: int
+    excluded: dict[str, str]
+
+
+def _tensor_subset(data: Tensors, idx: np.ndarray) -> Tensors:
+    index = torch.as_tensor(idx, dtype=torch.long)
+    return {k: v[index] for k, v in data.items()}
+
+
+def build_shards(cfg: RunConfig, pcfg: PretrainConfig, workers: list[Node], seq_len: int) -> Shards:
+    """Load the stage's data, hold out the test split for the cloud, deal the rest to workers.
+
+    Text is dealt by document (``partition.kind: domain`` keeps whole modules on one worker) and
+    then cut into LM blocks per worker; images are dealt by sample. A worker whose shard is too
+    small to train on is left out (listed in ``excluded``).
+    """
+    from cloudedge.data import build_dataset, lm_blocks, partition
+    from cloudedge.data.tokenizer import ByteTokenizer
+
+    data_cfg = cfg.stage_data(STAGE)
+    train, test = build_dataset(data_cfg, cfg.base_dir, cfg.seed)
+    part = data_cfg.partition
+    weights = [n.data_share if n.data_share > 0 else 1.0 for n in workers]
+    excluded: dict[str, str] = {}
+    shards: dict[str, Tensors] = {}
+    if pcfg.task == "lm":
+        if not hasattr(train, "texts"):
+            raise InputError(f"pretrain.task: 'lm' needs text data, data.source is '{data_cfg.source}'")
+        tok = ByteTokenizer()
+        labels = np.zeros(len(train), dtype=np.int64)
+        parts = partition(labels, len(workers), part.kind, cfg.seed, alpha=part.alpha, domains=train.domains,
+                          min_samples=part.min_samples, weights=weights)
+        for node, idx in zip(workers, parts, strict=True):
+            texts = [train.texts[int(i)] for i in idx]
+            try:
+                shards[node.id] = {"input_ids": lm_blocks(texts, tok, seq_len)}
+            except InputError:
+                excluded[node.id] = "its text is shorter than one sequence"
+        val = {"input_ids": lm_blocks(test.texts, tok, seq_len)[: pcfg.eval_samples]}
+        return Shards(shards, val, 0, excluded)
+
+    if not hasattr(train, "x"):
+        raise InputError(f"pretrain.task: '{pcfg.task}' needs image data, data.source is '{data_cfg.source}'")
+    model_cfg = cfg.stage_model(STAGE)
+    if pcfg.task == "classify" and (train.x.shape[1] != model_cfg.channels or train.x.shape[-1] != model_cfg.image_size):
+        raise InputError(f"model: channels {model_cfg.channels} / image_size {model_cfg.image_size} do not match the "
+                         f"data's images ({train.x.shape[1]} x {train.x.shape[-1]} px)")
+    whole: Tensors = {"x": train.x, "y": train.y}
+    val: Tensors = {"x": test.x[: pcfg.eval_samples], "y": test.y[: pcfg.eval_samples]}
+    if pcfg.task == "clip":
+        from cloudedge.pretrain.clip_task import clip_batch
+
+        whole = clip_batch(train.x, train.y, train.classes, cfg.seed, model_cfg.context)
+        val = clip_batch(test.x, test.y, test.classes, cfg.seed + 1, model_cfg.context)
+        val = {k: v[: pcfg.eval_samples] for k, v in val.items()}
+    domains = train.domains.numpy() if train.domains is not None else None
+    parts = partition(train.y.numpy(), len(workers), part.kind, cfg.seed, alpha=part.alpha, domains=domains,
+                      min_samples=part.min_samples, weights=weights)
+    for node, idx in zip(workers, parts, strict=True):
+        if len(idx) == 0:
+            excluded[node.id] = "no samples were dealt to it"
+        else:
+            shards[node.id] = _tensor_subset(whole, idx)
+    return Shards(shards, val, len(train.classes), excluded)
+
+
+# --------------------------------------------------------------------------------- state helpers
+
+
+def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[Tensors, dict[str, Any]]:
+    """A torch optimizer's state as flat tensors (safetensors) + JSON (param groups, scalar keys)."""
+    sd = opt.state_dict()
+    tensors: Tensors = {}
+    scalars: dict[str, dict[str, float]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{pid}.{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    keys = {str(pid): sorted(k for k, v in st.items() if torch.is_tensor(v)) for pid, st in sd["state"].items()}
+    return tensors, {"param_groups": sd["param_groups"], "keys": keys, "scalars": scalars}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: Tensors, meta: dict[str, Any], prefix: str) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for pid, keys in meta["keys"].items():
+        state[int(pid)] = {k: tensors[f"{prefix}.{pid}.{k}"] for k in keys}
+        state[int(pid)].update(meta["scalars"].get(pid, {}))
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _split_plain(msg: dict[str, Any], prefix: str) -> tuple[Tensors, dict[str, Any]]:
+    """Top-level tensors of a message go to safetensors, the rest to JSON."""
+    tensors = {f"{prefix}.{k}": v for k, v in msg.items() if torch.is_tensor(v)}
+    return tensors, {k: v for k, v in msg.items() if not torch.is_tensor(v)}
+
+
+# ---------------------------------------------------------------------------------- aggregation
+
+
+def union_batch_gradient(grads: list[Tensors], units: list[int]) -> Tensors:
+    """Weighted by tokens/samples: the gradient of the mean loss over the union of all batches."""
+    return weighted_mean(grads, [float(u) for u in units])
+
+
+def fednova_delta(deltas: list[Tensors], units: list[int], steps: list[int]) -> Tensors:
+    """FedNova: average per-step progress d_i = delta_i / tau_i, rescale by tau_eff = sum p_i tau_i.
+
+    With equal step counts this is the plain unit-weighted mean of the deltas.
+    """
+    total = float(sum(units))
+    p = [u / total for u in units]
+    tau_eff = sum(pi * ti for pi, ti in zip(p, steps, strict=True))
+    normalized = [{k: v / t for k, v in d.items()} for d, t in zip(deltas, steps, strict=True)]
+    mean = weighted_mean(normalized, p)
+    return {k: v * tau_eff for k, v in mean.items()}
+
+
+def _roundtrip(tensors: Tensors, mode: str) -> tuple[Tensors, int]:
+    """What arrives after sending ``tensors`` compressed, and the exact bytes on the wire."""
+    payload = comm.compress(tensors, mode)
+    return (tensors if mode == "none" else payload.decompress()), int(payload.nbytes)
+
+
+# ----------------------------------------------------------------------------------------- loop
+
+
+def _lr_at(pcfg: PretrainConfig, round_idx: int) -> float:
+    """Linear warm-up over ``warmup_rounds``, then constant (so controllers compare at one lr)."""
+    if pcfg.warmup_rounds and round_idx < pcfg.warmup_rounds:
+        return pcfg.lr * (round_idx + 1) / pcfg.warmup_rounds
+    return pcfg.lr
+
+
+def _merge(pcfg: PretrainConfig, overrides: dict[str, Any]) -> PretrainConfig:
+    if not overrides:
+        return pcfg
+    from pydantic import ValidationError
+
+    from cloudedge.config import format_validation_error
+
+    try:
+        return PretrainConfig.model_validate({**pcfg.model_dump(), **overrides})
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, "pretrain overrides")) from None
+
+
+def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: Engine | None = None, *,
+             resume: bool = False, on_round: Callable[[int, dict[str, Any]], None] | None = None,
+             method: str | None = None, **overrides: Any) -> PretrainResult:
+    """Pre-train one model across the fleet ``cfg`` describes.
+
+    Args:
+        cfg: the run config; its ``pretrain`` section (defaults when absent) with ``overrides``
+            applied (any PretrainConfig field, e.g. ``controller="goodput"``).
+        run_dir: where to log (``RunDir`` or a path); None keeps everything in memory.
+        engine: how workers are reached (default: a ``LocalEngine``).
+        resume: continue from the last checkpoint in ``run_dir``.
+        on_round: called after each round with (round, logged row); an exception it raises
+            interrupts the run like a crash would (the checkpoints stay).
+        method: the label logged in each row (default ``ALGORITHM-CONTROLLER``).
+    """
+    pcfg = _merge(cfg.pretrain or PretrainConfig(), overrides)
+    model_cfg = cfg.stage_model(STAGE)
+    method = method or f"{pcfg.algorithm}-{pcfg.controller}"
+    seq_len = pcfg.seq_len or model_cfg.context
+    if pcfg.task == "lm" and seq_len > model_cfg.context:
+        raise InputError(f"pretrain.seq_len: {seq_len} exceeds model.context ({model_cfg.context})")
+    if isinstance(run_dir, str | Path):
+        run_dir = RunDir.create(run_dir, cfg, resume=resume)
+    own_engine = engine is None
+    engine = engine or make_engine("local")
+
+    # --- fleet, data, model ------------------------------------------------------------------
+    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+    nodes = [n for n in fleet.nodes.values() if n.tier in pcfg.workers]
+    shards = build_shards(cfg, pcfg, nodes, seq_len)
+    encoder = pcfg.encoder or ("vit" if model_cfg.kind == "vit" else "mlp")
+    objective = None
+    if pcfg.task == "classify":
+        from cloudedge.pretrain.objectives import get_objective
+
+        objective = get_objective(pcfg.objective, **pcfg.objective_args)
+    model = build_task_model(pcfg.task, model_cfg, n_classes=shards.n_classes, encoder=encoder,  # type: ignore[arg-type]
+                             seed=cfg.seed, objective=objective, base_dir=cfg.base_dir)
+    model.train()
+    params = trainable(model)
+    n_params = param_count(model)
+
+    # --- memory: the largest micro-batch each worker can hold --------------------------------
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    per_sample = activation_bytes_per_sample(pcfg.task, model_cfg, seq_len=seq_len, vocab_size=vocab, encoder=encoder)
+    caps: dict[str, int] = {}
+    excluded = dict(shards.excluded)
+    for node in nodes:
+        cap = max_micro_batch(node.profile.memory_bytes, pcfg.memory_fraction, n_params, per_sample)
+        if cap < 1:
+            excluded.setdefault(node.id, "the model and optimizer do not fit its memory")
+        elif node.id not in excluded:
+            caps[node.id] = cap
+    workers = [n for n in nodes if n.id in caps]
+    if not workers:
+        raise InputError(f"pretrain.workers: no node can train ({'; '.join(f'{k}: {v}' for k, v in excluded.items())})")
+    flops_per_sample = train_flops_per_sample(pcfg.task, model_cfg, seq_len=seq_len, n_classes=shards.n_classes,
+                                              encoder=encoder)  # type: ignore[arg-type]
+
+    # --- workers behind the engine -----------------------------------------------------------
+    for node in workers:
+        engine.register(node.id, WorkerSpec(PretrainWorker, {
+            "worker_id": node.id, "task": pcfg.task, "model_cfg": model_cfg.model_dump(mode="json"),
+            "data": shards.train[node.id], "seed": cfg.seed, "n_classes": shards.n_classes, "encoder": encoder,
+            "objective": pcfg.objective, "objective_args": dict(pcfg.objective_args),
+            "optimizer": pcfg.optimizer, "weight_decay": pcfg.weight_decay, "grad_clip": pcfg.grad_clip,
+            "base_dir": cfg.base_dir}))
+
+    # --- optimizers, controller, clock ---------------------------------------------------------
+    weights = list(params.values())
+    if pcfg.algorithm == "sync":
+        optimizer: torch.optim.Optimizer = (
+            torch.optim.AdamW(weights, lr=pcfg.lr, betas=(0.9, 0.95), weight_decay=pcfg.weight_decay)
+            if pcfg.optimizer == "adamw" else torch.optim.SGD(weights, lr=pcfg.lr, weight_decay=pcfg.weight_decay))
+    elif pcfg.outer_optimizer == "nesterov":  # DiLoCo: SGD with Nesterov momentum on the pseudo-gradient
+        optimizer = torch.optim.SGD(weights, lr=pcfg.outer_lr, momentum=pcfg.outer_momentum, nesterov=True)
+    else:  # FedAvg: theta <- theta + mean delta
+        optimizer = torch.optim.SGD(weights, lr=1.0)
+    ctl_args: dict[str, Any] = dict(pcfg.controller_args)
+    if pcfg.controller == "learned":
+        ctl_args.setdefault("seed", cfg.seed)
+        ctl_args.setdefault("horizon", pcfg.rounds)
+    controller: BatchController = get_controller(pcfg.controller, pcfg.global_batch, **ctl_args)
+    clock = VirtualClock(fleet)
+    client_states: dict[str, Tensors] = {}
+    server_msg: dict[str, Any] = {}
+    totals = {"compute_s": 0.0, "slot_s": 0.0, "time_to_target_s": None}
+    rows: list[dict[str, Any]] = []
+    start_round = 0
+
+    # --- resume ------------------------------------------------------------------------------
+    ckpt_dir = run_dir.checkpoint_dir(STAGE) if run_dir is not None else None
+    if resume and ckpt_dir is not None and (ckpt := load_latest(ckpt_dir)) is not None:
+        tensors, state = ckpt
+        src = str(ckpt_dir)
+        model_t = check_state_dict(tensors, _ParamView(params), src, prefix="model.")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(model_t[k])
+        load_optimizer_state(optimizer, tensors, state["optimizer"], "opt")
+        controller.set_state({k[4:]: v for k, v in tensors.items() if k.startswith("ctl.")}, state["controller"])
+        clock.load_state_dict(state["clock"])
+        client_states = {wid: {k[len(f"client.{wid}."):]: v for k, v in tensors.items()
+                               if k.startswith(f"client.{wid}.")} for wid in state["clients"]}
+        server_msg = {**state["server_msg"], **{k[4:]: v for k, v in tensors.items() if k.startswith("msg.")}}
+        totals = state["totals"]
+        start_round = int(state["round"]) + 1
+        rows = [r for r in run_dir.read_metrics() if r.get("stage") == STAGE and r.get("round", -1) < start_round]
+        run_dir.truncate_metrics(lambda r: r.get("stage") != STAGE or r.get("round", -1) < start_round)
+
+    param_nbytes = comm.compress({k: v.detach() for k, v in params.items()}, pcfg.compression).nbytes
+    val_loss: float | None = rows[-1].get("val_loss") if rows else None
+
+    # --- rounds --------------------------------------------------------------------------------
+    for r in range(start_round, pcfg.rounds):
+        # 1. who is reachable, and the plan
+        avail = {n.id for n in available_nodes(workers, np.random.default_rng([cfg.seed, 7, r]))}
+        infos = [WorkerInfo(n.id, n.profile.flops, caps[n.id], n.id in avail) for n in workers]
+        plan: Plan = controller.plan(r, infos)
+        if not plan.batches:
+            plan = Plan({max(workers, key=lambda n: n.profile.flops).id: pcfg.global_batch})
+        ids = sorted(plan.batches, key=lambda k: list(caps).index(k))
+        steps = {k: (pcfg.local_steps if pcfg.algorithm == "local" else 1) for k in ids}
+        lr = _lr_at(pcfg, r) * plan.lr_scale
+        step_count = r * (pcfg.local_steps if pcfg.algorithm == "local" else 1)
+
+        # 2. work, through the engine
+        sent = {k: v.detach().clone() for k, v in params.items()}
+        tasks = []
+        for wid in ids:
+            common = {"params": sent, "batch": plan.batches[wid], "micro_batch": min(plan.batches[wid], caps[wid]),
+                      "round_idx": r, "step": step_count, "server_msg": server_msg,
+                      "client_state": client_states.get(wid)}
+            if pcfg.algorithm == "sync":
+                tasks.append(Task(wid, "gradient", common))
+            else:
+                tasks.append(Task(wid, "local_train", {**common, "steps": steps[wid], "lr": lr}))
+        results = engine.run(tasks)
+        for wid in ids:
+            if fleet.nodes[wid].tier == "device":
+                engine.release(wid)  # devices hold no model between the rounds they are sampled in
+
+        # 3. virtual clock: broadcast, compute, upload; everyone waits for the slowest
+        t0 = clock.now
+        ready = {wid: (t0 if wid == CLOUD_ID else clock.transfer(CLOUD_ID, wid, param_nbytes, start=t0)) for wid in ids}
+        compute_s = {wid: plan.batches[wid] * steps[wid] * flops_per_sample / fleet.nodes[wid].profile.flops
+                     for wid in ids}
+        done = {wid: clock.compute(wid, plan.batches[wid] * steps[wid] * flops_per_sample, start=ready[wid])
+                for wid in ids}
+        updates: list[Tensors] = []
+        for wid, res in zip(ids, results, strict=True):
+            arrived, nbytes = _roundtrip(res["update"], pcfg.compression)
+            updates.append(arrived)
+            if wid != CLOUD_ID:
+                done[wid] = clock.transfer(wid, CLOUD_ID, nbytes, start=done[wid])
+        t1 = clock.barrier([*ids, CLOUD_ID])
+        round_s = t1 - t0
+
+        # 4. aggregate and step
+        units = [int(res["units"]) for res in results]
+        if pcfg.algorithm == "sync":  # the outer lr of `local` is fixed; its inner lr went to the workers
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        if pcfg.algorithm == "sync":
+            grad = union_batch_gradient(updates, units)
+        else:
+            worker_steps = [int(res["steps"]) for res in results]
+            delta = (fednova_delta(updates, units, worker_steps) if pcfg.fednova
+                     else weighted_mean(updates, [float(u) for u in units]))
+            grad = {k: -v for k, v in delta.items()}  # pseudo-gradient: theta_old - theta_new
+        for k, p in params.items():
+            p.grad = grad[k].to(p.dtype)
+        if pcfg.algorithm == "sync" and pcfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(weights, pcfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for wid, res in zip(ids, results, strict=True):
+            if res["client_state"]:
+                client_states[wid] = res["client_state"]
+        if objective is not None:
+            server_msg = objective.server_update(server_msg, [res["report"] for res in results],
+                                                 [u / sum(units) for u in units])
+
+        # 5. the controller learns from what the clock measured
+        train_loss = sum(res["loss"] * u for res, u in zip(results, units, strict=True)) / sum(units)
+        controller.observe(r, [Observation(wid, plan.batches[wid], compute_s[wid], (done[wid] - t0) - compute_s[wid],
+                                           steps[wid], res["grad_sq_norm"], res["loss"])
+                               for wid, res in zip(ids, results, strict=True)], round_s, train_loss)
+        busy = sum(compute_s.values())
+        totals["compute_s"] += busy
+        totals["slot_s"] += len(ids) * round_s
+
+        # 6. evaluate, log, checkpoint
+        last = r == pcfg.rounds - 1
+        row_val = None
+        if (r + 1) % pcfg.eval_every == 0 or last:
+            row_val = val_loss = evaluate_loss(pcfg.task, model, shards.val)
+            if (pcfg.target_val_loss is not None and totals["time_to_target_s"] is None
+                    and val_loss <= pcfg.target_val_loss):
+                totals["time_to_target_s"] = clock.now
+        summary_clock = clock.summary()
+        row = {"stage": STAGE, "method": method, "round": r, "virtual_time_s": clock.now, "round_s": round_s,
+               "train_loss": train_loss, "val_loss": row_val, "lr": lr,
+               "batch_per_step": plan.global_batch,
+               "effective_batch": sum(plan.batches[w] * steps[w] for w in ids),
+               "participants": len(ids), "accumulating": sum(plan.batches[w] > caps[w] for w in ids),
+               "utilization": busy / (len(ids) * round_s) if round_s > 0 else 0.0,
+               "bytes_total": summary_clock["bytes_total"], "energy_j": summary_clock["energy_j_total"],
+               **{f"ctl_{k}": v for k, v in plan.info.items()}}
+        rows.append(run_dir.log(**row) if run_dir is not None else row)
+        if ckpt_dir is not None and ((r + 1) % pcfg.checkpoint_every == 0 or last):
+            _checkpoint(ckpt_dir, r, params, optimizer, controller, clock, client_states, server_msg, totals)
+        if on_round is not None:
+            on_round(r, row)
+
+    if own_engine:
+        engine.close()
+    summary = _summary(pcfg, method, rows, clock, totals, val_loss, excluded, len(workers))
+    if run_dir is not None:
+        run_dir.update_summary(STAGE, summary)
+    return PretrainResult(model, rows, summary, run_dir, excluded)
+
+
+class _ParamView(nn.Module):
+    """Lets ``check_state_dict`` compare a checkpoint with the trainable parameters only."""
+
+    def __init__(self, params: dict[str, nn.Parameter]):
+        super().__init__()
+        self._params = params
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {k: v.detach() for k, v in self._params.items()}
+
+
+def _checkpoint(ckpt_dir: Path, r: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                controller: BatchController, clock: VirtualClock, client_states: dict[str, Tensors],
+                server_msg: dict[str, Any], totals: dict[str, Any]) -> None:
+    opt_t, opt_meta = optimizer_state(optimizer, "opt")
+    ctl_t, ctl_meta = controller.get_state()
+    msg_t, msg_meta = _split_plain(server_msg, "msg")
+    tensors = {**{f"model.{k}": v.detach() for k, v in params.items()}, **opt_t,
+               **{f"ctl.{k}": v for k, v in ctl_t.items()}, **msg_t,
+               **{f"client.{w}.{k}": v for w, st in client_states.items() for k, v in st.items()}}
+    save_checkpoint(ckpt_dir, r, tensors, {
+        "round": r, "optimizer": opt_meta, "controller": ctl_meta, "clock": clock.state_dict(),
+        "clients": sorted(client_states), "server_msg": msg_meta, "totals": totals})
+
+
+def _summary(pcfg: PretrainConfig, method: str, rows: list[dict[str, Any]], clock: VirtualClock,
+             totals: dict[str, Any], val_loss: float | None, excluded: dict[str, str], n_workers: int) -> dict[str, Any]:
+    c = clock.summary()
+    return {
+        "method": method, "task": pcfg.task, "rounds": len(rows), "workers": n_workers,
+        "final_val_loss": val_loss, "final_train_loss": rows[-1]["train_loss"] if rows else None,
+        "target_val_loss": pcfg.target_val_loss, "time_to_target_s": totals["time_to_target_s"],
+        "virtual_time_s": clock.now, "bytes_total": c["bytes_total"], "energy_j": c["energy_j_total"],
+        # Compute utilization: share of the participants' round time spent computing.
+        "utilization": totals["compute_s"] / totals["slot_s"] if totals["slot_s"] > 0 else 0.0,
+        "mean_batch_per_step": float(np.mean([r["batch_per_step"] for r in rows])) if rows else 0.0,
+        "excluded": excluded,
+    }
+
+
+def run_pretrain(cfg: RunConfig, out_dir: str | Path, resume: bool = False, engine_kind: str = "local") -> dict[str, Any]:
+    """The CLI's entry: run the stage into ``out_dir`` and return the summary dict."""
+    t0 = time.perf_counter()
+    run = RunDir.create(out_dir, cfg, resume=resume)
+    if resume and run.complete:
+        return run.read_summary().get(STAGE, {})
+    engine = make_engine(engine_kind, cfg.engine.address)
+    try:
+        result = pretrain(cfg, run, engine, resume=resume)
+    finally:
+        engine.close()
+    model = result.model
+    if hasattr(model, "save_pretrained"):
+        from cloudedge.models.zoo import save_local
+
+        save_local(model, run.path / "model")
+    summary = {**result.summary, "wall_s": round(time.perf_counter() - t0, 3)}
+    run.write_summary({STAGE: summary}, complete=True)
+    return summary
+
+
+__all__ = ["PretrainResult", "fednova_delta", "pretrain", "run_pretrain", "union_batch_gradient"]

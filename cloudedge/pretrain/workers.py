@@ -1,0 +1,201 @@
+"""The pre-training worker: one node's trainer, reached only through the Engine.
+
+A worker holds its node's data shard (plain tensors) and builds its model on first use. It keeps no
+training state between rounds: the coordinator sends the global parameters, the plan (batch,
+micro-batch, steps, lr) and the objective's client state with every task, and gets back an update,
+the counts to weight it by, and the client state. So a device that is not sampled holds nothing,
+a resumed run needs no worker state, and the Local and Ray engines give the same results.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from cloudedge.config.model import ModelConfig
+from cloudedge.pretrain.tasks import batch_loss, batch_units, build_task_model
+
+Tensors = dict[str, torch.Tensor]
+
+
+def batch_generator(seed: int, worker_id: str, round_idx: int, step: int) -> torch.Generator:
+    """The generator that draws one worker's batch at (round, step): a pure function of them.
+
+    Nothing to checkpoint, and a resumed run draws the very batches an uninterrupted one would.
+    """
+    key = (seed * 1_000_003 + zlib.crc32(worker_id.encode()) * 7_919 + round_idx * 104_729 + step) % (2**63)
+    return torch.Generator().manual_seed(key)
+
+
+def sample_batch(data: Tensors, batch: int, generator: torch.Generator) -> Tensors:
+    """``batch`` samples without replacement (with replacement when the shard is smaller)."""
+    n = int(next(iter(data.values())).shape[0])
+    if batch <= n:
+        idx = torch.randperm(n, generator=generator)[:batch]
+    else:
+        idx = torch.randint(0, n, (batch,), generator=generator)
+    return {k: v[idx] for k, v in data.items()}
+
+
+def micro_batches(data: Tensors, micro_batch: int) -> list[Tensors]:
+    """Consecutive chunks of at most ``micro_batch`` samples."""
+    n = int(next(iter(data.values())).shape[0])
+    return [{k: v[s:s + micro_batch] for k, v in data.items()} for s in range(0, n, max(1, micro_batch))]
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that are trained and exchanged (tied weights appear once)."""
+    return dict(model.named_parameters())
+
+
+def load_params(model: nn.Module, params: Tensors) -> None:
+    with torch.no_grad():
+        for name, p in trainable(model).items():
+            p.copy_(params[name])
+
+
+def sq_norm(tensors: Tensors) -> float:
+    return float(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+
+
+class PretrainWorker:
+    """Trains on one node's shard. Built by the Engine from plain keyword arguments."""
+
+    def __init__(self, worker_id: str, task: str, model_cfg: dict[str, Any], data: Tensors, seed: int,
+                 n_classes: int = 0, encoder: str = "mlp", objective: str = "erm",
+                 objective_args: dict[str, float] | None = None, optimizer: str = "adamw",
+                 weight_decay: float = 0.1, grad_clip: float | None = 1.0, base_dir: str = "."):
+        self.worker_id, self.task, self.seed = worker_id, task, int(seed)
+        self.model_cfg = ModelConfig.model_validate(model_cfg)
+        self.data = data
+        self.n_classes, self.encoder = int(n_classes), encoder
+        self.objective_name, self.objective_args = objective, dict(objective_args or {})
+        self.optimizer_name, self.weight_decay, self.grad_clip = optimizer, float(weight_decay), grad_clip
+        self.base_dir = base_dir
+        self._model: nn.Module | None = None
+        self._objective: Any = None
+
+    # -- lazily built parts -----------------------------------------------------------------------
+
+    @property
+    def objective(self) -> Any:
+        if self._objective is None and self.task == "classify":
+            from cloudedge.pretrain.objectives import get_objective
+
+            self._objective = get_objective(self.objective_name, **self.objective_args)
+        return self._objective
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            self._model = build_task_model(self.task, self.model_cfg, n_classes=self.n_classes,
+                                           encoder=self.encoder, seed=self.seed, objective=self.objective,
+                                           base_dir=self.base_dir)  # type: ignore[arg-type]
+            self._model.train()
+        return self._model
+
+    def _client_state(self, saved: Tensors | None) -> dict[str, Any]:
+        if self.objective is None:
+            return {}
+        state = self.objective.init_client(self.model, self.worker_id, self.seed)
+        if saved:
+            self.objective.load_client_state_dict(state, saved)
+        return state
+
+    # -- one mini-batch ---------------------------------------------------------------------------
+
+    def _accumulate(self, batch: Tensors, micro_batch: int, client_state: dict[str, Any],
+                    server_msg: dict[str, Any], step: int) -> tuple[float, dict[str, float]]:
+        """Backward of the batch's mean loss, in micro-batches that fit memory.
+
+        Each micro-batch's mean loss is weighted by its share of the batch's units, so the summed
+        gradient equals the gradient of the whole batch's mean loss (exactly, for per-sample losses).
+        """
+        total_units = batch_units(self.task, batch)
+        loss_sum, logs_sum = 0.0, {}
+        for chunk in micro_batches(batch, micro_batch):
+            share = batch_units(self.task, chunk) / total_units
+            loss, logs = batch_loss(self.task, self.model, chunk, objective=self.objective,
+                                    client_state=client_state, server_msg=server_msg, step=step)
+            (loss * share).backward()
+            loss_sum += float(loss.detach()) * share
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * share
+        return loss_sum, logs_sum
+
+    def _grads(self) -> Tensors:
+        return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                for n, p in trainable(self.model).items()}
+
+    def _private_and_report(self, batch: Tensors, client_state: dict[str, Any], step: int) -> None:
+        if self.objective is not None:
+            self.objective.local_private_step(self.model, batch["x"], batch["y"], client_state, step)
+
+    def _finish(self, client_state: dict[str, Any], last: Tensors) -> tuple[dict[str, Any], Tensors]:
+        if self.objective is None:
+            return {}, {}
+        report = self.objective.client_report(self.model, last["x"], last["y"], client_state)
+        return report, self.objective.client_state_dict(client_state)
+
+    # -- tasks ------------------------------------------------------------------------------------
+
+    def gradient(self, params: Tensors, batch: int, micro_batch: int, round_idx: int, step: int = 0,
+                 server_msg: dict[str, Any] | None = None, client_state: Tensors | None = None) -> dict[str, Any]:
+        """Mean-loss gradient of one batch at ``params`` (for ``sync``).
+
+        Returns ``update`` (the gradient), ``units`` (tokens or samples it averages over, the
+        weight for the union-batch mean), ``loss``, ``grad_sq_norm`` and the objective's
+        ``report`` and ``client_state``.
+        """
+        load_params(self.model, params)
+        self.model.zero_grad(set_to_none=True)
+        state = self._client_state(client_state)
+        data = sample_batch(self.data, batch, batch_generator(self.seed, self.worker_id, round_idx, 0))
+        loss, logs = self._accumulate(data, micro_batch, state, server_msg or {}, step)
+        grads = self._grads()
+        self._private_and_report(data, state, step)
+        report, saved = self._finish(state, data)
+        return {"update": grads, "units": batch_units(self.task, data), "samples": batch, "steps": 1,
+                "loss": loss, "grad_sq_norm": sq_norm(grads), "logs": logs, "report": report,
+                "client_state": saved}
+
+    def local_train(self, params: Tensors, batch: int, micro_batch: int, steps: int, lr: float, round_idx: int,
+                    step: int = 0, server_msg: dict[str, Any] | None = None,
+                    client_state: Tensors | None = None) -> dict[str, Any]:
+        """``steps`` inner optimizer steps from ``params`` (for ``local``); ``update`` = new - old.
+
+        The inner optimizer (AdamW with DiLoCo's betas 0.9/0.95, or SGD) starts fresh each round, so
+        a worker carries nothing from one round to the next. ``grad_sq_norm`` is the first step's.
+        """
+        load_params(self.model, params)
+        state = self._client_state(client_state)
+        weights = list(trainable(self.model).values())
+        if self.optimizer_name == "adamw":
+            opt: torch.optim.Optimizer = torch.optim.AdamW(weights, lr=lr, betas=(0.9, 0.95),
+                                                           weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.SGD(weights, lr=lr, weight_decay=self.weight_decay)
+        losses, first_sq, units, logs_sum = [], None, 0, {}
+        data: Tensors = {}
+        for s in range(steps):
+            data = sample_batch(self.data, batch, batch_generator(self.seed, self.worker_id, round_idx, s))
+            opt.zero_grad(set_to_none=True)
+            loss, logs = self._accumulate(data, micro_batch, state, server_msg or {}, step + s)
+            if first_sq is None:
+                first_sq = sq_norm(self._grads())
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(weights, self.grad_clip)
+            opt.step()
+            self._private_and_report(data, state, step + s)
+            losses.append(loss)
+            units += batch_units(self.task, data)
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + v / steps
+        update = {n: p.detach() - params[n] for n, p in trainable(self.model).items()}
+        report, saved = self._finish(state, data)
+        return {"update": update, "units": units, "samples": batch * steps, "steps": steps,
+                "loss": sum(losses) / len(losses), "grad_sq_norm": first_sq, "logs": logs_sum,
+                "report": report, "client_state": saved}

@@ -1,0 +1,161 @@
+"""Batch controllers: decisions on constructed situations (no training involved)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cloudedge.errors import InputError
+from cloudedge.pretrain.batch import (
+    GoodputController,
+    LearnedController,
+    Observation,
+    ProportionalController,
+    UniformController,
+    WorkerInfo,
+    finish_together,
+    get_controller,
+    noise_regression,
+    split_integer,
+)
+
+
+def _workers(caps=(1000, 1000), flops=(1.0, 1.0)) -> list[WorkerInfo]:
+    return [WorkerInfo(f"w{i}", f, c) for i, (c, f) in enumerate(zip(caps, flops, strict=True))]
+
+
+def _observe(ctl, rates: dict[str, float], batches: dict[str, int], overhead: float = 0.0) -> None:
+    obs = [Observation(w, b, compute_s=b / rates[w], comm_s=overhead) for w, b in batches.items()]
+    ctl.observe(0, obs, max(o.compute_s + o.comm_s for o in obs), 1.0)
+
+
+def test_split_integer_deals_the_total_exactly() -> None:
+    out = split_integer(10, {"a": 1.0, "b": 1.0, "c": 1.0})
+    assert sum(out.values()) == 10 and sorted(out.values()) == [3, 3, 4]
+    assert split_integer(5, {"a": 0.0, "b": 2.0}) == {"b": 5}
+
+
+def test_uniform_gives_equal_batches_to_available_workers() -> None:
+    workers = [*_workers((8, 8)), WorkerInfo("w2", 1.0, 8, available=False)]
+    plan = UniformController(20).plan(0, workers)
+    assert plan.batches == {"w0": 10, "w1": 10}
+
+
+def test_proportional_gives_twice_the_batch_to_a_twice_faster_worker() -> None:
+    ctl = ProportionalController(30)
+    _observe(ctl, {"w0": 200.0, "w1": 100.0}, {"w0": 15, "w1": 15})
+    plan = ctl.plan(1, _workers())
+    assert plan.batches == {"w0": 20, "w1": 10}
+
+
+def test_proportional_accounts_for_fixed_overhead_so_workers_finish_together() -> None:
+    b = finish_together(30.0, {"a": 10.0, "b": 10.0}, {"a": 0.0, "b": 1.0})
+    # a: 20 / 10 + 0 == b: 10 / 10 + 1 == 2 seconds
+    assert b["a"] == pytest.approx(20.0) and b["b"] == pytest.approx(10.0)
+    # An overhead longer than the whole round leaves a worker out.
+    assert finish_together(10.0, {"a": 10.0, "b": 10.0}, {"a": 0.0, "b": 5.0})["b"] == 0.0
+
+
+def test_proportional_caps_by_memory_and_gives_the_excess_to_others() -> None:
+    ctl = ProportionalController(30)
+    _observe(ctl, {"w0": 200.0, "w1": 100.0}, {"w0": 15, "w1": 15})
+    plan = ctl.plan(1, _workers(caps=(12, 1000)))
+    assert plan.batches == {"w0": 12, "w1": 18}
+
+
+def test_proportional_dead_band_holds_small_changes_and_follows_big_ones() -> None:
+    ctl = ProportionalController(30, dead_band=0.1, smoothing=0.0)
+    _observe(ctl, {"w0": 200.0, "w1": 100.0}, {"w0": 15, "w1": 15})
+    first = ctl.plan(1, _workers()).batches
+    _observe(ctl, {"w0": 190.0, "w1": 104.0}, first)  # ~5% drift: noise
+    assert ctl.plan(2, _workers()).batches == first
+    _observe(ctl, {"w0": 100.0, "w1": 200.0}, first)  # the speeds swapped
+    assert ctl.plan(3, _workers()).batches == {"w0": 10, "w1": 20}
+
+
+def test_noise_regression_recovers_signal_and_variance_from_synthetic_gradients() -> None:
+    gen = torch.Generator().manual_seed(0)
+    dim, sigma = 400, 0.5
+    true_g = torch.randn(dim, generator=gen) * 0.1  # |G|^2 ~ 4
+    batches = [2, 4, 8, 16, 64]
+    ctl = GoodputController(16, ema=0.9)
+    for _ in range(200):
+        obs = []
+        for i, b in enumerate(batches):
+            g = true_g + (torch.randn(b, dim, generator=gen) * sigma).mean(0)
+            obs.append(Observation(f"w{i}", b, compute_s=b / 10.0, comm_s=0.0, grad_sq_norm=float(g.pow(2).sum())))
+        ctl.observe(0, obs, 1.0, 1.0)
+    assert ctl.g2 == pytest.approx(float(true_g.pow(2).sum()), rel=0.15)
+    assert ctl.trace == pytest.approx(dim * sigma**2, rel=0.15)
+    assert ctl.noise_scale == pytest.approx(dim * sigma**2 / float(true_g.pow(2).sum()), rel=0.25)
+    assert noise_regression([8, 8], [1.0, 2.0]) is None  # equal batches: no information
+
+
+def test_goodput_grows_the_batch_when_noise_is_high_and_scales_lr_by_adascale_gain() -> None:
+    workers = _workers(flops=(1.0, 1.0))
+    noisy, clean = GoodputController(16, max_global_batch=256), GoodputController(16, max_global_batch=256)
+    for ctl, (g2, tr) in ((noisy, (1.0, 1000.0)), (clean, (1.0, 0.01))):
+        _observe(ctl, {"w0": 100.0, "w1": 100.0}, {"w0": 8, "w1": 8}, overhead=0.05)
+        ctl.g2, ctl.trace = g2, tr
+    big, small = noisy.plan(1, workers), clean.plan(1, workers)
+    assert big.global_batch > 16 >= small.global_batch
+    m = big.global_batch
+    assert big.lr_scale == pytest.approx((1000.0 / 16 + 1.0) / (1000.0 / m + 1.0))
+    assert big.lr_scale > 1.0
+
+
+def _toy_round(plan_batches: dict[str, int], rates: dict[str, float]) -> tuple[list[Observation], float, float]:
+    obs = [Observation(w, b, compute_s=b / rates[w], comm_s=0.01) for w, b in plan_batches.items()]
+    round_s = max(o.compute_s + o.comm_s for o in obs)
+    progress = 0.05 * np.log1p(sum(plan_batches.values()))
+    return obs, round_s, progress
+
+
+def test_learned_agent_plans_valid_actions() -> None:
+    ctl = LearnedController(32, seed=0)
+    workers = [*_workers((4, 64), (1.0, 2.0)), WorkerInfo("w2", 1.0, 8, available=False)]
+    for r in range(5):
+        plan = ctl.plan(r, workers)
+        assert plan.batches and set(plan.batches) <= {"w0", "w1"}
+        assert all(isinstance(b, int) and b >= 1 for b in plan.batches.values())
+        obs, round_s, _ = _toy_round(plan.batches, {"w0": 10.0, "w1": 20.0, "w2": 1.0})
+        ctl.observe(r, obs, round_s, 5.0 - r * 0.1)
+
+
+def test_learned_agent_learns_to_leave_out_stragglers_in_a_toy_bandit() -> None:
+    rates = {"w0": 100.0, "w1": 100.0, "w2": 2.0, "w3": 2.0}
+    workers = [WorkerInfo(w, r, 10_000) for w, r in rates.items()]
+    ctl = LearnedController(32, seed=1, lr=0.05, loss_smoothing=0.0, horizon=400)
+    loss, rewards = 10.0, []
+    for r in range(400):
+        plan = ctl.plan(r, workers)
+        obs, round_s, progress = _toy_round(plan.batches, rates)
+        loss -= progress
+        rewards.append(progress / round_s)
+        ctl.observe(r, obs, round_s, loss)
+    feats = ctl.features(400, workers)
+    probs = torch.softmax(ctl.policy(feats), dim=1).detach()
+    assert float(probs[2:, 0].mean()) > 0.7  # stragglers mostly sit out
+    assert np.mean(rewards[-50:]) > 10 * np.median(rewards[:10])  # first plans wait for stragglers
+
+
+def test_controller_state_round_trips() -> None:
+    ctl = LearnedController(32, seed=3)
+    workers = _workers((16, 16), (1.0, 3.0))
+    for r in range(3):
+        plan = ctl.plan(r, workers)
+        obs, round_s, _ = _toy_round(plan.batches, {"w0": 10.0, "w1": 30.0})
+        ctl.observe(r, obs, round_s, 5.0 - r)
+    tensors, state = ctl.get_state()
+    twin = LearnedController(32, seed=99)
+    twin.set_state({k: v.clone() for k, v in tensors.items()}, state)
+    assert [ctl.plan(3, workers).batches for _ in range(3)] == [twin.plan(3, workers).batches for _ in range(3)]
+
+
+def test_get_controller_rejects_unknown_names_and_arguments() -> None:
+    assert isinstance(get_controller("proportional", 8, dead_band=0.2), ProportionalController)
+    with pytest.raises(InputError, match="unknown controller 'fastest'"):
+        get_controller("fastest", 8)
+    with pytest.raises(InputError, match="controller_args: 'deadband'"):
+        get_controller("proportional", 8, deadband=0.2)
