@@ -1,0 +1,430 @@
+"""Training objectives for federated classification pre-training: ERM and shortcut-averse ones.
+
+Each objective is a small class behind one interface (``docs/invariant-learning.md`` has every
+rule, default and derivation; ``/work/helper/pretrain_interface.md`` the call order). Per client
+per round the loop calls ``init_client`` once, then per local step ``local_loss`` (its gradient
+trains the shared model) and ``local_private_step`` (private models), then ``client_report``; the
+coordinator calls ``server_update`` on the reports and broadcasts the result next round.
+Each client is one environment.
+
+Names: ``erm``, ``irm`` (IRMv1), ``vrex`` (V-REx, federated form), ``fedsr``, ``fediir`` and
+``pin`` (ours: global invariant model + local ERM model + personalized model anchored on the
+global invariant features by an InfoNCE mutual-information bound).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cloudedge.errors import InputError
+from cloudedge.pretrain.mi import info_nce
+
+Logs = dict[str, float]
+
+
+class Objective:
+    """The interface, with ERM-like defaults for every hook.
+
+    Subclasses declare their arguments and defaults in ``defaults``; ``__init__`` rejects unknown
+    or non-finite/negative values with an :class:`InputError` naming ``objective_args.<name>``.
+    """
+
+    name: ClassVar[str] = "objective"
+    personalized: ClassVar[bool] = False  # True: private models, evaluated on their own client
+    defaults: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, **params: float):
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise InputError(f"objective_args.{unknown[0]}: unknown argument for objective {self.name!r} (known: {known})")
+        merged: dict[str, float] = {}
+        for key, default in self.defaults.items():
+            value = params.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise InputError(f"objective_args.{key}: must be a finite number >= 0 (got {value!r})")
+            merged[key] = float(value)
+        self.params = merged
+
+    # -- hooks -------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Add shared modules to ``model`` (idempotent and deterministic, so keys match everywhere)."""
+        return model
+
+    def init_client(self, model: nn.Module, client_id: str, seed: int) -> dict[str, Any]:
+        """Client-private state; may hold modules and optimizers (it never leaves the worker)."""
+        return {}
+
+    def local_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_state: dict[str, Any],
+                   server_msg: dict[str, Any], step: int) -> tuple[torch.Tensor, Logs]:
+        """Loss whose gradient trains the shared model on this client, and scalar logs."""
+        raise NotImplementedError
+
+    def local_private_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                           client_state: dict[str, Any], step: int) -> Logs | None:
+        """Train the client's private models on this batch (default: none to train)."""
+        return None
+
+    def client_report(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      client_state: dict[str, Any]) -> dict[str, Any]:
+        """Plain data sent to the server with the update (default: nothing)."""
+        return {}
+
+    def server_update(self, server_msg: dict[str, Any], reports: list[dict[str, Any]],
+                      weights: list[float]) -> dict[str, Any]:
+        """Next round's broadcast from this round's reports and sample weights."""
+        return server_msg
+
+    def predict(self, model: nn.Module, x: torch.Tensor, client_state: dict[str, Any]) -> torch.Tensor:
+        """Logits used to evaluate on this client."""
+        return model(x)
+
+    def client_state_dict(self, client_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Flat tensors of the client's private state (for safetensors checkpoints)."""
+        return {}
+
+    def load_client_state_dict(self, client_state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`client_state_dict` saved into a fresh ``init_client`` state."""
+
+
+def _normalized(weights: list[float], n: int) -> list[float]:
+    if len(weights) != n or n == 0:
+        raise ValueError(f"need one weight per report (got {len(weights)} weights, {n} reports)")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("report weights must sum to a positive number")
+    return [float(w) / total for w in weights]
+
+
+def annealed_weight(step: int, anneal_steps: float, penalty_weight: float) -> float:
+    """IRM/V-REx schedule: weight 1 for the first ``anneal_steps`` steps, then ``penalty_weight``."""
+    return 1.0 if step < anneal_steps else penalty_weight
+
+
+def combine_penalty(risk: torch.Tensor, penalty: torch.Tensor, weight: float) -> torch.Tensor:
+    """``risk + weight * penalty``, divided by ``weight`` when it exceeds 1 (Arjovsky et al.'s code:
+    keeps the gradient scale comparable once the penalty dominates)."""
+    loss = risk + weight * penalty
+    return loss / weight if weight > 1.0 else loss
+
+
+# -- ERM ---------------------------------------------------------------------------------------
+class ERM(Objective):
+    """Cross-entropy (FedAvg)."""
+
+    name = "erm"
+
+    def local_loss(self, model, x, y, client_state, server_msg, step):
+        ce = F.cross_entropy(model(x), y)
+        return ce, {"ce": float(ce.detach())}
+
+
+# -- IRMv1 -------------------------------------------------------------------------------------
+def irm_penalty(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """IRMv1 penalty ``(d/ds CE(s * logits, y) |_{s=1})^2``, differentiable (double backward)."""
+    scale = torch.ones((), device=logits.device, dtype=logits.dtype, requires_grad=True)
+    risk = F.cross_entropy(logits * scale, y)
+    (grad,) = torch.autograd.grad(risk, [scale], create_graph=True)
+    return grad.pow(2)
+
+
+class IRM(Objective):
+    """IRMv1, one environment per client: ``CE + lambda(step) * penalty`` (divided by lambda > 1)."""
+
+    name = "irm"
+    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0}
+
+    def local_loss(self, model, x, y, client_state, server_msg, step):
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        penalty = irm_penalty(logits, y)
+        weight = annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"])
+        loss = combine_penalty(ce, penalty, weight)
+        return loss, {"ce": float(ce.detach()), "irm_penalty": float(penalty.detach()), "penalty_weight": weight}
+
+
+# -- V-REx -------------------------------------------------------------------------------------
+class VREx(Objective):
+    """V-REx, federated: client loss ``sg[1 + 2 beta (R_e - R_bar)] * R_e`` (divided by beta > 1).
+
+    With sample weights ``w_e`` (sum 1) the centralized objective is
+    ``L = sum_e w_e R_e + beta * sum_e w_e (R_e - R_bar)^2``, ``R_bar = sum_e w_e R_e``, and
+    ``grad L = sum_e w_e (1 + 2 beta (R_e - R_bar)) grad R_e`` (the ``grad R_bar`` term carries the
+    factor ``sum_e w_e (R_e - R_bar) = 0``). So a sample-weighted FedAvg of these client
+    gradients is exactly the V-REx gradient when ``R_bar`` is current; here ``R_bar`` is the
+    server's broadcast from the previous round's reports (ERM until the first broadcast).
+    """
+
+    name = "vrex"
+    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0}
+
+    def local_loss(self, model, x, y, client_state, server_msg, step):
+        risk = F.cross_entropy(model(x), y)
+        beta = annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"])
+        mean_risk = server_msg.get("mean_risk")
+        coef = 1.0 if mean_risk is None else 1.0 + 2.0 * beta * (float(risk.detach()) - float(mean_risk))
+        loss = coef * risk
+        if beta > 1.0:
+            loss = loss / beta
+        return loss, {"ce": float(risk.detach()), "vrex_coef": coef, "penalty_weight": beta}
+
+    def client_report(self, model, x, y, client_state):
+        with torch.no_grad():
+            return {"risk": float(F.cross_entropy(model(x), y))}
+
+    def server_update(self, server_msg, reports, weights):
+        w = _normalized(weights, len(reports))
+        risks = [float(r["risk"]) for r in reports]
+        mean = sum(wi * ri for wi, ri in zip(w, risks, strict=True))
+        var = sum(wi * (ri - mean) ** 2 for wi, ri in zip(w, risks, strict=True))
+        return {**server_msg, "mean_risk": mean, "risk_var": var}
+
+
+# -- FedSR -------------------------------------------------------------------------------------
+_SOFTPLUS_INV_1 = math.log(math.e - 1.0)  # softplus(x) = 1 at this x
+
+
+class FedSRHead(nn.Module):
+    """FedSR's shared additions: a variance head for ``z ~ N(mu, sigma^2)`` and the conditional
+    prior ``r(z|y) = N(r_mu[y], r_sigma[y]^2)`` (learnable, aggregated like every shared weight).
+
+    Deterministic initialization (no RNG): sigma starts at ``softplus(-2.25) ~ 0.1`` for every
+    input (zero weight), ``r`` at ``N(0, 1)`` per class.
+    """
+
+    def __init__(self, dim: int, n_classes: int, min_sigma: float = 1e-4):
+        super().__init__()
+        self.min_sigma = min_sigma
+        self.sigma_layer = nn.Linear(dim, dim)
+        nn.init.zeros_(self.sigma_layer.weight)
+        nn.init.constant_(self.sigma_layer.bias, math.log(math.expm1(0.1)))
+        self.r_mu = nn.Parameter(torch.zeros(n_classes, dim))
+        self.r_rho = nn.Parameter(torch.full((n_classes, dim), _SOFTPLUS_INV_1))
+
+    def sigma(self, mu: torch.Tensor) -> torch.Tensor:
+        """Standard deviation [B, D] of the representation with mean ``mu``."""
+        return F.softplus(self.sigma_layer(mu)) + self.min_sigma
+
+    def r_sigma(self) -> torch.Tensor:
+        return F.softplus(self.r_rho) + self.min_sigma
+
+    def kl_to_prior(self, mu: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``mean_i KL(N(mu_i, sigma_i^2) || r(.|y_i))``, summed over dimensions (closed form)."""
+        r_mu, r_sigma = self.r_mu[y], self.r_sigma()[y]
+        kl = (torch.log(r_sigma) - torch.log(sigma)
+              + (sigma.pow(2) + (mu - r_mu).pow(2)) / (2 * r_sigma.pow(2)) - 0.5)
+        return kl.sum(dim=1).mean()
+
+
+class FedSR(Objective):
+    """FedSR: ``CE(head(z)) + a_l2r * E|z|^2 + a_cmi * KL(N(mu, sigma^2) || r(z|y))``, z sampled.
+
+    Evaluation (``predict``) uses the mean ``mu`` (the plain ``model(x)``).
+    """
+
+    name = "fedsr"
+    defaults: ClassVar[dict[str, float]] = {"l2r": 1e-2, "cmi": 5e-4}
+
+    def prepare_model(self, model):
+        if not hasattr(model, "fedsr"):
+            model.fedsr = FedSRHead(model.feature_dim, model.n_classes)
+        return model
+
+    def init_client(self, model, client_id, seed):
+        return {"rng": torch.Generator().manual_seed(int(seed))}
+
+    def local_loss(self, model, x, y, client_state, server_msg, step):
+        mu = model.features(x)
+        sigma = model.fedsr.sigma(mu)
+        rng = client_state.get("rng")
+        noise = torch.randn(mu.shape, generator=rng).to(mu)
+        z = mu + sigma * noise
+        ce = F.cross_entropy(model.head(z), y)
+        l2 = z.pow(2).sum(dim=1).mean()
+        kl = model.fedsr.kl_to_prior(mu, sigma, y)
+        loss = ce + self.params["l2r"] * l2 + self.params["cmi"] * kl
+        return loss, {"ce": float(ce.detach()), "l2r": float(l2.detach()), "cmi": float(kl.detach())}
+
+    def client_state_dict(self, client_state):
+        return {"rng": client_state["rng"].get_state()}
+
+    def load_client_state_dict(self, client_state, tensors):
+        client_state["rng"].set_state(tensors["rng"].to(torch.uint8))
+
+
+# -- FedIIR ------------------------------------------------------------------------------------
+def head_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The classifier (head) parameters FedIIR aligns, by name."""
+    return dict(model.head.named_parameters())
+
+
+class FedIIR(Objective):
+    """FedIIR: ``CE + gamma * |grad_head CE - g_bar|^2``, g_bar = EMA of the mean head gradient.
+
+    Until the first broadcast of ``g_bar`` the loss is plain CE.
+    """
+
+    name = "fediir"
+    defaults: ClassVar[dict[str, float]] = {"gamma": 1e-2, "ema": 0.95}
+
+    def local_loss(self, model, x, y, client_state, server_msg, step):
+        ce = F.cross_entropy(model(x), y)
+        g_bar = server_msg.get("g_bar")
+        if g_bar is None:
+            return ce, {"ce": float(ce.detach()), "iir_penalty": 0.0}
+        params = head_params(model)
+        grads = torch.autograd.grad(ce, list(params.values()), create_graph=True)
+        penalty = sum((g - g_bar[name].to(g)).pow(2).sum() for name, g in zip(params, grads, strict=True))
+        loss = ce + self.params["gamma"] * penalty
+        return loss, {"ce": float(ce.detach()), "iir_penalty": float(penalty.detach())}
+
+    def client_report(self, model, x, y, client_state):
+        params = head_params(model)
+        ce = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(ce, list(params.values()))
+        return {"head_grad": {name: g.detach() for name, g in zip(params, grads, strict=True)}}
+
+    def server_update(self, server_msg, reports, weights):
+        w = _normalized(weights, len(reports))
+        names = reports[0]["head_grad"].keys()
+        mean = {n: sum(wi * r["head_grad"][n] for wi, r in zip(w, reports, strict=True)) for n in names}
+        prev = server_msg.get("g_bar")
+        ema = self.params["ema"]
+        g_bar = mean if prev is None else {n: ema * prev[n] + (1.0 - ema) * mean[n] for n in names}
+        return {**server_msg, "g_bar": g_bar}
+
+
+# -- PIN (ours) --------------------------------------------------------------------------------
+def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{prefix}{index}.{key}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix):
+            index, key = name[len(prefix):].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    saved = opt.state_dict()
+    opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+class PIN(IRM):
+    """Personalized invariant learning with a shortcut-averse MI term (after FedPIN / Per-InvFL).
+
+    - global invariant model = the shared model: ``CE + IRMv1`` (annealed), the only one aggregated;
+    - local model (private): plain ERM, never shared;
+    - personalized model (private, evaluated on its client):
+      ``CE + lam * L_pin(z_p; sg[z_g], sg[z_loc])`` where ``L_pin`` is the InfoNCE loss of
+      :func:`cloudedge.pretrain.mi.info_nce` (positive: the global invariant feature of the same
+      sample; negatives: other samples' global features and the local ERM feature of the sample).
+      It starts from the global weights at ``init_client`` and is kept across rounds
+      (``personal_reset: 1`` re-copies the received global weights at every round's first step).
+    """
+
+    name = "pin"
+    personalized = True
+    defaults: ClassVar[dict[str, float]] = {
+        **IRM.defaults, "lam": 1.0, "tau": 0.5, "local_neg_weight": 1.0, "private_lr": 1e-3, "personal_reset": 0.0,
+    }
+
+    def __init__(self, **params: float):
+        super().__init__(**params)
+        if self.params["tau"] <= 0:
+            raise InputError(f"objective_args.tau: must be > 0 (got {self.params['tau']})")
+
+    def init_client(self, model, client_id, seed):
+        local, personal = copy.deepcopy(model), copy.deepcopy(model)
+        lr = self.params["private_lr"]
+        return {
+            "local": local, "personal": personal,
+            "opt_local": torch.optim.Adam(local.parameters(), lr=lr),
+            "opt_personal": torch.optim.Adam(personal.parameters(), lr=lr),
+            "reset_pending": False,
+        }
+
+    def local_loss(self, model, x, y, client_state, server_msg, step):
+        if client_state.get("reset_pending"):
+            # First step of a new round: the shared model still holds the received global weights.
+            client_state["personal"].load_state_dict(model.state_dict())
+            client_state["opt_personal"] = torch.optim.Adam(client_state["personal"].parameters(),
+                                                            lr=self.params["private_lr"])
+            client_state["reset_pending"] = False
+        return super().local_loss(model, x, y, client_state, server_msg, step)
+
+    def personal_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      client_state: dict[str, Any]) -> tuple[torch.Tensor, Logs]:
+        """The personalized model's loss; gradients reach only ``client_state['personal']``."""
+        with torch.no_grad():
+            z_global = model.features(x)
+            z_local = client_state["local"].features(x)
+        personal = client_state["personal"]
+        z_personal = personal.features(x)
+        ce = F.cross_entropy(personal.head(z_personal), y)
+        nce, bound = info_nce(z_personal, z_global, z_local, tau=self.params["tau"],
+                              extra_weight=self.params["local_neg_weight"])
+        loss = ce + self.params["lam"] * nce
+        return loss, {"personal_ce": float(ce.detach()), "infonce": float(nce.detach()), "mi_bound": float(bound)}
+
+    def local_private_step(self, model, x, y, client_state, step):
+        local, opt_local = client_state["local"], client_state["opt_local"]
+        opt_local.zero_grad(set_to_none=True)
+        local_ce = F.cross_entropy(local(x), y)
+        local_ce.backward()
+        opt_local.step()
+
+        opt_personal = client_state["opt_personal"]
+        opt_personal.zero_grad(set_to_none=True)
+        loss, logs = self.personal_loss(model, x, y, client_state)
+        loss.backward()
+        opt_personal.step()
+        return {"local_ce": float(local_ce.detach()), **logs}
+
+    def client_report(self, model, x, y, client_state):
+        if self.params["personal_reset"] > 0:
+            client_state["reset_pending"] = True
+        return {}
+
+    def predict(self, model, x, client_state):
+        personal = client_state.get("personal")
+        return model(x) if personal is None else personal(x)
+
+    def client_state_dict(self, client_state):
+        out: dict[str, torch.Tensor] = {}
+        for part in ("local", "personal"):
+            out.update({f"{part}.{k}": v.detach().clone() for k, v in client_state[part].state_dict().items()})
+            out.update(_optimizer_tensors(client_state[f"opt_{part}"], f"opt_{part}."))
+        out["reset_pending"] = torch.tensor(int(bool(client_state["reset_pending"])))
+        return out
+
+    def load_client_state_dict(self, client_state, tensors):
+        for part in ("local", "personal"):
+            prefix = f"{part}."
+            client_state[part].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            _load_optimizer_tensors(client_state[f"opt_{part}"], tensors, f"opt_{part}.")
+        client_state["reset_pending"] = bool(int(tensors["reset_pending"]))
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (ERM, IRM, VREx, FedSR, FedIIR, PIN)}
+
+
+def get_objective(name: str, **params: float) -> Objective:
+    """The objective called ``name`` with config ``objective_args`` ``params``.
+
+    Raises:
+        InputError: unknown name (the message lists the known ones) or a bad argument.
+    """
+    cls = OBJECTIVES.get(name)
+    if cls is None:
+        raise InputError(f"objective: unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
+    return cls(**params)
