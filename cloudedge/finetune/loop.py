@@ -1,0 +1,583 @@
+"""Hierarchical federated fine-tuning: devices -> edges -> cloud, on the virtual clock.
+
+One cloud update, read top to bottom:
+
+1. Each edge pulls the global adapter state (cloud -> edge transfer).
+2. Edge rounds, until the sync policy says "sync": the available devices (one draw against each
+   profile's availability, then a ``participation`` share) receive the edge's state, run their
+   planned local steps (real gradient steps; virtual time = measured FLOPs / device FLOP/s) and
+   send their update back. A device whose update would arrive after the edge round's deadline is
+   a straggler: it is cancelled at the deadline, its energy up to then is charged, its update is
+   dropped, and the edge waits until the deadline (it cannot know the update is not coming).
+   The edge averages the updates it got (weights: samples) with the LoRA aggregation mode.
+3. The edge sends its state to the cloud. With a ``barrier`` policy the cloud waits for every edge
+   and averages them (weights: the edges' samples); otherwise (autonomous) it merges each edge
+   when it arrives: ``global += w_e (edge - pulled)``. The server optimizer turns the result into
+   the next global state. The global state is evaluated on the test set (not timed).
+
+``two_tier`` policies (fedavg2) skip the edge tier: devices exchange with the cloud directly, each
+message relayed over its edge's links (access link + the edge site's WAN uplink), so the WAN carries
+one copy per device.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloudedge.aggregate import FedAdam, FedAvg, FedAvgM, FedYogi, ServerOptimizer
+from cloudedge.comm import compress
+from cloudedge.engine import Engine, Task, WorkerSpec
+from cloudedge.finetune.lora import (
+    A_SUFFIX,
+    BASE_DELTA_SUFFIX,
+    aggregate_lora,
+    lora_layers,
+    sent_keys,
+    state_distance,
+    with_base_deltas,
+)
+from cloudedge.finetune.sync import DeviceObs, DeviceStats, EdgeObs, EdgeRoundStats, SyncPolicy, make_policy
+from cloudedge.finetune.workers import FinetuneWorker
+from cloudedge.fleet import Fleet, VirtualClock, available_nodes, transfer_seconds
+from cloudedge.fleet.topology import Node
+
+Tensors = dict[str, torch.Tensor]
+CLOUD = "cloud"
+
+
+@dataclass
+class TaskData:
+    """Everything a fine-tuning run needs besides the fleet: the model spec, and data per worker."""
+
+    spec: dict[str, Any]  # see cloudedge.finetune.model.build_lora_classifier
+    device_data: dict[str, dict[str, torch.Tensor]]  # device id -> tensors (labels + inputs)
+    test_data: dict[str, torch.Tensor]
+    classes: list[str]
+
+
+@dataclass
+class FinetuneSettings:
+    """The knobs of one run (a FinetuneConfig, flattened; the benchmark builds these directly)."""
+
+    policy: str = "autonomous"
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+    lora_mode: str = "fedavg"
+    refactor: str = "svd"
+    batch_size: int = 16
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0
+    compression: str = "none"
+    participation: float = 1.0
+    time_budget_s: float = 60.0
+    max_cloud_rounds: int = 100
+    target_accuracy: float | None = None
+    eval_max: int | None = None
+    checkpoint_every: int = 1
+    seed: int = 0
+
+
+def server_optimizer(name: str, lr: float) -> ServerOptimizer:
+    cls = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}[name]
+    return cls(lr=lr)
+
+
+@dataclass
+class _Pending:
+    """An edge whose period of edge rounds is done, waiting to merge (async mode)."""
+
+    t_ready: float
+    edge_id: str
+    state: Tensors
+    pulled: Tensors
+    obs: EdgeObs
+
+
+class HierFinetune:
+    """One fine-tuning run of one sync policy over a fleet. ``run()`` returns the summary."""
+
+    def __init__(self, fleet: Fleet, task: TaskData, settings: FinetuneSettings, engine: Engine,
+                 run_dir: Any = None, method: str | None = None, progress: Any = None):
+        self.fleet, self.task, self.s, self.engine = fleet, task, settings, engine
+        self.run_dir, self.progress = run_dir, progress
+        self.method = method or settings.policy
+        self.clock = VirtualClock(fleet)
+        self.rng = np.random.default_rng(settings.seed + 7919)
+        kw = dict(settings.policy_kwargs)
+        kw.setdefault("time_budget_s", settings.time_budget_s)
+        kw.setdefault("lr", settings.lr)
+        self.policy: SyncPolicy = make_policy(settings.policy, **kw)
+        self.opt = server_optimizer(settings.server_optimizer, settings.server_lr)
+        self.scaling = float(task.spec["alpha"]) / int(task.spec["rank"])
+        self.merge_count = 0
+        self.train_count: dict[str, int] = {}
+        spec = {**task.spec, "mode": settings.lora_mode}
+        self.spec = spec
+        for dev_id, data in task.device_data.items():
+            engine.register(dev_id, WorkerSpec(FinetuneWorker, dict(
+                spec=spec, data=data, batch_size=settings.batch_size, optimizer=settings.optimizer, lr=settings.lr)))
+        engine.register(CLOUD, WorkerSpec(FinetuneWorker, dict(
+            spec=spec, data=task.test_data, batch_size=settings.batch_size)))
+        self.info = engine.call(CLOUD, "model_info")
+        self.step_flops = float(self.info["train_step_flops"])
+        self.global_state: Tensors = engine.call(CLOUD, "initial_state")
+        if settings.lora_mode == "product" and settings.refactor == "merge":
+            self.global_state = with_base_deltas(self.global_state)
+        self.n_samples = {d: int(v["labels"].shape[0]) for d, v in task.device_data.items()}
+        self.sec_per_step = {d.id: self.step_flops / d.profile.flops for d in fleet.devices}
+        self.edge_round_s: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.cloud_round = 0
+        self.t_cloud = 0.0
+        self.pending: list[_Pending] = []
+        self.dropped_total = 0  # straggler updates dropped at a deadline
+        self.device_steps_total = 0  # local steps whose updates were aggregated
+
+    # --- sizes ---------------------------------------------------------------------------------
+
+    def _down_keys(self, state: Tensors) -> list[str]:
+        """What a receiver needs: every trained tensor (and base deltas); under ffa A never changes."""
+        if self.s.lora_mode == "ffa":
+            return [k for k in state if not k.endswith(A_SUFFIX)]
+        return list(state)
+
+    def _ship(self, tensors: Tensors) -> tuple[Tensors, int]:
+        """The tensors as the receiver gets them (after compression) and the bytes on the wire."""
+        payload = compress(tensors, self.s.compression)
+        got = payload.decompress() if self.s.compression != "none" else tensors
+        return {k: got[k].to(tensors[k].dtype) for k in tensors}, int(payload.nbytes)
+
+    def _send_state(self, state: Tensors) -> tuple[Tensors, int]:
+        keys = self._down_keys(state)
+        got, nbytes = self._ship({k: state[k] for k in keys})
+        return {**state, **got}, nbytes
+
+    def update_bytes(self) -> int:
+        """Bytes of one device update (uncompressed shape of what a device sends)."""
+        keys = sent_keys(list(self.global_state), self.s.lora_mode)
+        return int(compress({k: torch.zeros_like(self.global_state[k]) for k in keys}, self.s.compression).nbytes)
+
+    # --- one edge round ------------------------------------------------------------------------
+
+    def _device_obs(self, agg: Node, dev: Node, down_bytes: int, up_bytes: int) -> DeviceObs:
+        comm = (self._link_s(agg, dev, down_bytes) + self._link_s(dev, agg, up_bytes))
+        return DeviceObs(dev.id, self.sec_per_step[dev.id], comm, self.n_samples[dev.id])
+
+    def _link_s(self, src: Node, dst: Node, nbytes: int) -> float:
+        """Expected seconds of one message (two-tier device <-> cloud: two hops via the edge)."""
+        if self.policy.two_tier and {src.tier, dst.tier} == {"device", "cloud"}:
+            dev = src if src.tier == "device" else dst
+            edge = self.fleet.nodes[dev.parent]
+            return (transfer_seconds(src.profile, edge.profile, nbytes)
+                    + transfer_seconds(edge.profile, dst.profile, nbytes))
+        return transfer_seconds(src.profile, dst.profile, nbytes)
+
+    def _transfer(self, src_id: str, dst_id: str, nbytes: int, start: float) -> float:
+        """A message on the clock; two-tier device <-> cloud messages are relayed by the edge."""
+        src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
+        if self.policy.two_tier and {src.tier, dst.tier} == {"device", "cloud"}:
+            dev = src if src.tier == "device" else dst
+            t = self.clock.transfer(src_id, dev.parent, nbytes, start=start)
+            return self.clock.transfer(dev.parent, dst_id, nbytes, start=t)
+        return self.clock.transfer(src_id, dst_id, nbytes, start=start)
+
+    def edge_round(self, agg_id: str, devices: list[Node], state: Tensors, t0: float) -> tuple[Tensors, float, dict]:
+        """One round of ``agg_id`` with its ``devices`` from ``state`` at time ``t0``.
+
+        Returns the aggregated state, when the round ends, and what was observed.
+        """
+        agg = self.fleet.nodes[agg_id]
+        avail = available_nodes(devices, self.rng)
+        if self.s.participation < 1.0 and avail:
+            k = max(1, round(self.s.participation * len(avail)))
+            pick = sorted(self.rng.choice(len(avail), size=k, replace=False).tolist())
+            avail = [avail[i] for i in pick]
+        received, down_bytes = self._send_state(state)
+        up_bytes = self.update_bytes()
+        obs_all = tuple(self._device_obs(agg, d, down_bytes, up_bytes) for d in devices)
+        obs_of = {o.device_id: o for o in obs_all}
+        deadline = self.policy.deadline(EdgeObs(agg_id, 0, 0.0, 0.0, self.edge_round_s.get(agg_id, 0.0),
+                                                0.0, 0.0, 0.0, obs_all, t0))
+        t_deadline = math.inf if deadline is None else t0 + deadline
+        extra = self.step_flops if self.policy.needs_grad_stats else 0.0
+        accepted, dropped, energy0 = [], [], sum(self.clock.energy_j[d.id] for d in devices)
+        for dev in avail:
+            steps = self.policy.device_steps(agg_id, obs_of[dev.id], deadline)
+            if steps <= 0:
+                continue  # the device knows it cannot make the deadline: it sits out, spends nothing
+            t_recv = self._transfer(agg_id, dev.id, down_bytes, start=t0)
+            flops = steps * self.step_flops + extra
+            begin = max(t_recv, self.clock.busy_until[dev.id])
+            end = begin + flops / dev.profile.flops
+            if end + self._link_s(dev, agg, up_bytes) > t_deadline:
+                done = max(0.0, t_deadline - begin) * dev.profile.flops
+                self.clock.compute(dev.id, min(flops, done), start=begin)
+                dropped.append(dev.id)
+            else:
+                accepted.append((dev, steps, flops, begin))
+        tasks = []
+        for dev, steps, _, _ in accepted:
+            n = self.train_count.get(dev.id, 0)
+            self.train_count[dev.id] = n + 1
+            seed = (self.s.seed * 1_000_003 + _stable_index(dev.id) * 7_919 + n) % (2**31)
+            tasks.append(Task(dev.id, "train", dict(state=received, steps=steps, seed=seed,
+                                                    stats=self.policy.needs_grad_stats)))
+        results = self.engine.run(tasks)
+        states, weights, updates, stats, arrivals, step_s, comm_s = [], [], [], [], [], [], []
+        for (dev, steps, flops, begin), res in zip(accepted, results, strict=True):
+            t_done = self.clock.compute(dev.id, flops, start=begin)
+            got, nbytes = self._ship(res["update"])
+            arrivals.append(self._transfer(dev.id, agg_id, nbytes, start=t_done))
+            measured = (t_done - begin) / max(1.0, steps + extra / self.step_flops)
+            self.sec_per_step[dev.id] = 0.5 * self.sec_per_step[dev.id] + 0.5 * measured
+            step_s.append(measured)
+            comm_s.append(obs_of[dev.id].comm_s)
+            new = dict(received)
+            for k, v in got.items():
+                new[k] = received[k] + v
+            states.append(new)
+            updates.append(got)
+            weights.append(float(res["n"]))
+            if "stats" in res:
+                st = res["stats"]
+                stats.append(DeviceStats(float(res["n"]), st["grad_start"], st["grad_end_diff"],
+                                         st["loss_diff"], st["step_norm"]))
+        t_end = max(arrivals, default=t0)
+        if dropped or not accepted:
+            t_end = max(t_end, t_deadline if math.isfinite(t_deadline) else t0)
+        if not avail and not math.isfinite(t_deadline):
+            t_end = t0 + max(o.comm_s + o.sec_per_step for o in obs_all)  # nobody reachable: wait a beat
+        if states:
+            total = sum(weights)
+            new_state = aggregate_lora(states, [w / total for w in weights], self.s.lora_mode,
+                                       scaling=self.scaling, refactor=self.s.refactor,
+                                       reinit_seed=self._next_reinit_seed())
+        else:
+            new_state = dict(state)
+        drift = _update_drift(updates, weights)
+        self.edge_round_s[agg_id] = (t_end - t0 if agg_id not in self.edge_round_s
+                                     else 0.5 * self.edge_round_s[agg_id] + 0.5 * (t_end - t0))
+        if step_s:
+            self.policy.on_edge_round(agg_id, EdgeRoundStats(
+                local_step_s=float(np.mean(step_s)), agg_s=float(np.mean(comm_s)), devices=stats, now=t_end))
+        self.dropped_total += len(dropped)
+        self.device_steps_total += sum(a[1] for a in accepted)
+        info = {"participants": len(avail), "accepted": len(accepted), "dropped": len(dropped),
+                "steps": [a[1] for a in accepted], "drift": drift, "obs": obs_all,
+                "energy_j": sum(self.clock.energy_j[d.id] for d in devices) - energy0}
+        return new_state, t_end, info
+
+    def _next_reinit_seed(self) -> int:
+        self.merge_count += 1
+        return self.s.seed * 100_003 + self.merge_count
+
+    # --- an edge's period between cloud syncs ---------------------------------------------------
+
+    def edge_period(self, edge_id: str, pulled: Tensors, t0: float) -> tuple[Tensors, float, EdgeObs]:
+        """Edge rounds from ``pulled`` at ``t0`` until the policy syncs; returns state, time, observation."""
+        devices = self.fleet.devices_of(edge_id)
+        edge, cloud = self.fleet.nodes[edge_id], self.fleet.nodes[CLOUD]
+        state, t, rounds = pulled, t0, 0
+        sync_bytes = self.update_bytes()
+        sync_s = 2 * transfer_seconds(edge.profile, cloud.profile, sync_bytes)
+        sync_j = 2 * sync_bytes * (edge.profile.radio_joules_per_byte + cloud.profile.radio_joules_per_byte)
+        while True:
+            state, t, info = self.edge_round(edge_id, devices, state, t)
+            rounds += 1
+            obs = EdgeObs(edge_id, rounds, state_distance(state, pulled), info["drift"], self.edge_round_s[edge_id],
+                          sync_s, sync_j, info["energy_j"], info["obs"], t)
+            if rounds >= 100 or self.policy.should_sync(obs):
+                return state, t, obs
+
+    # --- the cloud ------------------------------------------------------------------------------
+
+    def _edge_upload(self, state: Tensors, pulled: Tensors) -> tuple[Tensors, int]:
+        """An edge's state as the cloud receives it (the change since ``pulled``, compressed) and
+        its bytes. Under ffa A never changes; after a product/merge re-initialisation every tensor,
+        the dense base deltas included, has changed and is sent."""
+        merged = self.s.lora_mode == "product" and self.s.refactor == "merge"
+        keys = list(state) if merged else sent_keys(list(state), self.s.lora_mode)
+        got, nbytes = self._ship({k: state[k] - pulled[k] for k in keys})
+        return {**pulled, **{k: pulled[k] + v for k, v in got.items()}}, nbytes
+
+    def _apply_server(self, candidate: Tensors) -> None:
+        delta = {k: candidate[k] - self.global_state[k] for k in candidate if not k.endswith(BASE_DELTA_SUFFIX)}
+        if self.s.lora_mode == "product":
+            self.global_state = candidate  # product modes refactor: no server optimizer (config checks)
+        else:
+            self.global_state = self.opt.step(self.global_state, delta)
+
+    def _evaluate(self) -> dict[str, float]:
+        return self.engine.call(CLOUD, "evaluate", state=self.global_state, max_samples=self.s.eval_max)
+
+    def _log(self, t: float, extra: dict[str, Any]) -> dict[str, Any]:
+        ev = self._evaluate()
+        links = self.clock.bytes_by_link
+        row = {
+            "round": self.cloud_round, "t": t, "accuracy": ev["accuracy"], "loss": ev["loss"],
+            "bytes_device_edge": int(links.get(("device", "edge"), 0)),
+            "bytes_edge_cloud": int(links.get(("edge", "cloud"), 0)),
+            "bytes_device_cloud": int(links.get(("device", "cloud"), 0)),
+            "device_energy_j": sum(self.clock.energy_j[d.id] for d in self.fleet.devices),
+            "dropped_total": self.dropped_total, "device_steps_total": self.device_steps_total,
+            **extra,
+        }
+        self.history.append(row)
+        if self.run_dir is not None:
+            self.run_dir.log(stage="finetune", method=self.method, **row)
+        if self.progress is not None:
+            self.progress(row)
+        return row
+
+    def _done(self, t: float) -> bool:
+        return t >= self.s.time_budget_s or self.cloud_round >= self.s.max_cloud_rounds
+
+    def run(self, ckpt_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+        """Fine-tune until the virtual time budget or the round limit; returns the summary."""
+        if resume and ckpt_dir is not None and self._restore(ckpt_dir):
+            pass
+        elif self.policy.barrier or self.policy.two_tier:
+            self._log(0.0, {"syncs": 0})
+        else:
+            self._log(0.0, {"syncs": 0})
+            for e in self.fleet.edges:
+                self._start_period(e.id, 0.0)
+        while True:
+            if self.policy.two_tier:
+                finished = self._round_two_tier()
+            elif self.policy.barrier:
+                finished = self._round_barrier()
+            else:
+                finished = self._merge_next()
+            if finished:
+                break
+            if ckpt_dir is not None and self.cloud_round % self.s.checkpoint_every == 0:
+                self._save(ckpt_dir)
+        return self.summary()
+
+    def _round_two_tier(self) -> bool:
+        if self._done(self.t_cloud):
+            return True
+        state, t, info = self.edge_round(CLOUD, list(self.fleet.devices), self.global_state, self.t_cloud)
+        self._apply_server(state)
+        self.t_cloud = self.clock.advance_to(t)
+        self.cloud_round += 1
+        self._log(t, {"syncs": self.cloud_round, "dropped": info["dropped"], "mean_steps": _mean(info["steps"])})
+        return False
+
+    def _round_barrier(self) -> bool:
+        if self._done(self.t_cloud):
+            return True
+        states, weights, reports, ends = [], [], {}, []
+        pulled, down_bytes = self._send_state(self.global_state)
+        for e in self.fleet.edges:
+            t = self._transfer(CLOUD, e.id, down_bytes, start=self.t_cloud)
+            state, t, obs = self.edge_period(e.id, pulled, t)
+            edge_state, nbytes = self._edge_upload(state, pulled)
+            ends.append(self._transfer(e.id, CLOUD, nbytes, start=t))
+            n_e = sum(self.n_samples[d.id] for d in self.fleet.devices_of(e.id))
+            states.append(edge_state)
+            weights.append(float(n_e))
+            reports[e.id] = obs
+        total = sum(weights)
+        candidate = aggregate_lora(states, [w / total for w in weights], self.s.lora_mode,
+                                   scaling=self.scaling, refactor=self.s.refactor, reinit_seed=self._next_reinit_seed())
+        self._apply_server(candidate)
+        for (e_id, obs), st, w in zip(reports.items(), states, weights, strict=True):
+            layer_div = _layer_divergence(st, self.global_state) * w / total
+            reports[e_id] = _with(obs, layer_divergence=layer_div)
+        self.policy.on_cloud_sync(reports)
+        self.t_cloud = self.clock.advance_to(max(ends))
+        self.cloud_round += 1
+        self._log(self.t_cloud, {"syncs": self.cloud_round,
+                                 "k2": {e: r.rounds_done for e, r in reports.items()}})
+        return False
+
+    def _start_period(self, edge_id: str, t: float) -> None:
+        """Async: the edge pulls the global state at ``t`` and runs until it decides to sync."""
+        pulled, down_bytes = self._send_state(self.global_state)
+        t = self._transfer(CLOUD, edge_id, down_bytes, start=t)
+        state, t_ready, obs = self.edge_period(edge_id, pulled, t)
+        heapq.heappush(self.pending, _Pending(t_ready, edge_id, state, pulled, obs))  # type: ignore[misc]
+
+    def _merge_next(self) -> bool:
+        item = heapq.heappop(self.pending)  # type: ignore[misc]
+        if self._done(item.t_ready):
+            return True
+        edge_state, nbytes = self._edge_upload(item.state, item.pulled)
+        t = self._transfer(item.edge_id, CLOUD, nbytes, start=item.t_ready)
+        n_all = sum(self.n_samples.values())
+        w = sum(self.n_samples[d.id] for d in self.fleet.devices_of(item.edge_id)) / n_all
+        candidate = aggregate_lora([self.global_state, edge_state, item.pulled], [1.0, w, -w], self.s.lora_mode,
+                                   scaling=self.scaling, refactor=self.s.refactor, reinit_seed=self._next_reinit_seed())
+        self._apply_server(candidate)
+        self.policy.on_cloud_sync({item.edge_id: item.obs})
+        self.cloud_round += 1
+        self.t_cloud = self.clock.advance_to(t)
+        self._log(t, {"syncs": self.cloud_round, "edge": item.edge_id, "k2": item.obs.rounds_done})
+        self._start_period(item.edge_id, t)
+        return False
+
+    # --- results --------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        last = self.history[-1]
+        target = self.s.target_accuracy
+        hit = next((r["t"] for r in self.history if target is not None and r["accuracy"] >= target), None)
+        return {
+            "method": self.method,
+            "policy": self.s.policy,
+            "lora_mode": self.s.lora_mode + (f"/{self.s.refactor}" if self.s.lora_mode == "product" else ""),
+            "final_acc": last["accuracy"],
+            "best_acc": max(r["accuracy"] for r in self.history),
+            "target_accuracy": target,
+            "time_to_target_s": hit,
+            "virtual_time_s": last["t"],
+            "cloud_updates": self.cloud_round,
+            "bytes_device_edge": last["bytes_device_edge"],
+            "bytes_edge_cloud": last["bytes_edge_cloud"],
+            "bytes_device_cloud": last["bytes_device_cloud"],
+            "device_energy_j": last["device_energy_j"],
+            "dropped_updates": self.dropped_total,
+            "device_steps": self.device_steps_total,
+            "update_bytes": self.update_bytes(),
+            "model_bytes": int(self.info["model_bytes"]),
+            "payload_fraction": self.update_bytes() / int(self.info["model_bytes"]),
+            "trainable_params": int(self.info["trainable_params"]),
+            "params": int(self.info["params"]),
+            "train_step_flops": self.step_flops,
+        }
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _save(self, ckpt_dir: Path) -> None:
+        from cloudedge.checkpoint import save_checkpoint
+
+        tensors = {f"global/{k}": v for k, v in self.global_state.items()}
+        opt_state = self.opt.state_dict()
+        tensors.update({f"opt/{k}": v for k, v in opt_state["tensors"].items()})
+        pend = []
+        for i, p in enumerate(self.pending):
+            tensors.update({f"pending/{i}/state/{k}": v for k, v in p.state.items()})
+            tensors.update({f"pending/{i}/pulled/{k}": v for k, v in p.pulled.items()})
+            pend.append({"t_ready": p.t_ready, "edge_id": p.edge_id, "obs": _obs_plain(p.obs)})
+        state = {
+            "cloud_round": self.cloud_round, "t_cloud": self.t_cloud, "merge_count": self.merge_count,
+            "train_count": self.train_count, "sec_per_step": self.sec_per_step, "edge_round_s": self.edge_round_s,
+            "rng": self.rng.bit_generator.state, "clock": self.clock.state_dict(),
+            "policy": self.policy.state_dict(), "opt": opt_state["scalars"], "pending": pend,
+            "history": self.history, "method": self.method,
+            "dropped_total": self.dropped_total, "device_steps_total": self.device_steps_total,
+        }
+        save_checkpoint(ckpt_dir, self.cloud_round, tensors, json.loads(json.dumps(state, default=_plain)))
+
+    def _restore(self, ckpt_dir: Path) -> bool:
+        from cloudedge.checkpoint import load_latest
+
+        found = load_latest(ckpt_dir)
+        if found is None:
+            return False
+        tensors, state = found
+        loaded = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+        self.global_state = {k: loaded[k] for k in self._key_order()}  # safetensors sorts keys
+        self.opt.load_state_dict({"tensors": {k[4:]: v for k, v in tensors.items() if k.startswith("opt/")},
+                                  "scalars": state["opt"]}, source=str(ckpt_dir))
+        self.cloud_round, self.t_cloud = int(state["cloud_round"]), float(state["t_cloud"])
+        self.merge_count = int(state["merge_count"])
+        self.train_count = {k: int(v) for k, v in state["train_count"].items()}
+        self.sec_per_step = {k: float(v) for k, v in state["sec_per_step"].items()}
+        self.edge_round_s = {k: float(v) for k, v in state["edge_round_s"].items()}
+        self.rng.bit_generator.state = state["rng"]
+        self.clock.load_state_dict(state["clock"])
+        self.policy.load_state_dict(state["policy"])
+        self.history = list(state["history"])
+        self.dropped_total, self.device_steps_total = int(state["dropped_total"]), int(state["device_steps_total"])
+        self.pending = []
+        for i, p in enumerate(state["pending"]):
+            st = {k[len(f"pending/{i}/state/"):]: v for k, v in tensors.items() if k.startswith(f"pending/{i}/state/")}
+            pl = {k[len(f"pending/{i}/pulled/"):]: v for k, v in tensors.items() if k.startswith(f"pending/{i}/pulled/")}
+            st = {k: st[k] for k in self.global_state}
+            pl = {k: pl[k] for k in self.global_state}
+            heapq.heappush(self.pending, _Pending(float(p["t_ready"]), p["edge_id"], st, pl,  # type: ignore[misc]
+                                                  _obs_from(p["obs"])))
+        if self.run_dir is not None:
+            rounds = {r["round"] for r in self.history}
+            self.run_dir.truncate_metrics(lambda r: r.get("stage") != "finetune" or r.get("method") != self.method
+                                          or r.get("round") in rounds)
+        return True
+
+    def _key_order(self) -> list[str]:
+        init = self.engine.call(CLOUD, "initial_state")
+        if self.s.lora_mode == "product" and self.s.refactor == "merge":
+            init = with_base_deltas(init)
+        return list(init)
+
+
+# Pending items compare by (time, edge id): deterministic order on ties.
+_Pending.__lt__ = lambda a, b: (a.t_ready, a.edge_id) < (b.t_ready, b.edge_id)  # type: ignore[method-assign]
+
+
+def _stable_index(node_id: str) -> int:
+    return int.from_bytes(node_id.encode()[:8].ljust(8, b"\0"), "little") % 1_000_003 + len(node_id)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def _update_drift(updates: list[Tensors], weights: list[float]) -> float:
+    """``sum p_d |u_d - mean u| / |mean u|``: how much devices' updates disagree (0: identical)."""
+    if len(updates) < 2:
+        return 0.0
+    total = sum(weights)
+    p = [w / total for w in weights]
+    keys = list(updates[0])
+    mean = {k: sum(pi * u[k].double() for pi, u in zip(p, updates, strict=True)) for k in keys}
+    norm = math.sqrt(sum(float(v.pow(2).sum()) for v in mean.values()))
+    if norm == 0:
+        return 0.0
+    spread = sum(pi * state_distance({k: u[k].double() for k in keys}, mean) for pi, u in zip(p, updates, strict=True))
+    return spread / norm
+
+
+def _layer_divergence(a: Tensors, b: Tensors) -> float:
+    """Tempo's per-layer L1 divergence summed: ``sum_layers |a - b|_1`` (a layer = one tensor)."""
+    return sum(float((a[k].double() - b[k].double()).abs().sum()) for k in a if not k.endswith(BASE_DELTA_SUFFIX))
+
+
+def _with(obs: EdgeObs, **changes: Any) -> EdgeObs:
+    import dataclasses
+
+    return dataclasses.replace(obs, **changes)
+
+
+def _obs_plain(obs: EdgeObs) -> dict[str, Any]:
+    import dataclasses
+
+    d = dataclasses.asdict(obs)
+    d["devices"] = [dataclasses.asdict(o) for o in obs.devices]
+    return d
+
+
+def _obs_from(d: dict[str, Any]) -> EdgeObs:
+    return EdgeObs(**{**d, "devices": tuple(DeviceObs(**o) for o in d["devices"])})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    raise TypeError(f"not JSON-able: {type(value).__name__}")
+
+
+__all__ = ["FinetuneSettings", "HierFinetune", "TaskData", "lora_layers", "server_optimizer"]

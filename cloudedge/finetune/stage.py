@@ -1,0 +1,158 @@
+"""The fine-tuning stage from a config: data per device, the base model, the run directory.
+
+``run_finetune(cfg, out_dir, resume, engine_kind)`` is the CLI's entry; ``finetune(cfg, run_dir,
+engine)`` is the API the demo uses (it returns the fine-tuned model too).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloudedge.config import RunConfig
+from cloudedge.config.data import DataConfig
+from cloudedge.config.model import ModelConfig
+from cloudedge.errors import InputError
+from cloudedge.finetune.loop import FinetuneSettings, HierFinetune, TaskData
+from cloudedge.finetune.model import LoraClassifier, build_lora_classifier, load_base_tensors
+from cloudedge.fleet import Fleet
+
+STAGE = "finetune"
+
+
+def _image_tensors(ds: Any, model_cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    x = ds.x
+    if model_cfg.kind != "hf":
+        if x.shape[-1] != model_cfg.image_size:
+            raise InputError(f"{source}: model.image_size ({model_cfg.image_size}) must equal data.image_size "
+                             f"({x.shape[-1]})")
+        if x.shape[1] != model_cfg.channels:
+            if x.shape[1] != 1:
+                raise InputError(f"{source}: images have {x.shape[1]} channels, model.channels is {model_cfg.channels}")
+            x = x.expand(-1, model_cfg.channels, -1, -1)  # grey digits into an RGB model
+    return {"pixel_values": x.contiguous(), "labels": ds.y.long()}
+
+
+def _text_tensors(ds: Any, max_len: int) -> dict[str, torch.Tensor]:
+    from cloudedge.data import ByteTokenizer
+
+    ids, mask = ByteTokenizer().batch_encode(ds.texts, max_len=max_len)
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(ds.labels, dtype=torch.long)}
+
+
+def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Tensor] | None = None) -> TaskData:
+    """Data per device (the config's partition over the fleet's devices) and the model spec."""
+    from cloudedge.data import build_dataset, partition
+
+    data_cfg: DataConfig = cfg.stage_data(STAGE)
+    model_cfg: ModelConfig = cfg.stage_model(STAGE)
+    fcfg = cfg.finetune
+    assert fcfg is not None
+    source = f"{STAGE}.data"
+    if data_cfg.source == "pydocs" and data_cfg.n_classes is None:
+        raise InputError(f"{source}.n_classes: fine-tuning on pydocs needs a number of module classes")
+    train, test = build_dataset(data_cfg, cfg.base_dir, seed=cfg.seed)
+    is_text = hasattr(train, "texts")
+    if is_text:
+        if train.labels is None:
+            raise InputError(f"{source}: text fine-tuning needs labels (label_field, or pydocs with n_classes)")
+        to_tensors = lambda ds: _text_tensors(ds, model_cfg.context)  # noqa: E731
+        labels = np.asarray(train.labels)
+    else:
+        to_tensors = lambda ds: _image_tensors(ds, model_cfg, f"{STAGE}.model")  # noqa: E731
+        labels = train.y.numpy()
+    devices = fleet.devices
+    part = data_cfg.partition
+    shards = partition(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
+                       domains=getattr(train, "domains", None), min_samples=max(1, part.min_samples),
+                       weights=[d.data_share for d in devices])
+    train_t = to_tensors(train)
+    device_data = {d.id: {k: v[torch.as_tensor(idx, dtype=torch.long)] for k, v in train_t.items()}
+                   for d, idx in zip(devices, shards, strict=True)}
+    if base_tensors is None and fcfg.init:
+        from cloudedge.models import resolve_path
+
+        base_tensors = load_base_tensors(resolve_path(fcfg.init, cfg.base_dir), fcfg.init_prefix)
+    spec = {
+        "model": model_cfg.model_dump(), "base_dir": cfg.base_dir, "seed": cfg.seed,
+        "n_classes": len(train.classes), "rank": fcfg.lora.rank, "alpha": fcfg.lora.alpha,
+        "targets": fcfg.lora.targets, "mode": fcfg.lora.mode, "base_tensors": base_tensors,
+        "base_source": fcfg.init or "base model",
+    }
+    return TaskData(spec=spec, device_data=device_data, test_data=to_tensors(test), classes=list(train.classes))
+
+
+def settings_from_config(cfg: RunConfig, policy: str | None = None) -> FinetuneSettings:
+    """The loop's settings from the ``finetune`` section (``policy`` overrides ``sync.policy``)."""
+    f = cfg.finetune
+    assert f is not None
+    sync = f.sync
+    kw = {"k1": sync.k1, "k2": sync.k2, "deadline_factor": sync.deadline_factor, "min_steps": sync.min_steps,
+          "max_steps": sync.max_steps}
+    name = policy or sync.policy
+    if name == "autonomous":
+        kw.update(alpha=sync.alpha, k2_max=sync.k2_max, margin=sync.margin, sync_budget_bytes=sync.sync_budget_bytes)
+    if name == "adaptive-interval":
+        kw.update(phi=sync.phi)
+    return FinetuneSettings(
+        policy=name, policy_kwargs=kw, lora_mode=f.lora.mode, refactor=f.lora.refactor, batch_size=f.batch_size,
+        optimizer=f.optimizer, lr=f.lr, server_optimizer=f.server_optimizer, server_lr=f.server_lr,
+        compression=f.compression, participation=f.participation, time_budget_s=f.time_budget_s,
+        max_cloud_rounds=f.max_cloud_rounds, target_accuracy=f.target_accuracy, eval_max=f.eval_max,
+        checkpoint_every=f.checkpoint_every, seed=cfg.seed)
+
+
+@dataclass
+class FinetuneResult:
+    model: LoraClassifier  # the fine-tuned classifier (base + global adapters + head)
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    state: dict[str, torch.Tensor]  # the global adapter state
+
+
+def finetune(cfg: RunConfig, run_dir: Any, engine: Any, resume: bool = False, policy: str | None = None,
+             base_tensors: dict[str, torch.Tensor] | None = None, progress: Any = None) -> FinetuneResult:
+    """Fine-tune as ``cfg.finetune`` says; logs to ``run_dir`` (a RunDir or None) and checkpoints there."""
+    if cfg.finetune is None:
+        raise InputError("finetune: the config has no 'finetune' section")
+    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+    task = prepare_task(cfg, fleet, base_tensors)
+    settings = settings_from_config(cfg, policy)
+    loop = HierFinetune(fleet, task, settings, engine, run_dir=run_dir, progress=progress)
+    ckpt = run_dir.checkpoint_dir(STAGE) if run_dir is not None else None
+    summary = loop.run(ckpt_dir=ckpt, resume=resume)
+    summary["clock"] = loop.clock.summary()
+    model = build_lora_classifier(loop.spec)
+    from cloudedge.finetune.model import AdapterSlot
+
+    AdapterSlot(model).load(loop.global_state)
+    model.eval()
+    return FinetuneResult(model=model, summary=summary, history=loop.history, state=loop.global_state)
+
+
+def run_finetune(cfg: RunConfig, out_dir: str | Path, resume: bool = False, engine_kind: str = "local",
+                 overwrite: bool = False) -> dict[str, Any]:
+    """The CLI's entry: run the stage into ``out_dir`` and return the summary dict."""
+    from cloudedge.engine import make_engine
+    from cloudedge.track.run import RunDir
+
+    t0 = time.perf_counter()
+    run = RunDir.create(out_dir, cfg, resume=resume, overwrite=overwrite)
+    if resume and run.complete:
+        return run.read_summary().get(STAGE, {})
+    engine = make_engine(engine_kind, cfg.engine.address)
+    try:
+        result = finetune(cfg, run, engine, resume=resume)
+    finally:
+        engine.close()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in result.state.items()}, str(run.path / "adapters.safetensors"))
+    summary = {**result.summary, "wall_s": round(time.perf_counter() - t0, 3)}
+    run.write_summary({STAGE: summary}, complete=True)
+    return summary

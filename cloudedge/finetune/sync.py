@@ -1,0 +1,350 @@
+"""Synchronization policies: how many local steps each device runs, and when each edge syncs with the cloud.
+
+Every policy is a small class with the same verbs (pure: plain numbers in, decisions out):
+
+- ``deadline(edge)``: seconds an edge round may last from its start (None: wait for everyone).
+- ``device_steps(edge_id, device, deadline_s)``: local steps this device runs this edge round.
+- ``should_sync(edge)``: after an edge round, does this edge sync with the cloud now?
+- ``on_edge_round(edge_id, stats)``: feedback after an edge round (Wang's estimates).
+- ``on_cloud_sync(reports)``: feedback at the cloud after a sync (Tempo, autonomous' reference).
+- ``state_dict()`` / ``load_state_dict()``: plain JSON-able state for resume.
+
+Class attributes tell the loop the topology: ``two_tier`` (devices talk to the cloud directly, no
+edge aggregation) and ``barrier`` (the cloud waits for every edge before it aggregates; when False,
+each edge merges into the global model on its own schedule). The exact rules, their inputs and why
+are in docs/finetuning.md ("Synchronization policies").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from cloudedge.errors import InputError
+
+
+@dataclass(frozen=True)
+class DeviceObs:
+    """What a device knows before an edge round."""
+
+    device_id: str
+    sec_per_step: float  # measured (virtual) seconds per local step, EMA of past rounds
+    comm_s: float  # expected seconds to receive the edge model and send the update back
+    n_samples: int
+
+
+@dataclass(frozen=True)
+class EdgeObs:
+    """What an edge knows after an edge round (and at the start of one: rounds_done = 0)."""
+
+    edge_id: str
+    rounds_done: int  # edge rounds since this edge last synced with the cloud
+    divergence: float  # |w_edge - w_global_pulled| over the adapter state
+    device_drift: float  # mean over devices of |delta_d - mean delta| / |mean delta| in the last round
+    round_s: float  # EMA of this edge's edge-round duration (s)
+    sync_s: float  # expected seconds of one edge <-> cloud sync (up + down)
+    sync_energy_j: float  # radio energy of one sync (both ends)
+    round_energy_j: float  # device energy of the last edge round
+    devices: tuple[DeviceObs, ...] = ()
+    now: float = 0.0
+    layer_divergence: float = 0.0  # Tempo's d_i: sum over layers of |w_edge - w_global| * n_i / N
+
+
+@dataclass(frozen=True)
+class DeviceStats:
+    """One device's report for Wang's estimates (all over the trained adapter parameters)."""
+
+    weight: float  # samples
+    grad_start: Any  # flat tensor: gradient at the model it received, first batch
+    grad_end_diff: float  # |grad_i(w_i) - grad_i(w_start)| on the same batch
+    loss_diff: float  # |F_i(w_i) - F_i(w_start)| on the same batch
+    step_norm: float  # |w_i - w_start|
+
+
+@dataclass
+class EdgeRoundStats:
+    """What an edge measured in one round, for policies that learn from it."""
+
+    local_step_s: float  # c: mean seconds per local step of its devices
+    agg_s: float  # b: seconds of one aggregation (communication) in the round
+    devices: list[DeviceStats] = field(default_factory=list)
+    now: float = 0.0
+
+
+class SyncPolicy:
+    """Base: fixed ``k1`` local steps, sync every ``k2`` edge rounds, deadline from config."""
+
+    name: ClassVar[str] = "base"
+    two_tier: ClassVar[bool] = False
+    barrier: ClassVar[bool] = True
+    needs_grad_stats: ClassVar[bool] = False
+
+    def __init__(self, k1: int = 5, k2: int = 2, deadline_factor: float | None = 2.0,
+                 min_steps: int = 1, max_steps: int = 50, **_: Any):
+        self.k1, self.k2 = int(k1), int(k2)
+        self.deadline_factor = deadline_factor
+        self.min_steps, self.max_steps = int(min_steps), int(max_steps)
+
+    def deadline(self, edge: EdgeObs) -> float | None:
+        """``deadline_factor`` x the median device's expected round time for ``k1`` steps (None:
+        no deadline). The same straggler rule for every fixed-step policy."""
+        if self.deadline_factor is None or not edge.devices:
+            return None
+        return self.deadline_factor * _median([d.comm_s + self.k1 * d.sec_per_step for d in edge.devices])
+
+    def device_steps(self, edge_id: str, device: DeviceObs, deadline_s: float | None) -> int:
+        return self.k1
+
+    def should_sync(self, edge: EdgeObs) -> bool:
+        return edge.rounds_done >= self.k2
+
+    def on_edge_round(self, edge_id: str, stats: EdgeRoundStats) -> None:
+        """Feedback after an edge round (default: nothing to learn)."""
+
+    def on_cloud_sync(self, reports: dict[str, EdgeObs]) -> None:
+        """Feedback at the cloud after a sync (default: nothing to learn)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+
+
+class FedAvg2(SyncPolicy):
+    """Two-tier FedAvg: devices run ``k1`` local steps and send to the cloud; no edge tier."""
+
+    name = "fedavg2"
+    two_tier = True
+
+    def should_sync(self, edge: EdgeObs) -> bool:
+        return True
+
+
+class HierFAVG(SyncPolicy):
+    """HierFAVG (Liu et al. 2020): ``k1`` local steps per edge round, ``k2`` edge rounds per cloud sync."""
+
+    name = "hierfavg"
+
+
+class Tempo(SyncPolicy):
+    """Tempo-style: the cloud gives each edge its number of edge rounds from the log of its divergence.
+
+    ``d_i = sum_layers |w_edge_i - w_global| * n_i / N`` (reported at each sync);
+    ``k2_i = clip(round(k2 * (1 + ln 2) / (1 + ln(1 + d_i / mean_j d_j))), 1, 2 k2)``:
+    an edge of average divergence keeps ``k2``; a more divergent one syncs more often.
+    """
+
+    name = "tempo"
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self.k2_of: dict[str, int] = {}
+
+    def should_sync(self, edge: EdgeObs) -> bool:
+        return edge.rounds_done >= self.k2_of.get(edge.edge_id, self.k2)
+
+    def on_cloud_sync(self, reports: dict[str, EdgeObs]) -> None:
+        ds = {e: r.layer_divergence for e, r in reports.items()}
+        mean = sum(ds.values()) / max(1, len(ds))
+        if mean <= 0:
+            return
+        for e, d in ds.items():
+            k = self.k2 * (1 + math.log(2)) / (1 + math.log1p(d / mean))
+            self.k2_of[e] = int(min(2 * self.k2, max(1, round(k))))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"k2_of": dict(self.k2_of)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.k2_of = {str(k): int(v) for k, v in state.get("k2_of", {}).items()}
+
+
+def wang_tau(*, beta: float, rho: float, delta: float, eta: float, phi: float, c: float, b: float,
+             remaining_s: float, tau_prev: int, tau_cap: int = 100) -> int:
+    """Wang et al. (JSAC 2019) budgeted interval: ``argmin_tau gap(tau)`` over ``1..min(10 tau_prev, cap)``.
+
+    ``h(tau) = max(0, delta/beta ((eta beta + 1)^tau - 1) - eta delta tau)``,
+    ``T(tau) = (R - c - b) tau / (c tau + b)``,
+    ``gap(tau) = (1 + sqrt(1 + 4 T^2 phi rho eta h(tau) / tau)) / (2 T eta phi) + rho h(tau)``.
+    Returns ``tau_prev`` when the budget is spent (T <= 0) or the estimates are degenerate.
+    """
+    if remaining_s - c - b <= 0 or eta <= 0 or phi <= 0:
+        return tau_prev
+    best_tau, best_gap = tau_prev, math.inf
+    for tau in range(1, min(10 * tau_prev, tau_cap) + 1):
+        if beta > 0 and delta > 0:
+            h = delta / beta * ((eta * beta + 1) ** tau - 1) - eta * delta * tau
+            h = max(0.0, h)
+        else:
+            h = 0.0
+        big_t = (remaining_s - c - b) * tau / (c * tau + b)
+        if big_t <= 0:
+            continue
+        gap = (1 + math.sqrt(1 + 4 * big_t**2 * phi * rho * eta * h / tau)) / (2 * big_t * eta * phi) + rho * h
+        if gap < best_gap - 1e-15:
+            best_tau, best_gap = tau, gap
+    return best_tau
+
+
+class AdaptiveInterval(SyncPolicy):
+    """Wang et al.'s budgeted adaptive interval, applied per edge to the local-step count ``tau``.
+
+    After each edge round the edge estimates ``beta = sum p_i beta_i``, ``rho = sum p_i rho_i``
+    and ``delta = sum p_i |g_i(w) - g(w)|`` from its devices' reports and sets ``tau`` with
+    :func:`wang_tau` (``c`` = seconds per local step, ``b`` = seconds of the round's communication,
+    ``R`` = the time budget left). Edge rounds per cloud sync stay fixed at ``k2``.
+    """
+
+    name = "adaptive-interval"
+    needs_grad_stats = True
+
+    def __init__(self, lr: float = 0.01, phi: float = 0.025, time_budget_s: float = 100.0, **kw: Any):
+        super().__init__(**kw)
+        self.eta, self.phi, self.budget = float(lr), float(phi), float(time_budget_s)
+        self.tau_of: dict[str, int] = {}
+
+    def device_steps(self, edge_id: str, device: DeviceObs, deadline_s: float | None) -> int:
+        return self.tau_of.get(edge_id, self.k1)
+
+    def deadline(self, edge: EdgeObs) -> float | None:
+        if self.deadline_factor is None or not edge.devices:
+            return None
+        tau = self.tau_of.get(edge.edge_id, self.k1)
+        return self.deadline_factor * _median([d.comm_s + tau * d.sec_per_step for d in edge.devices])
+
+    def on_edge_round(self, edge_id: str, stats: EdgeRoundStats) -> None:
+        devs = [d for d in stats.devices if d.step_norm > 0]
+        if not devs:
+            return
+        total = sum(d.weight for d in devs)
+        p = [d.weight / total for d in devs]
+        beta = sum(pi * d.grad_end_diff / d.step_norm for pi, d in zip(p, devs, strict=True))
+        rho = sum(pi * d.loss_diff / d.step_norm for pi, d in zip(p, devs, strict=True))
+        mean_grad = sum(pi * d.grad_start for pi, d in zip(p, devs, strict=True))
+        delta = sum(pi * float((d.grad_start - mean_grad).norm()) for pi, d in zip(p, devs, strict=True))
+        prev = self.tau_of.get(edge_id, self.k1)
+        self.tau_of[edge_id] = wang_tau(beta=beta, rho=rho, delta=delta, eta=self.eta, phi=self.phi,
+                                        c=stats.local_step_s, b=stats.agg_s,
+                                        remaining_s=self.budget - stats.now, tau_prev=prev,
+                                        tau_cap=min(100, self.max_steps))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tau_of": dict(self.tau_of)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tau_of = {str(k): int(v) for k, v in state.get("tau_of", {}).items()}
+
+
+class Autonomous(SyncPolicy):
+    """Ours (after Tomtit): every device and every edge sets its own schedule; no global k1, k2.
+
+    Device: ``steps = min(floor(margin * (deadline - comm_s) / sec_per_step), max_steps)`` with its
+    measured speed, so every device finishes by its edge's deadline: fast devices do more, slow ones
+    fewer, nobody straggles; a device for which fewer than ``min_steps`` fit sits the round out
+    (0 steps: no download, no energy). The edge's deadline is the time its median device needs
+    for ``k1`` steps, divided by ``margin`` (its own devices' speeds; no global k1 for anyone).
+
+    Edge: syncs with the cloud after ``k2_e`` edge rounds, chosen after each round as
+    ``k2_e = clip(round(sqrt(2 kappa_e / (alpha g_e))), k2_floor_e, k2_max)``:
+
+    - ``kappa_e = sync_s / round_s + sync_energy_j / round_energy_j``: what one sync costs, in edge
+      rounds of time and of energy (link cost and energy);
+    - ``g_e = (r_e / r_ref) * (1 + nu_e) / (1 + nu_ref)``: how fast this edge drifts from the
+      global model (``r_e`` = divergence per edge round) and how non-IID its devices are (``nu_e``
+      = their drift), relative to the fleet's references the cloud sends back at each sync;
+    - ``k2_floor_e`` keeps edge -> cloud bytes within ``sync_budget_bytes`` over ``time_budget_s``.
+
+    This is the sync interval that minimises (sync cost + accumulated divergence) per round when
+    divergence grows linearly between syncs (the square-root rule of a fixed-cost/linear-holding
+    trade-off). ``barrier`` is False: each edge merges into the global model when it decides.
+    """
+
+    name = "autonomous"
+    barrier = False
+
+    def __init__(self, alpha: float = 1.0, k2_max: int = 8, margin: float = 0.9,
+                 sync_budget_bytes: float | None = None, time_budget_s: float = 100.0,
+                 sync_bytes: float = 0.0, **kw: Any):
+        super().__init__(**kw)
+        self.alpha, self.k2_max, self.margin = float(alpha), int(k2_max), float(margin)
+        self.sync_budget_bytes, self.time_budget_s = sync_budget_bytes, float(time_budget_s)
+        self.sync_bytes = float(sync_bytes)
+        self.rate_ref: float | None = None
+        self.drift_ref: float | None = None
+        self.k2_of: dict[str, int] = {}
+
+    def deadline(self, edge: EdgeObs) -> float | None:
+        if not edge.devices:
+            return None
+        # Divided by the margin, so the median device plans exactly k1 steps.
+        return _median([d.comm_s + self.k1 * d.sec_per_step for d in edge.devices]) / self.margin
+
+    def device_steps(self, edge_id: str, device: DeviceObs, deadline_s: float | None) -> int:
+        """Steps that fit the deadline; 0 (sit this round out, spend nothing) when fewer than
+        ``min_steps`` fit."""
+        if deadline_s is None:
+            return self.k1
+        room = self.margin * (deadline_s - device.comm_s)
+        steps = math.floor(room / device.sec_per_step) if device.sec_per_step > 0 else self.max_steps
+        return 0 if steps < self.min_steps else int(min(self.max_steps, steps))
+
+    def edge_k2(self, edge: EdgeObs) -> int:
+        """The edge's current sync interval (edge rounds per cloud sync) from what it observes."""
+        kappa = edge.sync_s / max(edge.round_s, 1e-12)
+        if edge.round_energy_j > 0:
+            kappa += edge.sync_energy_j / edge.round_energy_j
+        rate = edge.divergence / max(1, edge.rounds_done)
+        g = 1.0
+        if self.rate_ref and self.rate_ref > 0:
+            g = max(rate / self.rate_ref, 1e-6)
+        if self.drift_ref is not None:
+            g *= (1 + edge.device_drift) / (1 + self.drift_ref)
+        k2 = math.sqrt(2 * kappa / (self.alpha * g))
+        floor = 1
+        if self.sync_budget_bytes:
+            syncs_allowed = self.sync_budget_bytes / max(self.sync_bytes, 1.0)
+            rounds_in_budget = self.time_budget_s / max(edge.round_s, 1e-12)
+            floor = max(1, math.ceil(rounds_in_budget / max(syncs_allowed, 1e-12)))
+        return int(min(self.k2_max, max(floor, round(k2))))
+
+    def should_sync(self, edge: EdgeObs) -> bool:
+        k2 = self.edge_k2(edge)
+        self.k2_of[edge.edge_id] = k2
+        return edge.rounds_done >= k2
+
+    def on_cloud_sync(self, reports: dict[str, EdgeObs]) -> None:
+        # The cloud's references: EMA of the reported per-round divergence and device drift.
+        for r in reports.values():
+            rate = r.divergence / max(1, r.rounds_done)
+            self.rate_ref = rate if self.rate_ref is None else 0.8 * self.rate_ref + 0.2 * rate
+            drift = r.device_drift
+            self.drift_ref = drift if self.drift_ref is None else 0.8 * self.drift_ref + 0.2 * drift
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rate_ref": self.rate_ref, "drift_ref": self.drift_ref, "k2_of": dict(self.k2_of)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rate_ref, self.drift_ref = state.get("rate_ref"), state.get("drift_ref")
+        self.k2_of = {str(k): int(v) for k, v in state.get("k2_of", {}).items()}
+
+
+POLICIES: dict[str, type[SyncPolicy]] = {
+    p.name: p for p in (FedAvg2, HierFAVG, Tempo, AdaptiveInterval, Autonomous)
+}
+
+
+def make_policy(name: str, **kw: Any) -> SyncPolicy:
+    """The policy called ``name`` (``finetune.sync``), built with the options it uses."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise InputError(f"finetune.sync: unknown policy '{name}' (known: {', '.join(POLICIES)})") from None
+    return cls(**kw)
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])

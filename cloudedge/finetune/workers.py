@@ -1,0 +1,140 @@
+"""The fine-tuning worker: one per device (its shard of data), and one at the cloud (the test set).
+
+A worker holds its model and data and nothing of the fleet. Each task brings the full adapter
+state it starts from and a seed, so a worker keeps no state between tasks that matters for the
+result: a rebuilt worker (resume, another engine) gives the same answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cloudedge.finetune.lora import sent_keys
+from cloudedge.finetune.model import AdapterSlot, adapter_state, build_lora_classifier
+
+
+class FinetuneWorker:
+    """Trains LoRA adapters + head on its data (``train``) or evaluates a state (``evaluate``).
+
+    ``data`` maps input names (``pixel_values`` or ``input_ids``/``attention_mask``) and
+    ``labels`` to tensors with one row per sample.
+    """
+
+    def __init__(self, spec: dict[str, Any], data: dict[str, torch.Tensor], batch_size: int,
+                 optimizer: str = "adamw", lr: float = 3e-3):
+        self.spec, self.data = spec, data
+        self.batch_size, self.optimizer, self.lr = int(batch_size), optimizer, float(lr)
+        self.n = int(data["labels"].shape[0])
+        self._model = None
+        self._slot: AdapterSlot | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = build_lora_classifier(self.spec)
+            self._slot = AdapterSlot(self._model)
+        return self._model
+
+    def _inputs(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[idx] for k, v in self.data.items() if k != "labels"}
+
+    def _loss(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(self._inputs(idx)), self.data["labels"][idx])
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _flat_grad(self) -> torch.Tensor:
+        return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                          for _, p in self._trainable()])
+
+    def train(self, state: dict[str, torch.Tensor], steps: int, seed: int, stats: bool = False) -> dict[str, Any]:
+        """``steps`` optimizer steps from ``state``; returns the update of the keys a device sends.
+
+        With ``stats``, also Wang et al.'s estimates on the first batch: the gradient at the
+        start, and the change of loss and gradient at the end (one extra forward/backward).
+        """
+        model = self.model
+        assert self._slot is not None
+        self._slot.load(state)
+        model.train()
+        gen = torch.Generator().manual_seed(int(seed))
+        params = [p for _, p in self._trainable()]
+        opt = (torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0) if self.optimizer == "adamw"
+               else torch.optim.SGD(params, lr=self.lr))
+        start = {n: p.detach().clone() for n, p in self._trainable()}
+        first_idx, loss0, grad0, losses = None, 0.0, None, []
+        for step in range(int(steps)):
+            idx = torch.randint(0, self.n, (min(self.batch_size, self.n),), generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss = self._loss(idx)
+            loss.backward()
+            if step == 0:
+                first_idx, loss0 = idx, loss.item()
+                grad0 = self._flat_grad() if stats else None
+            opt.step()
+            losses.append(loss.item())
+        new = adapter_state(model)
+        keys = sent_keys(list(new), self.spec["mode"])
+        out: dict[str, Any] = {
+            "update": {k: new[k] - state[k] for k in keys},
+            "steps": int(steps),
+            "n": self.n,
+            "loss": sum(losses) / max(1, len(losses)),
+        }
+        if stats and first_idx is not None and grad0 is not None:
+            opt.zero_grad(set_to_none=True)
+            loss1 = self._loss(first_idx)
+            loss1.backward()
+            grad1 = self._flat_grad()
+            step_norm = sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in self._trainable()) ** 0.5
+            out["stats"] = {"grad_start": grad0, "grad_end_diff": float((grad1 - grad0).norm()),
+                            "loss_diff": abs(loss1.item() - loss0), "step_norm": step_norm}
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, state: Mapping[str, torch.Tensor], max_samples: int | None = None) -> dict[str, float]:
+        """Accuracy and mean loss of ``state`` on this worker's data (in order, batches of 256)."""
+        model = self.model
+        assert self._slot is not None
+        self._slot.load(state)
+        model.eval()
+        n = self.n if max_samples is None else min(self.n, int(max_samples))
+        correct, total_loss = 0, 0.0
+        for lo in range(0, n, 256):
+            idx = torch.arange(lo, min(n, lo + 256))
+            logits = model(self._inputs(idx))
+            y = self.data["labels"][idx]
+            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
+        return {"accuracy": correct / max(1, n), "loss": total_loss / max(1, n), "n": n}
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The adapter state every node starts from (deterministic from the spec's seed)."""
+        return adapter_state(self.model)
+
+    def model_info(self) -> dict[str, Any]:
+        """Parameter counts and the FLOPs of one training step (forward + backward, counted by
+        ``FlopCounterMode`` on a real batch: the frozen base's weight gradients are not computed,
+        so they are not counted; its input gradients are)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from cloudedge.models.flops import _EXTRA_FORMULAS
+
+        model = self.model
+        model.train()
+        idx = torch.arange(min(self.batch_size, self.n))
+        counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+        with counter:
+            loss = self._loss(idx)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        flops = int(counter.get_total_flops()) * self.batch_size // max(1, len(idx))
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for _, p in self._trainable())
+        return {"train_step_flops": flops, "params": total, "trainable_params": trainable,
+                "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}

@@ -1,0 +1,106 @@
+"""The hierarchical loop end to end on a tiny fleet: deadlines, dropouts, bytes, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloudedge.config import config_from_dict
+from cloudedge.engine import LocalEngine
+from cloudedge.finetune import finetune
+from cloudedge.finetune.loop import HierFinetune
+from cloudedge.finetune.stage import prepare_task, settings_from_config
+from cloudedge.fleet import Fleet
+from cloudedge.track.run import RunDir
+
+
+def _cfg(policy="hierfavg", mode="fedavg", rounds=3, slow_flops=None, availability=None, **ft):
+    # Low latencies and slow-ish devices, so compute (not link latency) decides who is late.
+    fast = {"availability": 1.0, "latency_s": 0.0005, "flops": 1e8}
+    slow = {"count": 1, "profile": "phone-mid", "overrides": {"latency_s": 0.0005, "flops": 1e8}}
+    if slow_flops:
+        slow["overrides"]["flops"] = slow_flops
+    if availability is not None:
+        slow["overrides"]["availability"] = availability
+    raw = {
+        "seed": 3,
+        "fleet": {"edges": [{"count": 2, "overrides": {"latency_s": 0.0005}, "devices": [
+            {"count": 2, "profile": "phone-mid", "overrides": fast}, slow]}]},
+        "data": {"source": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5}},
+        "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
+                  "channels": 1},
+        "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": mode},
+                     "sync": {"policy": policy, "k1": 6, "k2": 2, "deadline_factor": 1.5, "max_steps": 12},
+                     "batch_size": 8, "lr": 1e-2, "time_budget_s": 1e9, "max_cloud_rounds": rounds,
+                     "eval_max": 64, **ft},
+    }
+    return config_from_dict(raw)
+
+
+def _loop(cfg):
+    torch.set_num_threads(1)
+    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+    loop = HierFinetune(fleet, prepare_task(cfg, fleet), settings_from_config(cfg), LocalEngine())
+    return loop, fleet
+
+
+def test_straggler_is_dropped_but_charged_and_autonomous_avoids_it():
+    # A step is ~0.5 MFLOP: 5 ms on the fast devices, 20 ms on the slow one (4x slower).
+    cfg = _cfg("hierfavg", slow_flops=2.5e7, availability=1.0, rounds=2)
+    loop, fleet = _loop(cfg)
+    loop.run()
+    slow = [d.id for d in fleet.devices if d.profile.flops == 2.5e7]
+    assert len(slow) == 2
+    for d in slow:
+        assert d not in loop.train_count  # past the deadline every round: never aggregated
+        assert loop.clock.energy_j[d] > 0  # but its work until the deadline is charged
+    assert all(loop.train_count.get(d.id, 0) > 0 for d in fleet.devices if d.id not in slow)
+
+    auto, fleet = _loop(_cfg("autonomous", slow_flops=2.5e7, availability=1.0, rounds=2))
+    auto.run()
+    assert all(auto.train_count.get(d, 0) > 0 for d in slow)  # it plans fewer steps and makes it
+    assert auto.dropped_total == 0 and loop.dropped_total > 0
+
+
+def test_unavailable_device_never_trains():
+    loop, fleet = _loop(_cfg("hierfavg", availability=0.0, rounds=2))
+    loop.run()
+    never = [d.id for d in fleet.devices if d.profile.availability == 0.0]
+    assert never and all(d not in loop.train_count for d in never)
+    assert loop.clock.energy_j[never[0]] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "ffa"])
+def test_payload_fraction_and_bytes_per_tier(mode):
+    loop, _ = _loop(_cfg("hierfavg", mode=mode, rounds=1))
+    s = loop.run()
+    lora = sum(v.numel() for k, v in loop.global_state.items() if "lora_" in k)
+    head = sum(v.numel() for k, v in loop.global_state.items() if k.startswith("head."))
+    sent = head + (lora // 2 if mode == "ffa" else lora)  # ffa: A [r, in] and B [out, r] same size here
+    assert s["update_bytes"] >= 4 * sent and s["update_bytes"] < 4 * sent + 2048  # + safetensors header
+    assert s["payload_fraction"] == pytest.approx(s["update_bytes"] / s["model_bytes"])
+    assert s["bytes_device_edge"] > 0 and s["bytes_edge_cloud"] > 0 and s["bytes_device_cloud"] == 0
+
+
+def test_fedavg2_sends_over_both_tiers_and_product_merge_runs():
+    s, _ = _loop(_cfg("fedavg2", rounds=1))
+    out = s.run()
+    # Relayed: each device message crosses its access link and the edge's WAN link.
+    assert out["bytes_edge_cloud"] == out["bytes_device_edge"] > 0
+    p, _ = _loop(_cfg("hierfavg", mode="product", rounds=1))
+    assert p.run()["lora_mode"] == "product/svd"
+
+
+@pytest.mark.parametrize("policy", ["hierfavg", "autonomous"])
+def test_resume_gives_the_same_result(tmp_path, policy):
+    torch.set_num_threads(1)
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    full = finetune(_cfg(policy, rounds=4), RunDir.create(full_dir), LocalEngine())
+    finetune(_cfg(policy, rounds=2), RunDir.create(part_dir), LocalEngine())  # "interrupted" after 2
+    resumed = finetune(_cfg(policy, rounds=4), RunDir.create(part_dir, resume=True), LocalEngine(), resume=True)
+    assert [r["accuracy"] for r in resumed.history] == [r["accuracy"] for r in full.history]
+    assert [r["t"] for r in resumed.history] == [r["t"] for r in full.history]
+    for k, v in full.state.items():
+        assert torch.equal(v, resumed.state[k]), k
+    rows = [r for r in RunDir(part_dir).read_metrics() if r.get("stage") == "finetune"]
+    assert [r["round"] for r in rows] == [r["round"] for r in full.history]

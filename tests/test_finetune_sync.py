@@ -1,0 +1,115 @@
+"""Sync policies' decisions on constructed situations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cloudedge.errors import InputError
+from cloudedge.finetune.sync import (
+    AdaptiveInterval,
+    Autonomous,
+    DeviceObs,
+    DeviceStats,
+    EdgeObs,
+    EdgeRoundStats,
+    HierFAVG,
+    Tempo,
+    make_policy,
+    wang_tau,
+)
+
+
+def _edge(edge_id="edge0", rounds=1, divergence=1.0, drift=0.0, round_s=1.0, sync_s=1.0, devices=()):
+    return EdgeObs(edge_id, rounds, divergence, drift, round_s, sync_s, 0.0, 0.0, tuple(devices))
+
+
+def test_autonomous_slow_device_does_fewer_steps():
+    pol = Autonomous(k1=5, max_steps=50)
+    fast = DeviceObs("fast", sec_per_step=0.01, comm_s=0.1, n_samples=50)
+    slow = DeviceObs("slow", sec_per_step=0.1, comm_s=0.1, n_samples=50)
+    mid = DeviceObs("mid", sec_per_step=0.05, comm_s=0.1, n_samples=50)
+    deadline = pol.deadline(_edge(devices=[fast, slow, mid]))
+    assert deadline == pytest.approx((0.1 + 5 * 0.05) / 0.9)  # the median device's k1-step time
+    n_fast, n_slow = pol.device_steps("edge0", fast, deadline), pol.device_steps("edge0", slow, deadline)
+    assert 0 < n_slow < pol.device_steps("edge0", mid, deadline) == 5 < n_fast
+    for d in (fast, slow, mid):  # everyone fits the deadline
+        assert pol.device_steps("edge0", d, deadline) * d.sec_per_step + d.comm_s <= deadline
+    assert n_fast == math.floor(0.9 * (deadline - 0.1) / 0.01)
+    hopeless = DeviceObs("hopeless", sec_per_step=10.0, comm_s=0.1, n_samples=50)
+    assert pol.device_steps("edge0", hopeless, deadline) == 0  # sits out rather than straggles
+
+
+def test_autonomous_drifting_edge_syncs_sooner():
+    pol = Autonomous(k2_max=20)
+    pol.on_cloud_sync({"e0": _edge("e0", rounds=1, divergence=1.0), "e1": _edge("e1", rounds=1, divergence=1.0)})
+    calm = _edge("e0", rounds=1, divergence=0.2, sync_s=4.0)
+    drifting = _edge("e1", rounds=1, divergence=5.0, sync_s=4.0)
+    assert pol.edge_k2(drifting) < pol.edge_k2(calm)
+    # Costlier links make an edge sync less often.
+    assert pol.edge_k2(_edge("e0", divergence=1.0, sync_s=16.0)) > pol.edge_k2(_edge("e0", divergence=1.0, sync_s=1.0))
+    # More device drift (non-IID devices) syncs sooner.
+    assert pol.edge_k2(_edge("e0", divergence=1.0, sync_s=16.0, drift=3.0)) < \
+        pol.edge_k2(_edge("e0", divergence=1.0, sync_s=16.0, drift=0.0))
+
+
+def test_autonomous_budget_floor():
+    pol = Autonomous(k2_max=50, sync_budget_bytes=1000.0, sync_bytes=100.0, time_budget_s=100.0)
+    # 10 syncs allowed over 100 rounds of 1 s: at least 10 rounds between syncs.
+    assert pol.edge_k2(_edge(divergence=100.0, sync_s=0.01)) == 10
+
+
+def test_hierfavg_fixed_and_deadline():
+    pol = HierFAVG(k1=4, k2=3, deadline_factor=2.0)
+    devs = [DeviceObs(f"d{i}", s, 0.0, 10) for i, s in enumerate((0.1, 0.2, 1.0))]
+    assert pol.device_steps("e", devs[2], None) == 4
+    assert pol.deadline(_edge(devices=devs)) == pytest.approx(2.0 * 4 * 0.2)
+    assert not pol.should_sync(_edge(rounds=2)) and pol.should_sync(_edge(rounds=3))
+    assert HierFAVG(deadline_factor=None).deadline(_edge(devices=devs)) is None
+
+
+def test_tempo_more_divergent_edge_gets_fewer_rounds():
+    pol = Tempo(k2=4)
+    reports = {e: EdgeObs(e, 4, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, layer_divergence=d)
+               for e, d in (("e0", 1.0), ("e1", 1.0), ("e2", 10.0))}
+    pol.on_cloud_sync(reports)
+    assert pol.k2_of["e2"] < pol.k2_of["e0"]
+    assert pol.should_sync(_edge("e2", rounds=pol.k2_of["e2"]))
+    state = pol.state_dict()
+    other = Tempo(k2=4)
+    other.load_state_dict(state)
+    assert other.k2_of == pol.k2_of
+
+
+def test_wang_tau_hand_case():
+    # No divergence (delta = 0 -> h = 0): gap = 1/(T eta phi) falls as T grows, and T grows with
+    # tau when aggregation is costly (b >> c): the longest allowed interval wins.
+    assert wang_tau(beta=1.0, rho=1.0, delta=0.0, eta=0.1, phi=0.025, c=0.01, b=1.0, remaining_s=100.0,
+                    tau_prev=5) == 50
+    # Large divergence: h grows exponentially in tau, so short intervals win.
+    tau = wang_tau(beta=10.0, rho=10.0, delta=10.0, eta=0.1, phi=0.025, c=0.01, b=1.0, remaining_s=100.0,
+                   tau_prev=5)
+    assert 1 <= tau < 10
+    # Brute force of the formula for that case.
+    def gap(t):
+        h = max(0.0, 10 / 10 * ((0.1 * 10 + 1) ** t - 1) - 0.1 * 10 * t)
+        big_t = (100 - 0.01 - 1) * t / (0.01 * t + 1)
+        return (1 + math.sqrt(1 + 4 * big_t**2 * 0.025 * 10 * 0.1 * h / t)) / (2 * big_t * 0.1 * 0.025) + 10 * h
+    assert tau == min(range(1, 51), key=gap)
+    # Budget spent: keep the previous interval.
+    assert wang_tau(beta=1, rho=1, delta=1, eta=0.1, phi=0.025, c=1, b=1, remaining_s=1.0, tau_prev=7) == 7
+
+
+def test_adaptive_interval_updates_tau_from_device_stats():
+    pol = AdaptiveInterval(k1=5, lr=0.1, time_budget_s=100.0)
+    same = torch.ones(4)
+    stats = [DeviceStats(10, same, 0.0, 0.0, 1.0), DeviceStats(10, same, 0.0, 0.0, 1.0)]
+    pol.on_edge_round("e0", EdgeRoundStats(local_step_s=0.01, agg_s=1.0, devices=stats, now=0.0))
+    assert pol.device_steps("e0", DeviceObs("d", 0.01, 0.0, 10), None) == 50  # no divergence: 10x tau_prev
+
+
+def test_make_policy_unknown_name():
+    with pytest.raises(InputError, match="finetune.sync: unknown policy 'nope'"):
+        make_policy("nope")
