@@ -40,6 +40,9 @@ def _load(config: Path, engine: str | None, address: str | None):
         cfg.engine.kind = engine
     if address is not None:
         cfg.engine.address = address
+    from cloudedge.engine import configure_threads
+
+    configure_threads(cfg.engine.threads)
     return cfg
 
 

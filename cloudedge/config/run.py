@@ -18,6 +18,9 @@ from cloudedge.config.pretrain import PretrainConfig
 class EngineConfig(StrictModel):
     kind: Literal["local", "ray"] = "local"
     address: str | None = Field(default=None, description="ray: 'auto' or HOST:PORT; none starts a local Ray")
+    threads: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="torch threads per process; default: 1 on machines with 2 or fewer cores, else torch's own")
 
 
 class RunConfig(StrictModel):

@@ -100,6 +100,9 @@ def gpt_config(cfg: ModelConfig, *, vocab_size: int = BYTE_VOCAB_SIZE) -> GPT2Co
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
+        # The same tanh approximation as GPT-2's "gelu_new", as one fused kernel instead of several
+        # Python-level ops (measured: the largest elementwise cost of a CPU training step).
+        activation_function="gelu_pytorch_tanh",
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,

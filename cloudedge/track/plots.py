@@ -11,17 +11,32 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
-QUALITY_KEYS = ("val_loss", "acc", "test_acc", "ood_acc")
+QUALITY_KEYS = ("val_loss", "accuracy", "acc", "test_acc", "ood_acc")
 X_AXES = (("time_s", "virtual time (s)"), ("bytes_total", "bytes moved"))
+# Stages name the same quantity differently in their rows; each canonical x-axis reads the first present.
+X_ALIASES = {"time_s": ("time_s", "virtual_time_s", "t"),
+             "bytes_total": ("bytes_total", ("bytes_device_edge", "bytes_edge_cloud", "bytes_device_cloud"))}
+
+
+def _x_value(row: dict[str, Any], x: str) -> float | None:
+    for alias in X_ALIASES.get(x, (x,)):
+        if isinstance(alias, tuple):
+            parts = [row.get(a) for a in alias]
+            if any(p is not None for p in parts):
+                return float(sum(p for p in parts if p is not None))
+        elif row.get(alias) is not None:
+            return float(row[alias])
+    return None
 
 
 def _series(rows: list[dict[str, Any]], x: str, y: str) -> dict[str, tuple[list[float], list[float]]]:
     by_method: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     for r in rows:
-        if r.get(x) is None or r.get(y) is None or "shift" in r:
+        xv = _x_value(r, x)
+        if xv is None or r.get(y) is None or "shift" in r:
             continue
         xs, ys = by_method[str(r.get("method", "run"))]
-        xs.append(float(r[x]))
+        xs.append(xv)
         ys.append(float(r[y]))
     return dict(by_method)
 
