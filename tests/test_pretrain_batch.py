@@ -159,3 +159,21 @@ def test_get_controller_rejects_unknown_names_and_arguments() -> None:
         get_controller("fastest", 8)
     with pytest.raises(InputError, match="controller_args: 'deadband'"):
         get_controller("proportional", 8, deadband=0.2)
+
+
+def test_data_floor_keeps_every_shard_in_the_objective():
+    from cloudedge.pretrain.batch import ProportionalController, fill_with_floor, finish_together
+
+    # A fast worker with no overhead would take the whole batch from slow workers with latency.
+    rate, overhead = {"fast": 1000.0, "slow": 10.0}, {"fast": 0.0, "slow": 1.0}
+    assert finish_together(100.0, rate, overhead)["slow"] == 0.0
+    floored = fill_with_floor(100.0, rate, overhead, {"fast": 25.0, "slow": 25.0})
+    assert abs(sum(floored.values()) - 100.0) < 1e-6 and floored["slow"] >= 25.0 - 1e-9
+    assert fill_with_floor(100.0, rate, overhead, {"fast": 0.0, "slow": 0.0}) == pytest.approx(
+        finish_together(100.0, rate, overhead), abs=1e-4)
+    ctl = ProportionalController(global_batch=100, data_floor=0.5)
+    infos = [WorkerInfo("fast", 1e12, 1000, samples=300), WorkerInfo("slow", 1e9, 1000, samples=100)]
+    plan = ctl.plan(0, infos)
+    assert plan.global_batch == 100 and plan.batches["slow"] >= int(0.5 * 100 * 100 / 400)
+    no_floor = ProportionalController(global_batch=100, data_floor=0.0).plan(0, infos)
+    assert no_floor.batches.get("slow", 0) < plan.batches["slow"]

@@ -34,6 +34,7 @@ class WorkerInfo:
     flops: float  # profile FLOP/s: the prior for throughput before anything was measured
     max_batch: int  # largest batch that fits in memory at once (more means gradient accumulation)
     available: bool = True
+    samples: int | None = None  # size of the worker's data shard (None: unknown, no data floor)
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,30 @@ class ThroughputTracker:
         return rate, overhead
 
 
+def fill_with_floor(total: float, rate: dict[str, float], overhead: dict[str, float],
+                    floor: dict[str, float]) -> dict[str, float]:
+    """Finish-together batches that never drop below ``floor``: b_i = max(floor_i, rate_i (T - c_i)).
+
+    T is found by bisection (the sum is monotone in T), so the batches sum to ``total``. With a zero
+    floor this equals :func:`finish_together`.
+    """
+    if sum(floor.values()) >= total:
+        scale = total / sum(floor.values()) if sum(floor.values()) > 0 else 0.0
+        return {k: floor.get(k, 0.0) * scale for k in rate}
+
+    def batches(t: float) -> dict[str, float]:
+        return {k: max(floor.get(k, 0.0), rate[k] * max(t - overhead[k], 0.0)) for k in rate}
+
+    lo, hi = 0.0, max(overhead.values(), default=0.0) + total / max(min(rate.values()), 1e-30) + 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if sum(batches(mid).values()) < total:
+            lo = mid
+        else:
+            hi = mid
+    return batches(hi)
+
+
 def cap_by_memory(batches: dict[str, float], caps: dict[str, int], total: float) -> dict[str, float]:
     """Cap each batch at its worker's memory; give the excess to uncapped workers pro rata."""
     out = dict(batches)
@@ -201,13 +226,21 @@ class ProportionalController(BatchController):
     c_i the EMA of fixed per-round overhead; b_i <= max_batch_i (excess goes to uncapped workers);
     integers by largest remainder. Dead band: a worker keeps its previous batch unless the new one
     differs by more than ``dead_band`` (relative), so measurement noise does not make batches hop.
+
+    Data floor: data never moves, so a worker whose batch falls to zero silently drops its data from
+    the objective (the union-batch gradient then covers only fast workers' shards). With
+    ``data_floor`` f > 0 and shard sizes known, every available worker gets at least
+    f * B * n_i / sum_j n_j samples per step and the rest is water-filled as above.
     """
 
     name = "proportional"
 
     def __init__(self, global_batch: int, min_batch: int = 1, dead_band: float = 0.1,
-                 smoothing: float = 0.5, memory_cap: bool = True, **kw: Any):
+                 smoothing: float = 0.5, memory_cap: bool = True, data_floor: float = 0.5, **kw: Any):
         super().__init__(global_batch, min_batch, **kw)
+        if not 0.0 <= float(data_floor) <= 1.0:
+            raise InputError(f"pretrain.controller_args.data_floor: must be in [0, 1], got {data_floor}")
+        self.data_floor = float(data_floor)
         self.dead_band = float(dead_band)
         self.memory_cap = bool(memory_cap)
         self.tracker = ThroughputTracker(smoothing)
@@ -217,7 +250,12 @@ class ProportionalController(BatchController):
         """The finish-together split of ``total`` over available ``workers`` (no dead band)."""
         avail = [w for w in workers if w.available]
         rate, overhead = self.tracker.estimates(avail)
-        real = finish_together(float(total), rate, overhead)
+        n_total = sum(w.samples or 0 for w in avail)
+        if self.data_floor > 0 and n_total > 0 and all(w.samples is not None for w in avail):
+            floor = {w.worker_id: self.data_floor * total * w.samples / n_total for w in avail}
+            real = fill_with_floor(float(total), rate, overhead, floor)
+        else:
+            real = finish_together(float(total), rate, overhead)
         if self.memory_cap:
             real = cap_by_memory(real, {w.worker_id: w.max_batch for w in avail}, float(total))
         total_now = min(total, int(round(sum(real.values())))) if real else total
