@@ -41,6 +41,60 @@ class SyncSection(StrictModel):
     phi: float = Field(default=0.025, gt=0, description="adaptive-interval: Wang's control parameter")
 
 
+class GateSection(StrictModel):
+    """The update gate every device and edge update passes (cloudedge.robust.UpdateGate)."""
+
+    norm_rule: Literal["mad", "ratio", "none"] = Field(
+        default="mad", description="outlying-norm rule over a round's norms per local step; none: structure only")
+    max_norm_ratio: float = Field(default=5.0, gt=0, description="k of the norm rule")
+    max_norm: float | None = Field(default=None, gt=0, description="absolute cap on an update's L2 norm")
+    min_updates: int = Field(default=3, ge=3, description="fewest updates for the norm rule to apply")
+    mad_floor: float = Field(default=0.1, ge=0, description="MAD floor as a share of the median (bound >= 1.5 x median at k = 5)")
+
+
+class RobustSection(StrictModel):
+    """Robust aggregation of device updates at the edge and edge updates at the cloud
+    (docs/reliability.md, "Reliability in fine-tuning")."""
+
+    aggregator: Literal["mean", "trimmed_mean", "median", "krum", "multi_krum"] = Field(
+        default="mean", description="at the edge, over its devices' updates")
+    cloud_aggregator: Literal["mean", "trimmed_mean", "median", "krum", "multi_krum"] | None = Field(
+        default=None, description="at the cloud, over edge updates (barrier policies); null: same as aggregator")
+    beta: float = Field(default=0.1, ge=0, lt=0.5, description="trimmed_mean: share trimmed at each end")
+    n_byzantine: int = Field(default=1, ge=0, description="krum, multi_krum: f, the attackers tolerated")
+    m: int | None = Field(default=None, ge=1, description="multi_krum: updates averaged; null: n - f")
+    gate: GateSection = Field(default_factory=GateSection)
+
+
+class AttackSection(StrictModel):
+    """Simulated hostile devices, for experiments only (cloudedge.attacks)."""
+
+    kind: Literal["signflip", "scaled", "random", "nan"]
+    fraction: float = Field(default=0.2, ge=0, le=1, description="share of all devices that attack")
+    scale: float | None = Field(default=None, gt=0, description="signflip (1), scaled (10)")
+    std: float | None = Field(default=None, gt=0, description="random: entry std; null: the honest norm")
+    seed: int = Field(default=0, ge=0, description="which devices attack")
+
+
+class ChurnSection(StrictModel):
+    """Devices that drop out mid-round or come back with a stale model (docs/reliability.md)."""
+
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="chance a device that started a round drops out")
+    stale_prob: float = Field(default=0.0, ge=0, le=1,
+                              description="chance an available device trains from its cached (old) model")
+    max_staleness: int = Field(default=4, ge=0, description="stale updates older than this (edge rounds) are rejected")
+    stale_decay: float = Field(default=0.5, ge=0, description="weight of an update s rounds stale: (1 + s)^-decay")
+
+
+class PrivacySection(StrictModel):
+    """Differential privacy of device updates: DP-FedAvg at the edge (cloudedge.privacy)."""
+
+    clip_norm: float = Field(gt=0, description="S: every device update is clipped to this L2 norm")
+    noise_multiplier: float = Field(gt=0, description="z: noise std = z S on the sum")
+    mode: Literal["central", "local"] = "central"
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="the delta of the reported (epsilon, delta)")
+
+
 class FinetuneConfig(StrictModel):
     data: DataConfig | None = None
     model: ModelConfig | None = None
@@ -62,6 +116,12 @@ class FinetuneConfig(StrictModel):
     target_accuracy: float | None = Field(default=None, gt=0, le=1, description="for time_to_target_s")
     eval_max: int | None = Field(default=None, ge=1, description="test samples used per evaluation")
     checkpoint_every: int = Field(default=1, ge=1, description="cloud updates between checkpoints")
+    robust: RobustSection = Field(default_factory=RobustSection)
+    attack: AttackSection | None = Field(default=None, description="simulated attackers (experiments only)")
+    churn: ChurnSection = Field(default_factory=ChurnSection)
+    privacy: PrivacySection | None = None
+    memory_fraction: float = Field(default=0.5, gt=0, le=1,
+                                   description="share of a device's memory fine-tuning may use")
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
@@ -69,4 +129,15 @@ class FinetuneConfig(StrictModel):
             raise ValueError("lora.mode 'product' needs server_optimizer 'fedavg' (adapters are refactored)")
         if self.sync.min_steps > self.sync.max_steps:
             raise ValueError("sync.min_steps must be <= sync.max_steps")
+        if self.lora.mode == "product":
+            # product modes refactor the adapters, so per-tensor medians/trims and noise on the factors
+            # have no meaning there (docs/reliability.md).
+            for name, agg in (("aggregator", self.robust.aggregator), ("cloud_aggregator", self.robust.cloud_aggregator)):
+                if agg not in (None, "mean"):
+                    raise ValueError(f"robust.{name} '{agg}' needs lora.mode 'fedavg' or 'ffa' (got 'product')")
+            if self.privacy is not None:
+                raise ValueError("privacy needs lora.mode 'fedavg' or 'ffa' (got 'product')")
+        if self.privacy is not None and self.privacy.mode == "central" and self.robust.aggregator != "mean":
+            raise ValueError("robust.aggregator must be 'mean' with central privacy (DP-FedAvg's noise is "
+                             "calibrated to a clipped sum); use privacy.mode 'local' for robust aggregation")
         return self

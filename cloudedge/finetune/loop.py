@@ -9,7 +9,9 @@ One cloud update, read top to bottom:
    send their update back. A device whose update would arrive after the edge round's deadline is
    a straggler: it is cancelled at the deadline, its energy up to then is charged, its update is
    dropped, and the edge waits until the deadline (it cannot know the update is not coming).
-   The edge averages the updates it got (weights: samples) with the LoRA aggregation mode.
+   The edge averages the updates it got (weights: samples) with the LoRA aggregation mode, after
+   every update passed the update gate (and, as configured, a robust aggregator, churn's staleness
+   rule and DP-FedAvg: docs/reliability.md, "Reliability in fine-tuning").
 3. The edge sends its state to the cloud. With a ``barrier`` policy the cloud waits for every edge
    and averages them (weights: the edges' samples); otherwise (autonomous) it merges each edge
    when it arrives: ``global += w_e (edge - pulled)``. The server optimizer turns the result into
@@ -33,8 +35,10 @@ import numpy as np
 import torch
 
 from cloudedge.aggregate import FedAdam, FedAvg, FedAvgM, FedYogi, ServerOptimizer
+from cloudedge.attacks import apply_attack, choose_attackers
 from cloudedge.comm import compress
 from cloudedge.engine import Engine, Task, WorkerSpec
+from cloudedge.errors import InputError
 from cloudedge.finetune.lora import (
     A_SUFFIX,
     BASE_DELTA_SUFFIX,
@@ -43,6 +47,14 @@ from cloudedge.finetune.lora import (
     sent_keys,
     state_distance,
     with_base_deltas,
+)
+from cloudedge.finetune.reliability import (
+    PrivacyLedger,
+    UpdateGuard,
+    check_memory,
+    memory_need,
+    robust_delta,
+    stale_weight,
 )
 from cloudedge.finetune.sync import DeviceObs, DeviceStats, EdgeObs, EdgeRoundStats, SyncPolicy, make_policy
 from cloudedge.finetune.workers import FinetuneWorker
@@ -84,11 +96,36 @@ class FinetuneSettings:
     eval_max: int | None = None
     checkpoint_every: int = 1
     seed: int = 0
+    # Reliability (docs/reliability.md, "Reliability in fine-tuning"): the `finetune.robust`,
+    # `attack`, `churn` and `privacy` sections as plain dicts ({} / None: defaults / off).
+    robust: dict[str, Any] = field(default_factory=dict)
+    attack: dict[str, Any] | None = None
+    churn: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
+    memory_fraction: float = 0.5
+
+_ROBUST_DEFAULTS: dict[str, Any] = {"aggregator": "mean", "cloud_aggregator": None, "beta": 0.1, "n_byzantine": 1,
+                                    "m": None, "gate": {}}
+_CHURN_DEFAULTS: dict[str, Any] = {"dropout": 0.0, "stale_prob": 0.0, "max_staleness": 4, "stale_decay": 0.5}
+_COUNTS = ("timed_out", "dropped", "stale", "rejected")
+_MAX_REJECTED_LISTED = 20  # per metric row; the count is always exact
 
 
 def server_optimizer(name: str, lr: float) -> ServerOptimizer:
     cls = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}[name]
     return cls(lr=lr)
+
+
+@dataclass
+class _Planned:
+    """A device that set out on this edge round and will deliver (unless it is rejected)."""
+
+    dev: Node
+    steps: int
+    flops: float
+    begin: float
+    start: Tensors  # the model it trains from (the edge's, or its stale cached copy)
+    staleness: int  # edge rounds its model is behind (0: this round's)
 
 
 @dataclass
@@ -139,8 +176,121 @@ class HierFinetune:
         self.cloud_round = 0
         self.t_cloud = 0.0
         self.pending: list[_Pending] = []
-        self.dropped_total = 0  # straggler updates dropped at a deadline
+        self.dropped_total = 0  # updates that never arrived: timed out at a deadline or dropped out
         self.device_steps_total = 0  # local steps whose updates were aggregated
+        self._init_reliability()
+
+    # --- reliability (docs/reliability.md) -----------------------------------------------------
+
+    def _init_reliability(self) -> None:
+        """Gate, aggregators, attackers, churn, DP; and the memory check, before any work starts."""
+        s = self.s
+        extra = sum(v.numel() * v.element_size() for k, v in self.global_state.items() if k.endswith(BASE_DELTA_SUFFIX))
+        self.memory_need = memory_need(self.info, s.optimizer, extra)
+        check_memory(self.fleet.devices, self.memory_need, s.memory_fraction, s.batch_size)
+        self.robust = {**_ROBUST_DEFAULTS, **s.robust}
+        self.edge_aggregator = self.robust["aggregator"]
+        self.cloud_aggregator = self.robust["cloud_aggregator"] or self.edge_aggregator
+        if s.lora_mode == "product" and {self.edge_aggregator, self.cloud_aggregator} != {"mean"}:
+            raise InputError("finetune.robust.aggregator: robust aggregators need lora.mode 'fedavg' or 'ffa' "
+                             "(product mode refactors the adapters)")
+        sent = sent_keys(list(self.global_state), s.lora_mode)
+        merged = s.lora_mode == "product" and s.refactor == "merge"
+        self.cloud_keys = list(self.global_state) if merged else sent
+        self.device_guard = UpdateGuard({k: self.global_state[k] for k in sent}, self.robust["gate"],
+                                        dp=s.privacy is not None)
+        self.cloud_guard = UpdateGuard({k: self.global_state[k] for k in self.cloud_keys}, self.robust["gate"])
+        self.churn = {**_CHURN_DEFAULTS, **s.churn}
+        self.churn_rng = np.random.default_rng(s.seed + 15_485_863)
+        self.attack_opts: dict[str, Any] | None = None
+        self.attackers: list[str] = []
+        if s.attack is not None:
+            a = s.attack
+            self.attack_opts = {"kind": a["kind"], **{k: a[k] for k in ("scale", "std") if a.get(k) is not None}}
+            apply_attack(a["kind"], {"x": torch.ones(1)}, seed=0,  # options checked now, not mid-run
+                         **{k: v for k, v in self.attack_opts.items() if k != "kind"})
+            self.attackers = [str(d) for d in choose_attackers([d.id for d in self.fleet.devices],
+                                                               float(a.get("fraction", 0.2)), int(a.get("seed", 0)))]
+        self.dp = None if s.privacy is None else {"mode": "central", "delta": 1e-5, **s.privacy}
+        self.privacy: PrivacyLedger | None = None
+        self.dp_expected: dict[str, float] = {}
+        if self.dp is not None:
+            from cloudedge.privacy import DPFedAvg
+
+            self.dp_mech = DPFedAvg(self.dp["clip_norm"], self.dp["noise_multiplier"], self.dp["mode"])
+            rates = {}
+            for agg_id, devs in self._aggregation_points().items():
+                avail = [s.participation * d.profile.availability for d in devs]
+                # The fixed denominator of DP-FedAvg: the expected number of participants. The sampling
+                # rate is the most available device's (its epsilon is the largest), conservatively.
+                self.dp_expected[agg_id] = max(1.0, sum(avail))
+                q = 1.0 if self.dp["mode"] == "local" else min(1.0, max(avail, default=0.0))
+                if q > 0:
+                    rates[agg_id] = q
+            self.privacy = PrivacyLedger(self.dp["noise_multiplier"], rates, self.dp["delta"])
+        self.agg_rounds: dict[str, int] = {}  # edge rounds run by each aggregation point (model version)
+        self.device_cache: dict[str, tuple[int, Tensors]] = {}  # last model each device received (churn)
+        self.counts = dict.fromkeys(_COUNTS, 0)  # since the last metric row
+        self.totals = dict.fromkeys(_COUNTS, 0)
+        self.rejected_log: list[dict[str, str]] = []  # since the last metric row
+
+    def _aggregation_points(self) -> dict[str, list[Node]]:
+        """Who aggregates device updates: each edge, or the cloud for two-tier policies."""
+        if self.policy.two_tier:
+            return {CLOUD: list(self.fleet.devices)}
+        return {e.id: self.fleet.devices_of(e.id) for e in self.fleet.edges}
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.counts[key] += n
+        self.totals[key] += n
+
+    def _reject(self, at: str, rejected: dict[Any, str]) -> None:
+        self._count("rejected", len(rejected))
+        for cid, reason in rejected.items():
+            self.rejected_log.append({"at": at, "from": str(cid), "reason": reason})
+
+    def _start_state(self, dev_id: str, received: Tensors, version: int) -> tuple[Tensors, int]:
+        """The model a device trains from, and how many edge rounds it is behind.
+
+        With ``churn.stale_prob``, a device holding an older model than this round's misses the
+        broadcast with that chance (e.g. it just came back) and trains from its cached copy."""
+        if self.churn["stale_prob"] <= 0:
+            return received, 0
+        cached = self.device_cache.get(dev_id)
+        if cached is not None and cached[0] < version and self.churn_rng.random() < self.churn["stale_prob"]:
+            return cached[1], version - cached[0]
+        self.device_cache[dev_id] = (version, received)
+        return received, 0
+
+    def _stale_reason(self, staleness: int) -> str | None:
+        if staleness > self.churn["max_staleness"]:
+            return (f"stale: trained from a model {staleness} edge rounds old > churn.max_staleness "
+                    f"{self.churn['max_staleness']}")
+        if staleness > 0 and self.s.lora_mode == "product":
+            return "stale: product mode refactors the adapters every round, so an older update does not apply"
+        return None
+
+    def _dp_seed(self, agg_id: str, version: int) -> int:
+        return (self.s.seed * 1_000_033 + _stable_index(agg_id) * 104_729 + version) % (2**31)
+
+    def _aggregate_devices(self, agg_id: str, version: int, state: Tensors, received: Tensors,
+                           accepted: dict[str, Tensors], weights: dict[str, float]) -> Tensors:
+        """The aggregation point's next state from the accepted device updates (deltas from ``received``)."""
+        if not accepted:
+            return dict(state)
+        ids = list(accepted)
+        if self.dp is not None and (self.dp["mode"] == "central" or self.edge_aggregator == "mean"):
+            gen = torch.Generator().manual_seed(self._dp_seed(agg_id, version))
+            mean, _ = self.dp_mech.aggregate([accepted[i] for i in ids], gen, self.dp_expected.get(agg_id))
+            return _plus(received, mean)
+        if self.edge_aggregator == "mean":
+            total = sum(weights[i] for i in ids)
+            return aggregate_lora([_plus(received, accepted[i]) for i in ids], [weights[i] / total for i in ids],
+                                  self.s.lora_mode, scaling=self.scaling, refactor=self.s.refactor,
+                                  reinit_seed=self._next_reinit_seed())
+        out = robust_delta(self.device_guard, accepted, weights, self.edge_aggregator, self.robust)
+        assert out.delta is not None
+        return _plus(received, out.delta)
 
     # --- sizes ---------------------------------------------------------------------------------
 
@@ -193,7 +343,8 @@ class HierFinetune:
     def edge_round(self, agg_id: str, devices: list[Node], state: Tensors, t0: float) -> tuple[Tensors, float, dict]:
         """One round of ``agg_id`` with its ``devices`` from ``state`` at time ``t0``.
 
-        Returns the aggregated state, when the round ends, and what was observed.
+        Returns the aggregated state, when the round ends, and what was observed. Updates that
+        arrive pass the update gate (and the staleness rule) before they are aggregated.
         """
         agg = self.fleet.nodes[agg_id]
         avail = available_nodes(devices, self.rng)
@@ -201,6 +352,8 @@ class HierFinetune:
             k = max(1, round(self.s.participation * len(avail)))
             pick = sorted(self.rng.choice(len(avail), size=k, replace=False).tolist())
             avail = [avail[i] for i in pick]
+        version = self.agg_rounds.get(agg_id, 0)
+        self.agg_rounds[agg_id] = version + 1
         received, down_bytes = self._send_state(state)
         up_bytes = self.update_bytes()
         obs_all = tuple(self._device_obs(agg, d, down_bytes, up_bytes) for d in devices)
@@ -209,70 +362,95 @@ class HierFinetune:
                                                 0.0, 0.0, 0.0, obs_all, t0))
         t_deadline = math.inf if deadline is None else t0 + deadline
         extra = self.step_flops if self.policy.needs_grad_stats else 0.0
-        accepted, dropped, energy0 = [], [], sum(self.clock.energy_j[d.id] for d in devices)
+        planned: list[_Planned] = []
+        timed_out, dropped_out = [], []
+        energy0 = sum(self.clock.energy_j[d.id] for d in devices)
         for dev in avail:
             steps = self.policy.device_steps(agg_id, obs_of[dev.id], deadline)
             if steps <= 0:
                 continue  # the device knows it cannot make the deadline: it sits out, spends nothing
-            t_recv = self._transfer(agg_id, dev.id, down_bytes, start=t0)
+            start, staleness = self._start_state(dev.id, received, version)
+            # A stale device missed this round's model: it receives nothing and starts at once.
+            t_recv = self._transfer(agg_id, dev.id, down_bytes, start=t0) if staleness == 0 else t0
             flops = steps * self.step_flops + extra
             begin = max(t_recv, self.clock.busy_until[dev.id])
             end = begin + flops / dev.profile.flops
-            if end + self._link_s(dev, agg, up_bytes) > t_deadline:
+            if self.churn["dropout"] > 0 and self.churn_rng.random() < self.churn["dropout"]:
+                # It starts, then goes away (battery, network, user): the work it did is charged and
+                # its update never arrives. The edge cannot tell and waits until the deadline.
+                self.clock.compute(dev.id, float(self.churn_rng.random()) * flops, start=begin)
+                dropped_out.append(dev.id)
+            elif end + self._link_s(dev, agg, up_bytes) > t_deadline:
                 done = max(0.0, t_deadline - begin) * dev.profile.flops
                 self.clock.compute(dev.id, min(flops, done), start=begin)
-                dropped.append(dev.id)
+                timed_out.append(dev.id)
             else:
-                accepted.append((dev, steps, flops, begin))
+                planned.append(_Planned(dev, steps, flops, begin, start, staleness))
         tasks = []
-        for dev, steps, _, _ in accepted:
-            n = self.train_count.get(dev.id, 0)
-            self.train_count[dev.id] = n + 1
-            seed = (self.s.seed * 1_000_003 + _stable_index(dev.id) * 7_919 + n) % (2**31)
-            tasks.append(Task(dev.id, "train", dict(state=received, steps=steps, seed=seed,
-                                                    stats=self.policy.needs_grad_stats)))
+        for p in planned:
+            n = self.train_count.get(p.dev.id, 0)
+            self.train_count[p.dev.id] = n + 1
+            seed = (self.s.seed * 1_000_003 + _stable_index(p.dev.id) * 7_919 + n) % (2**31)
+            kw: dict[str, Any] = dict(state=p.start, steps=p.steps, seed=seed, stats=self.policy.needs_grad_stats)
+            if p.dev.id in self.attackers:
+                kw["attack"] = dict(self.attack_opts or {})
+            elif self.dp is not None:
+                kw["dp"] = {k: self.dp[k] for k in ("clip_norm", "noise_multiplier", "mode")}
+            tasks.append(Task(p.dev.id, "train", kw))
         results = self.engine.run(tasks)
-        states, weights, updates, stats, arrivals, step_s, comm_s = [], [], [], [], [], [], []
-        for (dev, steps, flops, begin), res in zip(accepted, results, strict=True):
-            t_done = self.clock.compute(dev.id, flops, start=begin)
+        incoming: dict[str, Tensors] = {}
+        work, weight, stats_of, steps_of = {}, {}, {}, {}
+        rejected: dict[str, str] = {}
+        arrivals, step_s, comm_s = [], [], []
+        for p, res in zip(planned, results, strict=True):
+            dev = p.dev
+            t_done = self.clock.compute(dev.id, p.flops, start=p.begin)
             got, nbytes = self._ship(res["update"])
             arrivals.append(self._transfer(dev.id, agg_id, nbytes, start=t_done))
-            measured = (t_done - begin) / max(1.0, steps + extra / self.step_flops)
+            measured = (t_done - p.begin) / max(1.0, p.steps + extra / self.step_flops)
             self.sec_per_step[dev.id] = 0.5 * self.sec_per_step[dev.id] + 0.5 * measured
             step_s.append(measured)
             comm_s.append(obs_of[dev.id].comm_s)
-            new = dict(received)
-            for k, v in got.items():
-                new[k] = received[k] + v
-            states.append(new)
-            updates.append(got)
-            weights.append(float(res["n"]))
+            steps_of[dev.id], work[dev.id] = p.steps, float(p.steps)
+            weight[dev.id] = float(res["n"]) * stale_weight(p.staleness, self.churn["stale_decay"])
+            if p.staleness > 0:
+                self._count("stale")
+                reason = self._stale_reason(p.staleness)
+                if reason is not None:
+                    rejected[dev.id] = reason
+                    continue
+            incoming[dev.id] = got
             if "stats" in res:
                 st = res["stats"]
-                stats.append(DeviceStats(float(res["n"]), st["grad_start"], st["grad_end_diff"],
-                                         st["loss_diff"], st["step_norm"]))
+                stats_of[dev.id] = DeviceStats(float(res["n"]), st["grad_start"], st["grad_end_diff"],
+                                               st["loss_diff"], st["step_norm"])
+        gate = self.device_guard.check(incoming, work)
+        rejected.update({str(k): v for k, v in gate.rejected.items()})
+        accepted: dict[str, Tensors] = {str(k): v for k, v in gate.accepted.items()}
+        if self.privacy is not None and agg_id in self.privacy.accountants and (
+                accepted if self.dp is not None and self.dp["mode"] == "central" else planned):
+            self.privacy.step(agg_id)  # central: a noised mean was released; local: devices sent
         t_end = max(arrivals, default=t0)
-        if dropped or not accepted:
+        if timed_out or dropped_out or not planned:
             t_end = max(t_end, t_deadline if math.isfinite(t_deadline) else t0)
         if not avail and not math.isfinite(t_deadline):
             t_end = t0 + max(o.comm_s + o.sec_per_step for o in obs_all)  # nobody reachable: wait a beat
-        if states:
-            total = sum(weights)
-            new_state = aggregate_lora(states, [w / total for w in weights], self.s.lora_mode,
-                                       scaling=self.scaling, refactor=self.s.refactor,
-                                       reinit_seed=self._next_reinit_seed())
-        else:
-            new_state = dict(state)
-        drift = _update_drift(updates, weights)
+        new_state = self._aggregate_devices(agg_id, version, state, received, accepted, weight)
+        drift = _update_drift(list(accepted.values()), [weight[i] for i in accepted])
         self.edge_round_s[agg_id] = (t_end - t0 if agg_id not in self.edge_round_s
                                      else 0.5 * self.edge_round_s[agg_id] + 0.5 * (t_end - t0))
         if step_s:
             self.policy.on_edge_round(agg_id, EdgeRoundStats(
-                local_step_s=float(np.mean(step_s)), agg_s=float(np.mean(comm_s)), devices=stats, now=t_end))
-        self.dropped_total += len(dropped)
-        self.device_steps_total += sum(a[1] for a in accepted)
-        info = {"participants": len(avail), "accepted": len(accepted), "dropped": len(dropped),
-                "steps": [a[1] for a in accepted], "drift": drift, "obs": obs_all,
+                local_step_s=float(np.mean(step_s)), agg_s=float(np.mean(comm_s)),
+                devices=[stats_of[i] for i in accepted if i in stats_of], now=t_end))
+        self.dropped_total += len(timed_out) + len(dropped_out)
+        self._count("timed_out", len(timed_out))
+        self._count("dropped", len(dropped_out))
+        self._reject(agg_id, rejected)
+        self.device_steps_total += sum(steps_of[i] for i in accepted)
+        info = {"participants": len(avail), "accepted": len(accepted), "timed_out": len(timed_out),
+                "dropped": len(dropped_out), "rejected": len(rejected),
+                "steps": [steps_of[i] for i in accepted], "drift": drift, "obs": obs_all,
                 "energy_j": sum(self.clock.energy_j[d.id] for d in devices) - energy0}
         return new_state, t_end, info
 
@@ -329,8 +507,14 @@ class HierFinetune:
             "bytes_device_cloud": int(links.get(("device", "cloud"), 0)),
             "device_energy_j": sum(self.clock.energy_j[d.id] for d in self.fleet.devices),
             "dropped_total": self.dropped_total, "device_steps_total": self.device_steps_total,
+            **self.counts, "rejected_total": self.totals["rejected"],
+            "rejections": self.rejected_log[:_MAX_REJECTED_LISTED],
             **extra,
         }
+        if self.privacy is not None:
+            row["epsilon"] = self.privacy.epsilon()
+        self.counts = dict.fromkeys(_COUNTS, 0)
+        self.rejected_log = []
         self.history.append(row)
         if self.run_dir is not None:
             self.run_dir.log(stage="finetune", method=self.method, **row)
@@ -371,7 +555,7 @@ class HierFinetune:
         self._apply_server(state)
         self.t_cloud = self.clock.advance_to(t)
         self.cloud_round += 1
-        self._log(t, {"syncs": self.cloud_round, "dropped": info["dropped"], "mean_steps": _mean(info["steps"])})
+        self._log(t, {"syncs": self.cloud_round, "mean_steps": _mean(info["steps"])})
         return False
 
     def _round_barrier(self) -> bool:
@@ -389,9 +573,10 @@ class HierFinetune:
             weights.append(float(n_e))
             reports[e.id] = obs
         total = sum(weights)
-        candidate = aggregate_lora(states, [w / total for w in weights], self.s.lora_mode,
-                                   scaling=self.scaling, refactor=self.s.refactor, reinit_seed=self._next_reinit_seed())
-        self._apply_server(candidate)
+        candidate = self._aggregate_edges(pulled, list(reports), states, weights,
+                                          [float(o.rounds_done) for o in reports.values()])
+        if candidate is not None:
+            self._apply_server(candidate)
         for (e_id, obs), st, w in zip(reports.items(), states, weights, strict=True):
             layer_div = _layer_divergence(st, self.global_state) * w / total
             reports[e_id] = _with(obs, layer_divergence=layer_div)
@@ -402,11 +587,41 @@ class HierFinetune:
                                  "k2": {e: r.rounds_done for e, r in reports.items()}})
         return False
 
+    def _aggregate_edges(self, pulled: Tensors, edge_ids: list[str], states: list[Tensors], weights: list[float],
+                         rounds: list[float]) -> Tensors | None:
+        """Barrier: gate the edges' updates (norms per edge round) and aggregate the accepted ones
+        with the cloud aggregator. None when no edge update was accepted (the cloud keeps its state)."""
+        deltas = {e: {k: st[k] - pulled[k] for k in self.cloud_keys} for e, st in zip(edge_ids, states, strict=True)}
+        gate = self.cloud_guard.check(deltas, dict(zip(edge_ids, rounds, strict=True)))
+        self._reject(CLOUD, dict(gate.rejected))
+        ok = [i for i, e in enumerate(edge_ids) if e in gate.accepted]
+        if not ok:
+            return None
+        if self.cloud_aggregator == "mean":
+            total = sum(weights[i] for i in ok)
+            return aggregate_lora([states[i] for i in ok], [weights[i] / total for i in ok], self.s.lora_mode,
+                                  scaling=self.scaling, refactor=self.s.refactor, reinit_seed=self._next_reinit_seed())
+        out = robust_delta(self.cloud_guard, {edge_ids[i]: deltas[edge_ids[i]] for i in ok},
+                           {edge_ids[i]: weights[i] for i in ok}, self.cloud_aggregator, self.robust)
+        assert out.delta is not None
+        return _plus(pulled, out.delta)
+
+    def _check_edge_alone(self, edge_id: str, state: Tensors, pulled: Tensors) -> Tensors:
+        """Async: an edge's update merges on its own, so only the checks that need no other update
+        apply (structure, finiteness, ``gate.max_norm``). A rejected edge contributes nothing."""
+        delta = {k: state[k] - pulled[k] for k in self.cloud_keys}
+        reason = self.cloud_guard.gate.structural_reason(delta)
+        if reason is None:
+            return state
+        self._reject(CLOUD, {edge_id: reason})
+        return dict(pulled)
+
     def _start_period(self, edge_id: str, t: float) -> None:
         """Async: the edge pulls the global state at ``t`` and runs until it decides to sync."""
         pulled, down_bytes = self._send_state(self.global_state)
         t = self._transfer(CLOUD, edge_id, down_bytes, start=t)
         state, t_ready, obs = self.edge_period(edge_id, pulled, t)
+        state = self._check_edge_alone(edge_id, state, pulled)
         heapq.heappush(self.pending, _Pending(t_ready, edge_id, state, pulled, obs))  # type: ignore[misc]
 
     def _merge_next(self) -> bool:
@@ -416,14 +631,23 @@ class HierFinetune:
         edge_state, nbytes = self._edge_upload(item.state, item.pulled)
         t = self._transfer(item.edge_id, CLOUD, nbytes, start=item.t_ready)
         n_all = sum(self.n_samples.values())
-        w = sum(self.n_samples[d.id] for d in self.fleet.devices_of(item.edge_id)) / n_all
+        share = sum(self.n_samples[d.id] for d in self.fleet.devices_of(item.edge_id)) / n_all
+        # Staleness: merges the cloud applied since this edge pulled (it pulls right after its own
+        # merge, or at the start), read from the logged rows so that a resumed run sees the same.
+        staleness = 0
+        for row in reversed(self.history):
+            if row.get("edge") == item.edge_id:
+                break
+            staleness += "edge" in row
+        w = self.policy.merge_weight(share, staleness, len(self.fleet.edges))
         candidate = aggregate_lora([self.global_state, edge_state, item.pulled], [1.0, w, -w], self.s.lora_mode,
                                    scaling=self.scaling, refactor=self.s.refactor, reinit_seed=self._next_reinit_seed())
         self._apply_server(candidate)
         self.policy.on_cloud_sync({item.edge_id: item.obs})
         self.cloud_round += 1
         self.t_cloud = self.clock.advance_to(t)
-        self._log(t, {"syncs": self.cloud_round, "edge": item.edge_id, "k2": item.obs.rounds_done})
+        self._log(t, {"syncs": self.cloud_round, "edge": item.edge_id, "k2": item.obs.rounds_done,
+                      "staleness": staleness, "merge_weight": w})
         self._start_period(item.edge_id, t)
         return False
 
@@ -455,7 +679,23 @@ class HierFinetune:
             "trainable_params": int(self.info["trainable_params"]),
             "params": int(self.info["params"]),
             "train_step_flops": self.step_flops,
+            **self._reliability_summary(),
         }
+
+    def _reliability_summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "edge_aggregator": self.edge_aggregator, "cloud_aggregator": self.cloud_aggregator,
+            "timed_out_updates": self.totals["timed_out"], "dropped_out_updates": self.totals["dropped"],
+            "stale_updates": self.totals["stale"], "rejected_updates": self.totals["rejected"],
+            "memory_need_bytes": self.memory_need,
+            "attack": None if self.attack_opts is None else {**self.attack_opts, "attackers": self.attackers},
+            "privacy": None,
+        }
+        if self.dp is not None and self.privacy is not None:
+            out["privacy"] = {**self.dp, "epsilon": self.privacy.epsilon(), "rounds": self.privacy.rounds(),
+                              "sample_rates": {a: acc.sample_rate for a, acc in self.privacy.accountants.items()}}
+            out["epsilon"] = out["privacy"]["epsilon"]
+        return out
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -477,7 +717,15 @@ class HierFinetune:
             "policy": self.policy.state_dict(), "opt": opt_state["scalars"], "pending": pend,
             "history": self.history, "method": self.method,
             "dropped_total": self.dropped_total, "device_steps_total": self.device_steps_total,
+            "reliability": {
+                "counts": self.counts, "totals": self.totals, "rejected_log": self.rejected_log,
+                "agg_rounds": self.agg_rounds, "churn_rng": self.churn_rng.bit_generator.state,
+                "cache_versions": {d: v for d, (v, _) in self.device_cache.items()},
+                "privacy": None if self.privacy is None else self.privacy.state_dict(),
+            },
         }
+        for dev_id, (_, cached) in self.device_cache.items():
+            tensors.update({f"cache/{dev_id}/{k}": v for k, v in cached.items()})
         save_checkpoint(ckpt_dir, self.cloud_round, tensors, json.loads(json.dumps(state, default=_plain)))
 
     def _restore(self, ckpt_dir: Path) -> bool:
@@ -501,6 +749,7 @@ class HierFinetune:
         self.policy.load_state_dict(state["policy"])
         self.history = list(state["history"])
         self.dropped_total, self.device_steps_total = int(state["dropped_total"]), int(state["device_steps_total"])
+        self._restore_reliability(state["reliability"], tensors, str(ckpt_dir))
         self.pending = []
         for i, p in enumerate(state["pending"]):
             st = {k[len(f"pending/{i}/state/"):]: v for k, v in tensors.items() if k.startswith(f"pending/{i}/state/")}
@@ -515,6 +764,22 @@ class HierFinetune:
                                           or r.get("round") in rounds)
         return True
 
+    def _restore_reliability(self, rel: dict[str, Any], tensors: Tensors, source: str) -> None:
+        self.counts = {k: int(rel["counts"][k]) for k in _COUNTS}
+        self.totals = {k: int(rel["totals"][k]) for k in _COUNTS}
+        self.rejected_log = list(rel["rejected_log"])
+        self.agg_rounds = {k: int(v) for k, v in rel["agg_rounds"].items()}
+        self.churn_rng.bit_generator.state = rel["churn_rng"]
+        self.device_cache = {}
+        for dev_id, version in rel["cache_versions"].items():
+            prefix = f"cache/{dev_id}/"
+            got = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            self.device_cache[dev_id] = (int(version), {k: got[k] for k in self.global_state})
+        if self.privacy is not None:
+            if rel["privacy"] is None:
+                raise InputError(f"{source}: the checkpoint was written without privacy; it cannot resume a DP run")
+            self.privacy.load_state_dict(rel["privacy"], source)
+
     def _key_order(self) -> list[str]:
         init = self.engine.call(CLOUD, "initial_state")
         if self.s.lora_mode == "product" and self.s.refactor == "merge":
@@ -528,6 +793,11 @@ _Pending.__lt__ = lambda a, b: (a.t_ready, a.edge_id) < (b.t_ready, b.edge_id)  
 
 def _stable_index(node_id: str) -> int:
     return int.from_bytes(node_id.encode()[:8].ljust(8, b"\0"), "little") % 1_000_003 + len(node_id)
+
+
+def _plus(state: Tensors, delta: Tensors) -> Tensors:
+    """``state`` with ``delta`` added to the keys it has (the others unchanged)."""
+    return {**state, **{k: state[k] + v.to(state[k].dtype) for k, v in delta.items()}}
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -52,11 +52,15 @@ class FinetuneWorker:
         return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
                           for _, p in self._trainable()])
 
-    def train(self, state: dict[str, torch.Tensor], steps: int, seed: int, stats: bool = False) -> dict[str, Any]:
+    def train(self, state: dict[str, torch.Tensor], steps: int, seed: int, stats: bool = False,
+              dp: dict[str, Any] | None = None, attack: dict[str, Any] | None = None) -> dict[str, Any]:
         """``steps`` optimizer steps from ``state``; returns the update of the keys a device sends.
 
         With ``stats``, also Wang et al.'s estimates on the first batch: the gradient at the
         start, and the change of loss and gradient at the end (one extra forward/backward).
+        ``dp`` (``clip_norm``, ``noise_multiplier``, ``mode``): the device's side of DP-FedAvg
+        (central: clip; local: clip and add noise). ``attack`` (``kind`` and the attack's options):
+        a simulated hostile device sends ``apply_attack(kind, update)`` instead (and skips DP).
         """
         model = self.model
         assert self._slot is not None
@@ -80,8 +84,19 @@ class FinetuneWorker:
             losses.append(loss.item())
         new = adapter_state(model)
         keys = sent_keys(list(new), self.spec["mode"])
+        update = {k: new[k] - state[k] for k in keys}
+        if attack is not None:
+            from cloudedge.attacks import apply_attack
+
+            opts = {k: v for k, v in attack.items() if k != "kind"}
+            update = apply_attack(attack["kind"], update, seed=int(seed) + 2, **opts)
+        elif dp is not None:
+            from cloudedge.privacy import DPFedAvg
+
+            mech = DPFedAvg(dp["clip_norm"], dp["noise_multiplier"], dp["mode"])
+            update = mech.client(update, torch.Generator().manual_seed(int(seed) + 1))
         out: dict[str, Any] = {
-            "update": {k: new[k] - state[k] for k in keys},
+            "update": update,
             "steps": int(steps),
             "n": self.n,
             "loss": sum(losses) / max(1, len(losses)),
@@ -129,12 +144,41 @@ class FinetuneWorker:
         model.train()
         idx = torch.arange(min(self.batch_size, self.n))
         counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+        saved = _SavedTensorBytes(model)
         with counter:
-            loss = self._loss(idx)
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                loss = self._loss(idx)
             loss.backward()
         model.zero_grad(set_to_none=True)
+        scale = self.batch_size / max(1, len(idx))
         flops = int(counter.get_total_flops()) * self.batch_size // max(1, len(idx))
         total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for _, p in self._trainable())
-        return {"train_step_flops": flops, "params": total, "trainable_params": trainable,
-                "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+        trainable = [p for _, p in self._trainable()]
+        return {"train_step_flops": flops, "params": total, "trainable_params": sum(p.numel() for p in trainable),
+                "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
+                "activation_bytes": int(saved.nbytes * scale)}
+
+
+class _SavedTensorBytes:
+    """Counts the bytes autograd keeps for the backward pass of one forward (the activations).
+
+    Each storage is counted once, and the model's own parameters are left out (they are counted as
+    weights). A measurement, not a formula: it is what this model really keeps on this batch."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._seen: set[int] = set()
+        self.nbytes = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._params and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.nbytes += storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
