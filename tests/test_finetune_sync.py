@@ -113,3 +113,37 @@ def test_adaptive_interval_updates_tau_from_device_stats():
 def test_make_policy_unknown_name():
     with pytest.raises(InputError, match="finetune.sync: unknown policy 'nope'"):
         make_policy("nope")
+
+
+def test_autonomous_merge_weight_discounts_only_excess_staleness():
+    pol = Autonomous(staleness_exponent=0.5)
+    # Up to E - 1 merges since the pull (3 edges: 2) is what edges at one pace see: no discount.
+    for tau in (0, 1, 2):
+        assert pol.merge_weight(0.3, tau, n_edges=3) == pytest.approx(0.3)
+    # Beyond that, FedAsync's polynomial discount (1 + excess)^-a.
+    assert pol.merge_weight(0.3, 5, n_edges=3) == pytest.approx(0.3 * 4 ** -0.5)
+    weights = [pol.merge_weight(0.3, tau, n_edges=3) for tau in range(2, 12)]
+    assert all(a > b for a, b in zip(weights, weights[1:], strict=False))  # staler: less
+    # A larger data share weighs more at the same staleness; exponent 0 switches the discount off.
+    assert pol.merge_weight(0.5, 6, 3) > pol.merge_weight(0.2, 6, 3)
+    assert Autonomous(staleness_exponent=0.0).merge_weight(0.3, 9, 3) == pytest.approx(0.3)
+    assert HierFAVG().merge_weight(0.3, 9, 3) == pytest.approx(0.3)  # barrier policies: the share
+
+
+def test_autonomous_merges_at_one_pace_equal_the_barrier_average():
+    # Three edges pull the same global model and finish together: merged one after the other
+    # (staleness 0, 1, 2), their deltas add up to the sample-weighted average a barrier computes.
+    gen = torch.Generator().manual_seed(0)
+    pulled = torch.randn(6, generator=gen)
+    edges = [pulled + torch.randn(6, generator=gen) for _ in range(3)]
+    shares = [0.5, 0.3, 0.2]
+    pol = Autonomous()
+    glob = pulled.clone()
+    for tau, (edge, share) in enumerate(zip(edges, shares, strict=True)):
+        glob = glob + pol.merge_weight(share, tau, n_edges=3) * (edge - pulled)
+    barrier = sum(s * e for s, e in zip(shares, edges, strict=True))
+    assert torch.allclose(glob, barrier, atol=1e-6)
+    # An edge that trained through many others' merges moves the global model less.
+    fresh = pulled + pol.merge_weight(0.5, 2, 3) * (edges[0] - pulled)
+    stale = pulled + pol.merge_weight(0.5, 10, 3) * (edges[0] - pulled)
+    assert (stale - pulled).norm() < (fresh - pulled).norm()

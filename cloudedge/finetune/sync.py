@@ -5,6 +5,8 @@ Every policy is a small class with the same verbs (pure: plain numbers in, decis
 - ``deadline(edge)``: seconds an edge round may last from its start (None: wait for everyone).
 - ``device_steps(edge_id, device, deadline_s)``: local steps this device runs this edge round.
 - ``should_sync(edge)``: after an edge round, does this edge sync with the cloud now?
+- ``merge_weight(data_share, staleness, n_edges)``: without a barrier, the weight of an edge's
+  delta when the cloud merges it (autonomous: data share, discounted for excess staleness).
 - ``on_edge_round(edge_id, stats)``: feedback after an edge round (Wang's estimates).
 - ``on_cloud_sync(reports)``: feedback at the cloud after a sync (Tempo, autonomous' reference).
 - ``state_dict()`` / ``load_state_dict()``: plain JSON-able state for resume.
@@ -98,6 +100,10 @@ class SyncPolicy:
 
     def should_sync(self, edge: EdgeObs) -> bool:
         return edge.rounds_done >= self.k2
+
+    def merge_weight(self, data_share: float, staleness: int, n_edges: int) -> float:
+        """Weight of an edge's delta when it merges alone (no barrier): its share of the samples."""
+        return float(data_share)
 
     def on_edge_round(self, edge_id: str, stats: EdgeRoundStats) -> None:
         """Feedback after an edge round (default: nothing to learn)."""
@@ -266,9 +272,10 @@ class Autonomous(SyncPolicy):
 
     def __init__(self, alpha: float = 1.0, k2_max: int = 8, margin: float = 0.9,
                  sync_budget_bytes: float | None = None, time_budget_s: float = 100.0,
-                 sync_bytes: float = 0.0, **kw: Any):
+                 sync_bytes: float = 0.0, staleness_exponent: float = 0.5, **kw: Any):
         super().__init__(**kw)
         self.alpha, self.k2_max, self.margin = float(alpha), int(k2_max), float(margin)
+        self.staleness_exponent = float(staleness_exponent)
         self.sync_budget_bytes, self.time_budget_s = sync_budget_bytes, float(time_budget_s)
         self.sync_bytes = float(sync_bytes)
         self.rate_ref: float | None = None
@@ -308,6 +315,22 @@ class Autonomous(SyncPolicy):
             rounds_in_budget = self.time_budget_s / max(edge.round_s, 1e-12)
             floor = max(1, math.ceil(rounds_in_budget / max(syncs_allowed, 1e-12)))
         return int(min(self.k2_max, max(floor, round(k2))))
+
+    def merge_weight(self, data_share: float, staleness: int, n_edges: int) -> float:
+        """The cloud's mixing weight for an edge's merge: ``global += eta_e (edge - pulled_e)``.
+
+        ``eta_e = w_e * (1 + max(0, tau_e - (E - 1)))^(-a)``: ``w_e`` the edge's share of the
+        fleet's samples, ``tau_e`` the merges the cloud applied since this edge pulled, ``E`` the
+        number of edges, ``a`` = ``staleness_exponent`` (FedAsync's polynomial staleness function).
+        ``E - 1`` merges since a pull is what a fleet of edges syncing at the same pace sees anyway
+        (each delta misses the other edges' latest ones, as in a synchronous average of deltas
+        computed from one global model), so it costs nothing: with equal paces the merges add up to
+        exactly the barrier's sample-weighted average. Only staleness beyond that (this edge
+        trained through several of the others' merges) is discounted, because its delta points
+        where the global model was, not where it is.
+        """
+        excess = max(0, int(staleness) - (int(n_edges) - 1))
+        return float(data_share) * (1.0 + excess) ** (-self.staleness_exponent)
 
     def should_sync(self, edge: EdgeObs) -> bool:
         k2 = self.edge_k2(edge)
