@@ -296,3 +296,25 @@ def test_pin_client_state_round_trip_through_safetensors():
     for part in ("local", "personal"):
         for (k, a), b in zip(state[part].state_dict().items(), restored[part].state_dict().values(), strict=True):
             assert torch.equal(a, b), f"{part}.{k}"
+
+
+def test_pin_anchor_raises_information_about_global_features_and_leaves_the_local_ones():
+    """The diagnostic of the benchmark, on a toy: with the anchor (lam > 0) the personalized
+    features carry more information about the global model's features (InfoNCE bound) and sit
+    farther from the local ERM features than with lam = 0, where personal == local exactly."""
+    model, (x, y) = tiny_classifier(1), tiny_batch(11, n=48)
+    stats = {}
+    for lam in (0.0, 2.0):
+        pin = get_objective("pin", lam=lam, private_lr=1e-2)
+        state = pin.init_client(model, "c0", seed=0)
+        for step in range(25):
+            pin.local_private_step(model, x, y, state, step)
+        with torch.no_grad():
+            stats[lam] = pin.eval_stats(model, x, state)
+            logits = pin.eval_logits(model, x, state)
+        assert torch.equal(logits["global"], model(x)) and torch.equal(logits["local"], state["local"](x))
+    assert stats[0.0]["cos_pl"] == pytest.approx(1.0, abs=1e-6)
+    assert stats[2.0]["cos_pl"] < stats[0.0]["cos_pl"] - 0.05
+    assert stats[2.0]["mi_pg"] > stats[0.0]["mi_pg"] + 0.1
+    assert stats[2.0]["cos_lg"] == pytest.approx(stats[0.0]["cos_lg"], abs=1e-6)  # same local model
+    assert get_objective("erm").eval_stats(model, x, {}) == {}

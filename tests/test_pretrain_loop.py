@@ -108,3 +108,93 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, alg
     keys = ("round", "virtual_time_s", "train_loss", "val_loss", "batch_per_step", "bytes_total", "lr")
     assert [[r[k] for k in keys] for r in resumed.metrics] == [[r[k] for k in keys] for r in full.metrics]
     assert resumed.summary["utilization"] == pytest.approx(full.summary["utilization"], rel=1e-12)
+
+
+# ------------------------------------------------------------------ per-client shards and evaluation
+DEVICES = ("edge0/dev0", "edge0/dev1")
+
+
+def _client_cfg(objective: str, rounds: int = 3) -> object:
+    return config_from_dict({
+        "seed": 5,
+        "fleet": {"cloud": {"profile": "a100"},
+                  "edges": [{"count": 1, "devices": [{"count": 3, "profile": "jetson-orin",
+                                                      "overrides": {"availability": 1.0}}]}]},
+        "model": {"kind": "gpt", "hidden": 8, "layers": 1, "heads": 1, "channels": 1, "image_size": 4},
+        "pretrain": {"task": "classify", "encoder": "mlp", "workers": ["device"], "algorithm": "local",
+                     "outer_optimizer": "fedavg", "local_steps": 2, "rounds": rounds, "global_batch": 16,
+                     "lr": 0.01, "weight_decay": 0.0, "objective": objective, "eval_every": 2},
+    })
+
+
+def _client_data(seed: int, n: int, label_shift: int) -> dict[str, torch.Tensor]:
+    """A client whose label is a (client-specific) function of one pixel: learnable, and non-IID."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 4, 4, generator=gen)
+    y = ((x[:, 0, 0, 0] > 0.5).long() + label_shift) % 3
+    return {"x": x, "y": y}
+
+
+def _shards_and_tests() -> tuple[dict, dict]:
+    shards = {wid: _client_data(10 + k, 24, k) for k, wid in enumerate(DEVICES)}
+    tests = {wid: {"id": _client_data(20 + k, 15, k), "ood": _client_data(30 + k, 9, k + 1)}
+             for k, wid in enumerate(DEVICES)}
+    return shards, tests
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def test_per_client_shards_train_only_their_nodes_and_each_client_is_scored_on_its_own_tests() -> None:
+    shards, tests = _shards_and_tests()
+    res = pretrain(_client_cfg("erm"), shards=shards, client_eval=tests)
+    assert res.excluded == {"edge0/dev2": "no shard was given for it"}
+    assert all(row["participants"] == 2 for row in res.metrics)
+    assert res.model.head.out_features == 3  # classes from the labels given
+    # Evaluated at round 1 (eval_every 2) and at the last round only; plain ERM predicts with the global model.
+    assert [("clients" in r) for r in res.metrics] == [False, True, True]
+    assert res.metrics[-1]["val_loss"] is None
+    for wid in DEVICES:
+        for split in ("id", "ood"):
+            want = _accuracy(res.model(tests[wid][split]["x"]), tests[wid][split]["y"])
+            assert res.summary["clients"][wid][f"{split}_acc"] == pytest.approx(want, abs=1e-6)
+    accs = [res.summary["clients"][w]["ood_acc"] for w in DEVICES]
+    assert res.summary["ood_acc"] == pytest.approx(sum(accs) / 2)
+    assert res.summary["ood_acc_worst"] == pytest.approx(min(accs))
+    assert res.summary["acc"] == res.summary["id_acc"]
+
+
+def test_personalized_objective_is_scored_with_each_clients_private_model_and_charged() -> None:
+    from cloudedge.pretrain.objectives import get_objective
+
+    shards, tests = _shards_and_tests()
+    pin = pretrain(_client_cfg("pin"), shards=shards, client_eval=tests)
+    erm = pretrain(_client_cfg("erm"), shards=shards, client_eval=tests)
+    objective = get_objective("pin")
+    for wid in DEVICES:
+        state = objective.init_client(pin.model, wid, 5)
+        objective.load_client_state_dict(state, pin.client_states[wid])
+        metrics = pin.summary["clients"][wid]
+        x, y = tests[wid]["ood"]["x"], tests[wid]["ood"]["y"]
+        with torch.no_grad():
+            assert metrics["ood_acc"] == pytest.approx(_accuracy(state["personal"](x), y), abs=1e-6)
+            assert metrics["ood_global_acc"] == pytest.approx(_accuracy(pin.model(x), y), abs=1e-6)
+            assert metrics["ood_local_acc"] == pytest.approx(_accuracy(state["local"](x), y), abs=1e-6)
+        # The personalized model is the client's own, not the aggregated one.
+        assert not torch.equal(state["personal"].head.weight, pin.model.head.weight)
+    # pin's two private models are charged to the virtual clock: 11/3 of ERM's compute per sample.
+    assert pin.summary["compute_s"] == pytest.approx(11 / 3 * erm.summary["compute_s"], rel=1e-4)
+
+
+def test_bad_shards_are_input_errors() -> None:
+    from cloudedge.errors import InputError
+
+    shards, tests = _shards_and_tests()
+    with pytest.raises(InputError, match="shards: 'edge9/dev0' is not a node"):
+        pretrain(_client_cfg("erm"), shards={"edge9/dev0": shards[DEVICES[0]]})
+    with pytest.raises(InputError, match=r"shards.edge0/dev0: missing y"):
+        pretrain(_client_cfg("erm"), shards={DEVICES[0]: {"x": shards[DEVICES[0]]["x"]}})
+    with pytest.raises(InputError, match=r"client_eval.edge0/dev1.id.x: expected \[N, 1, 4, 4\]"):
+        bad = {DEVICES[1]: {"id": {"x": torch.zeros(3, 3, 4, 4), "y": torch.zeros(3, dtype=torch.long)}}}
+        pretrain(_client_cfg("erm"), shards=shards, client_eval=bad)

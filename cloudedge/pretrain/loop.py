@@ -44,13 +44,18 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass
 class PretrainResult:
-    """What :func:`pretrain` returns: the trained global model, every logged row and the summary."""
+    """What :func:`pretrain` returns: the trained global model, every logged row and the summary.
+
+    ``client_states`` holds each client's private objective state as flat tensors (what
+    ``Objective.client_state_dict`` gives; ``pin``: its local and personalized models).
+    """
 
     model: nn.Module
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
     run_dir: RunDir | None = None
     excluded: dict[str, str] = field(default_factory=dict)
+    client_states: dict[str, Tensors] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -61,7 +66,7 @@ class Shards:
     """Each worker's training data (plain tensors), the cloud's held-out data, and task facts."""
 
     train: dict[str, Tensors]
-    val: Tensors
+    val: Tensors | None
     n_classes: int
     excluded: dict[str, str]
 
@@ -126,6 +131,42 @@ def build_shards(cfg: RunConfig, pcfg: PretrainConfig, workers: list[Node], seq_
         else:
             shards[node.id] = _tensor_subset(whole, idx)
     return Shards(shards, val, len(train.classes), excluded)
+
+
+def client_shards(cfg: RunConfig, pcfg: PretrainConfig, workers: list[Node], shards: dict[str, Tensors],
+                  client_eval: dict[str, dict[str, Tensors]], val: Tensors | None) -> Shards:
+    """Shards the caller dealt itself (``pretrain(shards=...)``), checked against the fleet and task.
+
+    A training-tier node without a shard sits out (listed in ``excluded``). ``classify``: every shard
+    and test set needs ``x`` [N, C, H, W] matching the model config and ``y`` [N]; the number of
+    classes is the largest label seen, plus one. ``lm``: ``input_ids`` [N, seq_len].
+    """
+    needed = ("x", "y") if pcfg.task == "classify" else ("input_ids",) if pcfg.task == "lm" else ()
+    worker_ids = {n.id for n in workers}
+    for wid in [*shards, *client_eval]:
+        if wid not in worker_ids:
+            raise InputError(f"shards: '{wid}' is not a node of the training tiers {pcfg.workers}")
+    labelled: list[tuple[str, Tensors]] = [(f"shards.{w}", d) for w, d in shards.items()]
+    labelled += [(f"client_eval.{w}.{name}", d) for w, sets in client_eval.items() for name, d in sets.items()]
+    if val is not None:
+        labelled.append(("val", val))
+    model_cfg = cfg.stage_model(STAGE)
+    for where, data in labelled:
+        missing = [k for k in needed if k not in data]
+        if missing:
+            raise InputError(f"{where}: missing {', '.join(missing)} (task '{pcfg.task}' needs {', '.join(needed)})")
+        sizes = {int(v.shape[0]) for v in data.values()}
+        if len(sizes) != 1 or 0 in sizes:
+            raise InputError(f"{where}: tensors must be non-empty and have one length (got {sorted(sizes)})")
+        if pcfg.task == "classify" and (data["x"].dim() != 4 or data["x"].shape[1] != model_cfg.channels
+                                        or data["x"].shape[-1] != model_cfg.image_size):
+            raise InputError(f"{where}.x: expected [N, {model_cfg.channels}, {model_cfg.image_size}, "
+                             f"{model_cfg.image_size}] images, got {list(data['x'].shape)}")
+    n_classes = 0
+    if pcfg.task == "classify":
+        n_classes = max(int(d["y"].max()) for _, d in labelled) + 1
+    excluded = {n.id: "no shard was given for it" for n in workers if n.id not in shards}
+    return Shards(dict(shards), val, n_classes, excluded)
 
 
 # --------------------------------------------------------------------------------- state helpers
@@ -212,7 +253,9 @@ def _merge(pcfg: PretrainConfig, overrides: dict[str, Any]) -> PretrainConfig:
 
 def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: Engine | None = None, *,
              resume: bool = False, on_round: Callable[[int, dict[str, Any]], None] | None = None,
-             method: str | None = None, **overrides: Any) -> PretrainResult:
+             method: str | None = None, shards: dict[str, Tensors] | None = None,
+             client_eval: dict[str, dict[str, Tensors]] | None = None, val: Tensors | None = None,
+             **overrides: Any) -> PretrainResult:
     """Pre-train one model across the fleet ``cfg`` describes.
 
     Args:
@@ -224,6 +267,14 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         on_round: called after each round with (round, logged row); an exception it raises
             interrupts the run like a crash would (the checkpoints stay).
         method: the label logged in each row (default ``ALGORITHM-CONTROLLER``).
+        shards: per-node training data ``{node_id: {"x": ..., "y": ...}}`` (``{"input_ids": ...}``
+            for ``lm``) instead of dealing ``cfg``'s data section (:func:`build_shards`, the default);
+            nodes of the training tiers without a shard sit out.
+        client_eval: per-node test sets ``{node_id: {set_name: {"x": ..., "y": ...}}}``; they stay
+            on their node and are scored there every ``eval_every`` rounds and at the end with the
+            objective's ``predict`` and that client's private state. Rows log ``<set>_acc`` (mean
+            over clients), ``<set>_acc_worst`` and ``clients`` (every client's metrics).
+        val: the cloud's held-out data when ``shards`` is given (default: none, no ``val_loss``).
     """
     pcfg = _merge(cfg.pretrain or PretrainConfig(), overrides)
     model_cfg = cfg.stage_model(STAGE)
@@ -239,14 +290,16 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     # --- fleet, data, model ------------------------------------------------------------------
     fleet = Fleet.from_config(cfg.fleet, cfg.seed)
     nodes = [n for n in fleet.nodes.values() if n.tier in pcfg.workers]
-    shards = build_shards(cfg, pcfg, nodes, seq_len)
+    client_eval = dict(client_eval or {})
+    data = (build_shards(cfg, pcfg, nodes, seq_len) if shards is None
+            else client_shards(cfg, pcfg, nodes, shards, client_eval, val))
     encoder = pcfg.encoder or ("vit" if model_cfg.kind == "vit" else "mlp")
     objective = None
     if pcfg.task == "classify":
         from cloudedge.pretrain.objectives import get_objective
 
         objective = get_objective(pcfg.objective, **pcfg.objective_args)
-    model = build_task_model(pcfg.task, model_cfg, n_classes=shards.n_classes, encoder=encoder,  # type: ignore[arg-type]
+    model = build_task_model(pcfg.task, model_cfg, n_classes=data.n_classes, encoder=encoder,  # type: ignore[arg-type]
                              seed=cfg.seed, objective=objective, base_dir=cfg.base_dir)
     model.train()
     params = trainable(model)
@@ -256,7 +309,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
     per_sample = activation_bytes_per_sample(pcfg.task, model_cfg, seq_len=seq_len, vocab_size=vocab, encoder=encoder)
     caps: dict[str, int] = {}
-    excluded = dict(shards.excluded)
+    excluded = dict(data.excluded)
     for node in nodes:
         cap = max_micro_batch(node.profile.memory_bytes, pcfg.memory_fraction, n_params, per_sample)
         if cap < 1:
@@ -266,17 +319,20 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     workers = [n for n in nodes if n.id in caps]
     if not workers:
         raise InputError(f"pretrain.workers: no node can train ({'; '.join(f'{k}: {v}' for k, v in excluded.items())})")
-    flops_per_sample = train_flops_per_sample(pcfg.task, model_cfg, seq_len=seq_len, n_classes=shards.n_classes,
+    flops_per_sample = train_flops_per_sample(pcfg.task, model_cfg, seq_len=seq_len, n_classes=data.n_classes,
                                               encoder=encoder)  # type: ignore[arg-type]
+    if objective is not None:  # e.g. pin also trains two private models on every sample
+        flops_per_sample = int(round(flops_per_sample * objective.train_flops_factor))
 
     # --- workers behind the engine -----------------------------------------------------------
     for node in workers:
         engine.register(node.id, WorkerSpec(PretrainWorker, {
             "worker_id": node.id, "task": pcfg.task, "model_cfg": model_cfg.model_dump(mode="json"),
-            "data": shards.train[node.id], "seed": cfg.seed, "n_classes": shards.n_classes, "encoder": encoder,
+            "data": data.train[node.id], "seed": cfg.seed, "n_classes": data.n_classes, "encoder": encoder,
             "objective": pcfg.objective, "objective_args": dict(pcfg.objective_args),
             "optimizer": pcfg.optimizer, "weight_decay": pcfg.weight_decay, "grad_clip": pcfg.grad_clip,
-            "base_dir": cfg.base_dir}))
+            "base_dir": cfg.base_dir, "eval_data": client_eval.get(node.id)}))
+    eval_ids = [n.id for n in workers if client_eval.get(n.id)]
 
     # --- optimizers, controller, clock ---------------------------------------------------------
     weights = list(params.values())
@@ -406,11 +462,14 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         # 6. evaluate, log, checkpoint
         last = r == pcfg.rounds - 1
         row_val = None
+        client_metrics: dict[str, Any] = {}
         if (r + 1) % pcfg.eval_every == 0 or last:
-            row_val = val_loss = evaluate_loss(pcfg.task, model, shards.val)
-            if (pcfg.target_val_loss is not None and totals["time_to_target_s"] is None
-                    and val_loss <= pcfg.target_val_loss):
-                totals["time_to_target_s"] = clock.now
+            if data.val is not None:
+                row_val = val_loss = evaluate_loss(pcfg.task, model, data.val)
+                if (pcfg.target_val_loss is not None and totals["time_to_target_s"] is None
+                        and val_loss <= pcfg.target_val_loss):
+                    totals["time_to_target_s"] = clock.now
+            client_metrics = _evaluate_clients(engine, fleet, eval_ids, params, client_states)
         summary_clock = clock.summary()
         row = {"stage": STAGE, "method": method, "round": r, "virtual_time_s": clock.now, "round_s": round_s,
                "train_loss": train_loss, "val_loss": row_val, "lr": lr,
@@ -419,7 +478,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                "participants": len(ids), "accumulating": sum(plan.batches[w] > caps[w] for w in ids),
                "utilization": busy / (len(ids) * round_s) if round_s > 0 else 0.0,
                "bytes_total": summary_clock["bytes_total"], "energy_j": summary_clock["energy_j_total"],
-               **{f"ctl_{k}": v for k, v in plan.info.items()}}
+               **{f"ctl_{k}": v for k, v in plan.info.items()}, **client_metrics}
         rows.append(run_dir.log(**row) if run_dir is not None else row)
         if ckpt_dir is not None and ((r + 1) % pcfg.checkpoint_every == 0 or last):
             _checkpoint(ckpt_dir, r, params, optimizer, controller, clock, client_states, server_msg, totals)
@@ -431,7 +490,38 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     summary = _summary(pcfg, method, rows, clock, totals, val_loss, excluded, len(workers))
     if run_dir is not None:
         run_dir.update_summary(STAGE, summary)
-    return PretrainResult(model, rows, summary, run_dir, excluded)
+    return PretrainResult(model, rows, summary, run_dir, excluded, client_states)
+
+
+def _evaluate_clients(engine: Engine, fleet: Fleet, eval_ids: list[str], params: dict[str, nn.Parameter],
+                      client_states: dict[str, Tensors]) -> dict[str, Any]:
+    """Every client scores the current model (and its private state) on its own test sets.
+
+    Returns row fields: ``clients`` ({client: {"<set>_<metric>": value}}), and per set the mean
+    over clients (each client counts once, as personalized FL reports it) ``<set>_<metric>`` and
+    the worst client's accuracy ``<set>_acc_worst``. A set called ``id`` also gives ``acc``.
+    Evaluation is not charged to the virtual clock.
+    """
+    if not eval_ids:
+        return {}
+    current = {k: v.detach().clone() for k, v in params.items()}
+    results = engine.run([Task(wid, "evaluate", {"params": current, "client_state": client_states.get(wid)})
+                          for wid in eval_ids])
+    for wid in eval_ids:
+        if fleet.nodes[wid].tier == "device":
+            engine.release(wid)
+    clients = {wid: {f"{name}_{k}": v for name, metrics in res.items() for k, v in metrics.items()}
+               for wid, res in zip(eval_ids, results, strict=True)}
+    out: dict[str, Any] = {}
+    for key in sorted({k for metrics in clients.values() for k in metrics}):
+        values = [metrics[key] for metrics in clients.values() if key in metrics]
+        out[key] = float(np.mean(values))
+        if key.endswith("_acc"):
+            out[f"{key}_worst"] = float(min(values))
+    if "id_acc" in out:
+        out["acc"] = out["id_acc"]
+    out["clients"] = clients
+    return out
 
 
 class _ParamView(nn.Module):
@@ -467,11 +557,23 @@ def _summary(pcfg: PretrainConfig, method: str, rows: list[dict[str, Any]], cloc
         "final_val_loss": val_loss, "final_train_loss": rows[-1]["train_loss"] if rows else None,
         "target_val_loss": pcfg.target_val_loss, "time_to_target_s": totals["time_to_target_s"],
         "virtual_time_s": clock.now, "bytes_total": c["bytes_total"], "energy_j": c["energy_j_total"],
+        "compute_s": totals["compute_s"],  # virtual compute seconds of all participants, summed
         # Compute utilization: share of the participants' round time spent computing.
         "utilization": totals["compute_s"] / totals["slot_s"] if totals["slot_s"] > 0 else 0.0,
         "mean_batch_per_step": float(np.mean([r["batch_per_step"] for r in rows])) if rows else 0.0,
         "excluded": excluded,
+        **_last_client_eval(rows),
     }
+
+
+def _last_client_eval(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fields :func:`_evaluate_clients` wrote into the last row that has them (or nothing)."""
+    for row in reversed(rows):
+        if "clients" in row:
+            keys = {"clients", "acc", *(k for metrics in row["clients"].values() for k in metrics)}
+            keys |= {f"{k}_worst" for k in keys}
+            return {k: v for k, v in row.items() if k in keys}
+    return {}
 
 
 def run_pretrain(cfg: RunConfig, out_dir: str | Path, resume: bool = False, engine_kind: str = "local") -> dict[str, Any]:

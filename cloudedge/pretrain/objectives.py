@@ -38,6 +38,9 @@ class Objective:
     name: ClassVar[str] = "objective"
     personalized: ClassVar[bool] = False  # True: private models, evaluated on their own client
     defaults: ClassVar[dict[str, float]] = {}
+    # Training FLOPs of one sample on a client, in units of one forward + backward of the shared
+    # model; the loop's virtual clock charges it. Penalties' extra backward passes are not counted.
+    train_flops_factor: ClassVar[float] = 1.0
 
     def __init__(self, **params: float):
         unknown = sorted(set(params) - set(self.defaults))
@@ -84,6 +87,14 @@ class Objective:
     def predict(self, model: nn.Module, x: torch.Tensor, client_state: dict[str, Any]) -> torch.Tensor:
         """Logits used to evaluate on this client."""
         return model(x)
+
+    def eval_logits(self, model: nn.Module, x: torch.Tensor, client_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Logits of extra models worth reporting next to ``predict`` on this client (default: none)."""
+        return {}
+
+    def eval_stats(self, model: nn.Module, x: torch.Tensor, client_state: dict[str, Any]) -> Logs:
+        """Diagnostics (means over the samples of ``x``) worth logging at evaluation (default: none)."""
+        return {}
 
     def client_state_dict(self, client_state: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Flat tensors of the client's private state (for safetensors checkpoints)."""
@@ -334,6 +345,10 @@ class PIN(IRM):
 
     name = "pin"
     personalized = True
+    # Per sample: the shared model's forward + backward (3 forward units), the local model's (3),
+    # the personalized model's (3) and the forward features of the global and local models (2):
+    # 11 forward units = 11/3 of the shared model's training cost.
+    train_flops_factor = 11.0 / 3.0
     defaults: ClassVar[dict[str, float]] = {
         **IRM.defaults, "lam": 1.0, "tau": 0.5, "local_neg_weight": 1.0, "private_lr": 1e-3, "personal_reset": 0.0,
     }
@@ -398,6 +413,28 @@ class PIN(IRM):
     def predict(self, model, x, client_state):
         personal = client_state.get("personal")
         return model(x) if personal is None else personal(x)
+
+    def eval_logits(self, model, x, client_state):
+        out = {"global": model(x)}
+        if "local" in client_state:
+            out["local"] = client_state["local"](x)
+        return out
+
+    def eval_stats(self, model, x, client_state):
+        """Does the anchor do its job? On the features of ``x`` of the personalized (p), global (g)
+        and local (l) models: InfoNCE lower bounds (nats, ``tau``, in-batch negatives only) on
+        ``I(Z_p; Z_g)`` (``mi_pg``: the anchor raises it) and ``I(Z_p; Z_l)`` (``mi_pl``), and
+        mean cosines ``cos_pg`` / ``cos_pl`` / ``cos_lg`` (``cos_lg``: neither term touches it)."""
+        if "personal" not in client_state:
+            return {}
+        z_p = client_state["personal"].features(x)
+        z_g = model.features(x)
+        z_l = client_state["local"].features(x)
+        tau = self.params["tau"]
+        return {"mi_pg": float(info_nce(z_p, z_g, tau=tau)[1]), "mi_pl": float(info_nce(z_p, z_l, tau=tau)[1]),
+                "cos_pg": float(F.cosine_similarity(z_p, z_g, dim=1).mean()),
+                "cos_pl": float(F.cosine_similarity(z_p, z_l, dim=1).mean()),
+                "cos_lg": float(F.cosine_similarity(z_l, z_g, dim=1).mean())}
 
     def client_state_dict(self, client_state):
         out: dict[str, torch.Tensor] = {}

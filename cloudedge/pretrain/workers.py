@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cloudedge.config.model import ModelConfig
-from cloudedge.pretrain.tasks import batch_loss, batch_units, build_task_model
+from cloudedge.pretrain.tasks import batch_loss, batch_units, build_task_model, evaluate_loss
 
 Tensors = dict[str, torch.Tensor]
 
@@ -67,10 +67,12 @@ class PretrainWorker:
     def __init__(self, worker_id: str, task: str, model_cfg: dict[str, Any], data: Tensors, seed: int,
                  n_classes: int = 0, encoder: str = "mlp", objective: str = "erm",
                  objective_args: dict[str, float] | None = None, optimizer: str = "adamw",
-                 weight_decay: float = 0.1, grad_clip: float | None = 1.0, base_dir: str = "."):
+                 weight_decay: float = 0.1, grad_clip: float | None = 1.0, base_dir: str = ".",
+                 eval_data: dict[str, Tensors] | None = None):
         self.worker_id, self.task, self.seed = worker_id, task, int(seed)
         self.model_cfg = ModelConfig.model_validate(model_cfg)
         self.data = data
+        self.eval_data = dict(eval_data or {})  # this client's own test sets; they never leave the node
         self.n_classes, self.encoder = int(n_classes), encoder
         self.objective_name, self.objective_args = objective, dict(objective_args or {})
         self.optimizer_name, self.weight_decay, self.grad_clip = optimizer, float(weight_decay), grad_clip
@@ -199,3 +201,48 @@ class PretrainWorker:
         return {"update": update, "units": units, "samples": batch * steps, "steps": steps,
                 "loss": sum(losses) / len(losses), "grad_sq_norm": first_sq, "logs": logs_sum,
                 "report": report, "client_state": saved}
+
+    def evaluate(self, params: Tensors, client_state: Tensors | None = None,
+                 batch_size: int = 1024) -> dict[str, dict[str, float]]:
+        """Metrics of this client's model at ``params`` on each of its own test sets.
+
+        ``classify``: ``acc`` and ``loss`` (cross-entropy) of the objective's ``predict`` with this
+        client's private state (a personalized objective scores its own private model here), plus
+        ``<variant>_acc`` for every extra model the objective names in ``eval_logits`` (``pin``:
+        its global invariant and local ERM models). Other tasks: ``loss`` (``evaluate_loss``).
+        Nothing is trained and no state is kept: the client state is rebuilt from ``client_state``.
+        """
+        load_params(self.model, params)
+        state = self._client_state(client_state)
+        self.model.eval()
+        out: dict[str, dict[str, float]] = {}
+        with torch.no_grad():
+            for name, data in self.eval_data.items():
+                if self.task != "classify":
+                    out[name] = {"loss": evaluate_loss(self.task, self.model, data, batch_size)}
+                    continue
+                out[name] = self._classify_metrics(data, state, batch_size)
+        self.model.train()
+        return out
+
+    def _classify_metrics(self, data: Tensors, state: dict[str, Any], batch_size: int) -> dict[str, float]:
+        x, y = data["x"], data["y"]
+        correct: dict[str, float] = {}
+        stats: dict[str, float] = {}
+        loss_sum = 0.0
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            logits = {"": (self.objective.predict(self.model, xb, state) if self.objective is not None
+                           else self.model(xb))}
+            if self.objective is not None:
+                logits.update(self.objective.eval_logits(self.model, xb, state))
+                for key, value in self.objective.eval_stats(self.model, xb, state).items():
+                    stats[key] = stats.get(key, 0.0) + value * len(yb)  # sample-weighted mean below
+            loss_sum += float(nn.functional.cross_entropy(logits[""], yb, reduction="sum"))
+            for key, lg in logits.items():
+                correct[key] = correct.get(key, 0.0) + float((lg.argmax(dim=1) == yb).sum())
+        n = max(len(y), 1)
+        metrics = {"acc": correct.pop("") / n, "loss": loss_sum / n}
+        metrics.update({f"{key}_acc": c / n for key, c in correct.items()})
+        metrics.update({key: total / n for key, total in stats.items()})
+        return metrics
