@@ -1,12 +1,42 @@
-"""The `adapt` section. Owned by the `cloudedge.adapt` stage; extended as the stage grows."""
+"""The `adapt` section: test-time prompt adaptation on every edge's unlabeled stream (docs/prompt-tuning.md)."""
 
 from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
 
 from cloudedge.config.base import StrictModel
 from cloudedge.config.data import DataConfig
 from cloudedge.config.model import ModelConfig
 
 
+class StreamSpec(StrictModel):
+    """The shift one edge sees: a corruption of the test images at a severity (none: clean)."""
+
+    corruption: str | None = Field(default=None, description="a name from cloudedge.data.CORRUPTIONS; none: clean")
+    severity: int = Field(default=3, ge=1, le=5)
+
+
 class AdaptConfig(StrictModel):
+    """One adaptation run: which CLIP, which method, which stream on which edge, prompt sharing."""
+
     data: DataConfig | None = None
     model: ModelConfig | None = None
+    checkpoint: str | None = Field(
+        default=None,
+        description="CLIP to adapt: a HF checkpoint dir (e.g. a downloaded ViT-B/16, or a pretrain run's "
+                    "'model' dir), a pretrain run dir, or a .safetensors file of a kind-clip model; "
+                    "default: model.path")
+    method: str = Field(default="swapprompt", description="zeroshot coop tpt swapprompt tda")
+    method_args: dict[str, Any] = Field(default_factory=dict, description="the method's keyword parameters")
+    streams: list[StreamSpec] = Field(
+        default_factory=lambda: [StreamSpec(corruption="gaussian_noise", severity=3)],
+        description="edge i streams streams[i % len(streams)]")
+    stream_samples: int | None = Field(default=None, ge=1, description="images per edge stream (default: all test images)")
+    batch_size: int = Field(default=32, ge=1, description="test images per batch (one adaptation step for online methods)")
+    share_every: int = Field(default=0, ge=0, description="edges upload prompts every N batches for a cloud average; 0: never")
+    compression: Literal["none", "fp16", "int8"] = Field(default="none", description="prompt payloads on the wire")
+    coop_epochs: int = Field(default=20, ge=1, description="coop: epochs on the labelled clean source split (cloud)")
+    checkpoint_every: int = Field(default=10, ge=1, description="rounds (batches per edge) between checkpoints")
+    device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="where edges run the model")

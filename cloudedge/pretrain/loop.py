@@ -333,6 +333,8 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
             "optimizer": pcfg.optimizer, "weight_decay": pcfg.weight_decay, "grad_clip": pcfg.grad_clip,
             "base_dir": cfg.base_dir, "eval_data": client_eval.get(node.id)}))
     eval_ids = [n.id for n in workers if client_eval.get(n.id)]
+    # Shard sizes (samples, or LM blocks) let the proportional controller keep every shard in the objective.
+    shard_sizes = {n.id: int(next(iter(data.train[n.id].values())).shape[0]) for n in workers}
 
     # --- optimizers, controller, clock ---------------------------------------------------------
     weights = list(params.values())
@@ -383,7 +385,8 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     for r in range(start_round, pcfg.rounds):
         # 1. who is reachable, and the plan
         avail = {n.id for n in available_nodes(workers, np.random.default_rng([cfg.seed, 7, r]))}
-        infos = [WorkerInfo(n.id, n.profile.flops, caps[n.id], n.id in avail) for n in workers]
+        infos = [WorkerInfo(n.id, n.profile.flops, caps[n.id], n.id in avail, samples=shard_sizes[n.id])
+                 for n in workers]
         plan: Plan = controller.plan(r, infos)
         if not plan.batches:
             plan = Plan({max(workers, key=lambda n: n.profile.flops).id: pcfg.global_batch})

@@ -92,7 +92,7 @@ def build_blocks(run_dir: Path) -> list[Block]:
                 table.append([key, _fmt(item), ""])
         blocks.append(Block("table", rows=table))
 
-    for stage in ("pretrain", "finetune", "adapt"):
+    for stage in ("pretrain", "invariant", "finetune", "adapt"):
         section = summary.get(stage)
         if not isinstance(section, dict):
             continue

@@ -1,0 +1,392 @@
+"""The prompt-tuning stage: every edge adapts a frozen CLIP on its own unlabeled test stream.
+
+Read top to bottom: resolve the CLIP checkpoint and the data; give each edge one shift (a
+corruption at a severity of the test split, or the user's image folder as it is) in a seeded
+order; for ``coop`` the cloud first learns the context on the labelled clean source split and
+sends it down; then one round at a time:
+
+    every edge adapts on its next batch (through the Engine) -> optionally, every ``share_every``
+    rounds, edges upload their prompts, the cloud returns the sample-weighted mean (federated
+    test-time prompts; bytes and transfer time on the virtual clock) -> log -> checkpoint.
+
+Labels are used only to score predictions, never to adapt. Accounting per edge: top-1 accuracy,
+milliseconds of real wall time per image, peak memory of an adaptation step
+(:mod:`cloudedge.adapt.memory`), prompt bytes on the wire (:mod:`cloudedge.comm`).
+
+``adapt(cfg, ...)`` is the API, ``adapt_checkpoint(path, ...)`` the demo's shortcut, and
+``run_adapt(cfg, out_dir, resume, engine_kind)`` what the CLI calls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cloudedge import comm
+from cloudedge.adapt.clip_model import ClipAdapter, load_clip
+from cloudedge.adapt.memory import measure_peak_bytes
+from cloudedge.adapt.methods import METHODS, CoOp, build_method
+from cloudedge.aggregate import weighted_mean
+from cloudedge.checkpoint import load_latest, save_checkpoint
+from cloudedge.config.adapt import AdaptConfig
+from cloudedge.config.model import ModelConfig
+from cloudedge.config.run import RunConfig
+from cloudedge.engine import Engine, Task, WorkerSpec, make_engine
+from cloudedge.errors import InputError
+from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
+from cloudedge.track.run import RunDir
+
+STAGE = "adapt"
+Tensors = dict[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+def clip_source(acfg: AdaptConfig, cfg: RunConfig, checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """Where the edges load the CLIP from, as plain data: ``{"path", "model_cfg"}``.
+
+    Order: the explicit ``checkpoint``, ``adapt.checkpoint``, then the stage model's ``path``.
+    A pretrain run directory is accepted (its ``model/`` folder is used).
+    """
+    model_cfg = acfg.model or cfg.model
+    raw = checkpoint or acfg.checkpoint or model_cfg.path
+    if raw is None:
+        raise InputError("adapt.checkpoint: a CLIP checkpoint is needed (pre-train one with "
+                         "`cloudedge pretrain` task clip, or give a local HF CLIP directory)")
+    from cloudedge.models import resolve_path
+
+    path = resolve_path(raw, cfg.base_dir)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        path = path / "model"
+    if not path.exists():
+        raise InputError(f"adapt.checkpoint: {path} does not exist")
+    cfg_dict = model_cfg.model_dump(mode="json") if model_cfg.kind == "clip" else None
+    return {"path": str(path), "model_cfg": cfg_dict}
+
+
+def load_clip_source(source: dict[str, Any], device: str = "cpu") -> ClipAdapter:
+    model_cfg = ModelConfig(**source["model_cfg"]) if source.get("model_cfg") else None
+    clip = load_clip(source["path"], model_cfg)
+    clip.model.to(device)
+    return clip
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("adapt.device: 'cuda' asked for, but no CUDA device is available")
+    return name
+
+
+# ------------------------------------------------------------------------------------ the worker
+
+
+class AdaptWorker:
+    """An edge: holds its stream (images, labels used only for scoring) and adapts on it."""
+
+    def __init__(self, edge_id: str, source: dict[str, Any], method: str, method_args: dict[str, Any],
+                 classnames: list[str], images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 seed: int, device: str = "cpu"):
+        self.edge_id = edge_id
+        self.clip = load_clip_source(source, device)
+        self.method = build_method(method, self.clip, classnames, seed=seed, **method_args)
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.position = 0
+        self.correct = 0
+        self.timed_images = 0
+        self.timed_s = 0.0
+        self.peak_bytes = -1
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def step(self) -> dict[str, Any]:
+        """Adapt on (and predict) the next batch; returns this batch's and the running figures."""
+        if self.position >= len(self.images):
+            return self.stats(batch_correct=0, batch_seen=0)
+        x = self.images[self.position:self.position + self.batch_size]
+        y = self.labels[self.position:self.position + self.batch_size]
+        if self.peak_bytes < 0:
+            # The first batch measures memory (the tracker slows it, so it is not timed).
+            logits, self.peak_bytes = measure_peak_bytes(lambda: self.method.predict_batch(x), self.clip.device)
+        else:
+            t0 = time.perf_counter()
+            logits = self.method.predict_batch(x)
+            if self.clip.device.type == "cuda":
+                torch.cuda.synchronize(self.clip.device)
+            self.timed_s += time.perf_counter() - t0
+            self.timed_images += len(x)
+        batch_correct = int((logits.argmax(-1).cpu() == y).sum())
+        self.correct += batch_correct
+        self.position += len(x)
+        return self.stats(batch_correct=batch_correct, batch_seen=len(x))
+
+    def stats(self, batch_correct: int = 0, batch_seen: int = 0) -> dict[str, Any]:
+        return {"seen": self.position, "correct": self.correct, "batch_correct": batch_correct,
+                "batch_seen": batch_seen, "timed_s": self.timed_s, "timed_images": self.timed_images,
+                "peak_bytes": max(self.peak_bytes, 0), "done": self.position >= len(self.images)}
+
+    def get_prompt(self) -> Tensors:
+        return self.method.prompt_state()
+
+    def set_prompt(self, prompt: Tensors) -> None:
+        self.method.load_prompt_state(prompt)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"tensors": self.method.state_dict(), "stats": self.stats(),
+                "counters": {"position": self.position, "correct": self.correct, "timed_s": self.timed_s,
+                             "timed_images": self.timed_images, "peak_bytes": self.peak_bytes}}
+
+    def set_state(self, tensors: Tensors, counters: dict[str, Any]) -> None:
+        self.method.load_state_dict(tensors)
+        self.position, self.correct = int(counters["position"]), int(counters["correct"])
+        self.timed_s, self.timed_images = float(counters["timed_s"]), int(counters["timed_images"])
+        self.peak_bytes = int(counters["peak_bytes"])
+
+
+# ------------------------------------------------------------------------------------ the streams
+
+
+@dataclass
+class Stream:
+    """One edge's test stream: its shift's name and the images in streaming order."""
+
+    edge_id: str
+    shift: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def build_streams(cfg: RunConfig, acfg: AdaptConfig, edge_ids: list[str]) -> tuple[list[Stream], Any, list[str]]:
+    """Each edge's stream (test split under its shift, seeded order) and the clean source split."""
+    from cloudedge.data import build_dataset, check_corruption, corrupt
+
+    data_cfg = acfg.data or cfg.data
+    train, test = build_dataset(data_cfg, cfg.base_dir, cfg.seed)
+    if not hasattr(test, "x"):
+        raise InputError(f"adapt.data.source: prompt tuning needs images, got '{data_cfg.source}'")
+    streams = []
+    for i, edge_id in enumerate(edge_ids):
+        spec = acfg.streams[i % len(acfg.streams)]
+        ds, shift = test, "clean"
+        if spec.corruption:
+            check_corruption(spec.corruption, spec.severity, field=f"adapt.streams.{i % len(acfg.streams)}.corruption")
+            ds = corrupt(test, spec.corruption, spec.severity, cfg.seed + 1 + i)
+            shift = f"{spec.corruption}@{spec.severity}"
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + i))
+        if acfg.stream_samples is not None:
+            order = order[: acfg.stream_samples]
+        streams.append(Stream(edge_id, shift, ds.x[order].contiguous(), ds.y[order].contiguous()))
+    return streams, train, list(test.classes)
+
+
+# ------------------------------------------------------------------------------------ the stage
+
+
+@dataclass
+class AdaptResult:
+    """What :func:`adapt` returns: every logged row and the summary."""
+
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    run_dir: RunDir | None = None
+
+
+def _merge(acfg: AdaptConfig, overrides: dict[str, Any]) -> AdaptConfig:
+    from pydantic import ValidationError
+
+    from cloudedge.config import format_validation_error
+
+    if not overrides:
+        return acfg
+    try:
+        return AdaptConfig.model_validate({**acfg.model_dump(), **overrides})
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, "adapt overrides")) from None
+
+
+def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: Engine | None = None, *,
+          resume: bool = False, checkpoint: str | Path | None = None,
+          on_round: Callable[[int, dict[str, Any]], None] | None = None, **overrides: Any) -> AdaptResult:
+    """Adapt the CLIP on every edge's stream.
+
+    Args:
+        cfg: the run config; its ``adapt`` section (defaults when absent) with ``overrides``
+            applied (any AdaptConfig field, e.g. ``method="tpt"``).
+        run_dir: where to log (``RunDir`` or a path); None keeps everything in memory.
+        engine: how edges are reached (default: a ``LocalEngine``).
+        resume: continue from the last checkpoint in ``run_dir``.
+        checkpoint: the CLIP to adapt (overrides ``adapt.checkpoint``).
+        on_round: called after each round with (round, {edge: row}).
+    """
+    acfg = _merge(cfg.adapt or AdaptConfig(), overrides)
+    if acfg.method not in METHODS:
+        raise InputError(f"adapt.method: unknown method {acfg.method!r} (known: {', '.join(METHODS)})")
+    if isinstance(run_dir, str | Path):
+        run_dir = RunDir.create(run_dir, cfg, resume=resume)
+    own_engine = engine is None
+    engine = engine or make_engine("local")
+    device = _device(acfg.device)
+    source = clip_source(acfg, cfg, checkpoint)
+
+    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+    clock = VirtualClock(fleet)
+    edge_ids = [e.id for e in fleet.edges]
+    streams, source_split, classnames = build_streams(cfg, acfg, edge_ids)
+    for s in streams:
+        engine.register(s.edge_id, WorkerSpec(AdaptWorker, {
+            "edge_id": s.edge_id, "source": source, "method": acfg.method, "method_args": dict(acfg.method_args),
+            "classnames": classnames, "images": s.images, "labels": s.labels, "batch_size": acfg.batch_size,
+            "seed": cfg.seed, "device": device}))
+    n_rounds = max(math.ceil(len(s.images) / acfg.batch_size) for s in streams)
+    totals = {"prompt_bytes_up": 0, "prompt_bytes_down": 0, "shares": 0}
+
+    start_round = 0
+    ckpt_dir = run_dir.checkpoint_dir(STAGE) if run_dir is not None else None
+    latest = load_latest(ckpt_dir) if (resume and ckpt_dir is not None) else None
+    if latest is not None:
+        tensors, state = latest
+        start_round = int(state["round"])
+        clock.load_state_dict(state["clock"])
+        totals = state["totals"]
+        for s in streams:
+            prefix = f"{s.edge_id}."
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            engine.call(s.edge_id, "set_state", tensors=own, counters=state["edges"][s.edge_id])
+        run_dir.truncate_metrics(lambda row: row.get("stage") != STAGE or row.get("round", 0) <= start_round)
+    elif acfg.method == "coop":
+        _deploy_coop(cfg, acfg, source, device, source_split, classnames, streams, engine, clock, totals)
+
+    rows: list[dict[str, Any]] = []
+    last: dict[str, dict[str, Any]] = {}
+    for r in range(start_round, n_rounds):
+        results = engine.run([Task(s.edge_id, "step") for s in streams])
+        round_rows = {}
+        for s, res in zip(streams, results, strict=True):
+            last[s.edge_id] = res
+            if res["batch_seen"] == 0:
+                continue
+            row = {"stage": STAGE, "method": acfg.method, "round": r + 1, "edge": s.edge_id, "shift": s.shift,
+                   "batch_acc": res["batch_correct"] / res["batch_seen"], "acc": res["correct"] / res["seen"],
+                   "seen": res["seen"]}
+            round_rows[s.edge_id] = row
+            rows.append(run_dir.log(**row) if run_dir is not None else row)
+        if acfg.share_every and METHODS[acfg.method].shares_prompt and (r + 1) % acfg.share_every == 0:
+            _share_prompts(acfg, streams, last, engine, clock, totals)
+        if on_round is not None:
+            on_round(r + 1, round_rows)
+        if ckpt_dir is not None and ((r + 1) % acfg.checkpoint_every == 0 or r + 1 == n_rounds):
+            _checkpoint(ckpt_dir, r + 1, streams, engine, clock, totals)
+
+    final = {s.edge_id: engine.call(s.edge_id, "stats") for s in streams}
+    summary = _summary(acfg, streams, final, clock, totals)
+    if own_engine:
+        engine.close()
+    return AdaptResult(rows, summary, run_dir)
+
+
+def _deploy_coop(cfg: RunConfig, acfg: AdaptConfig, source: dict[str, Any], device: str, source_split: Any,
+                 classnames: list[str], streams: list[Stream], engine: Engine, clock: VirtualClock,
+                 totals: dict[str, Any]) -> None:
+    """CoOp: the cloud learns the context on the labelled clean source split, then sends it down."""
+    args = {k: v for k, v in acfg.method_args.items() if k != "epochs"}
+    coop = CoOp(load_clip_source(source, device), classnames, seed=cfg.seed, epochs=acfg.coop_epochs, **args)
+    coop.fit(source_split.x, source_split.y)
+    payload = comm.compress(coop.prompt_state(), acfg.compression)
+    prompt = payload.decompress()
+    for s in streams:
+        clock.transfer(CLOUD_ID, s.edge_id, payload.nbytes)
+        totals["prompt_bytes_down"] += payload.nbytes
+    engine.run([Task(s.edge_id, "set_prompt", {"prompt": prompt}) for s in streams])
+
+
+def _share_prompts(acfg: AdaptConfig, streams: list[Stream], last: dict[str, dict[str, Any]], engine: Engine,
+                   clock: VirtualClock, totals: dict[str, Any]) -> None:
+    """Edges upload prompts; the cloud returns their mean weighted by images seen (FedAvg of prompts)."""
+    prompts = engine.run([Task(s.edge_id, "get_prompt") for s in streams])
+    received, weights = [], []
+    for s, prompt in zip(streams, prompts, strict=True):
+        payload = comm.compress(prompt, acfg.compression)
+        clock.transfer(s.edge_id, CLOUD_ID, payload.nbytes)
+        totals["prompt_bytes_up"] += payload.nbytes
+        received.append(payload.decompress())
+        weights.append(float(max(last[s.edge_id]["seen"], 1)))
+    mean = weighted_mean(received, weights)
+    down = comm.compress(mean, acfg.compression)
+    for s in streams:
+        clock.transfer(CLOUD_ID, s.edge_id, down.nbytes)
+        totals["prompt_bytes_down"] += down.nbytes
+    totals["shares"] += 1
+    engine.run([Task(s.edge_id, "set_prompt", {"prompt": down.decompress()}) for s in streams])
+
+
+def _checkpoint(ckpt_dir: Path, r: int, streams: list[Stream], engine: Engine, clock: VirtualClock,
+                totals: dict[str, Any]) -> None:
+    states = engine.run([Task(s.edge_id, "get_state") for s in streams])
+    tensors = {f"{s.edge_id}.{k}": v for s, st in zip(streams, states, strict=True) for k, v in st["tensors"].items()}
+    save_checkpoint(ckpt_dir, r, tensors, {
+        "round": r, "clock": clock.state_dict(), "totals": totals,
+        "edges": {s.edge_id: st["counters"] for s, st in zip(streams, states, strict=True)}})
+
+
+def _summary(acfg: AdaptConfig, streams: list[Stream], final: dict[str, dict[str, Any]], clock: VirtualClock,
+             totals: dict[str, Any]) -> dict[str, Any]:
+    per_edge = {s.edge_id: {"shift": s.shift, "acc": final[s.edge_id]["correct"] / max(final[s.edge_id]["seen"], 1),
+                            "images": final[s.edge_id]["seen"]} for s in streams}
+    per_shift: dict[str, list[int]] = {}
+    for s in streams:
+        c = per_shift.setdefault(s.shift, [0, 0])
+        c[0] += final[s.edge_id]["correct"]
+        c[1] += final[s.edge_id]["seen"]
+    acc_per_shift = {k: v[0] / max(v[1], 1) for k, v in per_shift.items()}
+    timed_s = sum(f["timed_s"] for f in final.values())
+    timed_images = sum(f["timed_images"] for f in final.values())
+    c = clock.summary()
+    return {
+        "method": acfg.method, "episodic": METHODS[acfg.method].episodic,
+        "acc_mean": sum(acc_per_shift.values()) / len(acc_per_shift), "acc_per_shift": acc_per_shift,
+        "acc_per_edge": per_edge,
+        "ms_per_image": 1000.0 * timed_s / timed_images if timed_images else None,
+        "peak_mem_mb": max(f["peak_bytes"] for f in final.values()) / 2**20,
+        "prompt_bytes_up": totals["prompt_bytes_up"], "prompt_bytes_down": totals["prompt_bytes_down"],
+        "prompt_shares": totals["shares"], "share_every": acfg.share_every,
+        "bytes_total": c["bytes_total"], "virtual_time_s": c["virtual_time_s"],
+    }
+
+
+def run_adapt(cfg: RunConfig, out_dir: str | Path, resume: bool = False, engine_kind: str = "local") -> dict[str, Any]:
+    """The CLI's entry: run the stage into ``out_dir`` and return the summary dict."""
+    t0 = time.perf_counter()
+    run = RunDir.create(out_dir, cfg, resume=resume)
+    if resume and run.complete:
+        return run.read_summary().get(STAGE, {})
+    engine = make_engine(engine_kind, cfg.engine.address)
+    try:
+        result = adapt(cfg, run, engine, resume=resume)
+    finally:
+        engine.close()
+    summary = {**result.summary, "wall_s": round(time.perf_counter() - t0, 3)}
+    run.write_summary({STAGE: summary}, complete=True)
+    return summary
+
+
+def adapt_checkpoint(checkpoint: str | Path, cfg: RunConfig | None = None, out_dir: str | Path | None = None,
+                     **overrides: Any) -> dict[str, Any]:
+    """The demo's entry: adapt the CLIP at ``checkpoint`` (a dir or weights file) and return the summary.
+
+    ``cfg`` defaults to a fleet of one cloud and the default edges on the bundled digits; any
+    AdaptConfig field may be overridden (``method="tpt"``, ``streams=[...]``, ...).
+    """
+    from cloudedge.config import RunConfig as _RunConfig
+
+    cfg = cfg or _RunConfig()
+    return adapt(cfg, out_dir, checkpoint=checkpoint, **overrides).summary
