@@ -71,6 +71,10 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
     for stem in stems[:-keep] if keep > 0 else []:
         for suffix in (".safetensors", ".json"):
             (ckpt_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+    # Temporary files of writes killed half-way (each as large as a checkpoint): called right after
+    # a complete save, so no write of ours is in flight in this directory.
+    for tmp in ckpt_dir.glob(".step-*"):
+        tmp.unlink(missing_ok=True)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

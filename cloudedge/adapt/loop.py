@@ -263,8 +263,12 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             engine.call(s.edge_id, "set_state", tensors=own, counters=state["edges"][s.edge_id])
         run_dir.truncate_metrics(lambda row: row.get("stage") != STAGE or row.get("round", 0) <= start_round)
-    elif acfg.method == "coop":
-        _deploy_coop(cfg, acfg, source, device, source_split, classnames, streams, engine, clock, totals)
+    else:
+        if resume and run_dir is not None:
+            # Killed before its first checkpoint: start over, without the rows logged before the crash.
+            run_dir.truncate_metrics(lambda row: row.get("stage") != STAGE or row.get("method") != acfg.method)
+        if acfg.method == "coop":
+            _deploy_coop(cfg, acfg, source, device, source_split, classnames, streams, engine, clock, totals)
 
     rows: list[dict[str, Any]] = []
     last: dict[str, dict[str, Any]] = {}

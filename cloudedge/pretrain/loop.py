@@ -377,6 +377,9 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         start_round = int(state["round"]) + 1
         rows = [r for r in run_dir.read_metrics() if r.get("stage") == STAGE and r.get("round", -1) < start_round]
         run_dir.truncate_metrics(lambda r: r.get("stage") != STAGE or r.get("round", -1) < start_round)
+    elif resume and run_dir is not None:
+        # Killed before its first checkpoint: start over, without the rows logged before the crash.
+        run_dir.truncate_metrics(lambda r: r.get("stage") != STAGE or r.get("method") != method)
 
     param_nbytes = comm.compress({k: v.detach() for k, v in params.items()}, pcfg.compression).nbytes
     val_loss: float | None = rows[-1].get("val_loss") if rows else None

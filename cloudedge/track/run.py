@@ -82,7 +82,17 @@ class RunDir:
             atomic_write_text(path / "config.yaml", text)
         if not resume:
             run.metrics_path.write_text("")
+        else:
+            run.repair_metrics()
         return run
+
+    def repair_metrics(self) -> None:
+        """Drop a half-written last row (a crash mid-append), so resume can append after it."""
+        if not self.metrics_path.is_file():
+            return
+        text = self.metrics_path.read_text(encoding="utf-8", errors="replace")
+        if text and not text.endswith("\n"):
+            atomic_write_text(self.metrics_path, text[: text.rfind("\n") + 1])
 
     # --- metrics -------------------------------------------------------------------------------
     def log(self, **row: Any) -> dict[str, Any]:
@@ -154,11 +164,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"{path}: no metrics file (is {run_dir} a cloudedge run directory?)")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
+            if n == len(lines) and not text.endswith("\n"):
+                break  # the last row was being written when the run was killed: it never happened
             raise InputError(f"{path}:{n}: not a JSON object") from None
     return rows
