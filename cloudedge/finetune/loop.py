@@ -345,7 +345,16 @@ class HierFinetune:
 
         Returns the aggregated state, when the round ends, and what was observed. Updates that
         arrive pass the update gate (and the staleness rule) before they are aggregated.
+
+        A device whose worker fails (a crash, a dead Ray actor: a ``WorkerError`` from
+        ``engine.run_tolerant``) sends no update: it is left out of this round like a device that
+        dropped out (nothing of its work is charged, as nothing of it is known; the edge waits until
+        the deadline, if there is one), counted in the metric row's ``failed`` with the reason in
+        ``failures``, and the round completes with the others. After its task every device's worker
+        is released, so a device holds no model between the rounds it is sampled in.
         """
+        from cloudedge.engine import WorkerError  # here, not at the top: this method's own edit
+
         agg = self.fleet.nodes[agg_id]
         avail = available_nodes(devices, self.rng)
         if self.s.participation < 1.0 and avail:
@@ -397,13 +406,19 @@ class HierFinetune:
             elif self.dp is not None:
                 kw["dp"] = {k: self.dp[k] for k in ("clip_norm", "noise_multiplier", "mode")}
             tasks.append(Task(p.dev.id, "train", kw))
-        results = self.engine.run(tasks)
+        results = self.engine.run_tolerant(tasks)
+        for p in planned:  # workers are stateless between tasks: rebuilding one gives the same result
+            self.engine.release(p.dev.id)
         incoming: dict[str, Tensors] = {}
         work, weight, stats_of, steps_of = {}, {}, {}, {}
         rejected: dict[str, str] = {}
+        failed: dict[str, str] = {}
         arrivals, step_s, comm_s = [], [], []
         for p, res in zip(planned, results, strict=True):
             dev = p.dev
+            if isinstance(res, WorkerError):
+                failed[dev.id] = str(res.cause)
+                continue
             t_done = self.clock.compute(dev.id, p.flops, start=p.begin)
             got, nbytes = self._ship(res["update"])
             arrivals.append(self._transfer(dev.id, agg_id, nbytes, start=t_done))
@@ -431,7 +446,7 @@ class HierFinetune:
                 accepted if self.dp is not None and self.dp["mode"] == "central" else planned):
             self.privacy.step(agg_id)  # central: a noised mean was released; local: devices sent
         t_end = max(arrivals, default=t0)
-        if timed_out or dropped_out or not planned:
+        if timed_out or dropped_out or failed or not planned:
             t_end = max(t_end, t_deadline if math.isfinite(t_deadline) else t0)
         if not avail and not math.isfinite(t_deadline):
             t_end = t0 + max(o.comm_s + o.sec_per_step for o in obs_all)  # nobody reachable: wait a beat
@@ -446,10 +461,16 @@ class HierFinetune:
         self.dropped_total += len(timed_out) + len(dropped_out)
         self._count("timed_out", len(timed_out))
         self._count("dropped", len(dropped_out))
+        # `failed` rides in the row's counts (reset by `_log` after each row, like the others).
+        self.counts["failed"] = self.counts.get("failed", 0) + len(failed)
+        self.totals["failed"] = self.totals.get("failed", 0) + len(failed)
+        if failed:
+            log = self.counts.setdefault("failures", [])  # type: ignore[arg-type]
+            log.extend({"at": agg_id, "from": d, "reason": r} for d, r in failed.items())  # type: ignore[attr-defined]
         self._reject(agg_id, rejected)
         self.device_steps_total += sum(steps_of[i] for i in accepted)
         info = {"participants": len(avail), "accepted": len(accepted), "timed_out": len(timed_out),
-                "dropped": len(dropped_out), "rejected": len(rejected),
+                "dropped": len(dropped_out), "rejected": len(rejected), "failed": len(failed),
                 "steps": [steps_of[i] for i in accepted], "drift": drift, "obs": obs_all,
                 "energy_j": sum(self.clock.energy_j[d.id] for d in devices) - energy0}
         return new_state, t_end, info
@@ -527,14 +548,14 @@ class HierFinetune:
 
     def run(self, ckpt_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
         """Fine-tune until the virtual time budget or the round limit; returns the summary."""
-        if resume and ckpt_dir is not None and self._restore(ckpt_dir):
-            pass
-        elif self.policy.barrier or self.policy.two_tier:
+        if not (resume and ckpt_dir is not None and self._restore(ckpt_dir)):
+            if resume and self.run_dir is not None:
+                # Killed before its first checkpoint: start over, without the rows logged before the crash.
+                self.run_dir.truncate_metrics(lambda r: r.get("stage") != "finetune" or r.get("method") != self.method)
             self._log(0.0, {"syncs": 0})
-        else:
-            self._log(0.0, {"syncs": 0})
-            for e in self.fleet.edges:
-                self._start_period(e.id, 0.0)
+            if not (self.policy.barrier or self.policy.two_tier):
+                for e in self.fleet.edges:
+                    self._start_period(e.id, 0.0)
         while True:
             if self.policy.two_tier:
                 finished = self._round_two_tier()
