@@ -382,8 +382,13 @@ def test_cli_arguments_exit_2_one_line(args, capsys):
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "adapt"])
-def test_cli_stage_without_section(stage, capsys):
-    assert main([stage, str(ROOT / "configs" / "demo.yaml"), "--out", "/nonexistent/x"]) == 2
+def test_cli_stage_without_section(stage, tmp_path, capsys):
+    raw = copy.deepcopy(DEMO)
+    raw.pop(stage, None)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main([stage, str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()  # nothing was started
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"needs a '{stage}' section" in err
 

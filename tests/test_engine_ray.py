@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 
 from cloudedge.engine import LocalEngine, Task, WorkerSpec  # noqa: E402
 from cloudedge.engine.ray import RayEngine, host_of  # noqa: E402
-from tests.ray_support import ray_env, two_node_cluster  # noqa: E402
+from cloudedge.bench.ray_cluster import cluster_env, local_cluster  # noqa: E402
 
 
 class Trainer:
@@ -103,7 +103,7 @@ def test_two_node_cluster_placement_and_auth(tmp_path):
     from pathlib import Path
 
     root = str(Path(__file__).parents[1])
-    with two_node_cluster() as (address, env):
+    with local_cluster(nodes=2) as (address, env):
         script = tmp_path / "driver.py"
         script.write_text(DRIVER.format(root=root, address=address))
         # The cloud host is placed only where `cloud` is: register one there too.
@@ -116,7 +116,7 @@ def test_two_node_cluster_placement_and_auth(tmp_path):
         assert got["edge"] > 0 and got["cloud"] > 0 and got["edge_node_has_cloud"] == 0
         assert torch.allclose(torch.tensor(got["w"]), _fedavg(LocalEngine()), atol=1e-6)
         # Without the cluster's token, a client is refused.
-        bad = ray_env("not-the-token")
+        bad = cluster_env("not-the-token")
         probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r})"],
                                env=bad, capture_output=True, text=True, timeout=120)
         assert probe.returncode != 0
