@@ -198,3 +198,29 @@ def test_bad_shards_are_input_errors() -> None:
     with pytest.raises(InputError, match=r"client_eval.edge0/dev1.id.x: expected \[N, 1, 4, 4\]"):
         bad = {DEVICES[1]: {"id": {"x": torch.zeros(3, 3, 4, 4), "y": torch.zeros(3, dtype=torch.long)}}}
         pretrain(_client_cfg("erm"), shards=shards, client_eval=bad)
+
+
+class _BrokenWorker:
+    """Stands in for a worker whose process keeps crashing: every task raises."""
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def gradient(self, **_: object) -> dict:
+        raise RuntimeError("device rebooted")
+
+
+def test_a_failing_worker_is_skipped_and_logged(tmp_path) -> None:
+    from cloudedge.engine import LocalEngine, WorkerSpec
+
+    engine = LocalEngine()
+    broken = "edge0/dev1"
+
+    def break_it(round_idx: int, row: dict) -> None:
+        if round_idx == 0:  # from round 1 on, this device's worker fails every task
+            engine.register(broken, WorkerSpec(_BrokenWorker, {}))
+
+    res = pretrain(_cfg("sync", "uniform", rounds=3), tmp_path / "run", engine, on_round=break_it)
+    assert [row["failed"] for row in res.metrics] == [0, 1, 1]
+    assert "device rebooted" in res.metrics[1]["failures"][broken]
+    assert len(res.metrics) == 3 and res.metrics[-1]["val_loss"] is not None

@@ -28,7 +28,7 @@ from cloudedge.aggregate import weighted_mean
 from cloudedge.checkpoint import check_state_dict, load_latest, save_checkpoint
 from cloudedge.config.pretrain import PretrainConfig
 from cloudedge.config.run import RunConfig
-from cloudedge.engine import Engine, Task, WorkerSpec, make_engine
+from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, Node, VirtualClock, available_nodes
 from cloudedge.models.zoo import param_count
@@ -409,10 +409,18 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                 tasks.append(Task(wid, "gradient", common))
             else:
                 tasks.append(Task(wid, "local_train", {**common, "steps": steps[wid], "lr": lr}))
-        results = engine.run(tasks)
+        results = engine.run_tolerant(tasks)
         for wid in ids:
             if fleet.nodes[wid].tier == "device":
                 engine.release(wid)  # devices hold no model between the rounds they are sampled in
+        # A worker that failed (a crashed actor, an exception) is left out of this round and logged;
+        # the round completes with the others. Ray rebuilds a dead host for the next round.
+        failed = {wid: str(res) for wid, res in zip(ids, results, strict=True) if isinstance(res, WorkerError)}
+        if failed:
+            if len(failed) == len(ids):
+                raise WorkerError("round", str(r), f"every worker failed: {'; '.join(failed.values())}")
+            kept = [(wid, res) for wid, res in zip(ids, results, strict=True) if wid not in failed]
+            ids, results = [w for w, _ in kept], [res for _, res in kept]
 
         # 3. virtual clock: broadcast, compute, upload; everyone waits for the slowest
         t0 = clock.now
@@ -484,6 +492,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                "participants": len(ids), "accumulating": sum(plan.batches[w] > caps[w] for w in ids),
                "utilization": busy / (len(ids) * round_s) if round_s > 0 else 0.0,
                "bytes_total": summary_clock["bytes_total"], "energy_j": summary_clock["energy_j_total"],
+               "failed": len(failed), **({"failures": failed} if failed else {}),
                **{f"ctl_{k}": v for k, v in plan.info.items()}, **client_metrics}
         rows.append(run_dir.log(**row) if run_dir is not None else row)
         if ckpt_dir is not None and ((r + 1) % pcfg.checkpoint_every == 0 or last):
