@@ -11,9 +11,9 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from cloudedge.bench.ray_cluster import cluster_env, local_cluster  # noqa: E402
 from cloudedge.engine import LocalEngine, Task, WorkerSpec  # noqa: E402
 from cloudedge.engine.ray import RayEngine, host_of  # noqa: E402
-from cloudedge.bench.ray_cluster import cluster_env, local_cluster  # noqa: E402
 
 
 class Trainer:

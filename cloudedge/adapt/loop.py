@@ -34,6 +34,7 @@ from cloudedge.adapt.memory import measure_peak_bytes
 from cloudedge.adapt.methods import METHODS, CoOp, build_method
 from cloudedge.aggregate import weighted_mean
 from cloudedge.checkpoint import load_latest, save_checkpoint
+from cloudedge.config import with_overrides
 from cloudedge.config.adapt import AdaptConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.config.run import RunConfig
@@ -201,19 +202,6 @@ class AdaptResult:
     run_dir: RunDir | None = None
 
 
-def _merge(acfg: AdaptConfig, overrides: dict[str, Any]) -> AdaptConfig:
-    from pydantic import ValidationError
-
-    from cloudedge.config import format_validation_error
-
-    if not overrides:
-        return acfg
-    try:
-        return AdaptConfig.model_validate({**acfg.model_dump(), **overrides})
-    except ValidationError as err:
-        raise InputError(format_validation_error(err, "adapt overrides")) from None
-
-
 def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: Engine | None = None, *,
           resume: bool = False, checkpoint: str | Path | None = None,
           on_round: Callable[[int, dict[str, Any]], None] | None = None, **overrides: Any) -> AdaptResult:
@@ -228,7 +216,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
         checkpoint: the CLIP to adapt (overrides ``adapt.checkpoint``).
         on_round: called after each round with (round, {edge: row}).
     """
-    acfg = _merge(cfg.adapt or AdaptConfig(), overrides)
+    acfg = with_overrides(cfg.adapt or AdaptConfig(), overrides, STAGE)
     if acfg.method not in METHODS:
         raise InputError(f"adapt.method: unknown method {acfg.method!r} (known: {', '.join(METHODS)})")
     if isinstance(run_dir, str | Path):

@@ -24,7 +24,7 @@ from cloudedge.errors import InputError
 __all__ = [
     "AdaptConfig", "DataConfig", "DeviceGroup", "EdgeSpec", "EngineConfig", "FinetuneConfig",
     "FleetConfig", "ModelConfig", "PartitionConfig", "PretrainConfig", "RunConfig",
-    "format_validation_error", "load_config", "config_from_dict", "dump_config",
+    "format_validation_error", "load_config", "config_from_dict", "dump_config", "with_overrides",
 ]
 
 
@@ -59,6 +59,19 @@ def _check_names(cfg: RunConfig, source: str) -> None:
     from cloudedge.fleet.profiles import check_fleet_profiles
 
     check_fleet_profiles(cfg.fleet, source)
+
+
+def with_overrides(section: Any, overrides: dict[str, Any], label: str) -> Any:
+    """A copy of a config section with ``overrides`` applied and validated (API keyword overrides).
+
+    A bad override is an InputError naming ``label`` and the field, like a bad config file.
+    """
+    if not overrides:
+        return section
+    try:
+        return type(section).model_validate({**section.model_dump(), **overrides})
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, f"{label} overrides")) from None
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -26,6 +26,7 @@ from torch import nn
 from cloudedge import comm
 from cloudedge.aggregate import weighted_mean
 from cloudedge.checkpoint import check_state_dict, load_latest, save_checkpoint
+from cloudedge.config import with_overrides
 from cloudedge.config.pretrain import PretrainConfig
 from cloudedge.config.run import RunConfig
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
@@ -238,19 +239,6 @@ def _lr_at(pcfg: PretrainConfig, round_idx: int) -> float:
     return pcfg.lr
 
 
-def _merge(pcfg: PretrainConfig, overrides: dict[str, Any]) -> PretrainConfig:
-    if not overrides:
-        return pcfg
-    from pydantic import ValidationError
-
-    from cloudedge.config import format_validation_error
-
-    try:
-        return PretrainConfig.model_validate({**pcfg.model_dump(), **overrides})
-    except ValidationError as err:
-        raise InputError(format_validation_error(err, "pretrain overrides")) from None
-
-
 def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: Engine | None = None, *,
              resume: bool = False, on_round: Callable[[int, dict[str, Any]], None] | None = None,
              method: str | None = None, shards: dict[str, Tensors] | None = None,
@@ -276,7 +264,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
             over clients), ``<set>_acc_worst`` and ``clients`` (every client's metrics).
         val: the cloud's held-out data when ``shards`` is given (default: none, no ``val_loss``).
     """
-    pcfg = _merge(cfg.pretrain or PretrainConfig(), overrides)
+    pcfg = with_overrides(cfg.pretrain or PretrainConfig(), overrides, STAGE)
     model_cfg = cfg.stage_model(STAGE)
     method = method or f"{pcfg.algorithm}-{pcfg.controller}"
     seq_len = pcfg.seq_len or model_cfg.context

@@ -58,7 +58,7 @@ def _fleet_rows(config: dict[str, Any], base_dir: Path) -> list[list[str]]:
         by_profile: dict[str, list] = {}
         for d in fleet.devices_of(edge.id):
             by_profile.setdefault(d.profile.name, []).append(d)
-        for name, devs in by_profile.items():
+        for devs in by_profile.values():
             add(f"{edge.id}: {len(devs)} x device", devs[0])
     return rows
 
