@@ -121,3 +121,33 @@ def test_weights_file_with_model_config(clip_dir, tmp_path):
     torch.testing.assert_close(clip.image_features(x), ref.image_features(x))
     with pytest.raises(InputError, match="needs the model config"):
         load_clip(path)
+
+
+class _FailsOnce(AdaptWorker):
+    """An edge worker whose first step crashes (an edge server that rebooted), then works."""
+
+    crashed = False
+
+    def step(self):
+        if not _FailsOnce.crashed:
+            _FailsOnce.crashed = True
+            raise RuntimeError("edge server rebooted")
+        return super().step()
+
+
+def test_a_failed_edge_is_restored_and_finishes_its_stream(clip_dir, tmp_path):
+    cfg = _cfg(clip_dir)
+    engine = LocalEngine()
+    full = adapt(cfg, None, LocalEngine()).summary
+
+    def break_edge1(r, rows):
+        if r == 1:  # the replacement worker starts from its spec; the loop restores its state
+            engine.register("edge1", WorkerSpec(_FailsOnce, engine._specs["edge1"].kwargs))
+
+    res = adapt(cfg, tmp_path / "run", engine, on_round=break_edge1)
+    failures = [row for row in res.metrics if row.get("failed")]
+    assert len(failures) == 1 and "edge server rebooted" in failures[0]["failures"]["edge1"]
+    # Every image of both streams was still adapted on and counted, from the restored state.
+    assert all(e["images"] == 12 for e in res.summary["acc_per_edge"].values())
+    assert res.summary["acc_per_edge"]["edge0"] == full["acc_per_edge"]["edge0"]
+    assert max(row["round"] for row in res.metrics) == 4  # one extra round for the skipped batch

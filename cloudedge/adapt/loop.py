@@ -38,7 +38,7 @@ from cloudedge.config import with_overrides
 from cloudedge.config.adapt import AdaptConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.config.run import RunConfig
-from cloudedge.engine import Engine, Task, WorkerSpec, make_engine
+from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
 from cloudedge.track.run import RunDir
@@ -129,7 +129,13 @@ class AdaptWorker:
         batch_correct = int((logits.argmax(-1).cpu() == y).sum())
         self.correct += batch_correct
         self.position += len(x)
-        return self.stats(batch_correct=batch_correct, batch_seen=len(x))
+        # The state after this step travels back with the result (prompts are small): if this
+        # worker dies later, the coordinator restores its replacement to exactly this point.
+        return {**self.stats(batch_correct=batch_correct, batch_seen=len(x)), "snapshot": self._snapshot()}
+
+    def _snapshot(self) -> dict[str, Any]:
+        state = self.get_state()
+        return {"tensors": state["tensors"], "counters": state["counters"]}
 
     def stats(self, batch_correct: int = 0, batch_seen: int = 0) -> dict[str, Any]:
         return {"seen": self.position, "correct": self.correct, "batch_correct": batch_correct,
@@ -239,6 +245,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
     totals = {"prompt_bytes_up": 0, "prompt_bytes_down": 0, "shares": 0}
 
     start_round = 0
+    snapshots: dict[str, dict[str, Any]] = {}  # each edge's state after its last good step
     ckpt_dir = run_dir.checkpoint_dir(STAGE) if run_dir is not None else None
     latest = load_latest(ckpt_dir) if (resume and ckpt_dir is not None) else None
     if latest is not None:
@@ -250,6 +257,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
             prefix = f"{s.edge_id}."
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             engine.call(s.edge_id, "set_state", tensors=own, counters=state["edges"][s.edge_id])
+            snapshots[s.edge_id] = {"tensors": own, "counters": state["edges"][s.edge_id]}
         run_dir.truncate_metrics(lambda row: row.get("stage") != STAGE or row.get("round", 0) <= start_round)
     else:
         if resume and run_dir is not None:
@@ -260,10 +268,23 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
 
     rows: list[dict[str, Any]] = []
     last: dict[str, dict[str, Any]] = {}
-    for r in range(start_round, n_rounds):
-        results = engine.run([Task(s.edge_id, "step") for s in streams])
+    # An edge whose worker fails (a crashed actor, an exception) skips the round and is logged; its
+    # replacement is restored to the edge's last good step and streams the skipped batch one round
+    # later, so the run gets one more round per failure (at most as many extra rounds as planned).
+    planned, r = n_rounds, start_round
+    while r < n_rounds:
+        results = engine.run_tolerant([Task(s.edge_id, "step") for s in streams])
         round_rows = {}
+        failed = {}
         for s, res in zip(streams, results, strict=True):
+            if isinstance(res, WorkerError):
+                failed[s.edge_id] = str(res)
+                if s.edge_id in snapshots:
+                    engine.call(s.edge_id, "set_state", **snapshots[s.edge_id])
+                continue
+            snapshot = res.pop("snapshot", None)
+            if snapshot is not None:
+                snapshots[s.edge_id] = snapshot
             last[s.edge_id] = res
             if res["batch_seen"] == 0:
                 continue
@@ -276,8 +297,16 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
             _share_prompts(acfg, streams, last, engine, clock, totals)
         if on_round is not None:
             on_round(r + 1, round_rows)
+        if failed:
+            if n_rounds - planned >= planned:
+                raise WorkerError("adapt", f"round {r + 1}", f"edges keep failing: {'; '.join(failed.values())}")
+            n_rounds += 1
+            fail_row = {"stage": STAGE, "method": acfg.method, "round": r + 1, "failed": len(failed),
+                        "failures": failed}
+            rows.append(run_dir.log(**fail_row) if run_dir is not None else fail_row)
         if ckpt_dir is not None and ((r + 1) % acfg.checkpoint_every == 0 or r + 1 == n_rounds):
             _checkpoint(ckpt_dir, r + 1, streams, engine, clock, totals)
+        r += 1
 
     final = {s.edge_id: engine.call(s.edge_id, "stats") for s in streams}
     summary = _summary(acfg, streams, final, clock, totals)
