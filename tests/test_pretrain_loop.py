@@ -224,3 +224,27 @@ def test_a_failing_worker_is_skipped_and_logged(tmp_path) -> None:
     assert [row["failed"] for row in res.metrics] == [0, 1, 1]
     assert "device rebooted" in res.metrics[1]["failures"][broken]
     assert len(res.metrics) == 3 and res.metrics[-1]["val_loss"] is not None
+
+
+def test_a_nan_update_is_rejected_before_aggregation(tmp_path) -> None:
+    from cloudedge.engine import LocalEngine, WorkerSpec
+    from cloudedge.pretrain.workers import PretrainWorker
+
+    class _NaNWorker(PretrainWorker):
+        def gradient(self, **kwargs):
+            out = super().gradient(**kwargs)
+            out["update"] = {k: torch.full_like(v, float("nan")) for k, v in out["update"].items()}
+            return out
+
+    engine = LocalEngine()
+    target = "edge0/dev0"
+
+    def poison(round_idx: int, row: dict) -> None:
+        if round_idx == 0:
+            engine.register(target, WorkerSpec(_NaNWorker, engine._specs[target].kwargs))
+
+    res = pretrain(_cfg("sync", "uniform", rounds=3), tmp_path / "run", engine, on_round=poison)
+    assert [row["rejected"] for row in res.metrics][0] == 0
+    poisoned = [row for row in res.metrics[1:] if row["rejected"]]
+    assert poisoned and "non-finite" in next(iter(poisoned[0]["rejections"].values())).lower()
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())

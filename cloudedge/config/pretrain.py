@@ -57,6 +57,10 @@ class PretrainConfig(StrictModel):
 
     # Wire and outputs.
     compression: Literal["none", "fp16", "int8"] = "none"
+    update_check: Literal["structure", "norm"] = Field(
+        default="structure",
+        description="every update is checked before aggregation: structure (keys, shapes, finite values), "
+                    "or also norm (reject norms far outside the round's: median + 5 MAD; docs/reliability.md)")
     eval_every: int = Field(default=5, ge=1)
     eval_samples: int = Field(default=128, ge=1, description="held-out samples the cloud evaluates on")
     checkpoint_every: int = Field(default=10, ge=1)

@@ -37,6 +37,7 @@ from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerI
 from cloudedge.pretrain.memory import activation_bytes_per_sample, max_micro_batch
 from cloudedge.pretrain.tasks import build_task_model, evaluate_loss, train_flops_per_sample
 from cloudedge.pretrain.workers import PretrainWorker, trainable
+from cloudedge.robust import UpdateGate
 from cloudedge.track.run import RunDir
 
 STAGE = "pretrain"
@@ -425,6 +426,15 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                 done[wid] = clock.transfer(wid, CLOUD_ID, nbytes, start=done[wid])
         t1 = clock.barrier([*ids, CLOUD_ID])
         round_s = t1 - t0
+        # Every update is checked before it is aggregated (a hostile or broken worker can send
+        # anything): a rejected one is dropped from this round and its reason logged.
+        verdict = UpdateGate(params, norm_rule="mad" if pcfg.update_check == "norm" else "none").check(
+            dict(zip(ids, updates, strict=True)))
+        if verdict.rejected:
+            if not verdict.accepted:
+                raise WorkerError("round", str(r), f"every update was rejected: {verdict.rejected}")
+            kept = [i for i, wid in enumerate(ids) if wid not in verdict.rejected]
+            ids, results, updates = [ids[i] for i in kept], [results[i] for i in kept], [updates[i] for i in kept]
 
         # 4. aggregate and step
         units = [int(res["units"]) for res in results]
@@ -481,6 +491,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                "utilization": busy / (len(ids) * round_s) if round_s > 0 else 0.0,
                "bytes_total": summary_clock["bytes_total"], "energy_j": summary_clock["energy_j_total"],
                "failed": len(failed), **({"failures": failed} if failed else {}),
+               "rejected": len(verdict.rejected), **({"rejections": verdict.rejected} if verdict.rejected else {}),
                **{f"ctl_{k}": v for k, v in plan.info.items()}, **client_metrics}
         rows.append(run_dir.log(**row) if run_dir is not None else row)
         if ckpt_dir is not None and ((r + 1) % pcfg.checkpoint_every == 0 or last):
