@@ -91,3 +91,18 @@ def test_scale_benchmark_trains_the_sampled_share(tmp_path) -> None:
     assert len(m["live_workers_per_round"]) == 1
     with pytest.raises(ValueError):
         scale.measure(15)
+
+
+def test_training_stages_log_model_flops_utilization():
+    from cloudedge.config import config_from_dict
+    from cloudedge.pretrain import pretrain
+
+    cfg = config_from_dict({
+        "fleet": {"edges": [{"count": 1, "devices": [{"count": 2, "profile": "jetson-orin"}]}]},
+        "model": {"kind": "gpt", "hidden": 16, "layers": 1, "heads": 2, "context": 16},
+        "data": {"source": "pydocs", "max_docs": 60},
+        "pretrain": {"task": "lm", "rounds": 2, "global_batch": 8, "eval_every": 2},
+    })
+    row = pretrain(cfg).metrics[-1]
+    assert 0 < row["mfu_measured"] < 1.5 and row["achieved_flops"] > 0
+    assert 0 < row["mfu_profile"] < row["mfu_measured"]  # the profile's A100-class peak is far above this host

@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ from cloudedge.finetune.sync import DeviceObs, DeviceStats, EdgeObs, EdgeRoundSt
 from cloudedge.finetune.workers import FinetuneWorker
 from cloudedge.fleet import Fleet, VirtualClock, available_nodes, transfer_seconds
 from cloudedge.fleet.topology import Node
+from cloudedge.perf import utilization_fields
 
 Tensors = dict[str, torch.Tensor]
 CLOUD = "cloud"
@@ -171,6 +173,7 @@ class HierFinetune:
             self.global_state = with_base_deltas(self.global_state)
         self.n_samples = {d: int(v["labels"].shape[0]) for d, v in task.device_data.items()}
         self.sec_per_step = {d.id: self.step_flops / d.profile.flops for d in fleet.devices}
+        self.host_flops, self.host_wall_s = 0.0, 0.0  # real work done on this host, for MFU
         self.edge_round_s: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
         self.cloud_round = 0
@@ -406,7 +409,11 @@ class HierFinetune:
             elif self.dp is not None:
                 kw["dp"] = {k: self.dp[k] for k in ("clip_norm", "noise_multiplier", "mode")}
             tasks.append(Task(p.dev.id, "train", kw))
+        wall0 = time.perf_counter()
         results = self.engine.run_tolerant(tasks)
+        self.host_wall_s += time.perf_counter() - wall0
+        self.host_flops += sum(p.flops for p, res in zip(planned, results, strict=True)
+                               if not isinstance(res, WorkerError))
         for p in planned:  # workers are stateless between tasks: rebuilding one gives the same result
             self.engine.release(p.dev.id)
         incoming: dict[str, Tensors] = {}
@@ -532,6 +539,11 @@ class HierFinetune:
             "rejections": self.rejected_log[:_MAX_REJECTED_LISTED],
             **extra,
         }
+        if self.host_wall_s > 0:  # this host's model-FLOPs utilization since the last row
+            fastest = max(d.profile.flops for d in self.fleet.devices)
+            util = utilization_fields(self.host_flops, self.host_wall_s, fastest, peak_size=1024)
+            row.update({k: util[k] for k in ("mfu_measured", "mfu_profile", "achieved_flops")})
+            self.host_flops, self.host_wall_s = 0.0, 0.0
         if self.privacy is not None:
             row["epsilon"] = self.privacy.epsilon()
         self.counts = dict.fromkeys(_COUNTS, 0)

@@ -33,6 +33,7 @@ from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, Node, VirtualClock, available_nodes
 from cloudedge.models.zoo import param_count
+from cloudedge.perf import utilization_fields
 from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerInfo, get_controller
 from cloudedge.pretrain.memory import activation_bytes_per_sample, max_micro_batch
 from cloudedge.pretrain.tasks import build_task_model, evaluate_loss, train_flops_per_sample
@@ -398,7 +399,9 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                 tasks.append(Task(wid, "gradient", common))
             else:
                 tasks.append(Task(wid, "local_train", {**common, "steps": steps[wid], "lr": lr}))
+        wall0 = time.perf_counter()
         results = engine.run_tolerant(tasks)
+        work_wall_s = time.perf_counter() - wall0
         for wid in ids:
             if fleet.nodes[wid].tier == "device":
                 engine.release(wid)  # devices hold no model between the rounds they are sampled in
@@ -410,6 +413,11 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                 raise WorkerError("round", str(r), f"every worker failed: {'; '.join(failed.values())}")
             kept = [(wid, res) for wid, res in zip(ids, results, strict=True) if wid not in failed]
             ids, results = [w for w, _ in kept], [res for _, res in kept]
+
+        # This host's model-FLOPs utilization while the workers computed (real FLOPs over real
+        # seconds), against its measured matmul peak and against the fastest participant's profile.
+        host_util = utilization_fields(sum(plan.batches[w] * steps[w] * flops_per_sample for w in ids), work_wall_s,
+                                       max(fleet.nodes[w].profile.flops for w in ids), peak_size=1024)
 
         # 3. virtual clock: broadcast, compute, upload; everyone waits for the slowest
         t0 = clock.now
@@ -491,6 +499,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                "utilization": busy / (len(ids) * round_s) if round_s > 0 else 0.0,
                "bytes_total": summary_clock["bytes_total"], "energy_j": summary_clock["energy_j_total"],
                "failed": len(failed), **({"failures": failed} if failed else {}),
+               **{k: host_util[k] for k in ("mfu_measured", "mfu_profile", "achieved_flops") if k in host_util},
                "rejected": len(verdict.rejected), **({"rejections": verdict.rejected} if verdict.rejected else {}),
                **{f"ctl_{k}": v for k, v in plan.info.items()}, **client_metrics}
         rows.append(run_dir.log(**row) if run_dir is not None else row)
