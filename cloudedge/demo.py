@@ -156,7 +156,7 @@ def _stage_pretrain(cfg: RunConfig, run, engine, plan: DemoPlan, console: Consol
     # The model that goes on to fine-tuning and adaptation: the lowest final validation loss.
     best = min(methods, key=lambda k: methods[k]["final_val_loss"] if methods[k]["final_val_loss"] is not None
                else float("inf"))
-    model_dir = run.path / "models" / "clip"
+    model_dir = (run.path / "models" / "clip").resolve()  # later stages resolve paths against the config
     save_local(models[best], model_dir)
     return {"methods": methods, "target_val_loss": target, "carried_forward": best, "model_dir": str(model_dir),
             "task": "clip contrastive pre-training on digit image-caption pairs, cloud + edge servers"}
