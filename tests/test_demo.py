@@ -10,9 +10,10 @@ from cloudedge.cli import main
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+def test_quick_demo_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as `make demo` uses
+    out = tmp_path / "runs" / "demo"
+    assert main(["demo", "--quick", "--out", "runs/demo"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is True and summary["quick"] is True
     assert set(summary["pretrain"]["methods"]) == {"sync-uniform", "sync-proportional", "local-proportional"}
