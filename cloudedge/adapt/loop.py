@@ -42,6 +42,7 @@ from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
 from cloudedge.track.run import RunDir
+from cloudedge.track.stage_run import run_stage_into
 
 STAGE = "adapt"
 Tensors = dict[str, torch.Tensor]
@@ -386,18 +387,7 @@ def _summary(acfg: AdaptConfig, streams: list[Stream], final: dict[str, dict[str
 
 def run_adapt(cfg: RunConfig, out_dir: str | Path, resume: bool = False, engine_kind: str = "local") -> dict[str, Any]:
     """The CLI's entry: run the stage into ``out_dir`` and return the summary dict."""
-    t0 = time.perf_counter()
-    run = RunDir.create(out_dir, cfg, resume=resume)
-    if resume and run.complete:
-        return run.read_summary().get(STAGE, {})
-    engine = make_engine(engine_kind, cfg.engine.address)
-    try:
-        result = adapt(cfg, run, engine, resume=resume)
-    finally:
-        engine.close()
-    summary = {**result.summary, "wall_s": round(time.perf_counter() - t0, 3)}
-    run.write_summary({STAGE: summary}, complete=True)
-    return summary
+    return run_stage_into(STAGE, cfg, out_dir, resume, engine_kind, adapt)
 
 
 def adapt_checkpoint(checkpoint: str | Path, cfg: RunConfig | None = None, out_dir: str | Path | None = None,

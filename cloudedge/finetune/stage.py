@@ -6,7 +6,6 @@ engine)`` is the API the demo uses (it returns the fine-tuned model too).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from cloudedge.errors import InputError
 from cloudedge.finetune.loop import FinetuneSettings, HierFinetune, TaskData
 from cloudedge.finetune.model import LoraClassifier, build_lora_classifier, load_base_tensors
 from cloudedge.fleet import Fleet
+from cloudedge.track.stage_run import run_stage_into
 
 STAGE = "finetune"
 
@@ -138,24 +138,12 @@ def finetune(cfg: RunConfig, run_dir: Any, engine: Any, resume: bool = False, po
     return FinetuneResult(model=model, summary=summary, history=loop.history, state=loop.global_state)
 
 
-def run_finetune(cfg: RunConfig, out_dir: str | Path, resume: bool = False, engine_kind: str = "local",
-                 overwrite: bool = False) -> dict[str, Any]:
-    """The CLI's entry: run the stage into ``out_dir`` and return the summary dict."""
-    from cloudedge.engine import make_engine
-    from cloudedge.track.run import RunDir
+def run_finetune(cfg: RunConfig, out_dir: str | Path, resume: bool = False, engine_kind: str = "local") -> dict[str, Any]:
+    """The CLI's entry: run the stage into ``out_dir`` (the global adapters in ``adapters.safetensors``)."""
 
-    t0 = time.perf_counter()
-    run = RunDir.create(out_dir, cfg, resume=resume, overwrite=overwrite)
-    if resume and run.complete:
-        return run.read_summary().get(STAGE, {})
-    engine = make_engine(engine_kind, cfg.engine.address)
-    try:
-        result = finetune(cfg, run, engine, resume=resume)
-    finally:
-        engine.close()
-    from safetensors.torch import save_file
+    def save_adapters(result: FinetuneResult, path: Path) -> None:
+        from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in result.state.items()}, str(run.path / "adapters.safetensors"))
-    summary = {**result.summary, "wall_s": round(time.perf_counter() - t0, 3)}
-    run.write_summary({STAGE: summary}, complete=True)
-    return summary
+        save_file({k: v.contiguous() for k, v in result.state.items()}, str(path / "adapters.safetensors"))
+
+    return run_stage_into(STAGE, cfg, out_dir, resume, engine_kind, finetune, save_adapters)

@@ -40,6 +40,7 @@ from cloudedge.pretrain.tasks import build_task_model, evaluate_loss, train_flop
 from cloudedge.pretrain.workers import PretrainWorker, trainable
 from cloudedge.robust import UpdateGate
 from cloudedge.track.run import RunDir
+from cloudedge.track.stage_run import run_stage_into
 
 STAGE = "pretrain"
 Tensors = dict[str, torch.Tensor]
@@ -600,24 +601,15 @@ def _last_client_eval(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_pretrain(cfg: RunConfig, out_dir: str | Path, resume: bool = False, engine_kind: str = "local") -> dict[str, Any]:
-    """The CLI's entry: run the stage into ``out_dir`` and return the summary dict."""
-    t0 = time.perf_counter()
-    run = RunDir.create(out_dir, cfg, resume=resume)
-    if resume and run.complete:
-        return run.read_summary().get(STAGE, {})
-    engine = make_engine(engine_kind, cfg.engine.address)
-    try:
-        result = pretrain(cfg, run, engine, resume=resume)
-    finally:
-        engine.close()
-    model = result.model
-    if hasattr(model, "save_pretrained"):
-        from cloudedge.models.zoo import save_local
+    """The CLI's entry: run the stage into ``out_dir`` (the trained model in ``out_dir/model``)."""
 
-        save_local(model, run.path / "model")
-    summary = {**result.summary, "wall_s": round(time.perf_counter() - t0, 3)}
-    run.write_summary({STAGE: summary}, complete=True)
-    return summary
+    def save_model(result: PretrainResult, path: Path) -> None:
+        if hasattr(result.model, "save_pretrained"):
+            from cloudedge.models.zoo import save_local
+
+            save_local(result.model, path / "model")
+
+    return run_stage_into(STAGE, cfg, out_dir, resume, engine_kind, pretrain, save_model)
 
 
 __all__ = ["PretrainResult", "fednova_delta", "pretrain", "run_pretrain", "union_batch_gradient"]

@@ -1,0 +1,36 @@
+"""The one way a stage command runs: into a run directory, through an engine, marked complete at the end."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cloudedge.track.run import RunDir
+
+
+def run_stage_into(stage: str, cfg: Any, out_dir: str | Path, resume: bool, engine_kind: str,
+                   train: Callable[..., Any], save: Callable[[Any, Path], None] | None = None) -> dict[str, Any]:
+    """Run ``train(cfg, run_dir, engine, resume=...)`` into ``out_dir``; return the stage's summary.
+
+    A run already complete is not run again on ``resume``. ``save(result, run_path)`` writes the
+    stage's artefact (a model, adapters) before summary.json is marked complete, so a complete run
+    directory always holds it. The engine is closed whatever happens.
+    """
+    from cloudedge.engine import make_engine
+
+    t0 = time.perf_counter()
+    run = RunDir.create(out_dir, cfg, resume=resume)
+    if resume and run.complete:
+        return run.read_summary().get(stage, {})
+    engine = make_engine(engine_kind, cfg.engine.address)
+    try:
+        result = train(cfg, run, engine, resume=resume)
+    finally:
+        engine.close()
+    if save is not None:
+        save(result, run.path)
+    summary = {**result.summary, "wall_s": round(time.perf_counter() - t0, 3)}
+    run.write_summary({stage: summary}, complete=True)
+    return summary
