@@ -109,7 +109,7 @@ class FinetuneSettings:
 _ROBUST_DEFAULTS: dict[str, Any] = {"aggregator": "mean", "cloud_aggregator": None, "beta": 0.1, "n_byzantine": 1,
                                     "m": None, "gate": {}}
 _CHURN_DEFAULTS: dict[str, Any] = {"dropout": 0.0, "stale_prob": 0.0, "max_staleness": 4, "stale_decay": 0.5}
-_COUNTS = ("timed_out", "dropped", "stale", "rejected")
+_COUNTS = ("timed_out", "dropped", "stale", "rejected", "failed")
 _MAX_REJECTED_LISTED = 20  # per metric row; the count is always exact
 
 
@@ -234,6 +234,7 @@ class HierFinetune:
         self.agg_rounds: dict[str, int] = {}  # edge rounds run by each aggregation point (model version)
         self.device_cache: dict[str, tuple[int, Tensors]] = {}  # last model each device received (churn)
         self.counts = dict.fromkeys(_COUNTS, 0)  # since the last metric row
+        self.failures_log: list[dict[str, str]] = []  # workers that failed since the last row, and why
         self.totals = dict.fromkeys(_COUNTS, 0)
         self.rejected_log: list[dict[str, str]] = []  # since the last metric row
 
@@ -468,12 +469,8 @@ class HierFinetune:
         self.dropped_total += len(timed_out) + len(dropped_out)
         self._count("timed_out", len(timed_out))
         self._count("dropped", len(dropped_out))
-        # `failed` rides in the row's counts (reset by `_log` after each row, like the others).
-        self.counts["failed"] = self.counts.get("failed", 0) + len(failed)
-        self.totals["failed"] = self.totals.get("failed", 0) + len(failed)
-        if failed:
-            log = self.counts.setdefault("failures", [])  # type: ignore[arg-type]
-            log.extend({"at": agg_id, "from": d, "reason": r} for d, r in failed.items())  # type: ignore[attr-defined]
+        self._count("failed", len(failed))
+        self.failures_log.extend({"at": agg_id, "from": d, "reason": r} for d, r in failed.items())
         self._reject(agg_id, rejected)
         self.device_steps_total += sum(steps_of[i] for i in accepted)
         info = {"participants": len(avail), "accepted": len(accepted), "timed_out": len(timed_out),
@@ -546,8 +543,11 @@ class HierFinetune:
             self.host_flops, self.host_wall_s = 0.0, 0.0
         if self.privacy is not None:
             row["epsilon"] = self.privacy.epsilon()
+        if self.failures_log:
+            row["failures"] = self.failures_log
         self.counts = dict.fromkeys(_COUNTS, 0)
         self.rejected_log = []
+        self.failures_log = []
         self.history.append(row)
         if self.run_dir is not None:
             self.run_dir.log(stage="finetune", method=self.method, **row)
@@ -720,6 +720,7 @@ class HierFinetune:
             "edge_aggregator": self.edge_aggregator, "cloud_aggregator": self.cloud_aggregator,
             "timed_out_updates": self.totals["timed_out"], "dropped_out_updates": self.totals["dropped"],
             "stale_updates": self.totals["stale"], "rejected_updates": self.totals["rejected"],
+            "failed_updates": self.totals["failed"],
             "memory_need_bytes": self.memory_need,
             "attack": None if self.attack_opts is None else {**self.attack_opts, "attackers": self.attackers},
             "privacy": None,
@@ -752,6 +753,7 @@ class HierFinetune:
             "dropped_total": self.dropped_total, "device_steps_total": self.device_steps_total,
             "reliability": {
                 "counts": self.counts, "totals": self.totals, "rejected_log": self.rejected_log,
+                "failures_log": self.failures_log,
                 "agg_rounds": self.agg_rounds, "churn_rng": self.churn_rng.bit_generator.state,
                 "cache_versions": {d: v for d, (v, _) in self.device_cache.items()},
                 "privacy": None if self.privacy is None else self.privacy.state_dict(),
@@ -798,9 +800,11 @@ class HierFinetune:
         return True
 
     def _restore_reliability(self, rel: dict[str, Any], tensors: Tensors, source: str) -> None:
-        self.counts = {k: int(rel["counts"][k]) for k in _COUNTS}
-        self.totals = {k: int(rel["totals"][k]) for k in _COUNTS}
+        # .get: checkpoints written before `failed` was counted still load.
+        self.counts = {k: int(rel["counts"].get(k, 0)) for k in _COUNTS}
+        self.totals = {k: int(rel["totals"].get(k, 0)) for k in _COUNTS}
         self.rejected_log = list(rel["rejected_log"])
+        self.failures_log = list(rel.get("failures_log", []))
         self.agg_rounds = {k: int(v) for k, v in rel["agg_rounds"].items()}
         self.churn_rng.bit_generator.state = rel["churn_rng"]
         self.device_cache = {}
