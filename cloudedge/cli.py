@@ -106,7 +106,8 @@ def fleet(config: ConfigArg, limit: Annotated[int, typer.Option(help="rows shown
 @app.command()
 def demo(out: OutOpt = None, quick: Annotated[bool, typer.Option("--quick", help="the short version (< 3 min)")] = False,
          config: Annotated[Path | None, typer.Option("--config", help="demo config (default: bundled demo.yaml)")] = None,
-         overwrite: OverwriteOpt = True) -> None:
+         overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite",
+                                                 help="move an existing --out aside (default) or refuse")] = True) -> None:
     """The whole lifecycle on bundled data: pre-train, fine-tune, adapt; writes a report."""
     from cloudedge.demo import run_demo
 

@@ -107,7 +107,7 @@ def run_demo(config: Path | None, out_dir: Path, quick: bool = False, overwrite:
 
     threads = torch.get_num_threads()
     configure_threads(cfg.engine.threads)
-    engine = make_engine(cfg.engine.kind, cfg.engine.address)
+    engine = make_engine(cfg.engine.kind, cfg.engine.address, cfg.engine.threads)
     t0 = time.perf_counter()
     try:
         pre = _stage_pretrain(cfg, run, engine, plan, console)

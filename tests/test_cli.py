@@ -39,3 +39,8 @@ def test_entry_point_exit_code(tmp_path):
     bad.write_text("seed: [1]\n")
     proc = subprocess.run([sys.executable, "-m", "cloudedge", "fleet", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "seed" in proc.stderr
+
+
+def test_benchmark_option_it_does_not_take_is_an_input_error(capsys, tmp_path):
+    assert main(["bench", "pretrain-hetero", "--quick", "--devices", "100", "--out", str(tmp_path)]) == 2
+    assert "takes no --devices option" in capsys.readouterr().err

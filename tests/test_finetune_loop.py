@@ -104,3 +104,15 @@ def test_resume_gives_the_same_result(tmp_path, policy):
         assert torch.equal(v, resumed.state[k]), k
     rows = [r for r in RunDir(part_dir).read_metrics() if r.get("stage") == "finetune"]
     assert [r["round"] for r in rows] == [r["round"] for r in full.history]
+
+
+def test_autonomous_sync_budget_binds_in_the_loop(tmp_path):
+    """A tight edge -> cloud byte budget makes every edge sync less often (the loop feeds real bytes)."""
+    def k2s(budget):
+        cfg = _cfg("autonomous", rounds=4)
+        cfg.finetune.sync.sync_budget_bytes = budget
+        res = finetune(cfg, None, LocalEngine())
+        return [r.get("k2") for r in res.history if r.get("k2") is not None]
+
+    free, tight = k2s(None), k2s(1.0)
+    assert free and tight and min(tight) > max(free)

@@ -107,10 +107,6 @@ class AdaptWorker:
         self.timed_s = 0.0
         self.peak_bytes = -1
 
-    @property
-    def n_batches(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
-
     def step(self) -> dict[str, Any]:
         """Adapt on (and predict) the next batch; returns this batch's and the running figures."""
         if self.position >= len(self.images):

@@ -283,10 +283,6 @@ class SwapPrompt(_PromptMethod):
         self.generator = torch.Generator().manual_seed(self.seed)
         self.batches_seen = 0
 
-    @property
-    def online_ctx(self) -> torch.Tensor:
-        return self.learner.ctx
-
     def swapped_loss(self, feats_v1: torch.Tensor, feats_v2: torch.Tensor) -> torch.Tensor:
         """The swapped-prediction loss of one batch (gradient reaches only the online context)."""
         with torch.no_grad():

@@ -8,6 +8,7 @@ methods side by side in one run. Benchmarks measure; they are not tests.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import platform
 import time
@@ -49,6 +50,11 @@ def run_benchmark(name: str, out_dir: Path, quick: bool = False, **options: Any)
         if err.name == f"cloudedge.bench.{module_name}":
             raise InputError(f"benchmark: {name!r} is not available in this version") from None
         raise
+    accepted = inspect.signature(module.run).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    for option in options:
+        if option not in accepted and not takes_any:
+            raise InputError(f"benchmark: {name!r} takes no --{option} option")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -130,7 +130,7 @@ def run(quick: bool, out_dir: Path, *, steps: int | None = None, warmup: int = 1
     if engine not in (None, "local"):
         raise InputError(f"--engine: the overhead benchmark measures the local engine, not {engine!r}")
     if options:
-        raise TypeError(f"overhead: unknown options {sorted(options)}")
+        raise InputError(f"benchmark: 'overhead' takes no --{sorted(options)[0]} option")
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:

@@ -199,8 +199,7 @@ def _summarize(per_seed: list[list[dict[str, float]]]) -> dict[str, Any]:
     return out
 
 
-def run(quick: bool, out_dir: Path, methods: str | None = None, setup: OODSetup | None = None,
-        **options: Any) -> dict[str, Any]:
+def run(quick: bool, out_dir: Path, methods: str | None = None, setup: OODSetup | None = None) -> dict[str, Any]:
     """Run every method on the protocol and return the results table.
 
     Args:

@@ -6,14 +6,14 @@ from cloudedge.engine.local import LocalEngine
 __all__ = ["configure_threads", "Engine", "LocalEngine", "Task", "WorkerError", "WorkerSpec", "check_plain", "copy_plain", "make_engine"]
 
 
-def make_engine(kind: str = "local", address: str | None = None) -> Engine:
-    """The engine a config or CLI flag names."""
+def make_engine(kind: str = "local", address: str | None = None, threads: int | None = None) -> Engine:
+    """The engine a config or CLI flag names; ``threads`` is torch's thread count in Ray's actors."""
     if kind == "local":
         return LocalEngine()
     if kind == "ray":
         from cloudedge.engine.ray import RayEngine  # optional extra: cloudedge[ray]
 
-        return RayEngine(address=address)
+        return RayEngine(address=address, torch_threads=threads or 1)
     from cloudedge.errors import InputError
 
     raise InputError(f"engine.kind: unknown engine {kind!r} (known: local, ray)")

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cloudedge.aggregate import FedAdam, FedAvg, FedAvgM, FedYogi, ServerOptimizer
+from cloudedge.aggregate import ServerOptimizer, get_server_optimizer
 from cloudedge.attacks import apply_attack, choose_attackers
 from cloudedge.comm import compress
 from cloudedge.engine import Engine, Task, WorkerSpec
@@ -114,8 +114,7 @@ _MAX_REJECTED_LISTED = 20  # per metric row; the count is always exact
 
 
 def server_optimizer(name: str, lr: float) -> ServerOptimizer:
-    cls = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}[name]
-    return cls(lr=lr)
+    return get_server_optimizer(name, lr=lr)
 
 
 @dataclass
@@ -497,7 +496,7 @@ class HierFinetune:
             state, t, info = self.edge_round(edge_id, devices, state, t)
             rounds += 1
             obs = EdgeObs(edge_id, rounds, state_distance(state, pulled), info["drift"], self.edge_round_s[edge_id],
-                          sync_s, sync_j, info["energy_j"], info["obs"], t)
+                          sync_s, sync_j, info["energy_j"], info["obs"], t, sync_bytes=2.0 * sync_bytes)
             if rounds >= 100 or self.policy.should_sync(obs):
                 return state, t, obs
 

@@ -25,7 +25,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
 Tensors = dict[str, torch.Tensor]
 
@@ -48,10 +47,6 @@ def lora_layers(keys: Sequence[str] | Mapping[str, object]) -> list[str]:
     """Prefixes of the LoRA layers present in a state (those with both an A and a B key), sorted."""
     names = set(keys)
     return sorted(k[: -len(A_SUFFIX)] for k in names if k.endswith(A_SUFFIX) and k[: -len(A_SUFFIX)] + B_SUFFIX in names)
-
-
-def is_lora_key(key: str) -> bool:
-    return key.endswith(A_SUFFIX) or key.endswith(B_SUFFIX)
 
 
 def sent_keys(keys: Sequence[str], mode: str) -> list[str]:
@@ -166,12 +161,6 @@ def _wsum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Te
     return acc.to(tensors[0].dtype)
 
 
-def flat_norm(state: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None) -> float:
-    """Euclidean norm of the concatenated tensors (of ``keys``, default all)."""
-    keys = list(state) if keys is None else keys
-    return math.sqrt(sum(float(state[k].double().pow(2).sum()) for k in keys))
-
-
 def state_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                    keys: Sequence[str] | None = None) -> float:
     """``|a - b|`` over ``keys`` (default the keys of ``a``)."""
@@ -179,5 +168,3 @@ def state_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
     return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys))
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

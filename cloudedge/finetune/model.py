@@ -24,7 +24,7 @@ from torch import nn
 
 from cloudedge.config.model import ModelConfig
 from cloudedge.errors import InputError
-from cloudedge.finetune.lora import A_SUFFIX, BASE_DELTA_SUFFIX, TARGETS, lora_layers
+from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, TARGETS, lora_layers
 
 
 class LoraClassifier(nn.Module):
@@ -169,9 +169,3 @@ class AdapterSlot:
         base.copy_(self._orig[layer] + d.to(base.dtype))
 
 
-def lora_scaling(spec: Mapping[str, Any]) -> float:
-    return float(spec["alpha"]) / int(spec["rank"])
-
-
-def a_key_count(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(1 for k in state if k.endswith(A_SUFFIX))

@@ -19,7 +19,6 @@ are in docs/reliability.md ("Reliability in fine-tuning").
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -182,5 +181,3 @@ def check_memory(devices: list[Node], need: Mapping[str, int], memory_fraction: 
         "is usable; use a smaller model or batch_size, or a device profile with more memory")
 
 
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)

@@ -51,6 +51,7 @@ class EdgeObs:
     devices: tuple[DeviceObs, ...] = ()
     now: float = 0.0
     layer_divergence: float = 0.0  # Tempo's d_i: sum over layers of |w_edge - w_global| * n_i / N
+    sync_bytes: float = 0.0  # bytes of one edge <-> cloud sync (up + down)
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ class Autonomous(SyncPolicy):
         k2 = math.sqrt(2 * kappa / (self.alpha * g))
         floor = 1
         if self.sync_budget_bytes:
-            syncs_allowed = self.sync_budget_bytes / max(self.sync_bytes, 1.0)
+            syncs_allowed = self.sync_budget_bytes / max(edge.sync_bytes or self.sync_bytes, 1.0)
             rounds_in_budget = self.time_budget_s / max(edge.round_s, 1e-12)
             floor = max(1, math.ceil(rounds_in_budget / max(syncs_allowed, 1e-12)))
         return int(min(self.k2_max, max(floor, round(k2))))

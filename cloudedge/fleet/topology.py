@@ -119,9 +119,6 @@ class Fleet:
             raise KeyError(f"{device_id!r} is not a device")
         return self.nodes[node.parent]  # type: ignore[index]
 
-    def tier_of(self, node_id: str) -> Tier:
-        return self.nodes[node_id].tier
-
     def __len__(self) -> int:
         return len(self.nodes)
 

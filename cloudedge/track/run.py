@@ -139,11 +139,6 @@ class RunDir:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    @property
-    def plots_dir(self) -> Path:
-        return self.path / "plots"
-
-
 def move_aside(path: str | Path) -> Path | None:
     """Rename an existing non-empty run directory to ``NAME.old-TIMESTAMP`` (nothing is deleted)."""
     path = Path(path)

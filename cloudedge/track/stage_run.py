@@ -24,7 +24,7 @@ def run_stage_into(stage: str, cfg: Any, out_dir: str | Path, resume: bool, engi
     run = RunDir.create(out_dir, cfg, resume=resume)
     if resume and run.complete:
         return run.read_summary().get(stage, {})
-    engine = make_engine(engine_kind, cfg.engine.address)
+    engine = make_engine(engine_kind, cfg.engine.address, cfg.engine.threads)
     try:
         result = train(cfg, run, engine, resume=resume)
     finally:
