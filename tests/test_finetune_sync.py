@@ -22,8 +22,8 @@ from cloudedge.finetune.sync import (
 )
 
 
-def _edge(edge_id="edge0", rounds=1, divergence=1.0, drift=0.0, round_s=1.0, sync_s=1.0, devices=()):
-    return EdgeObs(edge_id, rounds, divergence, drift, round_s, sync_s, 0.0, 0.0, tuple(devices))
+def _edge(edge_id="edge0", rounds=1, divergence=1.0, drift=0.0, round_s=1.0, sync_s=1.0, devices=(), sync_bytes=0.0):
+    return EdgeObs(edge_id, rounds, divergence, drift, round_s, sync_s, 0.0, 0.0, tuple(devices), sync_bytes=sync_bytes)
 
 
 def test_autonomous_slow_device_does_fewer_steps():
@@ -56,9 +56,9 @@ def test_autonomous_drifting_edge_syncs_sooner():
 
 
 def test_autonomous_budget_floor():
-    pol = Autonomous(k2_max=50, sync_budget_bytes=1000.0, sync_bytes=100.0, time_budget_s=100.0)
+    pol = Autonomous(k2_max=50, sync_budget_bytes=1000.0, time_budget_s=100.0)
     # 10 syncs allowed over 100 rounds of 1 s: at least 10 rounds between syncs.
-    assert pol.edge_k2(_edge(divergence=100.0, sync_s=0.01)) == 10
+    assert pol.edge_k2(_edge(divergence=100.0, sync_s=0.01, sync_bytes=100.0)) == 10
 
 
 def test_hierfavg_fixed_and_deadline():

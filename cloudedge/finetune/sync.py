@@ -273,12 +273,11 @@ class Autonomous(SyncPolicy):
 
     def __init__(self, alpha: float = 1.0, k2_max: int = 8, margin: float = 0.9,
                  sync_budget_bytes: float | None = None, time_budget_s: float = 100.0,
-                 sync_bytes: float = 0.0, staleness_exponent: float = 0.5, **kw: Any):
+                 staleness_exponent: float = 0.5, **kw: Any):
         super().__init__(**kw)
         self.alpha, self.k2_max, self.margin = float(alpha), int(k2_max), float(margin)
         self.staleness_exponent = float(staleness_exponent)
         self.sync_budget_bytes, self.time_budget_s = sync_budget_bytes, float(time_budget_s)
-        self.sync_bytes = float(sync_bytes)
         self.rate_ref: float | None = None
         self.drift_ref: float | None = None
         self.k2_of: dict[str, int] = {}
@@ -312,7 +311,7 @@ class Autonomous(SyncPolicy):
         k2 = math.sqrt(2 * kappa / (self.alpha * g))
         floor = 1
         if self.sync_budget_bytes:
-            syncs_allowed = self.sync_budget_bytes / max(edge.sync_bytes or self.sync_bytes, 1.0)
+            syncs_allowed = self.sync_budget_bytes / max(edge.sync_bytes, 1.0)
             rounds_in_budget = self.time_budget_s / max(edge.round_s, 1e-12)
             floor = max(1, math.ceil(rounds_in_budget / max(syncs_allowed, 1e-12)))
         return int(min(self.k2_max, max(floor, round(k2))))

@@ -226,10 +226,20 @@ def fednova_delta(deltas: list[Tensors], units: list[int], steps: list[int]) -> 
     return {k: v * tau_eff for k, v in mean.items()}
 
 
+_UNCOMPRESSED_NBYTES: dict[tuple, int] = {}
+
+
 def _roundtrip(tensors: Tensors, mode: str) -> tuple[Tensors, int]:
     """What arrives after sending ``tensors`` compressed, and the exact bytes on the wire."""
+    if mode == "none":
+        # Uncompressed bytes depend only on names, shapes and dtypes: count them once per layout
+        # instead of building (copying) a payload for every update of every round.
+        layout = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in tensors.items())
+        if layout not in _UNCOMPRESSED_NBYTES:
+            _UNCOMPRESSED_NBYTES[layout] = int(comm.compress(tensors, "none").nbytes)
+        return tensors, _UNCOMPRESSED_NBYTES[layout]
     payload = comm.compress(tensors, mode)
-    return (tensors if mode == "none" else payload.decompress()), int(payload.nbytes)
+    return payload.decompress(), int(payload.nbytes)
 
 
 # ----------------------------------------------------------------------------------------- loop
@@ -390,7 +400,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         step_count = r * (pcfg.local_steps if pcfg.algorithm == "local" else 1)
 
         # 2. work, through the engine
-        sent = {k: v.detach().clone() for k, v in params.items()}
+        sent = {k: v.detach() for k, v in params.items()}  # the engine copies what crosses it
         tasks = []
         for wid in ids:
             common = {"params": sent, "batch": plan.batches[wid], "micro_batch": min(plan.batches[wid], caps[wid]),
