@@ -83,7 +83,8 @@ def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]],
     """
     keys = _check_updates(updates, "weighted_mean")
     w = _normalized_weights(weights, len(updates), "weighted_mean")
-    acc = [torch.zeros(updates[0][k].shape, dtype=_acc_dtype(updates[0][k].dtype)) for k in keys]
+    acc = [torch.zeros(updates[0][k].shape, dtype=_acc_dtype(updates[0][k].dtype), device=updates[0][k].device)
+           for k in keys]
     for wi, upd in zip(w, updates, strict=True):
         if wi == 0.0:
             continue

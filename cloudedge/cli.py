@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -120,6 +120,9 @@ def bench(name: Annotated[str, typer.Argument(help="benchmark name (see --list)"
           quick: Annotated[bool, typer.Option("--quick", help="the short version (< 3 min)")] = False,
           engine: EngineOpt = None,
           devices: Annotated[str | None, typer.Option("--devices", help="scale: comma-separated fleet sizes")] = None,
+          set_: Annotated[list[str] | None, typer.Option(
+              "--set", help="a benchmark option KEY=VALUE (VALUE read as YAML), repeatable; "
+                            "e.g. --set device=cuda --set size=gpt-100m (docs/performance.md)")] = None,
           list_: Annotated[bool, typer.Option("--list", help="list benchmarks")] = False) -> None:
     """Run a benchmark and write DIR/results.json."""
     from cloudedge.bench import BENCHMARKS, run_benchmark
@@ -137,8 +140,25 @@ def bench(name: Annotated[str, typer.Argument(help="benchmark name (see --list)"
             extra["devices"] = [int(x) for x in devices.split(",") if x.strip()]
         except ValueError:
             raise InputError(f"--devices: expected comma-separated integers, got {devices!r}") from None
+    extra.update(_bench_options(set_ or []))
     path = run_benchmark(name, out_dir=out_dir, quick=quick, **extra)
     console.print(f"[green]results[/green]: {path}")
+
+
+def _bench_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs of ``--set``, each VALUE parsed as a YAML scalar or list."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise InputError(f"--set: expected KEY=VALUE with KEY a Python name, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise InputError(f"--set {key}: cannot read {value!r} as a value") from None
+    return out
 
 
 @app.command()

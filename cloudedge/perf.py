@@ -23,13 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from cloudedge.device import synchronize
+
 # (size, dtype, device, repeats, clock) -> FLOP/s; the peak does not change within a process.
 _PEAK_CACHE: dict[tuple[int, torch.dtype, str, int, str], float] = {}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_matmul_peak(size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 3,
@@ -58,10 +55,10 @@ def measure_matmul_peak(size: int = 2048, dtype: torch.dtype = torch.float32, re
     out = torch.empty(size, size, device=dev, dtype=dtype)
     flops_per_product = 2.0 * size**3
     torch.matmul(a, b, out=out)
-    _sync(dev)
+    synchronize(dev)
     t0 = timer()
     torch.matmul(a, b, out=out)
-    _sync(dev)
+    synchronize(dev)
     one = max(timer() - t0, 1e-9)
     inner = max(1, min(1000, int(0.05 / one)))
     rates = []
@@ -69,7 +66,7 @@ def measure_matmul_peak(size: int = 2048, dtype: torch.dtype = torch.float32, re
         t0 = timer()
         for _ in range(inner):
             torch.matmul(a, b, out=out)
-        _sync(dev)
+        synchronize(dev)
         rates.append(inner * flops_per_product / max(timer() - t0, 1e-12))
     peak = float(statistics.median(rates))
     _PEAK_CACHE[key] = peak
@@ -165,17 +162,19 @@ def _proc_status_kib(field: str) -> int | None:
 
 
 def utilization_fields(flops_done: float, wall_s: float, profile_flops: float | None = None,
-                       device: str | torch.device = "cpu", peak_size: int = 2048) -> dict[str, float]:
+                       device: str | torch.device = "cpu", peak_size: int = 2048,
+                       dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Fields for a stage's metric row: host FLOP/s achieved and MFU against both peaks.
 
-    ``achieved_flops`` = flops_done / wall_s; ``mfu_measured`` against this host's measured fp32
-    matmul peak (``peak_flops_measured``); ``mfu_profile`` against ``profile_flops`` (a profile's
-    nominal sustained FLOP/s, when given). ``device`` is where the work ran; the peak is measured
-    there with a ``peak_size`` matmul once per process (a few seconds on a busy 2-core CPU). Empty dict when no wall time was measured.
+    ``achieved_flops`` = flops_done / wall_s; ``mfu_measured`` against the matmul peak measured on
+    ``device`` in ``dtype`` (the precision the work ran in; ``peak_flops_measured``), with a
+    ``peak_size`` matmul once per process (a few seconds on a busy 2-core CPU); ``mfu_profile``
+    against ``profile_flops`` (a profile's nominal sustained FLOP/s, when given). Empty dict when
+    no wall time was measured.
     """
     if wall_s <= 0 or not math.isfinite(wall_s):
         return {}
-    peak = measure_matmul_peak(size=peak_size, device=device)
+    peak = measure_matmul_peak(size=peak_size, dtype=dtype, device=device)
     achieved = float(flops_done) / float(wall_s)
     fields = {"achieved_flops": achieved, "peak_flops_measured": peak, "mfu_measured": achieved / peak}
     if profile_flops:

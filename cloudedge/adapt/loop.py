@@ -38,6 +38,7 @@ from cloudedge.config import with_overrides
 from cloudedge.config.adapt import AdaptConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.config.run import RunConfig
+from cloudedge.device import resolve_device
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
@@ -78,14 +79,6 @@ def load_clip_source(source: dict[str, Any], device: str = "cpu") -> ClipAdapter
     clip = load_clip(source["path"], model_cfg)
     clip.model.to(device)
     return clip
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("adapt.device: 'cuda' asked for, but no CUDA device is available")
-    return name
 
 
 # ------------------------------------------------------------------------------------ the worker
@@ -226,7 +219,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
         run_dir = RunDir.create(run_dir, cfg, resume=resume)
     own_engine = engine is None
     engine = engine or make_engine("local")
-    device = _device(acfg.device)
+    device = resolve_device(acfg.device, "adapt.device")
     source = clip_source(acfg, cfg, checkpoint)
 
     fleet = Fleet.from_config(cfg.fleet, cfg.seed)

@@ -15,10 +15,20 @@ Scale: the model is tiny so the benchmark runs on a laptop CPU. Profiles keep th
 their FLOP/s and memory are divided by ``SCALE`` (1000): each of our 32-token sequences then
 costs what 1000 sequences cost on the real hardware, i.e. a global batch of 64 stands for ~2M
 tokens, the batch size of LLM pre-training, and compute and communication keep a realistic ratio.
+
+``size="gpt-100m"`` (with ``device="cuda"``, ``precision="bf16"``) is the accelerator run: a GPT of
+99 M parameters (GPT-2 small's width, 14 layers) on 256-byte sequences, profiles at their real
+FLOP/s and memory (no scaling: the model is as large as the profiles assume). It measures how fast
+the host trains it through the stage: ``tokens_per_s`` (trained tokens over the run's wall
+seconds) and the rows' MFU (``mfu_measured``: FLOPs over the engine calls' wall time;
+``mfu_compute``: over the workers' own forward/backward/optimizer seconds), against a matmul peak
+measured on the same device in the same precision. Its time-to-target figures are not comparable
+with the tiny model's.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +36,9 @@ from typing import Any
 import torch
 
 from cloudedge.config import config_from_dict
+from cloudedge.errors import InputError
 from cloudedge.fleet.profiles import PROFILES
+from cloudedge.perf import peak_gpu_mb
 from cloudedge.pretrain.loop import pretrain
 
 SCALE = 1000.0
@@ -44,68 +56,122 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def _scaled(name: str) -> dict[str, float]:
+# Model sizes: the tiny CPU models (quick / full) and the ~100M-parameter accelerator run.
+GPT_100M = {"kind": "gpt", "hidden": 768, "layers": 14, "heads": 12, "context": 256}
+SIZES = ("tiny", "gpt-100m")
+
+
+def _scaled(name: str, scale: float = SCALE) -> dict[str, float]:
     p = PROFILES[name]
-    return {"flops": p.flops / SCALE, "memory_bytes": p.memory_bytes / SCALE}
+    return {"flops": p.flops / scale, "memory_bytes": p.memory_bytes / scale}
 
 
-def bench_config(quick: bool) -> dict[str, Any]:
+def bench_config(quick: bool, size: str = "tiny", device: str = "cpu", precision: str = "fp32") -> dict[str, Any]:
     """The run config shared by every method (a plain dict, as a YAML file would hold it)."""
+    if size not in SIZES:
+        raise InputError(f"pretrain-hetero: size must be one of {', '.join(SIZES)}, got {size!r}")
+    big = size == "gpt-100m"
+    scale = 1.0 if big else SCALE  # the 100M model is as large as the real profiles assume
     devices_per_kind = 1 if quick else 3
     return {
         "name": "pretrain-hetero",
         "seed": 0,
         "fleet": {
-            "cloud": {"profile": "a100", "overrides": _scaled("a100")},
+            "cloud": {"profile": "a100", "overrides": _scaled("a100", scale)},
             "edges": [{
-                "count": 2, "profile": "edge-server", "overrides": _scaled("edge-server"),
+                "count": 2, "profile": "edge-server", "overrides": _scaled("edge-server", scale),
                 "devices": [
-                    {"count": devices_per_kind, "profile": "jetson-orin", "overrides": _scaled("jetson-orin")},
-                    {"count": devices_per_kind, "profile": "phone-mid", "overrides": _scaled("phone-mid")},
-                    {"count": devices_per_kind, "profile": "phone-low", "overrides": _scaled("phone-low")},
+                    {"count": devices_per_kind, "profile": "jetson-orin", "overrides": _scaled("jetson-orin", scale)},
+                    {"count": devices_per_kind, "profile": "phone-mid", "overrides": _scaled("phone-mid", scale)},
+                    {"count": devices_per_kind, "profile": "phone-low", "overrides": _scaled("phone-low", scale)},
                 ],
             }],
         },
         "data": {"source": "pydocs", "max_docs": 600 if quick else 4000, "partition": {"kind": "domain"},
                  "test_fraction": 0.1},
-        "model": {"kind": "gpt", "hidden": 32 if quick else 64, "layers": 2, "heads": 2, "context": 32},
+        "model": GPT_100M if big else {"kind": "gpt", "hidden": 32 if quick else 64, "layers": 2, "heads": 2,
+                                       "context": 32},
         "pretrain": {"task": "lm", "rounds": SYNC_ROUNDS, "global_batch": 64, "local_steps": LOCAL_STEPS,
-                     "lr": 3e-3, "outer_lr": 0.7, "eval_every": 2, "eval_samples": 64,
-                     "checkpoint_every": 1000, "target_val_loss": TARGET_VAL_LOSS},
+                     "lr": 6e-4 if big else 3e-3, "outer_lr": 0.7, "eval_every": 2, "eval_samples": 64,
+                     "checkpoint_every": 1000, "target_val_loss": TARGET_VAL_LOSS,
+                     "device": device, "precision": precision},
     }
 
 
-def run(quick: bool, out_dir: Path) -> dict[str, Any]:
-    """Run every method; returns the results dict the CLI writes to results.json."""
-    raw = bench_config(quick)
+def run(quick: bool, out_dir: Path, *, size: str = "tiny", device: str = "cpu", precision: str = "fp32",
+        methods: list[str] | str | None = None, rounds: int | None = None) -> dict[str, Any]:
+    """Run every method (or ``methods``); returns the results dict the CLI writes to results.json.
+
+    ``size``: ``tiny`` (default) or ``gpt-100m``; ``device`` / ``precision``: the ``pretrain``
+    fields of the same names; ``rounds``: sync rounds per method (local methods run a quarter as
+    many, each of ``LOCAL_STEPS`` steps; default 40, 160 without ``quick``).
+    """
+    raw = bench_config(quick, size, device, precision)
     cfg = config_from_dict(raw, source="pretrain-hetero")
-    methods: dict[str, dict[str, Any]] = {}
-    # Tiny matrices: one thread is fastest, and far faster than two on a busy shared machine.
+    names = methods.split(",") if isinstance(methods, str) else list(methods or METHODS)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise InputError(f"pretrain-hetero: methods must be among {', '.join(METHODS)}, got {names}")
+    sync_rounds = rounds or SYNC_ROUNDS * (1 if quick else 4)
+    methods_out: dict[str, dict[str, Any]] = {}
+    # Tiny matrices on a CPU: one thread is fastest, and far faster than two on a busy shared
+    # machine. The 100M model's matmuls use every thread the host has.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if size == "tiny":
+        torch.set_num_threads(1)
     try:
-        for name, overrides in METHODS.items():
-            rounds = SYNC_ROUNDS if overrides["algorithm"] == "sync" else LOCAL_ROUNDS
-            methods[name] = _run_method(cfg, name, {**overrides, "rounds": rounds * (1 if quick else 4)})
+        for name in names:
+            overrides = METHODS[name]
+            n_rounds = sync_rounds if overrides["algorithm"] == "sync" else max(1, sync_rounds * LOCAL_ROUNDS // SYNC_ROUNDS)
+            methods_out[name] = _run_method(cfg, name, {**overrides, "rounds": n_rounds})
     finally:
         torch.set_num_threads(threads)
-    base = methods["sync-uniform"]["time_to_target_s"]
-    for m in methods.values():
+    base = methods_out.get("sync-uniform", {}).get("time_to_target_s")
+    for m in methods_out.values():
         t = m["time_to_target_s"]
         m["speedup_vs_sync_uniform"] = (base / t) if (base and t) else None
-    return {"benchmark": "pretrain-hetero", "config": {**raw, "scale": SCALE, "quick": quick}, "methods": methods}
+    return {"benchmark": "pretrain-hetero",
+            "config": {**raw, "scale": 1.0 if size == "gpt-100m" else SCALE, "quick": quick, "size": size},
+            "methods": methods_out}
 
 
 def _run_method(cfg: Any, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """One method's run and its metrics."""
+    device = cfg.pretrain.device
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    s = pretrain(cfg, None, method=name, **overrides).summary
+    result = pretrain(cfg, None, method=name, **overrides)
+    wall_s = time.perf_counter() - t0
+    s, rows = result.summary, result.metrics
     return {
         "time_to_target_s": s["time_to_target_s"], "final_val_loss": s["final_val_loss"],
         "bytes_total": s["bytes_total"], "energy_j": s["energy_j"], "utilization": s["utilization"],
         "virtual_time_s": s["virtual_time_s"], "mean_batch_per_step": s["mean_batch_per_step"],
-        "rounds": s["rounds"], "wall_s": round(time.perf_counter() - t0, 2),
+        "rounds": s["rounds"], "wall_s": round(wall_s, 2), **host_speed(rows, cfg.stage_model("pretrain").context,
+                                                                        wall_s),
+        "peak_gpu_mb": peak_gpu_mb(),
     }
+
+
+def host_speed(rows: list[dict[str, Any]], seq_len: int, wall_s: float) -> dict[str, Any]:
+    """How fast this host trained: tokens per second over the run's wall time (everything: setup,
+    evaluation, the clock), over the engine calls only, and over the workers' own compute; the
+    rows' MFU as medians (the first round, which builds the models, is left out when there are more)."""
+    tokens = sum(r["effective_batch"] for r in rows) * seq_len
+    work = sum(r.get("work_wall_s", 0.0) for r in rows)
+    compute = sum(r.get("compute_wall_s", 0.0) for r in rows)
+    steady = rows[1:] if len(rows) > 1 else rows
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in steady if r.get(key) is not None]
+        return float(statistics.median(values)) if values else None
+
+    return {"tokens": tokens, "tokens_per_s": tokens / wall_s if wall_s > 0 else None,
+            "tokens_per_s_engine": tokens / work if work > 0 else None,
+            "tokens_per_s_compute": tokens / compute if compute > 0 else None,
+            "mfu_measured_median": median("mfu_measured"), "mfu_compute_median": median("mfu_compute"),
+            "peak_flops_measured": steady[-1].get("peak_flops_measured") if steady else None}
 
 
 if __name__ == "__main__":  # python -m cloudedge.bench.pretrain_hetero [--full]

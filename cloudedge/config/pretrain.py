@@ -55,6 +55,13 @@ class PretrainConfig(StrictModel):
     objective: str = Field(default="erm", description="classify: erm irm vrex fedsr fediir pin")
     objective_args: dict[str, float] = Field(default_factory=dict)
 
+    # Where the math runs.
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        default="cpu", description="where workers and the coordinator hold the model (auto: cuda when present)")
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: forward passes under bfloat16 autocast (weights, gradients and "
+                                    "optimizer state stay float32)")
+
     # Wire and outputs.
     compression: Literal["none", "fp16", "int8"] = "none"
     update_check: Literal["structure", "norm"] = Field(

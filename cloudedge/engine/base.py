@@ -67,9 +67,11 @@ def check_plain(value: Any, where: str = "value") -> None:
 
 
 def copy_plain(value: Any) -> Any:
-    """Deep copy of plain data; tensors are cloned (detached), so nothing mutable is shared."""
+    """Deep copy of plain data; tensors are copied (detached) to host memory, so nothing mutable is
+    shared and nothing crossing the engine is tied to an accelerator (a worker on a GPU returns CPU
+    tensors; a coordinator on a GPU sends CPU tensors), as it would be over a network."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, list):
         return [copy_plain(v) for v in value]
     if isinstance(value, tuple):

@@ -29,6 +29,7 @@ from cloudedge.checkpoint import check_state_dict, load_latest, save_checkpoint
 from cloudedge.config import with_overrides
 from cloudedge.config.pretrain import PretrainConfig
 from cloudedge.config.run import RunConfig
+from cloudedge.device import PRECISIONS, resolve_device, to_device
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, Node, VirtualClock, available_nodes
@@ -285,6 +286,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         raise InputError(f"pretrain.seq_len: {seq_len} exceeds model.context ({model_cfg.context})")
     if isinstance(run_dir, str | Path):
         run_dir = RunDir.create(run_dir, cfg, resume=resume)
+    device = resolve_device(pcfg.device, "pretrain.device")
     own_engine = engine is None
     engine = engine or make_engine("local")
 
@@ -302,7 +304,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         objective = get_objective(pcfg.objective, **pcfg.objective_args)
     model = build_task_model(pcfg.task, model_cfg, n_classes=data.n_classes, encoder=encoder,  # type: ignore[arg-type]
                              seed=cfg.seed, objective=objective, base_dir=cfg.base_dir)
-    model.train()
+    model.to(device).train()  # the coordinator's copy: aggregation, optimizer step and evaluation run there
     params = trainable(model)
     n_params = param_count(model)
 
@@ -332,7 +334,8 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
             "data": data.train[node.id], "seed": cfg.seed, "n_classes": data.n_classes, "encoder": encoder,
             "objective": pcfg.objective, "objective_args": dict(pcfg.objective_args),
             "optimizer": pcfg.optimizer, "weight_decay": pcfg.weight_decay, "grad_clip": pcfg.grad_clip,
-            "base_dir": cfg.base_dir, "eval_data": client_eval.get(node.id)}))
+            "base_dir": cfg.base_dir, "eval_data": client_eval.get(node.id), "device": device,
+            "precision": pcfg.precision}))
     eval_ids = [n.id for n in workers if client_eval.get(n.id)]
     # Shard sizes (samples, or LM blocks) let the proportional controller keep every shard in the objective.
     shard_sizes = {n.id: int(next(iter(data.train[n.id].values())).shape[0]) for n in workers}
@@ -427,8 +430,15 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
 
         # This host's model-FLOPs utilization while the workers computed (real FLOPs over real
         # seconds), against its measured matmul peak and against the fastest participant's profile.
-        host_util = utilization_fields(sum(plan.batches[w] * steps[w] * flops_per_sample for w in ids), work_wall_s,
-                                       max(fleet.nodes[w].profile.flops for w in ids), peak_size=1024)
+        # mfu_compute counts only the workers' own forward/backward/optimizer seconds: the gap to
+        # mfu_measured is what the engine, the copies and the bookkeeping around them cost.
+        flops_done = sum(plan.batches[w] * steps[w] * flops_per_sample for w in ids)
+        host_util = utilization_fields(flops_done, work_wall_s, max(fleet.nodes[w].profile.flops for w in ids),
+                                       device=device, peak_size=1024 if device == "cpu" else 8192,
+                                       dtype=PRECISIONS[pcfg.precision])
+        compute_wall_s = sum(float(res.get("compute_wall_s", 0.0)) for res in results)
+        if host_util and compute_wall_s > 0:
+            host_util["mfu_compute"] = flops_done / compute_wall_s / host_util["peak_flops_measured"]
 
         # 3. virtual clock: broadcast, compute, upload; everyone waits for the slowest
         t0 = clock.now
@@ -440,7 +450,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         updates: list[Tensors] = []
         for wid, res in zip(ids, results, strict=True):
             arrived, nbytes = _roundtrip(res["update"], pcfg.compression)
-            updates.append(arrived)
+            updates.append(to_device(arrived, torch.device(device)))
             if wid != CLOUD_ID:
                 done[wid] = clock.transfer(wid, CLOUD_ID, nbytes, start=done[wid])
         t1 = clock.barrier([*ids, CLOUD_ID])
@@ -510,7 +520,8 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                "utilization": busy / (len(ids) * round_s) if round_s > 0 else 0.0,
                "bytes_total": summary_clock["bytes_total"], "energy_j": summary_clock["energy_j_total"],
                "failed": len(failed), **({"failures": failed} if failed else {}),
-               **{k: host_util[k] for k in ("mfu_measured", "mfu_profile", "achieved_flops") if k in host_util},
+               "work_wall_s": work_wall_s, "compute_wall_s": compute_wall_s,
+               **host_util,
                "rejected": len(verdict.rejected), **({"rejections": verdict.rejected} if verdict.rejected else {}),
                **{f"ctl_{k}": v for k, v in plan.info.items()}, **client_metrics}
         rows.append(run_dir.log(**row) if run_dir is not None else row)

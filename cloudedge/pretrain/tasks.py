@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cloudedge.config.model import ModelConfig
+from cloudedge.device import module_device, to_device
 
 EncoderKind = Literal["vit", "mlp"]
 
@@ -167,10 +168,11 @@ def evaluate_loss(task: str, model: nn.Module, data: dict[str, torch.Tensor], ba
     """Mean loss of ``model`` over ``data`` (unit-weighted: tokens for an LM), in eval mode."""
     was_training = model.training
     model.eval()
+    device = module_device(model)
     n = int(next(iter(data.values())).shape[0])
     total, units = 0.0, 0
     for start in range(0, n, batch_size):
-        chunk = {k: v[start:start + batch_size] for k, v in data.items()}
+        chunk = to_device({k: v[start:start + batch_size] for k, v in data.items()}, device)
         loss, _ = batch_loss(task, model, chunk)
         u = batch_units(task, chunk)
         total += float(loss) * u

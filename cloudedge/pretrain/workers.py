@@ -9,6 +9,7 @@ a resumed run needs no worker state, and the Local and Ray engines give the same
 
 from __future__ import annotations
 
+import time
 import zlib
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from cloudedge.config.model import ModelConfig
+from cloudedge.device import autocast, synchronize, to_device
 from cloudedge.pretrain.tasks import batch_loss, batch_units, build_task_model, evaluate_loss
 
 Tensors = dict[str, torch.Tensor]
@@ -58,7 +60,21 @@ def load_params(model: nn.Module, params: Tensors) -> None:
 
 
 def sq_norm(tensors: Tensors) -> float:
-    return float(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+    """Squared L2 norm over all tensors, in float64 (one host sync, not one per tensor)."""
+    if not tensors:
+        return 0.0
+    return float(torch.stack([t.double().pow(2).sum() for t in tensors.values()]).sum())
+
+
+def _tick(device: torch.device) -> float:
+    synchronize(device)
+    return time.perf_counter()
+
+
+def _tock(device: torch.device, start: float) -> float:
+    """Wall seconds since ``start`` once the device has finished the queued work."""
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 class PretrainWorker:
@@ -68,7 +84,7 @@ class PretrainWorker:
                  n_classes: int = 0, encoder: str = "mlp", objective: str = "erm",
                  objective_args: dict[str, float] | None = None, optimizer: str = "adamw",
                  weight_decay: float = 0.1, grad_clip: float | None = 1.0, base_dir: str = ".",
-                 eval_data: dict[str, Tensors] | None = None):
+                 eval_data: dict[str, Tensors] | None = None, device: str = "cpu", precision: str = "fp32"):
         self.worker_id, self.task, self.seed = worker_id, task, int(seed)
         self.model_cfg = ModelConfig.model_validate(model_cfg)
         self.data = data
@@ -77,6 +93,10 @@ class PretrainWorker:
         self.objective_name, self.objective_args = objective, dict(objective_args or {})
         self.optimizer_name, self.weight_decay, self.grad_clip = optimizer, float(weight_decay), grad_clip
         self.base_dir = base_dir
+        # The shard stays in host memory; each sampled batch moves to the device. Results return
+        # to host memory at the engine (copy_plain), so the coordinator never sees device tensors.
+        self.device, self.precision = torch.device(device), precision
+        self.compute_s = 0.0  # wall seconds of forward/backward/optimizer work in the current task
         self._model: nn.Module | None = None
         self._objective: Any = None
 
@@ -96,6 +116,7 @@ class PretrainWorker:
             self._model = build_task_model(self.task, self.model_cfg, n_classes=self.n_classes,
                                            encoder=self.encoder, seed=self.seed, objective=self.objective,
                                            base_dir=self.base_dir)  # type: ignore[arg-type]
+            self._model.to(self.device)
             self._model.train()
         return self._model
 
@@ -120,8 +141,9 @@ class PretrainWorker:
         loss_sum, logs_sum = 0.0, {}
         for chunk in micro_batches(batch, micro_batch):
             share = batch_units(self.task, chunk) / total_units
-            loss, logs = batch_loss(self.task, self.model, chunk, objective=self.objective,
-                                    client_state=client_state, server_msg=server_msg, step=step)
+            with autocast(self.device, self.precision):
+                loss, logs = batch_loss(self.task, self.model, chunk, objective=self.objective,
+                                        client_state=client_state, server_msg=server_msg, step=step)
             (loss * share).backward()
             loss_sum += float(loss.detach()) * share
             for k, v in logs.items():
@@ -129,8 +151,13 @@ class PretrainWorker:
         return loss_sum, logs_sum
 
     def _grads(self) -> Tensors:
-        return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        # No copy here: the engine copies what it returns, and the next task sets fresh grads.
+        return {n: (p.grad.detach() if p.grad is not None else torch.zeros_like(p))
                 for n, p in trainable(self.model).items()}
+
+    def _sample(self, round_idx: int, step: int, batch: int) -> Tensors:
+        data = sample_batch(self.data, batch, batch_generator(self.seed, self.worker_id, round_idx, step))
+        return to_device(data, self.device)
 
     def _private_and_report(self, batch: Tensors, client_state: dict[str, Any], step: int) -> None:
         if self.objective is not None:
@@ -155,14 +182,16 @@ class PretrainWorker:
         load_params(self.model, params)
         self.model.zero_grad(set_to_none=True)
         state = self._client_state(client_state)
-        data = sample_batch(self.data, batch, batch_generator(self.seed, self.worker_id, round_idx, 0))
+        data = self._sample(round_idx, 0, batch)
+        t0 = _tick(self.device)
         loss, logs = self._accumulate(data, micro_batch, state, server_msg or {}, step)
+        compute_s = _tock(self.device, t0)
         grads = self._grads()
         self._private_and_report(data, state, step)
         report, saved = self._finish(state, data)
         return {"update": grads, "units": batch_units(self.task, data), "samples": batch, "steps": 1,
                 "loss": loss, "grad_sq_norm": sq_norm(grads), "logs": logs, "report": report,
-                "client_state": saved}
+                "client_state": saved, "compute_wall_s": compute_s}
 
     def local_train(self, params: Tensors, batch: int, micro_batch: int, steps: int, lr: float, round_idx: int,
                     step: int = 0, server_msg: dict[str, Any] | None = None,
@@ -182,8 +211,10 @@ class PretrainWorker:
             opt = torch.optim.SGD(weights, lr=lr, weight_decay=self.weight_decay)
         losses, first_sq, units, logs_sum = [], None, 0, {}
         data: Tensors = {}
+        compute_s = 0.0
         for s in range(steps):
-            data = sample_batch(self.data, batch, batch_generator(self.seed, self.worker_id, round_idx, s))
+            data = self._sample(round_idx, s, batch)
+            t0 = _tick(self.device)
             opt.zero_grad(set_to_none=True)
             loss, logs = self._accumulate(data, micro_batch, state, server_msg or {}, step + s)
             if first_sq is None:
@@ -191,16 +222,17 @@ class PretrainWorker:
             if self.grad_clip is not None:
                 nn.utils.clip_grad_norm_(weights, self.grad_clip)
             opt.step()
+            compute_s += _tock(self.device, t0)
             self._private_and_report(data, state, step + s)
             losses.append(loss)
             units += batch_units(self.task, data)
             for k, v in logs.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + v / steps
-        update = {n: p.detach() - params[n] for n, p in trainable(self.model).items()}
+        update = {n: p.detach() - params[n].to(p.device) for n, p in trainable(self.model).items()}
         report, saved = self._finish(state, data)
         return {"update": update, "units": units, "samples": batch * steps, "steps": steps,
                 "loss": sum(losses) / len(losses), "grad_sq_norm": first_sq, "logs": logs_sum,
-                "report": report, "client_state": saved}
+                "report": report, "client_state": saved, "compute_wall_s": compute_s}
 
     def evaluate(self, params: Tensors, client_state: Tensors | None = None,
                  batch_size: int = 1024) -> dict[str, dict[str, float]]:
@@ -231,7 +263,7 @@ class PretrainWorker:
         stats: dict[str, float] = {}
         loss_sum = 0.0
         for start in range(0, len(y), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            xb, yb = x[start:start + batch_size].to(self.device), y[start:start + batch_size].to(self.device)
             logits = {"": (self.objective.predict(self.model, xb, state) if self.objective is not None
                            else self.model(xb))}
             if self.objective is not None:

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The prepared accelerator run of issue 8 (docs/performance.md, "On a GPU"): pre-training a GPT of
+# ~100M parameters through the `pretrain-hetero` stage on one GPU, tokens/s and MFU.
+#
+# Where a session is lent a GPU machine (its image has torch and transformers, not pydantic):
+#   1. here, once:    bash benchmarks/gpu/pretrain-hetero-100m.sh prepare   (wheels into .whl/)
+#   2. device tool:   run(command="bash benchmarks/gpu/pretrain-hetero-100m.sh", carry=[".whl"], timeout_s=540)
+# It writes under $OUT: gpu.txt, tests.txt, peaks.json, hetero/results.json (about 4-6 minutes on an
+# H100 or H200). Dry run of the same steps on this CPU: CE_DEVICE=cpu CE_SIZE=tiny OUT=/tmp/x bash ...
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+if [[ "${1:-}" == "prepare" ]]; then
+  # The versions the project's venv resolved, as wheels for the device image's Python 3.12.
+  grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
+  ls .whl
+  exit 0
+fi
+
+DEVICE="${CE_DEVICE:-cuda}"
+SIZE="${CE_SIZE:-gpt-100m}"
+PY="${CE_PYTHON:-python3}"
+OUT="${OUT:?set OUT to a folder for the results}"
+mkdir -p "$OUT"
+if ! "$PY" -c "import pydantic" 2>/dev/null; then  # the device image lacks it: install the carried wheels
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi"
+  "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
+            "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))'; } | tee "$OUT/gpu.txt"
+
+# 1. The device tests (their CUDA cases run only here).
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_pretrain_device.py 2>&1 | tee "$OUT/tests.txt" || true
+
+# 2. Matmul peaks on this device, the denominators of MFU.
+timeout 60 "$PY" - "$DEVICE" > "$OUT/peaks.json" <<'PYEOF'
+import json, sys
+import torch
+from cloudedge.perf import measure_matmul_peak
+dev = sys.argv[1]
+size = 8192 if dev == "cuda" else 1024
+out = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "size": size}
+for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    out[f"{name}_flops"] = measure_matmul_peak(size=size, dtype=dtype, device=dev)
+torch.backends.cuda.matmul.allow_tf32 = True
+out["tf32_flops"] = measure_matmul_peak(size=size, dtype=torch.float32, device=dev, repeats=4) if dev == "cuda" else None
+print(json.dumps(out, indent=1))
+PYEOF
+cat "$OUT/peaks.json"
+
+# 3. The stage: sync-uniform and local-proportional (DiLoCo), bf16 autocast, 6 sync rounds.
+timeout 330 "$PY" -m cloudedge bench pretrain-hetero --quick --out "$OUT/hetero" \
+  --set size="$SIZE" --set device="$DEVICE" --set precision=bf16 \
+  --set methods=sync-uniform,local-proportional --set rounds=6
+"$PY" - "$OUT/hetero/results.json" <<'PYEOF'
+import json, sys
+res = json.load(open(sys.argv[1]))
+for name, m in res["methods"].items():
+    print(name, {k: m.get(k) for k in ("rounds", "wall_s", "tokens", "tokens_per_s", "tokens_per_s_engine",
+                                      "tokens_per_s_compute", "mfu_measured_median", "mfu_compute_median",
+                                      "peak_flops_measured", "peak_gpu_mb", "final_val_loss")})
+PYEOF

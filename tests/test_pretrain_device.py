@@ -1,0 +1,98 @@
+"""Where pre-training runs: `pretrain.device`, `pretrain.precision`, and what crosses the engine.
+
+CI has no GPU: the CUDA tests here run only where one is present (the prepared accelerator run in
+benchmarks/gpu/ runs this file first). Everything else runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloudedge.bench.pretrain_hetero import run as run_hetero
+from cloudedge.cli import main
+from cloudedge.config import config_from_dict
+from cloudedge.engine import copy_plain
+from cloudedge.errors import InputError
+from cloudedge.pretrain.loop import pretrain
+
+CUDA = torch.cuda.is_available()
+
+
+def _cfg(**pretrain_fields: object) -> object:
+    return config_from_dict({
+        "seed": 1,
+        "fleet": {"cloud": {"profile": "a100"}, "edges": [{"count": 1, "devices": [{"count": 2, "profile": "phone-mid"}]}]},
+        "data": {"source": "pydocs", "max_docs": 120},
+        "model": {"kind": "gpt", "hidden": 16, "layers": 1, "heads": 2, "context": 16},
+        "pretrain": {"task": "lm", "rounds": 3, "global_batch": 12, "eval_every": 1, "eval_samples": 16,
+                     "lr": 3e-3, **pretrain_fields},
+    })
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error raised where no CUDA device exists")
+def test_asking_for_cuda_without_one_names_the_field() -> None:
+    with pytest.raises(InputError, match=r"pretrain\.device: 'cuda'"):
+        pretrain(_cfg(device="cuda"))
+
+
+def test_bf16_autocast_trains_float32_weights_close_to_fp32() -> None:
+    fp32 = pretrain(_cfg(precision="fp32"))
+    bf16 = pretrain(_cfg(precision="bf16"))
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # mixed precision, not bf16 weights
+    losses = [(a["val_loss"], b["val_loss"]) for a, b in zip(fp32.metrics, bf16.metrics, strict=True)]
+    assert all(b == pytest.approx(a, abs=0.05) for a, b in losses)
+    assert any(a != b for a, b in losses)  # the forward really ran in bfloat16
+    assert bf16.metrics[-1]["val_loss"] < bf16.metrics[0]["train_loss"]
+
+
+def test_rows_separate_compute_time_from_engine_time() -> None:
+    rows = pretrain(_cfg(algorithm="local", local_steps=2)).metrics
+    for row in rows:
+        # Workers run one after another inside the engine call: their own compute fits in it.
+        assert 0 < row["compute_wall_s"] <= row["work_wall_s"]
+        assert row["mfu_compute"] >= row["mfu_measured"] > 0
+        assert row["peak_flops_measured"] > 0
+
+
+def test_hetero_bench_reports_host_speed_for_the_methods_asked() -> None:
+    res = run_hetero(True, None, methods="sync-uniform", rounds=2)
+    (method,) = res["methods"].values()
+    assert list(res["methods"]) == ["sync-uniform"] and method["rounds"] == 2
+    # 2 rounds x 64 sequences x 32 bytes
+    assert method["tokens"] == 2 * 64 * 32
+    assert method["tokens_per_s_compute"] >= method["tokens_per_s_engine"] >= method["tokens_per_s"] > 0
+    with pytest.raises(InputError, match="methods"):
+        run_hetero(True, None, methods="sync-uniform,nope")
+    with pytest.raises(InputError, match="size"):
+        run_hetero(True, None, size="gpt-1t")
+
+
+def test_bench_set_options_reach_the_benchmark(tmp_path, capsys) -> None:
+    out = ["--out", str(tmp_path)]
+    assert main(["bench", "pretrain-hetero", "--set", "size=gpt-1t", *out]) == 2
+    assert "size must be one of" in capsys.readouterr().err
+    assert main(["bench", "pretrain-hetero", "--set", "nope=1", *out]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["bench", "pretrain-hetero", "--set", "rounds", *out]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_tensors_cross_the_engine_in_host_memory() -> None:
+    msg = {"update": {"w": torch.ones(3, device="cuda")}, "loss": 1.0}
+    copied = copy_plain(msg)
+    assert copied["update"]["w"].device.type == "cpu"
+    assert msg["update"]["w"].device.type == "cuda"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_run_matches_the_cpu_run_and_resumes(tmp_path) -> None:
+    cpu = pretrain(_cfg())
+    gpu = pretrain(_cfg(device="cuda"), tmp_path / "gpu")
+    assert next(gpu.model.parameters()).device.type == "cuda"
+    for a, b in zip(cpu.metrics, gpu.metrics, strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3)
+    resumed = pretrain(_cfg(device="cuda", rounds=4), tmp_path / "gpu", resume=True)
+    assert [r["round"] for r in resumed.metrics] == [0, 1, 2, 3]
