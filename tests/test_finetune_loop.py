@@ -116,3 +116,45 @@ def test_autonomous_sync_budget_binds_in_the_loop(tmp_path):
 
     free, tight = k2s(None), k2s(1.0)
     assert free and tight and min(tight) > max(free)
+
+
+class _CallLog(LocalEngine):
+    """A LocalEngine that records which workers each engine call reached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+
+    def run_tolerant(self, tasks):
+        tasks = list(tasks)
+        self.calls.append([t.worker_id for t in tasks])
+        return super().run_tolerant(tasks)
+
+
+def _loop_with(cfg, engine):
+    torch.set_num_threads(1)
+    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+    return HierFinetune(fleet, prepare_task(cfg, fleet), settings_from_config(cfg), engine), fleet
+
+
+def test_edges_train_together_in_one_engine_call_and_as_they_would_alone():
+    cfg = _cfg("hierfavg", availability=0.6, participation=0.7, rounds=2)
+    engine = _CallLog()
+    loop, fleet = _loop_with(cfg, engine)
+    loop.run()
+    # Every round of the barrier sends both edges' devices to the engine at once (a Ray cluster
+    # then trains them on both edge hosts at the same time).
+    device_calls = [c for c in engine.calls if all("/" in w for w in c) and c]
+    assert device_calls and all({w.split("/")[0] for w in c} == {"edge0", "edge1"} for c in device_calls)
+
+    # The edges share no random stream, device or link: one edge's period is the same whether the
+    # other runs beside it or not.
+    together, _ = _loop_with(cfg, LocalEngine())
+    pulled = dict(together.global_state)
+    both = together.edge_periods({"edge0": (pulled, 0.0), "edge1": (pulled, 0.0)})
+    for edge_id in ("edge0", "edge1"):
+        alone_loop, _ = _loop_with(cfg, LocalEngine())
+        (state, t, obs), = alone_loop.edge_periods({edge_id: (dict(alone_loop.global_state), 0.0)}).values()
+        assert t == both[edge_id][1] and obs.rounds_done == both[edge_id][2].rounds_done
+        for k, v in state.items():
+            torch.testing.assert_close(v, both[edge_id][0][k], rtol=0, atol=0)

