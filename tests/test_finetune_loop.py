@@ -158,3 +158,11 @@ def test_edges_train_together_in_one_engine_call_and_as_they_would_alone():
         assert t == both[edge_id][1] and obs.rounds_done == both[edge_id][2].rounds_done
         for k, v in state.items():
             torch.testing.assert_close(v, both[edge_id][0][k], rtol=0, atol=0)
+
+
+def test_staleness_exponent_from_config_reaches_the_autonomous_merge():
+    loop, _ = _loop(_cfg("autonomous", sync={"policy": "autonomous", "staleness_exponent": 0.0}))
+    assert loop.policy.staleness_exponent == 0.0
+    assert loop.policy.merge_weight(0.25, 7, 2) == pytest.approx(0.25)  # no discount at all
+    default, _ = _loop(_cfg("autonomous"))
+    assert default.policy.merge_weight(0.25, 7, 2) < 0.25

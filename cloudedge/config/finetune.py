@@ -38,6 +38,8 @@ class SyncSection(StrictModel):
     k2_max: int = Field(default=8, ge=1, description="autonomous: most edge rounds between cloud syncs")
     margin: float = Field(default=0.9, gt=0, le=1, description="autonomous: share of the deadline a device plans to use")
     sync_budget_bytes: float | None = Field(default=None, gt=0, description="autonomous: edge->cloud bytes per edge")
+    staleness_exponent: float = Field(
+        default=0.5, ge=0, description="autonomous: a in the merge weight w_e (1 + excess staleness)^-a (0: no discount)")
     phi: float = Field(default=0.025, gt=0, description="adaptive-interval: Wang's control parameter")
 
 

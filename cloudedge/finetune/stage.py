@@ -96,7 +96,8 @@ def settings_from_config(cfg: RunConfig, policy: str | None = None) -> FinetuneS
           "max_steps": sync.max_steps}
     name = policy or sync.policy
     if name == "autonomous":
-        kw.update(alpha=sync.alpha, k2_max=sync.k2_max, margin=sync.margin, sync_budget_bytes=sync.sync_budget_bytes)
+        kw.update(alpha=sync.alpha, k2_max=sync.k2_max, margin=sync.margin, sync_budget_bytes=sync.sync_budget_bytes,
+                  staleness_exponent=sync.staleness_exponent)
     if name == "adaptive-interval":
         kw.update(phi=sync.phi)
     return FinetuneSettings(
