@@ -122,6 +122,23 @@ def test_pydocs_deterministic_subsample_and_min_chars():
     assert all(len(t) >= 500 for t in long_docs.texts) and len(long_docs) < len(load_pydocs())
 
 
+def test_pydocs_does_not_depend_on_what_this_process_patched(monkeypatch):
+    import textwrap
+
+    from cloudedge.data.sources import _pydocs_corpus
+
+    before = _pydocs_corpus()
+    _pydocs_corpus.cache_clear()
+    # A host patching the standard library (pytest, IPython, torch do such things) would change a
+    # corpus read from this process; the walk runs in a fresh isolated interpreter instead.
+    monkeypatch.setattr(textwrap.dedent, "__doc__", "patched by this process, not part of the corpus")
+    monkeypatch.setattr(textwrap, "shorten", lambda *a, **k: None)
+    after = _pydocs_corpus()
+    assert after == before
+    assert not any("patched by this process" in text for _, _, text in after)
+    assert any(qual == "textwrap.shorten" for _, qual, _ in after)
+
+
 def test_pydocs_classification_picks_largest_modules():
     view = pydocs_classification(n_classes=10)
     assert len(view.classes) == 10 and view.classes == sorted(view.classes)

@@ -8,19 +8,15 @@ it in ``pydoc_data``).
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import inspect
-import io
+import json
 import math
-import pkgutil
+import subprocess
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -212,147 +208,18 @@ def rotated(ds: ImageDataset, degrees: float) -> ImageDataset:
 
 # ----------------------------------------------------------------------------------- pydocs text
 
-# Modules never imported: side effects on import (opening a browser, printing, starting a GUI or
-# a REPL), GUI toolkits, test suites, and the codec zoo (hundreds of near-identical docstrings).
-_SKIP_MODULES = frozenset(
-    {
-        "antigravity",
-        "this",
-        "idlelib",
-        "tkinter",
-        "turtle",
-        "turtledemo",
-        "test",
-        "lib2to3",
-        "distutils",  # deprecated; setuptools may swap in its own copy, so the corpus would vary
-        "pydoc_data",  # read separately below (it is data, not code)
-    }
-)
-_SKIP_SUBMODULE_PARTS = frozenset({"test", "tests", "idle_test", "__main__"})
-# Packages whose submodules are not walked (the package docstring is kept).
-_NO_SUBMODULES = frozenset({"encodings"})
 PYDOC_TOPICS_DOMAIN = "pydoc_data"
-
-
-def _stdlib_top_level_names() -> list[str]:
-    names = getattr(sys, "stdlib_module_names", frozenset())
-    return sorted(n for n in names if not n.startswith("_") and n not in _SKIP_MODULES)
-
-
-def _quiet_import(name: str) -> Any | None:
-    """Import a module with warnings and stdout/stderr silenced; ``None`` when it fails."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            return importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - any module that fails to import here is simply not in the corpus
-            return None
-
-
-def _module_names_to_walk() -> list[str]:
-    """Top-level stdlib modules in sorted order, each followed by its public submodules (sorted)."""
-    out: list[str] = []
-    for top in _stdlib_top_level_names():
-        module = _quiet_import(top)
-        if module is None:
-            continue
-        out.append(top)
-        path = getattr(module, "__path__", None)
-        if path is None or top in _NO_SUBMODULES:
-            continue
-        # Sorted, so the corpus order does not depend on the filesystem's listing order.
-        for info in sorted(pkgutil.walk_packages(path, prefix=top + ".", onerror=lambda _n: None), key=lambda i: i.name):
-            parts = info.name.split(".")
-            if any(p.startswith("_") or p in _SKIP_SUBMODULE_PARTS for p in parts[1:]):
-                continue
-            out.append(info.name)
-    return out
-
-
-def _clean_doc(obj: Any) -> str | None:
-    # obj.__doc__ rather than inspect.getdoc: getdoc inherits a base class's docstring, which would
-    # repeat e.g. "Return str(self)." hundreds of times under unrelated modules.
-    doc = getattr(obj, "__doc__", None)
-    if not isinstance(doc, str):
-        return None
-    doc = inspect.cleandoc(doc).strip()
-    return doc or None
-
-
-def _public_members(obj: Any) -> list[tuple[str, Any]]:
-    try:
-        items = list(vars(obj).items())
-    except TypeError:
-        return []
-    return sorted((k, v) for k, v in items if not k.startswith("_"))
-
-
-def _docs_of_module(module_name: str) -> list[tuple[str, str]]:
-    """(qualified name, docstring) pairs: the module, its classes and their members, its functions."""
-    module = _quiet_import(module_name)
-    if module is None:
-        return []
-    out: list[tuple[str, str]] = []
-    doc = _clean_doc(module)
-    if doc:
-        out.append((module_name, doc))
-    for name, obj in _public_members(module):
-        if module_name == "sys" and hasattr(module, f"__{name}__"):
-            # sys keeps the interpreter's own hooks as __name__ (excepthook, unraisablehook, ...):
-            # a host such as pytest or IPython replaces the live ones, so read the originals and
-            # the corpus stays the same in every process.
-            obj = getattr(module, f"__{name}__")
-        # Keep only objects defined here, so re-exports are not counted twice.
-        if getattr(obj, "__module__", None) != module_name:
-            continue
-        if inspect.isclass(obj):
-            doc = _clean_doc(obj)
-            if doc:
-                out.append((f"{module_name}.{name}", doc))
-            for member_name, member in _public_members(obj):
-                target = member.fget if isinstance(member, property) else member
-                if isinstance(target, (staticmethod, classmethod)):
-                    target = target.__func__
-                if not (inspect.isroutine(target) or isinstance(member, property)):
-                    continue
-                doc = _clean_doc(target)
-                if doc:
-                    out.append((f"{module_name}.{name}.{member_name}", doc))
-        elif inspect.isroutine(obj):
-            doc = _clean_doc(obj)
-            if doc:
-                out.append((f"{module_name}.{name}", doc))
-    return out
-
-
-def _pydoc_topics() -> list[tuple[str, str]]:
-    module = _quiet_import("pydoc_data.topics")
-    topics = getattr(module, "topics", None) if module is not None else None
-    if not isinstance(topics, dict):
-        return []
-    return [(f"{PYDOC_TOPICS_DOMAIN}.{k}", str(v).strip()) for k, v in sorted(topics.items()) if str(v).strip()]
 
 
 @lru_cache(maxsize=1)
 def _pydocs_corpus() -> tuple[tuple[str, str, str], ...]:
-    """All (domain, qualified name, text) docs in corpus order; identical texts kept once (first wins)."""
-    seen: set[str] = set()
-    rows: list[tuple[str, str, str]] = []
-    # Reading some attributes warns (deprecated aliases such as typing.io); that is not news here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module_docs = [(m, _docs_of_module(m)) for m in _module_names_to_walk()]
-    for module_name, docs in module_docs:
-        domain = module_name.split(".")[0]
-        for qualname, text in docs:
-            if text not in seen:
-                seen.add(text)
-                rows.append((domain, qualname, text))
-    for qualname, text in _pydoc_topics():
-        if text not in seen:
-            seen.add(text)
-            rows.append((PYDOC_TOPICS_DOMAIN, qualname, text))
-    return tuple(rows)
+    """All (domain, qualified name, text) docs in corpus order, walked in a clean interpreter
+    (``pydocs_walk.py``: the corpus must not depend on what this process imported or patched)."""
+    walker = Path(__file__).with_name("pydocs_walk.py")
+    proc = subprocess.run([sys.executable, "-I", "-S", str(walker)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pydocs: walking the standard library failed: {proc.stderr.strip()[-500:]}")
+    return tuple((str(d), str(q), str(t)) for d, q, t in json.loads(proc.stdout))
 
 
 def even_pick(n: int, k: int) -> np.ndarray:
