@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloudedge.bench.pretrain_hetero import run as run_hetero
 from cloudedge.cli import main
 from cloudedge.config import config_from_dict
 from cloudedge.engine import copy_plain
@@ -53,19 +52,6 @@ def test_rows_separate_compute_time_from_engine_time() -> None:
         assert 0 < row["compute_wall_s"] <= row["work_wall_s"]
         assert row["mfu_compute"] >= row["mfu_measured"] > 0
         assert row["peak_flops_measured"] > 0
-
-
-def test_hetero_bench_reports_host_speed_for_the_methods_asked() -> None:
-    res = run_hetero(True, None, methods="sync-uniform", rounds=2)
-    (method,) = res["methods"].values()
-    assert list(res["methods"]) == ["sync-uniform"] and method["rounds"] == 2
-    # 2 rounds x 64 sequences x 32 bytes
-    assert method["tokens"] == 2 * 64 * 32
-    assert method["tokens_per_s_compute"] >= method["tokens_per_s_engine"] >= method["tokens_per_s"] > 0
-    with pytest.raises(InputError, match="methods"):
-        run_hetero(True, None, methods="sync-uniform,nope")
-    with pytest.raises(InputError, match="size"):
-        run_hetero(True, None, size="gpt-1t")
 
 
 def test_bench_set_options_reach_the_benchmark(tmp_path, capsys) -> None:

@@ -99,40 +99,80 @@ def bench_config(quick: bool, size: str = "tiny", device: str = "cpu", precision
 
 
 def run(quick: bool, out_dir: Path, *, size: str = "tiny", device: str = "cpu", precision: str = "fp32",
-        methods: list[str] | str | None = None, rounds: int | None = None) -> dict[str, Any]:
+        methods: list[str] | str | None = None, rounds: int | None = None, seeds: int = 1) -> dict[str, Any]:
     """Run every method (or ``methods``); returns the results dict the CLI writes to results.json.
 
     ``size``: ``tiny`` (default) or ``gpt-100m``; ``device`` / ``precision``: the ``pretrain``
     fields of the same names; ``rounds``: sync rounds per method (local methods run a quarter as
-    many, each of ``LOCAL_STEPS`` steps; default 40, 160 without ``quick``).
+    many, each of ``LOCAL_STEPS`` steps; default 40, 160 without ``quick``); ``seeds``: repeat
+    everything with seeds 0 .. seeds-1 (model, data partition, batches, availability). With more
+    than one seed each method reports the median over seeds of every number, the per-seed values
+    under ``per_seed``, and its speed-up's ``speedup_min`` / ``speedup_max``.
     """
+    if seeds < 1:
+        raise InputError(f"pretrain-hetero: seeds must be >= 1, got {seeds}")
     raw = bench_config(quick, size, device, precision)
-    cfg = config_from_dict(raw, source="pretrain-hetero")
     names = methods.split(",") if isinstance(methods, str) else list(methods or METHODS)
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise InputError(f"pretrain-hetero: methods must be among {', '.join(METHODS)}, got {names}")
     sync_rounds = rounds or SYNC_ROUNDS * (1 if quick else 4)
-    methods_out: dict[str, dict[str, Any]] = {}
+    runs: list[dict[str, dict[str, Any]]] = []
     # Tiny matrices on a CPU: one thread is fastest, and far faster than two on a busy shared
     # machine. The 100M model's matmuls use every thread the host has.
     threads = torch.get_num_threads()
     if size == "tiny":
         torch.set_num_threads(1)
     try:
-        for name in names:
-            overrides = METHODS[name]
-            n_rounds = sync_rounds if overrides["algorithm"] == "sync" else max(1, sync_rounds * LOCAL_ROUNDS // SYNC_ROUNDS)
-            methods_out[name] = _run_method(cfg, name, {**overrides, "rounds": n_rounds})
+        for seed in range(seeds):
+            cfg = config_from_dict({**raw, "seed": seed}, source="pretrain-hetero")
+            one: dict[str, dict[str, Any]] = {}
+            for name in names:
+                overrides = METHODS[name]
+                n_rounds = (sync_rounds if overrides["algorithm"] == "sync"
+                            else max(1, sync_rounds * LOCAL_ROUNDS // SYNC_ROUNDS))
+                one[name] = _run_method(cfg, name, {**overrides, "rounds": n_rounds})
+            base = one.get("sync-uniform", {}).get("time_to_target_s")
+            for m in one.values():
+                t = m["time_to_target_s"]
+                m["speedup_vs_sync_uniform"] = (base / t) if (base and t) else None
+            runs.append(one)
     finally:
         torch.set_num_threads(threads)
-    base = methods_out.get("sync-uniform", {}).get("time_to_target_s")
-    for m in methods_out.values():
-        t = m["time_to_target_s"]
-        m["speedup_vs_sync_uniform"] = (base / t) if (base and t) else None
+    methods_out = runs[0] if seeds == 1 else {name: _over_seeds([r[name] for r in runs]) for name in names}
     return {"benchmark": "pretrain-hetero",
-            "config": {**raw, "scale": 1.0 if size == "gpt-100m" else SCALE, "quick": quick, "size": size},
+            "config": {**raw, "scale": 1.0 if size == "gpt-100m" else SCALE, "quick": quick, "size": size,
+                       "seeds": seeds},
             "methods": methods_out}
+
+
+def _over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over seeds of every numeric field (a seed that never reached the target counts as
+    slower than any that did: None sorts last for times and first for speed-ups)."""
+    out: dict[str, Any] = {}
+    for key in per_seed[0]:
+        values = [m[key] for m in per_seed]
+        if not all(v is None or isinstance(v, int | float) for v in values):
+            continue
+        if key == "speedup_vs_sync_uniform":
+            ranked = sorted(values, key=lambda v: -1.0 if v is None else v)
+        else:
+            ranked = sorted(values, key=lambda v: float("inf") if v is None else v)
+        out[key] = ranked[(len(ranked) - 1) // 2] if len(ranked) % 2 else _mid(ranked[len(ranked) // 2 - 1:][:2])
+    speedups = [m["speedup_vs_sync_uniform"] for m in per_seed]
+    reached = [v for v in speedups if v is not None]
+    out["speedup_min"] = min(reached) if len(reached) == len(speedups) else None
+    out["speedup_max"] = max(reached) if reached else None
+    out["per_seed"] = per_seed
+    return out
+
+
+def _mid(pair: list[Any]) -> Any:
+    """The median of an even count: the mean of the middle two, or the missing one if one is None."""
+    a, b = pair
+    if a is None or b is None:
+        return None
+    return (a + b) / 2
 
 
 def _run_method(cfg: Any, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
