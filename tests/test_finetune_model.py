@@ -54,3 +54,26 @@ def test_ffa_freezes_a_and_same_spec_same_init():
     assert all(not p.requires_grad for n, p in model.named_parameters() if n.endswith(A_SUFFIX))
     again = adapter_state(build_lora_classifier(_spec("vit", "ffa")))
     assert all(torch.equal(v, again[k]) for k, v in adapter_state(model).items())
+
+
+def test_a_pretrained_classifier_is_fine_tuned_on_the_feature_it_was_trained_on():
+    from cloudedge.errors import InputError
+    from cloudedge.finetune.stage import feature_pooling
+    from cloudedge.pretrain.tasks import build_classifier
+
+    cfg = ModelConfig(kind="vit", hidden=16, layers=1, heads=2, image_size=8, patch_size=4, channels=1)
+    pre = build_classifier(cfg, n_classes=4, seed=3, kind="vit")
+    base = {k: v.detach().clone() for k, v in pre.state_dict().items()}
+    assert feature_pooling("auto", cfg, base) == "mean"  # a cloudedge Classifier: mean of tokens
+    assert feature_pooling("auto", cfg, None) == "cls"  # fresh or HF ViT: its CLS token
+    spec = {**_spec("vit"), "base_tensors": base, "pooling": "mean"}
+    ft = build_lora_classifier(spec)
+    x = _inputs("vit")["pixel_values"]
+    with torch.no_grad():  # adapters start at B = 0: the feature is the pre-trained model's own
+        torch.testing.assert_close(ft.features({"pixel_values": x}), pre.features(x), rtol=1e-5, atol=1e-6)
+        cls = build_lora_classifier({**spec, "pooling": "cls"}).features({"pixel_values": x})
+    assert not torch.allclose(cls, pre.features(x), atol=1e-3)
+    with pytest.raises(InputError, match="finetune.pooling"):
+        build_lora_classifier({**_spec("clip"), "pooling": "mean"})
+    with pytest.raises(InputError, match="finetune.pooling"):
+        feature_pooling("mean", ModelConfig(kind="gpt"), None)

@@ -104,6 +104,9 @@ class FinetuneConfig(StrictModel):
         default=None, description="cloudedge checkpoint (folder with 'latest' or .safetensors) of the base model"
     )
     init_prefix: str = Field(default="", description="key prefix of the model's tensors in that checkpoint")
+    pooling: Literal["auto", "cls", "mean"] = Field(
+        default="auto", description="ViT feature: the final CLS token, or the mean of all tokens; auto: mean for a "
+                                    "cloudedge pre-training Classifier (pre-trained that way), else cls")
     lora: LoraSection = Field(default_factory=LoraSection)
     sync: SyncSection = Field(default_factory=SyncSection)
     participation: float = Field(default=1.0, gt=0, le=1, description="share of available devices per edge round")

@@ -2,7 +2,8 @@
 
 Backbones (the base model's kind is read from the built model, so local HF checkpoints work too):
 
-- ``vit``: a ViT's encoder; the feature is the final (layer-normed) CLS token.
+- ``vit``: a ViT's encoder; the feature is the final (layer-normed) CLS token, or the mean of all
+  final tokens (``pooling="mean"``: how the pre-training stage's image Classifier reads it).
 - ``clip``: the vision tower of a CLIP model; the feature is its pooled CLS output. This is how
   the demo chains CLIP pre-training -> fine-tuning on digits -> prompt adaptation.
 - ``gpt``: a GPT-2 decoder; the feature is the hidden state of the last non-pad token (the
@@ -30,10 +31,11 @@ from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, TARGETS, lora_layers
 class LoraClassifier(nn.Module):
     """``head(features(backbone(inputs)))``; ``inputs`` is ``{"pixel_values"}`` or ``{"input_ids", "attention_mask"}``."""
 
-    def __init__(self, backbone: nn.Module, kind: str, feature_dim: int, n_classes: int):
+    def __init__(self, backbone: nn.Module, kind: str, feature_dim: int, n_classes: int, pooling: str = "cls"):
         super().__init__()
         self.backbone = backbone
         self.kind = kind
+        self.pooling = pooling
         self.head = nn.Linear(feature_dim, n_classes)
 
     def features(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -45,6 +47,8 @@ class LoraClassifier(nn.Module):
         out = self.backbone(pixel_values=inputs["pixel_values"])
         if self.kind == "clip":
             return out.pooler_output
+        if self.pooling == "mean":
+            return out.last_hidden_state.mean(dim=1)
         return out.last_hidden_state[:, 0]
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -111,7 +115,8 @@ def build_lora_classifier(spec: Mapping[str, Any]) -> LoraClassifier:
 
     Keys: ``model`` (ModelConfig as a dict), ``base_dir``, ``seed``, ``n_classes``, ``rank``,
     ``alpha``, ``targets`` (None: per architecture), ``mode`` (LoRA aggregation mode: ``ffa``
-    freezes A), ``base_tensors`` (pre-trained state or None: fresh weights from ``seed``).
+    freezes A), ``base_tensors`` (pre-trained state or None: fresh weights from ``seed``),
+    ``pooling`` (ViT: ``cls`` or ``mean``; default ``cls``).
     Deterministic: the same spec gives the same initial adapters and head on every node.
     """
     from cloudedge.models import build_model
@@ -122,13 +127,16 @@ def build_lora_classifier(spec: Mapping[str, Any]) -> LoraClassifier:
     if spec.get("base_tensors"):
         _load_into(model, spec["base_tensors"], str(spec.get("base_source", "base checkpoint")))
     body, kind, dim = backbone_of(model)
+    pooling = str(spec.get("pooling", "cls"))
+    if pooling != "cls" and kind != "vit":
+        raise InputError(f"finetune.pooling: '{pooling}' applies to ViT backbones, the model is a {kind}")
     targets = spec.get("targets") or TARGETS[kind]
     lcfg = LoraConfig(r=int(spec["rank"]), lora_alpha=float(spec["alpha"]), lora_dropout=0.0,
                       target_modules=list(targets), bias="none", fan_in_fan_out=(kind == "gpt"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)  # peft initialises A from the global generator
         body = inject_adapter_in_model(lcfg, body)
-        clf = LoraClassifier(body, kind, dim, int(spec["n_classes"]))
+        clf = LoraClassifier(body, kind, dim, int(spec["n_classes"]), pooling=pooling)
     for name, p in clf.named_parameters():
         trainable = name.startswith("head.") or "lora_B" in name or ("lora_A" in name and spec["mode"] != "ffa")
         p.requires_grad_(trainable)

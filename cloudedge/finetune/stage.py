@@ -79,12 +79,29 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
 
         base_tensors = load_base_tensors(resolve_path(fcfg.init, cfg.base_dir), fcfg.init_prefix)
     spec = {
+        "pooling": feature_pooling(fcfg.pooling, model_cfg, base_tensors),
         "model": model_cfg.model_dump(), "base_dir": cfg.base_dir, "seed": cfg.seed,
         "n_classes": len(train.classes), "rank": fcfg.lora.rank, "alpha": fcfg.lora.alpha,
         "targets": fcfg.lora.targets, "mode": fcfg.lora.mode, "base_tensors": base_tensors,
         "base_source": fcfg.init or "base model",
     }
     return TaskData(spec=spec, device_data=device_data, test_data=to_tensors(test), classes=list(train.classes))
+
+
+def feature_pooling(pooling: str, model_cfg: ModelConfig, base_tensors: dict[str, torch.Tensor] | None) -> str:
+    """How a ViT backbone's tokens become the feature: what the base was pre-trained with.
+
+    The pre-training stage's image ``Classifier`` averages all tokens (its tensors are named
+    ``encoder.*``); HF ViT checkpoints read the CLS token. Reading the CLS token of a model
+    pre-trained on the mean would start fine-tuning from a feature nobody trained.
+    """
+    if pooling != "auto":
+        if model_cfg.kind in ("gpt", "clip"):
+            raise InputError(f"{STAGE}.pooling: '{pooling}' applies to ViT backbones, the model is '{model_cfg.kind}'")
+        return pooling
+    if base_tensors and any(k.startswith("encoder.") for k in base_tensors):
+        return "mean"
+    return "cls"
 
 
 def settings_from_config(cfg: RunConfig, policy: str | None = None) -> FinetuneSettings:
