@@ -37,7 +37,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
             "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))'; } | tee "$OUT/gpu.txt"
 
 # 1. The device tests (their CUDA cases run only here).
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_pretrain_device.py 2>&1 | tee "$OUT/tests.txt" || true
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py 2>&1 | tee "$OUT/tests.txt" || true
 
 # 2. Matmul peaks on this device, the denominators of MFU.
 timeout 60 "$PY" - "$DEVICE" > "$OUT/peaks.json" <<'PYEOF'

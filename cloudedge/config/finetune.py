@@ -116,6 +116,8 @@ class FinetuneConfig(StrictModel):
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
     server_lr: float = Field(default=1.0, gt=0)
     compression: Literal["none", "fp16", "bf16", "int8"] = "none"
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        default="cpu", description="where every worker holds the model (auto: cuda when present)")
     time_budget_s: float = Field(default=60.0, gt=0, description="virtual seconds the run may take")
     max_cloud_rounds: int = Field(default=100, ge=1, description="cloud updates (async: merges / edges)")
     target_accuracy: float | None = Field(default=None, gt=0, le=1, description="for time_to_target_s")

@@ -92,6 +92,7 @@ class FinetuneSettings:
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
     compression: str = "none"
+    device: str = "cpu"  # where workers hold the model (resolved: cpu or cuda)
     participation: float = 1.0
     time_budget_s: float = 60.0
     max_cloud_rounds: int = 100
@@ -187,9 +188,10 @@ class HierFinetune:
         self.spec = spec
         for dev_id, data in task.device_data.items():
             engine.register(dev_id, WorkerSpec(FinetuneWorker, dict(
-                spec=spec, data=data, batch_size=settings.batch_size, optimizer=settings.optimizer, lr=settings.lr)))
+                spec=spec, data=data, batch_size=settings.batch_size, optimizer=settings.optimizer, lr=settings.lr,
+                device=settings.device)))
         engine.register(CLOUD, WorkerSpec(FinetuneWorker, dict(
-            spec=spec, data=task.test_data, batch_size=settings.batch_size)))
+            spec=spec, data=task.test_data, batch_size=settings.batch_size, device=settings.device)))
         self.info = engine.call(CLOUD, "model_info")
         self.step_flops = float(self.info["train_step_flops"])
         self.global_state: Tensors = engine.call(CLOUD, "initial_state")

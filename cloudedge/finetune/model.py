@@ -174,6 +174,6 @@ class AdapterSlot:
             self._orig[layer] = base.detach().clone()
         # peft stores GPT-2's Conv1D weight as [in, out] (fan_in_fan_out); deltas are [out, in].
         d = delta.T if getattr(module, "fan_in_fan_out", False) else delta
-        base.copy_(self._orig[layer] + d.to(base.dtype))
+        base.copy_(self._orig[layer] + d.to(device=base.device, dtype=base.dtype))
 
 

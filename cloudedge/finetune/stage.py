@@ -16,6 +16,7 @@ import torch
 from cloudedge.config import RunConfig
 from cloudedge.config.data import DataConfig
 from cloudedge.config.model import ModelConfig
+from cloudedge.device import resolve_device
 from cloudedge.errors import InputError
 from cloudedge.finetune.loop import FinetuneSettings, HierFinetune, TaskData
 from cloudedge.finetune.model import LoraClassifier, build_lora_classifier, load_base_tensors
@@ -121,6 +122,7 @@ def settings_from_config(cfg: RunConfig, policy: str | None = None) -> FinetuneS
         policy=name, policy_kwargs=kw, lora_mode=f.lora.mode, refactor=f.lora.refactor, batch_size=f.batch_size,
         optimizer=f.optimizer, lr=f.lr, server_optimizer=f.server_optimizer, server_lr=f.server_lr,
         compression=f.compression, participation=f.participation, time_budget_s=f.time_budget_s,
+        device=resolve_device(f.device, f"{STAGE}.device"),
         max_cloud_rounds=f.max_cloud_rounds, target_accuracy=f.target_accuracy, eval_max=f.eval_max,
         checkpoint_every=f.checkpoint_every, seed=cfg.seed,
         robust=f.robust.model_dump(), attack=None if f.attack is None else f.attack.model_dump(),

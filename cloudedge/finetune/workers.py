@@ -25,8 +25,11 @@ class FinetuneWorker:
     """
 
     def __init__(self, spec: dict[str, Any], data: dict[str, torch.Tensor], batch_size: int,
-                 optimizer: str = "adamw", lr: float = 3e-3):
+                 optimizer: str = "adamw", lr: float = 3e-3, device: str = "cpu"):
         self.spec, self.data = spec, data
+        # The data stays in host memory; each batch moves to the device. What a task returns
+        # crosses the engine in host memory (engine.base.copy_plain).
+        self.device = torch.device(device)
         self.batch_size, self.optimizer, self.lr = int(batch_size), optimizer, float(lr)
         self.n = int(data["labels"].shape[0])
         self._model = None
@@ -35,21 +38,24 @@ class FinetuneWorker:
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            self._model = build_lora_classifier(self.spec)
+            self._model = build_lora_classifier(self.spec).to(self.device)
             self._slot = AdapterSlot(self._model)
         return self._model
 
     def _inputs(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v[idx] for k, v in self.data.items() if k != "labels"}
+        return {k: v[idx].to(self.device) for k, v in self.data.items() if k != "labels"}
+
+    def _labels(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.data["labels"][idx].to(self.device)
 
     def _loss(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.model(self._inputs(idx)), self.data["labels"][idx])
+        return F.cross_entropy(self.model(self._inputs(idx)), self._labels(idx))
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _flat_grad(self) -> torch.Tensor:
-        return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+        return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
                           for _, p in self._trainable()])
 
     def train(self, state: dict[str, torch.Tensor], steps: int, seed: int, stats: bool = False,
@@ -84,7 +90,8 @@ class FinetuneWorker:
             losses.append(loss.item())
         new = adapter_state(model)
         keys = sent_keys(list(new), self.spec["mode"])
-        update = {k: new[k] - state[k] for k in keys}
+        # On the host from here: DP noise and attacks draw from CPU generators, as on every device.
+        update = {k: new[k].cpu() - state[k].cpu() for k in keys}
         if attack is not None:
             from cloudedge.attacks import apply_attack
 
@@ -123,7 +130,7 @@ class FinetuneWorker:
         for lo in range(0, n, 256):
             idx = torch.arange(lo, min(n, lo + 256))
             logits = model(self._inputs(idx))
-            y = self.data["labels"][idx]
+            y = self._labels(idx)
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(dim=1) == y).sum())
         return {"accuracy": correct / max(1, n), "loss": total_loss / max(1, n), "n": n}

@@ -1,4 +1,4 @@
-"""Where pre-training runs: `pretrain.device`, `pretrain.precision`, and what crosses the engine.
+"""Where stages run: `pretrain.device` / `precision`, `finetune.device`, and what crosses the engine.
 
 CI has no GPU: the CUDA tests here run only where one is present (the prepared accelerator run in
 benchmarks/gpu/ runs this file first). Everything else runs on the CPU.
@@ -11,7 +11,7 @@ import torch
 
 from cloudedge.cli import main
 from cloudedge.config import config_from_dict
-from cloudedge.engine import copy_plain
+from cloudedge.engine import LocalEngine, copy_plain
 from cloudedge.errors import InputError
 from cloudedge.pretrain.loop import pretrain
 
@@ -82,3 +82,37 @@ def test_cuda_run_matches_the_cpu_run_and_resumes(tmp_path) -> None:
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3)
     resumed = pretrain(_cfg(device="cuda", rounds=4), tmp_path / "gpu", resume=True)
     assert [r["round"] for r in resumed.metrics] == [0, 1, 2, 3]
+
+
+def _finetune_cfg(**finetune_fields: object) -> object:
+    return config_from_dict({
+        "seed": 3,
+        "fleet": {"edges": [{"count": 2, "devices": [{"count": 2, "profile": "phone-mid",
+                                                       "overrides": {"availability": 1.0}}]}]},
+        "data": {"source": "digits", "partition": {"kind": "dirichlet", "alpha": 1.0}},
+        "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
+                  "channels": 1},
+        "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": "product", "refactor": "merge"},
+                     "sync": {"policy": "hierfavg", "k1": 3, "k2": 1, "deadline_factor": None},
+                     "batch_size": 8, "lr": 2e-2, "time_budget_s": 1e9, "max_cloud_rounds": 2, "eval_max": 64,
+                     **finetune_fields},
+    })
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error raised where no CUDA device exists")
+def test_finetune_on_cuda_without_one_names_the_field() -> None:
+    from cloudedge.finetune import finetune
+
+    with pytest.raises(InputError, match=r"finetune\.device: 'cuda'"):
+        finetune(_finetune_cfg(device="cuda"), None, LocalEngine())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_finetune_on_cuda_matches_the_cpu_run() -> None:
+    from cloudedge.finetune import finetune
+
+    cpu = finetune(_finetune_cfg(), None, LocalEngine()).history
+    gpu = finetune(_finetune_cfg(device="cuda"), None, LocalEngine()).history
+    assert [r["round"] for r in gpu] == [r["round"] for r in cpu]
+    for a, b in zip(cpu, gpu, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-3) and b["t"] == pytest.approx(a["t"])
