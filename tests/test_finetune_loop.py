@@ -98,8 +98,8 @@ def test_resume_gives_the_same_result(tmp_path, policy):
     full = finetune(_cfg(policy, rounds=4), RunDir.create(full_dir), LocalEngine())
     finetune(_cfg(policy, rounds=2), RunDir.create(part_dir), LocalEngine())  # "interrupted" after 2
     resumed = finetune(_cfg(policy, rounds=4), RunDir.create(part_dir, resume=True), LocalEngine(), resume=True)
-    assert [r["accuracy"] for r in resumed.history] == [r["accuracy"] for r in full.history]
-    assert [r["t"] for r in resumed.history] == [r["t"] for r in full.history]
+    assert [r["acc"] for r in resumed.history] == [r["acc"] for r in full.history]
+    assert [r["virtual_time_s"] for r in resumed.history] == [r["virtual_time_s"] for r in full.history]
     for k, v in full.state.items():
         assert torch.equal(v, resumed.state[k]), k
     rows = [r for r in RunDir(part_dir).read_metrics() if r.get("stage") == "finetune"]

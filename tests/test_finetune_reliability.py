@@ -48,7 +48,7 @@ def _loop(raw):
 
 
 def _accs(loop):
-    return [r["accuracy"] for r in loop.history]
+    return [r["acc"] for r in loop.history]
 
 
 class WrongShapeWorker(FinetuneWorker):
@@ -94,14 +94,14 @@ def test_median_and_trimmed_mean_resist_a_scaled_attacker_where_mean_does_not():
     mean, median = _attacked("mean", rounds=8), _attacked("median", rounds=8)
     trimmed = _attacked("trimmed_mean", rounds=8, beta=0.2)
     assert len(mean.attackers) == 2 and mean.summary()["rejected_updates"] == 0
-    clean_acc = clean.history[-1]["accuracy"]
+    clean_acc = clean.history[-1]["acc"]
     assert clean_acc > 0.45
-    assert mean.history[-1]["accuracy"] < clean_acc - 0.3  # the boosted update dominates the mean
+    assert mean.history[-1]["acc"] < clean_acc - 0.3  # the boosted update dominates the mean
     for robust in (median, trimmed):
         acc = _accs(robust)
         # They learn despite the attacker and end far above the mean. They trail the clean run:
         # with non-IID devices, a median of 5 is a biased estimate of their mean (robustness bench).
-        assert acc[-1] > acc[0] + 0.2 and acc[-1] > mean.history[-1]["accuracy"] + 0.2
+        assert acc[-1] > acc[0] + 0.2 and acc[-1] > mean.history[-1]["acc"] + 0.2
         assert robust.summary()["edge_aggregator"] in ("median", "trimmed_mean")
 
 
@@ -183,7 +183,7 @@ def test_resume_with_dp_churn_and_attack_gives_the_same_result(tmp_path, policy)
     full = finetune(cfg(4), RunDir.create(tmp_path / "full"), LocalEngine())
     finetune(cfg(2), RunDir.create(tmp_path / "part"), LocalEngine())
     resumed = finetune(cfg(4), RunDir.create(tmp_path / "part", resume=True), LocalEngine(), resume=True)
-    keys = ("accuracy", "t", "epsilon", "dropped", "stale", "rejected", "rejections")
+    keys = ("acc", "virtual_time_s", "epsilon", "dropped", "stale", "rejected", "rejections")
     assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]
     assert resumed.summary["epsilon"] == full.summary["epsilon"]
     for k, v in full.state.items():

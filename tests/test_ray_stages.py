@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parents[1]
 FT_ROUNDS = 3
-FT_KEYS = ("round", "t", "accuracy", "loss", "bytes_device_edge", "bytes_edge_cloud", "device_energy_j")
+FT_KEYS = ("round", "virtual_time_s", "acc", "loss", "bytes_device_edge", "bytes_edge_cloud", "device_energy_j")
 
 
 def finetune_cfg(rounds: int = FT_ROUNDS):

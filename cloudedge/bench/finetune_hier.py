@@ -90,7 +90,7 @@ def central_reference(task: TaskData, lora_mode: str, batch_size: int, lr: float
     state = central.initial_state()
     update = central.train(state, steps=steps, seed=seed)["update"]
     trained = {**state, **{k: state[k] + v for k, v in update.items()}}
-    return float(judge.evaluate(trained, max_samples=eval_max)["accuracy"])
+    return float(judge.evaluate(trained, max_samples=eval_max)["acc"])
 
 
 def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS) -> dict[
         loop = HierFinetune(fleet, task, settings, LocalEngine(copy=False, check=False), method=name)
         summary = loop.run()
         summary["wall_s"] = round(time.perf_counter() - t2, 2)
-        summary["accuracy_curve"] = [(round(r["t"], 4), round(r["accuracy"], 4)) for r in loop.history]
+        summary["accuracy_curve"] = [(round(r["virtual_time_s"], 4), round(r["acc"], 4)) for r in loop.history]
         merges = [r for r in loop.history if "staleness" in r]
         if merges:  # asynchronous merges: how stale they were, how many the staleness rule discounted
             summary["staleness_max"] = max(r["staleness"] for r in merges)

@@ -105,7 +105,7 @@ def _run_case(raw: dict[str, Any], fleet: Fleet, task: Any) -> dict[str, Any]:
     cfg = config_from_dict(raw, source="robustness")
     loop = HierFinetune(fleet, task, settings_from_config(cfg), LocalEngine(copy=False, check=False))
     s = loop.run()
-    accs = [r["accuracy"] for r in loop.history]
+    accs = [r["acc"] for r in loop.history]
     out = {
         "final_acc": s["final_acc"], "best_acc": s["best_acc"], "last3_mean_acc": sum(accs[-3:]) / len(accs[-3:]),
         "rejected_updates": s["rejected_updates"], "attackers": (s["attack"] or {}).get("attackers", []),

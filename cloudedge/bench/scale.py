@@ -139,7 +139,7 @@ def measure(n_devices: int, rounds: int = 3, participation: float = 0.1, samples
         "live_workers_per_round": live[1:],
         "devices_holding_a_model": None if engine == "ray" else max(live[1:], default=0) - 1,
         "distinct_devices_trained": len(loop.train_count),
-        "final_acc": loop.history[-1]["accuracy"],
+        "final_acc": loop.history[-1]["acc"],
     }
     if engine == "ray":
         import ray

@@ -608,7 +608,7 @@ class HierFinetune:
         ev = self._evaluate()
         links = self.clock.bytes_by_link
         row = {
-            "round": self.cloud_round, "t": t, "accuracy": ev["accuracy"], "loss": ev["loss"],
+            "round": self.cloud_round, "virtual_time_s": t, "acc": ev["acc"], "loss": ev["loss"],
             "bytes_device_edge": int(links.get(("device", "edge"), 0)),
             "bytes_edge_cloud": int(links.get(("edge", "cloud"), 0)),
             "bytes_device_cloud": int(links.get(("device", "cloud"), 0)),
@@ -771,16 +771,16 @@ class HierFinetune:
     def summary(self) -> dict[str, Any]:
         last = self.history[-1]
         target = self.s.target_accuracy
-        hit = next((r["t"] for r in self.history if target is not None and r["accuracy"] >= target), None)
+        hit = next((r["virtual_time_s"] for r in self.history if target is not None and r["acc"] >= target), None)
         return {
             "method": self.method,
             "policy": self.s.policy,
             "lora_mode": self.s.lora_mode + (f"/{self.s.refactor}" if self.s.lora_mode == "product" else ""),
-            "final_acc": last["accuracy"],
-            "best_acc": max(r["accuracy"] for r in self.history),
+            "final_acc": last["acc"],
+            "best_acc": max(r["acc"] for r in self.history),
             "target_accuracy": target,
             "time_to_target_s": hit,
-            "virtual_time_s": last["t"],
+            "virtual_time_s": last["virtual_time_s"],
             "cloud_updates": self.cloud_round,
             "bytes_device_edge": last["bytes_device_edge"],
             "bytes_edge_cloud": last["bytes_edge_cloud"],

@@ -133,7 +133,7 @@ class FinetuneWorker:
             y = self._labels(idx)
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(dim=1) == y).sum())
-        return {"accuracy": correct / max(1, n), "loss": total_loss / max(1, n), "n": n}
+        return {"acc": correct / max(1, n), "loss": total_loss / max(1, n), "n": n}
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The adapter state every node starts from (deterministic from the spec's seed)."""
