@@ -31,3 +31,16 @@ def test_hetero_bench_over_seeds_reports_medians_and_the_spread() -> None:
         assert m["per_seed"][0]["rounds"] == m["rounds"]
     with pytest.raises(InputError, match="seeds"):
         run_hetero(True, None, seeds=0)
+
+
+def test_results_say_what_ran_them_and_how_loaded_the_host_was(tmp_path) -> None:
+    import json
+
+    from cloudedge.bench import run_benchmark
+
+    path = run_benchmark("pretrain-hetero", tmp_path, quick=True, methods="sync-uniform", rounds=1)
+    machine = json.loads(path.read_text())["machine"]
+    assert machine["cpu_count"] >= 1 and machine["torch"] and machine["python"]
+    assert "cuda" in machine and "cpu" in machine
+    for key in ("load_average", "load_average_at_start"):
+        assert machine[key] is None or (len(machine[key]) == 3 and all(x >= 0 for x in machine[key]))

@@ -30,13 +30,36 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 
 def machine_info() -> dict[str, Any]:
+    """What ran the benchmark: software, processor, GPU, and how loaded the host was (a shared
+    machine's load moves wall-clock numbers several-fold; docs/performance.md)."""
     import os
 
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average": _load_average()}
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (None where the OS has none)."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def run_benchmark(name: str, out_dir: Path, quick: bool = False, **options: Any) -> Path:
@@ -57,12 +80,13 @@ def run_benchmark(name: str, out_dir: Path, quick: bool = False, **options: Any)
             raise InputError(f"benchmark: {name!r} takes no --{option} option")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    before = machine_info()
     t0 = time.perf_counter()
     result = module.run(quick=quick, out_dir=out_dir, **options)
     result.setdefault("benchmark", name)
     result["quick"] = quick
     result["wall_s"] = round(time.perf_counter() - t0, 2)
-    result["machine"] = machine_info()
+    result["machine"] = {**machine_info(), "load_average_at_start": before["load_average"]}
     path = out_dir / "results.json"
     path.write_text(json.dumps(result, indent=2, default=float))
     return path
