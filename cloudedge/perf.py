@@ -161,6 +161,12 @@ def _proc_status_kib(field: str) -> int | None:
     return None
 
 
+def stage_peak_size(device: str | torch.device) -> int:
+    """The matmul the stages time for their MFU denominator: 1024 on a CPU (a few seconds on a busy
+    2-core host, near the CPU's peak), 8192 on a GPU (smaller ones do not fill a modern GPU)."""
+    return 1024 if torch.device(device).type == "cpu" else 8192
+
+
 def utilization_fields(flops_done: float, wall_s: float, profile_flops: float | None = None,
                        device: str | torch.device = "cpu", peak_size: int = 2048,
                        dtype: torch.dtype = torch.float32) -> dict[str, float]:
@@ -183,4 +189,4 @@ def utilization_fields(flops_done: float, wall_s: float, profile_flops: float | 
 
 
 __all__ = ["Throughput", "current_rss_mb", "measure_matmul_peak", "mfu", "peak_gpu_mb", "peak_rss_mb",
-           "reset_peak_rss", "utilization_fields"]
+           "reset_peak_rss", "stage_peak_size", "utilization_fields"]

@@ -62,7 +62,7 @@ from cloudedge.finetune.sync import DeviceObs, DeviceStats, EdgeObs, EdgeRoundSt
 from cloudedge.finetune.workers import FinetuneWorker
 from cloudedge.fleet import Fleet, VirtualClock, available_nodes, transfer_seconds
 from cloudedge.fleet.topology import Node
-from cloudedge.perf import utilization_fields
+from cloudedge.perf import stage_peak_size, utilization_fields
 
 Tensors = dict[str, torch.Tensor]
 CLOUD = "cloud"
@@ -620,7 +620,8 @@ class HierFinetune:
         }
         if self.host_wall_s > 0:  # this host's model-FLOPs utilization since the last row
             fastest = max(d.profile.flops for d in self.fleet.devices)
-            util = utilization_fields(self.host_flops, self.host_wall_s, fastest, peak_size=1024)
+            util = utilization_fields(self.host_flops, self.host_wall_s, fastest, device=self.s.device,
+                                      peak_size=stage_peak_size(self.s.device))
             row.update({k: util[k] for k in ("mfu_measured", "mfu_profile", "achieved_flops")})
             self.host_flops, self.host_wall_s = 0.0, 0.0
         if self.privacy is not None:

@@ -34,7 +34,7 @@ from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, Node, VirtualClock, available_nodes
 from cloudedge.models.zoo import param_count
-from cloudedge.perf import utilization_fields
+from cloudedge.perf import stage_peak_size, utilization_fields
 from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerInfo, get_controller
 from cloudedge.pretrain.memory import activation_bytes_per_sample, max_micro_batch
 from cloudedge.pretrain.tasks import build_task_model, evaluate_loss, train_flops_per_sample
@@ -434,7 +434,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         # mfu_measured is what the engine, the copies and the bookkeeping around them cost.
         flops_done = sum(plan.batches[w] * steps[w] * flops_per_sample for w in ids)
         host_util = utilization_fields(flops_done, work_wall_s, max(fleet.nodes[w].profile.flops for w in ids),
-                                       device=device, peak_size=1024 if device == "cpu" else 8192,
+                                       device=device, peak_size=stage_peak_size(device),
                                        dtype=PRECISIONS[pcfg.precision])
         compute_wall_s = sum(float(res.get("compute_wall_s", 0.0)) for res in results)
         if host_util and compute_wall_s > 0:
