@@ -1,8 +1,9 @@
 """Where a stage's model runs (cpu / cuda / auto) and in which precision.
 
-Workers hold their model on the device a stage's config names; everything that crosses the
-engine is copied to host memory there (``engine.base.copy_plain``), so a coordinator and its
-workers may sit on different devices, or machines, without either knowing.
+Workers hold their model on the device a stage's config names, resolved on their own host (``auto``:
+that host's GPU, if any); everything that crosses the engine is in host memory (``copy_plain`` /
+``to_host`` in ``engine.base``), so a coordinator and its workers may sit on different devices,
+or machines, without either knowing.
 """
 
 from __future__ import annotations

@@ -228,11 +228,7 @@ def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _write_corpus(path: Path, n_paragraphs: int = 60) -> None:
-    """A seeded text corpus, one paragraph per document, for the tiny LM.
-
-    (Not the bundled pydocs corpus: its docstrings come from the live interpreter, and under pytest
-    ``sys.unraisablehook`` is pytest's, so the corpus differs from a plain process's by one document.)
-    """
+    """A seeded text corpus, one paragraph per document, for the tiny LM (small and self-contained)."""
     words = "cloud edge device model round batch prompt adapter token update merge clock".split()
     rng = np.random.default_rng(0)
     paragraphs = [" ".join(rng.choice(words, size=int(rng.integers(8, 30)))) + "." for _ in range(n_paragraphs)]

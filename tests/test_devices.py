@@ -11,7 +11,7 @@ import torch
 
 from cloudedge.cli import main
 from cloudedge.config import config_from_dict
-from cloudedge.engine import LocalEngine, copy_plain
+from cloudedge.engine import LocalEngine
 from cloudedge.errors import InputError
 from cloudedge.pretrain.loop import pretrain
 
@@ -50,8 +50,9 @@ def test_rows_separate_compute_time_from_engine_time() -> None:
     for row in rows:
         # Workers run one after another inside the engine call: their own compute fits in it.
         assert 0 < row["compute_wall_s"] <= row["work_wall_s"]
-        assert row["mfu_compute"] >= row["mfu_measured"] > 0
-        assert row["peak_flops_measured"] > 0
+        assert row["mfu_measured"] > 0 and row["peak_flops_measured"] > 0
+        # The same FLOPs over the shorter time.
+        assert row["mfu_compute"] == pytest.approx(row["mfu_measured"] * row["work_wall_s"] / row["compute_wall_s"])
 
 
 def test_bench_set_options_reach_the_benchmark(tmp_path, capsys) -> None:
@@ -63,14 +64,6 @@ def test_bench_set_options_reach_the_benchmark(tmp_path, capsys) -> None:
     assert main(["bench", "pretrain-hetero", "--set", "rounds", *out]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
-
-
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_tensors_cross_the_engine_in_host_memory() -> None:
-    msg = {"update": {"w": torch.ones(3, device="cuda")}, "loss": 1.0}
-    copied = copy_plain(msg)
-    assert copied["update"]["w"].device.type == "cpu"
-    assert msg["update"]["w"].device.type == "cuda"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

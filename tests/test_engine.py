@@ -87,3 +87,35 @@ def test_make_engine():
     assert isinstance(make_engine("local"), LocalEngine)
     with pytest.raises(InputError, match="unknown engine"):
         make_engine("mpi")
+
+
+def test_a_task_can_release_its_worker_even_when_it_fails():
+    eng = LocalEngine()
+    eng.register("edge0/dev0", WorkerSpec(Counter, {"start": 0}))
+    eng.register("edge0/dev1", WorkerSpec(Counter, {"start": 0}))
+    assert eng.run([Task("edge0/dev0", "add", {"n": 1}, release=True), Task("edge0/dev1", "add", {"n": 1})]) == [1, 1]
+    assert eng.live_workers == 1  # dev0 was dropped after its task, dev1 kept
+    assert eng.run([Task("edge0/dev0", "add", {"n": 1})]) == [1]  # rebuilt from its spec
+    with pytest.raises(WorkerError):
+        eng.run([Task("edge0/dev1", "boom", release=True)])
+    assert eng.run([Task("edge0/dev1", "add", {"n": 5})]) == [5]  # released although it failed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("copy", [True, False])
+def test_gpu_tensors_cross_either_engine_mode_in_host_memory(copy):
+    from cloudedge.engine.ray import WorkerHost
+
+    class OnGpu:
+        def make(self, like: torch.Tensor) -> dict:
+            assert like.device.type == "cpu"  # what a coordinator on a GPU sends arrives in host memory
+            return {"w": like.to("cuda") * 2, "nested": [like.to("cuda")]}
+
+    eng = LocalEngine(copy=copy)
+    eng.register("gpu", WorkerSpec(OnGpu))
+    (out,) = eng.run([Task("gpu", "make", {"like": torch.ones(3, device="cuda")})])
+    assert out["w"].device.type == "cpu" and out["nested"][0].device.type == "cpu"
+    host = WorkerHost()  # the Ray actor's body (no copy: Ray serializes)
+    host.register("gpu", WorkerSpec(OnGpu))
+    (out,) = host.run([Task("gpu", "make", {"like": torch.ones(3)})])
+    assert out["w"].device.type == "cpu"

@@ -106,6 +106,21 @@ def test_resume_gives_the_same_result(tmp_path, policy):
     assert [r["round"] for r in rows] == [r["round"] for r in full.history]
 
 
+def test_a_checkpoint_from_before_per_edge_streams_is_refused_by_name(tmp_path):
+    import json
+
+    from cloudedge.errors import InputError
+
+    finetune(_cfg("hierfavg", rounds=1), RunDir.create(tmp_path), LocalEngine())
+    ckpt = tmp_path / "checkpoints" / "finetune"
+    state_file = ckpt / ((ckpt / "latest").read_text().strip() + ".json")
+    state = json.loads(state_file.read_text())
+    state["rng"] = state.pop("rngs")  # what the older loop wrote: one stream for every edge
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(InputError, match="older cloudedge"):
+        finetune(_cfg("hierfavg", rounds=2), RunDir.create(tmp_path, resume=True), LocalEngine(), resume=True)
+
+
 def test_autonomous_sync_budget_binds_in_the_loop(tmp_path):
     """A tight edge -> cloud byte budget makes every edge sync less often (the loop feeds real bytes)."""
     def k2s(budget):
@@ -137,8 +152,17 @@ def _loop_with(cfg, engine):
     return HierFinetune(fleet, prepare_task(cfg, fleet), settings_from_config(cfg), engine), fleet
 
 
-def test_edges_train_together_in_one_engine_call_and_as_they_would_alone():
-    cfg = _cfg("hierfavg", availability=0.6, participation=0.7, rounds=2)
+LOCKSTEP_CASES = {
+    "fedavg": {},
+    "product-merge": {"lora": {"rank": 2, "alpha": 4.0, "mode": "product", "refactor": "merge"}},
+    "churn": {"churn": {"dropout": 0.2, "stale_prob": 0.3}},
+    "dp": {"privacy": {"clip_norm": 0.5, "noise_multiplier": 0.5}},
+}
+
+
+@pytest.mark.parametrize("case", list(LOCKSTEP_CASES))
+def test_edges_train_together_in_one_engine_call_and_as_they_would_alone(case):
+    cfg = _cfg("hierfavg", availability=0.6, participation=0.7, rounds=2, **LOCKSTEP_CASES[case])
     engine = _CallLog()
     loop, fleet = _loop_with(cfg, engine)
     loop.run()
@@ -156,6 +180,7 @@ def test_edges_train_together_in_one_engine_call_and_as_they_would_alone():
         alone_loop, _ = _loop_with(cfg, LocalEngine())
         (state, t, obs), = alone_loop.edge_periods({edge_id: (dict(alone_loop.global_state), 0.0)}).values()
         assert t == both[edge_id][1] and obs.rounds_done == both[edge_id][2].rounds_done
+        assert obs.round_energy_j == both[edge_id][2].round_energy_j
         for k, v in state.items():
             torch.testing.assert_close(v, both[edge_id][0][k], rtol=0, atol=0)
 

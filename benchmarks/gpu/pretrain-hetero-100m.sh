@@ -37,15 +37,15 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
             "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))'; } | tee "$OUT/gpu.txt"
 
 # 1. The device tests (their CUDA cases run only here).
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py 2>&1 | tee "$OUT/tests.txt" || true
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_engine.py -k "cuda or gpu" 2>&1 | tee "$OUT/tests.txt" || true
 
 # 2. Matmul peaks on this device, the denominators of MFU.
 timeout 60 "$PY" - "$DEVICE" > "$OUT/peaks.json" <<'PYEOF'
 import json, sys
 import torch
-from cloudedge.perf import measure_matmul_peak
+from cloudedge.perf import measure_matmul_peak, stage_peak_size
 dev = sys.argv[1]
-size = 8192 if dev == "cuda" else 1024
+size = stage_peak_size(dev)  # the matmul the stage's rows use as their MFU denominator
 out = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "size": size}
 for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
     out[f"{name}_flops"] = measure_matmul_peak(size=size, dtype=dtype, device=dev)

@@ -80,13 +80,13 @@ def run_benchmark(name: str, out_dir: Path, quick: bool = False, **options: Any)
             raise InputError(f"benchmark: {name!r} takes no --{option} option")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    before = machine_info()
+    load_at_start = _load_average()
     t0 = time.perf_counter()
     result = module.run(quick=quick, out_dir=out_dir, **options)
     result.setdefault("benchmark", name)
     result["quick"] = quick
     result["wall_s"] = round(time.perf_counter() - t0, 2)
-    result["machine"] = {**machine_info(), "load_average_at_start": before["load_average"]}
+    result["machine"] = {**machine_info(), "load_average_at_start": load_at_start}
     path = out_dir / "results.json"
     path.write_text(json.dumps(result, indent=2, default=float))
     return path

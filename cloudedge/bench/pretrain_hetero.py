@@ -103,8 +103,8 @@ def run(quick: bool, out_dir: Path, *, size: str = "tiny", device: str = "cpu", 
     """Run every method (or ``methods``); returns the results dict the CLI writes to results.json.
 
     ``size``: ``tiny`` (default) or ``gpt-100m``; ``device`` / ``precision``: the ``pretrain``
-    fields of the same names; ``rounds``: sync rounds per method (local methods run a quarter as
-    many, each of ``LOCAL_STEPS`` steps; default 40, 160 without ``quick``); ``seeds``: repeat
+    fields of the same names; ``rounds``: sync rounds per method (local methods run
+    ``LOCAL_ROUNDS / SYNC_ROUNDS`` = 0.3 as many, each of ``LOCAL_STEPS`` steps; default 40, 160 without ``quick``); ``seeds``: repeat
     everything with seeds 0 .. seeds-1 (model, data partition, batches, availability). With more
     than one seed each method reports the median over seeds of every number, the per-seed values
     under ``per_seed``, and its speed-up's ``speedup_min`` / ``speedup_max``.
@@ -158,21 +158,14 @@ def _over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             ranked = sorted(values, key=lambda v: -1.0 if v is None else v)
         else:
             ranked = sorted(values, key=lambda v: float("inf") if v is None else v)
-        out[key] = ranked[(len(ranked) - 1) // 2] if len(ranked) % 2 else _mid(ranked[len(ranked) // 2 - 1:][:2])
+        middle = ranked[(len(ranked) - 1) // 2: len(ranked) // 2 + 1]  # one value, or the middle two
+        out[key] = None if None in middle else sum(middle) / len(middle)
     speedups = [m["speedup_vs_sync_uniform"] for m in per_seed]
     reached = [v for v in speedups if v is not None]
     out["speedup_min"] = min(reached) if len(reached) == len(speedups) else None
     out["speedup_max"] = max(reached) if reached else None
     out["per_seed"] = per_seed
     return out
-
-
-def _mid(pair: list[Any]) -> Any:
-    """The median of an even count: the mean of the middle two, or the missing one if one is None."""
-    a, b = pair
-    if a is None or b is None:
-        return None
-    return (a + b) / 2
 
 
 def _run_method(cfg: Any, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -188,8 +181,8 @@ def _run_method(cfg: Any, name: str, overrides: dict[str, Any]) -> dict[str, Any
         "time_to_target_s": s["time_to_target_s"], "final_val_loss": s["final_val_loss"],
         "bytes_total": s["bytes_total"], "energy_j": s["energy_j"], "utilization": s["utilization"],
         "virtual_time_s": s["virtual_time_s"], "mean_batch_per_step": s["mean_batch_per_step"],
-        "rounds": s["rounds"], "wall_s": round(wall_s, 2), **host_speed(rows, cfg.stage_model("pretrain").context,
-                                                                        wall_s),
+        "rounds": s["rounds"], "wall_s": round(wall_s, 2),
+        **host_speed(rows, cfg.pretrain.seq_len or cfg.stage_model("pretrain").context, wall_s),
         "peak_gpu_mb": peak_gpu_mb(),
     }
 

@@ -61,25 +61,9 @@ def _task(n_devices: int, fleet: Any, samples_per_device: int, test_samples: int
                     classes=[str(c) for c in range(n_classes)])
 
 
-class ReleasingEngine(LocalEngine):
-    """A LocalEngine that drops every device's worker after its task (the cloud's is kept).
-
-    What a stage does when it calls ``engine.release`` on its sampled devices after each round;
-    both stages now do, so ``release_devices=True`` changes nothing but is kept for comparisons.
-    """
-
-    def run(self, tasks: Any) -> list[Any]:
-        tasks = list(tasks)
-        results = super().run(tasks)
-        for task in tasks:
-            if task.worker_id != "cloud":
-                self.release(task.worker_id)
-        return results
-
-
 def measure(n_devices: int, rounds: int = 3, participation: float = 0.1, samples_per_device: int = 16,
             local_steps: int = 2, batch_size: int = 8, test_samples: int = 200, seed: int = 0,
-            release_devices: bool = False, engine: str = "local", address: str | None = None,
+            engine: str = "local", address: str | None = None,
             edges: int = EDGES, warmup_rounds: int = 0) -> dict[str, Any]:
     """One fleet size, in this process: seconds per round, peak memory, live workers.
 
@@ -110,7 +94,7 @@ def measure(n_devices: int, rounds: int = 3, participation: float = 0.1, samples
 
         workers = RayEngine(address=address)
     else:
-        workers = ReleasingEngine() if release_devices else LocalEngine()
+        workers = LocalEngine()
     stamps: list[float] = []
     live: list[int] = []
 
@@ -164,15 +148,13 @@ def _isolated(kwargs: dict[str, Any], threads: int, env: dict[str, str] | None =
 
 def run(quick: bool, out_dir: Path, devices: list[int] | None = None, *, rounds: int | None = None,
         isolate: bool = True, participation: float = 0.1, samples_per_device: int = 16, local_steps: int = 2,
-        seed: int = 0, threads: int | None = None, release_devices: bool = False,
-        **options: Any) -> dict[str, Any]:
+        seed: int = 0, threads: int | None = None, **options: Any) -> dict[str, Any]:
     """Run the benchmark for each fleet size in ``devices`` (quick: 100, 1000; full: 100, 1000, 10000).
 
     ``rounds`` timed cloud rounds per size (quick 2, full 3); ``isolate`` runs each size in a
     fresh process (clean peak memory; False runs in this one, for tests). ``threads``: torch's
     intra-op threads for the run (default: as set now; on a shared 2-core host 1 is much faster
-    for this tiny model, see docs/performance.md). ``release_devices``: drop each device's worker
-    after its task (see :class:`ReleasingEngine`) instead of the stage's own engine use.
+    for this tiny model, see docs/performance.md).
     """
     engine = options.pop("engine", None)
     if engine == "ray":
@@ -188,8 +170,7 @@ def run(quick: bool, out_dir: Path, devices: list[int] | None = None, *, rounds:
     methods: dict[str, dict[str, Any]] = {}
     for n in sizes:
         kwargs = {"n_devices": n, "rounds": rounds, "participation": participation,
-                  "samples_per_device": samples_per_device, "local_steps": local_steps, "seed": seed,
-                  "release_devices": release_devices}
+                  "samples_per_device": samples_per_device, "local_steps": local_steps, "seed": seed}
         if isolate:
             methods[f"N={n}"] = _isolated(kwargs, threads)
         else:
@@ -208,8 +189,7 @@ def run(quick: bool, out_dir: Path, devices: list[int] | None = None, *, rounds:
         "benchmark": "scale",
         "config": {"devices": sizes, "edges": EDGES, "rounds": rounds, "participation": participation,
                    "samples_per_device": samples_per_device, "local_steps": local_steps, "model": MODEL,
-                   "policy": "hierfavg (k2 = 1)", "isolate": isolate, "torch_threads": threads,
-                   "release_devices": release_devices},
+                   "policy": "hierfavg (k2 = 1)", "isolate": isolate, "torch_threads": threads},
         "methods": methods,
         "goals": goals,
     }

@@ -106,11 +106,6 @@ def _docs_of_module(module_name: str) -> list[tuple[str, str]]:
     if doc:
         out.append((module_name, doc))
     for name, obj in _public_members(module):
-        if module_name == "sys" and hasattr(module, f"__{name}__"):
-            # sys keeps the interpreter's own hooks as __name__ (excepthook, unraisablehook, ...):
-            # a host such as pytest or IPython replaces the live ones, so read the originals and
-            # the corpus stays the same in every process.
-            obj = getattr(module, f"__{name}__")
         # Keep only objects defined here, so re-exports are not counted twice.
         if getattr(obj, "__module__", None) != module_name:
             continue

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cloudedge.data.pydocs_walk import PYDOC_TOPICS_DOMAIN
 from cloudedge.errors import InputError
 
 DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -207,8 +208,6 @@ def rotated(ds: ImageDataset, degrees: float) -> ImageDataset:
 
 
 # ----------------------------------------------------------------------------------- pydocs text
-
-PYDOC_TOPICS_DOMAIN = "pydoc_data"
 
 
 @lru_cache(maxsize=1)

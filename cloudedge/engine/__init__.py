@@ -1,9 +1,9 @@
 """Engines: how a coordinator reaches workers (in-process, or Ray actors)."""
 
-from cloudedge.engine.base import Engine, Task, WorkerError, WorkerSpec, check_plain, copy_plain
+from cloudedge.engine.base import Engine, Task, WorkerError, WorkerSpec, check_plain, copy_plain, to_host
 from cloudedge.engine.local import LocalEngine
 
-__all__ = ["configure_threads", "Engine", "LocalEngine", "Task", "WorkerError", "WorkerSpec", "check_plain", "copy_plain", "make_engine"]
+__all__ = ["configure_threads", "Engine", "LocalEngine", "Task", "WorkerError", "WorkerSpec", "check_plain", "copy_plain", "make_engine", "to_host"]
 
 
 def make_engine(kind: str = "local", address: str | None = None, threads: int | None = None) -> Engine:

@@ -27,11 +27,17 @@ class WorkerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Call ``worker.method(**kwargs)`` on the worker registered as ``worker_id``."""
+    """Call ``worker.method(**kwargs)`` on the worker registered as ``worker_id``.
+
+    ``release``: drop the worker once this task is done (its next task rebuilds it from its
+    spec). Devices hold no model between the rounds they are sampled in, and a batch of tasks
+    for many devices holds one device's model at a time, not all of them.
+    """
 
     worker_id: str
     method: str
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    release: bool = False
 
 
 class WorkerError(RuntimeError):
@@ -66,22 +72,33 @@ def check_plain(value: Any, where: str = "value") -> None:
     raise TypeError(f"{where}: {type(value).__name__} is not plain data and may not cross the engine")
 
 
-def copy_plain(value: Any) -> Any:
-    """Deep copy of plain data; tensors are copied (detached) to host memory, so nothing mutable is
-    shared and nothing crossing the engine is tied to an accelerator (a worker on a GPU returns CPU
-    tensors; a coordinator on a GPU sends CPU tensors), as it would be over a network."""
+def _map_tensors(value: Any, fn: Any) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (lists, tuples, dicts, dataclasses)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        return fn(value)
     if isinstance(value, list):
-        return [copy_plain(v) for v in value]
+        return [_map_tensors(v, fn) for v in value]
     if isinstance(value, tuple):
-        return tuple(copy_plain(v) for v in value)
+        return tuple(_map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: copy_plain(v) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: copy_plain(getattr(value, f.name))
+        return dataclasses.replace(value, **{f.name: _map_tensors(getattr(value, f.name), fn)
                                              for f in dataclasses.fields(value) if f.init})
     return value
+
+
+def copy_plain(value: Any) -> Any:
+    """Deep copy of plain data with every tensor in host memory: nothing mutable is shared, and
+    nothing crossing the engine is tied to an accelerator (a worker on a GPU returns CPU tensors,
+    a coordinator on a GPU sends CPU tensors), as it would be over a network."""
+    return _map_tensors(value, lambda t: t.detach().to("cpu", copy=True))
+
+
+def to_host(value: Any) -> Any:
+    """Plain data with every tensor in host memory, without copying those already there: what
+    an engine that skips copies (Ray serializes anyway) still owes the other side."""
+    return _map_tensors(value, lambda t: t.detach().cpu())
 
 
 class Engine(ABC):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from cloudedge.engine.base import Engine, Task, WorkerError, WorkerSpec, check_plain, copy_plain
+from cloudedge.engine.base import Engine, Task, WorkerError, WorkerSpec, check_plain, copy_plain, to_host
 
 
 class LocalEngine(Engine):
@@ -13,7 +13,8 @@ class LocalEngine(Engine):
 
     Arguments and results are checked to be plain data and copied (``copy=True``), so a worker
     can never share a mutable tensor with the coordinator: the same contract a Ray actor enforces
-    by serialization. ``copy=False`` skips the copies for benchmarks that measure the overhead.
+    by serialization. ``copy=False`` skips the copies (Ray's actors, which serialize anyway, and
+    benchmarks that measure the overhead); tensors still cross in host memory either way.
     """
 
     name = "local"
@@ -36,7 +37,7 @@ class LocalEngine(Engine):
                 spec = self._specs[worker_id]
             except KeyError:
                 raise KeyError(f"no worker registered as {worker_id!r}") from None
-            kwargs = copy_plain(spec.kwargs) if self.copy else spec.kwargs
+            kwargs = copy_plain(spec.kwargs) if self.copy else to_host(spec.kwargs)
             live = self._live[worker_id] = spec.cls(**kwargs)
         return live
 
@@ -47,15 +48,17 @@ class LocalEngine(Engine):
             kwargs = task.kwargs
             if self.check:
                 check_plain(kwargs, f"{task.worker_id}.{task.method} arguments")
-            if self.copy:
-                kwargs = copy_plain(kwargs)
+            kwargs = copy_plain(kwargs) if self.copy else to_host(kwargs)
             try:
                 result = getattr(worker, task.method)(**kwargs)
             except Exception as err:  # a worker's failure is reported, with its identity
                 raise WorkerError(task.worker_id, task.method, err) from err
+            finally:
+                if task.release:
+                    self.release(task.worker_id)
             if self.check:
                 check_plain(result, f"{task.worker_id}.{task.method} result")
-            results.append(copy_plain(result) if self.copy else result)
+            results.append(copy_plain(result) if self.copy else to_host(result))
         return results
 
     def release(self, worker_id: str) -> None:

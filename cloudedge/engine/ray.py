@@ -7,19 +7,21 @@ of ``cloud``: Ray places them on the nodes started with ``--resources '{"edge": 
 servers) and ``--resources '{"cloud": 1}'`` (the cloud). Inside an actor, workers are kept by a
 `LocalEngine`, so the two engines share one mechanism and give the same results.
 
-Only plain data crosses (checked before sending); Ray serializes it, so nothing is shared.
+Only plain data crosses (checked before sending), its tensors in host memory (a GPU on either side
+stays on its side); Ray serializes it, so nothing is shared.
 A host actor that dies is rebuilt from the specs held here and its tasks in flight come back as
 `WorkerError`s: `run_tolerant` lets a round complete without them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from cloudedge.engine.base import Engine, Task, WorkerError, WorkerSpec, check_plain
+from cloudedge.engine.base import Engine, Task, WorkerError, WorkerSpec, check_plain, to_host
 from cloudedge.engine.local import LocalEngine
 from cloudedge.errors import InputError
 
@@ -135,6 +137,7 @@ class RayEngine(Engine):
     # --- Engine ----------------------------------------------------------------------------------
     def register(self, worker_id: str, spec: WorkerSpec) -> None:
         check_plain(spec.kwargs, f"{worker_id} spec")
+        spec = dataclasses.replace(spec, kwargs=to_host(spec.kwargs))
         self._specs[worker_id] = spec
         host = host_of(worker_id)
         if host in self._hosts:
@@ -152,7 +155,8 @@ class RayEngine(Engine):
                 raise KeyError(f"no worker registered as {task.worker_id!r}")
             check_plain(task.kwargs, f"{task.worker_id}.{task.method} arguments")
             by_host[host_of(task.worker_id)].append(i)
-        refs = {h: self._host(h).run.remote([tasks[i] for i in idx]) for h, idx in by_host.items()}
+        sent = [dataclasses.replace(t, kwargs=to_host(t.kwargs)) for t in tasks]
+        refs = {h: self._host(h).run.remote([sent[i] for i in idx]) for h, idx in by_host.items()}
         out: list[Any] = [None] * len(tasks)
         for host, idx in by_host.items():
             try:

@@ -39,7 +39,8 @@ import torch
 from cloudedge.aggregate import ServerOptimizer, get_server_optimizer
 from cloudedge.attacks import apply_attack, choose_attackers
 from cloudedge.comm import compress
-from cloudedge.engine import Engine, Task, WorkerSpec
+from cloudedge.device import resolve_device
+from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec
 from cloudedge.errors import InputError
 from cloudedge.finetune.lora import (
     A_SUFFIX,
@@ -92,7 +93,7 @@ class FinetuneSettings:
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
     compression: str = "none"
-    device: str = "cpu"  # where workers hold the model (resolved: cpu or cuda)
+    device: str = "cpu"  # where workers hold the model: cpu, cuda or auto (each worker's host decides)
     participation: float = 1.0
     time_budget_s: float = 60.0
     max_cloud_rounds: int = 100
@@ -172,6 +173,7 @@ class HierFinetune:
         self.run_dir, self.progress = run_dir, progress
         self.method = method or settings.policy
         self.clock = VirtualClock(fleet)
+        self.device = resolve_device(settings.device, "finetune.device")  # this host's, for its MFU peak
         # One random stream per aggregation point (availability, sampling) and one for its churn:
         # a point's draws do not depend on how its rounds interleave with other points' rounds.
         self.rngs: dict[str, np.random.Generator] = {}
@@ -300,14 +302,12 @@ class HierFinetune:
         return None
 
     def _rng(self, agg_id: str) -> np.random.Generator:
-        if agg_id not in self.rngs:
-            self.rngs[agg_id] = np.random.default_rng([self.s.seed, 7919, _stable_index(agg_id)])
-        return self.rngs[agg_id]
+        """The aggregation point's stream for availability and sampling."""
+        return _stream(self.rngs, [self.s.seed, 7919, _stable_index(agg_id)], agg_id)
 
     def _churn_rng(self, agg_id: str) -> np.random.Generator:
-        if agg_id not in self.churn_rngs:
-            self.churn_rngs[agg_id] = np.random.default_rng([self.s.seed, 15_485_863, _stable_index(agg_id)])
-        return self.churn_rngs[agg_id]
+        """The aggregation point's stream for churn (dropouts, stale devices)."""
+        return _stream(self.churn_rngs, [self.s.seed, 15_485_863, _stable_index(agg_id)], agg_id)
 
     def _edge_reinit_seed(self, agg_id: str, version: int) -> int:
         """Product mode's re-initialisation seed at an aggregation point's round ``version``."""
@@ -405,8 +405,6 @@ class HierFinetune:
         what running them one after another would; the one engine call is what lets a Ray cluster
         train every edge's devices at the same time (on their edge hosts).
         """
-        from cloudedge.engine import WorkerError  # here, not at the top: this method's own edit
-
         plans = [self._plan_edge_round(*r) for r in rounds]
         tasks = [task for plan in plans for task in plan.tasks]
         wall0 = time.perf_counter()
@@ -418,8 +416,6 @@ class HierFinetune:
             at += len(plan.tasks)
             self.host_flops += sum(p.flops for p, res in zip(plan.planned, mine, strict=True)
                                    if not isinstance(res, WorkerError))
-            for p in plan.planned:  # workers are stateless between tasks: rebuilding one gives the same result
-                self.engine.release(p.dev.id)
             out.append(self._finish_edge_round(plan, mine))
         return out
 
@@ -476,13 +472,13 @@ class HierFinetune:
                 kw["attack"] = dict(self.attack_opts or {})
             elif self.dp is not None:
                 kw["dp"] = {k: self.dp[k] for k in ("clip_norm", "noise_multiplier", "mode")}
-            plan.tasks.append(Task(p.dev.id, "train", kw))
+            # Released after its task: a device holds no model between the rounds it is sampled in
+            # (workers are stateless between tasks: rebuilding one gives the same result).
+            plan.tasks.append(Task(p.dev.id, "train", kw, release=True))
         return plan
 
     def _finish_edge_round(self, plan: _EdgeRoundPlan, results: list[Any]) -> tuple[Tensors, float, dict]:
         """What arrives from the devices that trained: the clock, the gate, the aggregate, the policy."""
-        from cloudedge.engine import WorkerError
-
         agg_id, devices, t0 = plan.agg_id, plan.devices, plan.t0
         obs_of = {o.device_id: o for o in plan.obs_all}
         extra, t_deadline = plan.extra, plan.t_deadline
@@ -564,6 +560,11 @@ class HierFinetune:
         cloud = self.fleet.nodes[CLOUD]
         sync_bytes = self.update_bytes()
         running = {e: {"pulled": pulled, "state": pulled, "t": t0, "rounds": 0} for e, (pulled, t0) in starts.items()}
+        sync_cost = {}  # what one sync costs each edge: seconds and joules of the two transfers
+        for e in starts:
+            edge = self.fleet.nodes[e]
+            sync_cost[e] = (2 * transfer_seconds(edge.profile, cloud.profile, sync_bytes),
+                            2 * sync_bytes * (edge.profile.radio_joules_per_byte + cloud.profile.radio_joules_per_byte))
         done: dict[str, tuple[Tensors, float, EdgeObs]] = {}
         while running:
             ids = list(running)
@@ -572,9 +573,7 @@ class HierFinetune:
             for edge_id, (state, t, info) in zip(ids, outcomes, strict=True):
                 run = running[edge_id]
                 run["state"], run["t"], run["rounds"] = state, t, run["rounds"] + 1
-                edge = self.fleet.nodes[edge_id]
-                sync_s = 2 * transfer_seconds(edge.profile, cloud.profile, sync_bytes)
-                sync_j = 2 * sync_bytes * (edge.profile.radio_joules_per_byte + cloud.profile.radio_joules_per_byte)
+                sync_s, sync_j = sync_cost[edge_id]
                 obs = EdgeObs(edge_id, run["rounds"], state_distance(state, run["pulled"]), info["drift"],
                               self.edge_round_s[edge_id], sync_s, sync_j, info["energy_j"], info["obs"], t,
                               sync_bytes=2.0 * sync_bytes)
@@ -620,8 +619,8 @@ class HierFinetune:
         }
         if self.host_wall_s > 0:  # this host's model-FLOPs utilization since the last row
             fastest = max(d.profile.flops for d in self.fleet.devices)
-            util = utilization_fields(self.host_flops, self.host_wall_s, fastest, device=self.s.device,
-                                      peak_size=stage_peak_size(self.s.device))
+            util = utilization_fields(self.host_flops, self.host_wall_s, fastest, device=self.device,
+                                      peak_size=stage_peak_size(self.device))
             row.update({k: util[k] for k in ("mfu_measured", "mfu_profile", "achieved_flops")})
             self.host_flops, self.host_wall_s = 0.0, 0.0
         if self.privacy is not None:
@@ -854,6 +853,9 @@ class HierFinetune:
         if found is None:
             return False
         tensors, state = found
+        if "rngs" not in state:
+            raise InputError(f"{ckpt_dir}: written by an older cloudedge (one random stream for all edges); "
+                             "it cannot continue this run: start it again without --resume")
         loaded = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
         self.global_state = {k: loaded[k] for k in self._key_order()}  # safetensors sorts keys
         self.opt.load_state_dict({"tensors": {k[4:]: v for k, v in tensors.items() if k.startswith("opt/")},
@@ -912,6 +914,13 @@ class HierFinetune:
 
 # Pending items compare by (time, edge id): deterministic order on ties.
 _Pending.__lt__ = lambda a, b: (a.t_ready, a.edge_id) < (b.t_ready, b.edge_id)  # type: ignore[method-assign]
+
+
+def _stream(streams: dict[str, np.random.Generator], seed: list[int], key: str) -> np.random.Generator:
+    """``streams[key]``, created from ``seed`` on first use (a checkpoint restores it by key)."""
+    if key not in streams:
+        streams[key] = np.random.default_rng(seed)
+    return streams[key]
 
 
 def _stable_index(node_id: str) -> int:

@@ -100,7 +100,7 @@ def feature_pooling(pooling: str, model_cfg: ModelConfig, base_tensors: dict[str
         if model_cfg.kind in ("gpt", "clip"):
             raise InputError(f"{STAGE}.pooling: '{pooling}' applies to ViT backbones, the model is '{model_cfg.kind}'")
         return pooling
-    if base_tensors and any(k.startswith("encoder.") for k in base_tensors):
+    if model_cfg.kind == "vit" and base_tensors and any(k.startswith("encoder.") for k in base_tensors):
         return "mean"
     return "cls"
 
@@ -118,11 +118,12 @@ def settings_from_config(cfg: RunConfig, policy: str | None = None) -> FinetuneS
                   staleness_exponent=sync.staleness_exponent)
     if name == "adaptive-interval":
         kw.update(phi=sync.phi)
+    resolve_device(f.device, f"{STAGE}.device")  # fails here, at the coordinator; each worker's host resolves its own
     return FinetuneSettings(
         policy=name, policy_kwargs=kw, lora_mode=f.lora.mode, refactor=f.lora.refactor, batch_size=f.batch_size,
         optimizer=f.optimizer, lr=f.lr, server_optimizer=f.server_optimizer, server_lr=f.server_lr,
         compression=f.compression, participation=f.participation, time_budget_s=f.time_budget_s,
-        device=resolve_device(f.device, f"{STAGE}.device"),
+        device=f.device,
         max_cloud_rounds=f.max_cloud_rounds, target_accuracy=f.target_accuracy, eval_max=f.eval_max,
         checkpoint_every=f.checkpoint_every, seed=cfg.seed,
         robust=f.robust.model_dump(), attack=None if f.attack is None else f.attack.model_dump(),

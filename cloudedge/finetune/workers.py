@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cloudedge.device import resolve_device
 from cloudedge.finetune.lora import sent_keys
 from cloudedge.finetune.model import AdapterSlot, adapter_state, build_lora_classifier
 
@@ -28,8 +29,8 @@ class FinetuneWorker:
                  optimizer: str = "adamw", lr: float = 3e-3, device: str = "cpu"):
         self.spec, self.data = spec, data
         # The data stays in host memory; each batch moves to the device. What a task returns
-        # crosses the engine in host memory (engine.base.copy_plain).
-        self.device = torch.device(device)
+        # crosses the engine in host memory. The device name is resolved on this worker's host.
+        self.device = torch.device(resolve_device(device, "finetune.device"))
         self.batch_size, self.optimizer, self.lr = int(batch_size), optimizer, float(lr)
         self.n = int(data["labels"].shape[0])
         self._model = None

@@ -334,7 +334,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
             "data": data.train[node.id], "seed": cfg.seed, "n_classes": data.n_classes, "encoder": encoder,
             "objective": pcfg.objective, "objective_args": dict(pcfg.objective_args),
             "optimizer": pcfg.optimizer, "weight_decay": pcfg.weight_decay, "grad_clip": pcfg.grad_clip,
-            "base_dir": cfg.base_dir, "eval_data": client_eval.get(node.id), "device": device,
+            "base_dir": cfg.base_dir, "eval_data": client_eval.get(node.id), "device": pcfg.device,
             "precision": pcfg.precision}))
     eval_ids = [n.id for n in workers if client_eval.get(n.id)]
     # Shard sizes (samples, or LM blocks) let the proportional controller keep every shard in the objective.
@@ -409,16 +409,15 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
             common = {"params": sent, "batch": plan.batches[wid], "micro_batch": min(plan.batches[wid], caps[wid]),
                       "round_idx": r, "step": step_count, "server_msg": server_msg,
                       "client_state": client_states.get(wid)}
+            # Devices hold no model between the rounds they are sampled in.
+            release = fleet.nodes[wid].tier == "device"
             if pcfg.algorithm == "sync":
-                tasks.append(Task(wid, "gradient", common))
+                tasks.append(Task(wid, "gradient", common, release=release))
             else:
-                tasks.append(Task(wid, "local_train", {**common, "steps": steps[wid], "lr": lr}))
+                tasks.append(Task(wid, "local_train", {**common, "steps": steps[wid], "lr": lr}, release=release))
         wall0 = time.perf_counter()
         results = engine.run_tolerant(tasks)
         work_wall_s = time.perf_counter() - wall0
-        for wid in ids:
-            if fleet.nodes[wid].tier == "device":
-                engine.release(wid)  # devices hold no model between the rounds they are sampled in
         # A worker that failed (a crashed actor, an exception) is left out of this round and logged;
         # the round completes with the others. Ray rebuilds a dead host for the next round.
         failed = {wid: str(res) for wid, res in zip(ids, results, strict=True) if isinstance(res, WorkerError)}
@@ -549,12 +548,9 @@ def _evaluate_clients(engine: Engine, fleet: Fleet, eval_ids: list[str], params:
     """
     if not eval_ids:
         return {}
-    current = {k: v.detach().clone() for k, v in params.items()}
-    results = engine.run([Task(wid, "evaluate", {"params": current, "client_state": client_states.get(wid)})
-                          for wid in eval_ids])
-    for wid in eval_ids:
-        if fleet.nodes[wid].tier == "device":
-            engine.release(wid)
+    current = {k: v.detach() for k, v in params.items()}  # the engine copies what crosses it
+    results = engine.run([Task(wid, "evaluate", {"params": current, "client_state": client_states.get(wid)},
+                               release=fleet.nodes[wid].tier == "device") for wid in eval_ids])
     clients = {wid: {f"{name}_{k}": v for name, metrics in res.items() for k, v in metrics.items()}
                for wid, res in zip(eval_ids, results, strict=True)}
     out: dict[str, Any] = {}

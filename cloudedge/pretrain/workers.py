@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cloudedge.config.model import ModelConfig
-from cloudedge.device import autocast, synchronize, to_device
+from cloudedge.device import autocast, resolve_device, synchronize, to_device
 from cloudedge.pretrain.tasks import batch_loss, batch_units, build_task_model, evaluate_loss
 
 Tensors = dict[str, torch.Tensor]
@@ -94,9 +94,9 @@ class PretrainWorker:
         self.optimizer_name, self.weight_decay, self.grad_clip = optimizer, float(weight_decay), grad_clip
         self.base_dir = base_dir
         # The shard stays in host memory; each sampled batch moves to the device. Results return
-        # to host memory at the engine (copy_plain), so the coordinator never sees device tensors.
-        self.device, self.precision = torch.device(device), precision
-        self.compute_s = 0.0  # wall seconds of forward/backward/optimizer work in the current task
+        # to host memory at the engine, so the coordinator never sees device tensors. The device
+        # name is resolved here, on this worker's host (auto: this host's GPU, if it has one).
+        self.device, self.precision = torch.device(resolve_device(device, "pretrain.device")), precision
         self._model: nn.Module | None = None
         self._objective: Any = None
 

@@ -11,10 +11,11 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
-QUALITY_KEYS = ("val_loss", "acc", "test_acc", "ood_acc")
+# "accuracy" and "t": fine-tuning's names in run directories written before 2026-11-27.
+QUALITY_KEYS = ("val_loss", "acc", "accuracy", "test_acc", "ood_acc")
 X_AXES = (("time_s", "virtual time (s)"), ("bytes_total", "bytes moved"))
 # Stages name the same quantity differently in their rows; each canonical x-axis reads the first present.
-X_ALIASES = {"time_s": ("time_s", "virtual_time_s"),
+X_ALIASES = {"time_s": ("time_s", "virtual_time_s", "t"),
              "bytes_total": ("bytes_total", ("bytes_device_edge", "bytes_edge_cloud", "bytes_device_cloud"))}
 
 
