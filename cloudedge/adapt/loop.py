@@ -98,6 +98,7 @@ class AdaptWorker:
         self.correct = 0
         self.timed_images = 0
         self.timed_s = 0.0
+        self.timed_cpu_s = 0.0  # process CPU time of the same spans: far less moved by other processes' load
         self.peak_bytes = -1
 
     def step(self) -> dict[str, Any]:
@@ -110,11 +111,12 @@ class AdaptWorker:
             # The first batch measures memory (the tracker slows it, so it is not timed).
             logits, self.peak_bytes = measure_peak_bytes(lambda: self.method.predict_batch(x), self.clip.device)
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits = self.method.predict_batch(x)
             if self.clip.device.type == "cuda":
                 torch.cuda.synchronize(self.clip.device)
             self.timed_s += time.perf_counter() - t0
+            self.timed_cpu_s += time.process_time() - c0
             self.timed_images += len(x)
         batch_correct = int((logits.argmax(-1).cpu() == y).sum())
         self.correct += batch_correct
@@ -129,7 +131,8 @@ class AdaptWorker:
 
     def stats(self, batch_correct: int = 0, batch_seen: int = 0) -> dict[str, Any]:
         return {"seen": self.position, "correct": self.correct, "batch_correct": batch_correct,
-                "batch_seen": batch_seen, "timed_s": self.timed_s, "timed_images": self.timed_images,
+                "batch_seen": batch_seen, "timed_s": self.timed_s, "timed_cpu_s": self.timed_cpu_s,
+                "timed_images": self.timed_images,
                 "peak_bytes": max(self.peak_bytes, 0), "done": self.position >= len(self.images)}
 
     def get_prompt(self) -> Tensors:
@@ -141,12 +144,14 @@ class AdaptWorker:
     def get_state(self) -> dict[str, Any]:
         return {"tensors": self.method.state_dict(), "stats": self.stats(),
                 "counters": {"position": self.position, "correct": self.correct, "timed_s": self.timed_s,
-                             "timed_images": self.timed_images, "peak_bytes": self.peak_bytes}}
+                             "timed_cpu_s": self.timed_cpu_s, "timed_images": self.timed_images,
+                             "peak_bytes": self.peak_bytes}}
 
     def set_state(self, tensors: Tensors, counters: dict[str, Any]) -> None:
         self.method.load_state_dict(tensors)
         self.position, self.correct = int(counters["position"]), int(counters["correct"])
         self.timed_s, self.timed_images = float(counters["timed_s"]), int(counters["timed_images"])
+        self.timed_cpu_s = float(counters.get("timed_cpu_s", 0.0))  # absent in checkpoints of older runs
         self.peak_bytes = int(counters["peak_bytes"])
 
 
@@ -360,6 +365,7 @@ def _summary(acfg: AdaptConfig, streams: list[Stream], final: dict[str, dict[str
         c[1] += final[s.edge_id]["seen"]
     acc_per_shift = {k: v[0] / max(v[1], 1) for k, v in per_shift.items()}
     timed_s = sum(f["timed_s"] for f in final.values())
+    timed_cpu_s = sum(f["timed_cpu_s"] for f in final.values())
     timed_images = sum(f["timed_images"] for f in final.values())
     c = clock.summary()
     return {
@@ -367,6 +373,9 @@ def _summary(acfg: AdaptConfig, streams: list[Stream], final: dict[str, dict[str
         "acc_mean": sum(acc_per_shift.values()) / len(acc_per_shift), "acc_per_shift": acc_per_shift,
         "acc_per_edge": per_edge,
         "ms_per_image": 1000.0 * timed_s / timed_images if timed_images else None,
+        # CPU-seconds of this process per image: on a CPU, what the method costs whatever else
+        # the machine is doing (on a GPU the wall time above is the measure).
+        "cpu_ms_per_image": 1000.0 * timed_cpu_s / timed_images if timed_images else None,
         "peak_mem_mb": max(f["peak_bytes"] for f in final.values()) / 2**20,
         "prompt_bytes_up": totals["prompt_bytes_up"], "prompt_bytes_down": totals["prompt_bytes_down"],
         "prompt_shares": totals["shares"], "share_every": acfg.share_every,
