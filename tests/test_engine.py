@@ -101,21 +101,34 @@ def test_a_task_can_release_its_worker_even_when_it_fails():
     assert eng.run([Task("edge0/dev1", "add", {"n": 5})]) == [5]  # released although it failed
 
 
+class OnGpu:
+    def make(self, like: torch.Tensor) -> dict:
+        assert like.device.type == "cpu"  # what a coordinator on a GPU sends arrives in host memory
+        return {"w": like.to("cuda") * 2, "nested": [like.to("cuda")]}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("copy", [True, False])
 def test_gpu_tensors_cross_either_engine_mode_in_host_memory(copy):
-    from cloudedge.engine.ray import WorkerHost
-
-    class OnGpu:
-        def make(self, like: torch.Tensor) -> dict:
-            assert like.device.type == "cpu"  # what a coordinator on a GPU sends arrives in host memory
-            return {"w": like.to("cuda") * 2, "nested": [like.to("cuda")]}
-
     eng = LocalEngine(copy=copy)
     eng.register("gpu", WorkerSpec(OnGpu))
     (out,) = eng.run([Task("gpu", "make", {"like": torch.ones(3, device="cuda")})])
     assert out["w"].device.type == "cpu" and out["nested"][0].device.type == "cpu"
-    host = WorkerHost()  # the Ray actor's body (no copy: Ray serializes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_tensors_cross_a_ray_host_in_host_memory():
+    from cloudedge.engine.ray import WorkerHost
+
+    host = WorkerHost()  # the Ray actor's body (no copy of its own: Ray serializes)
     host.register("gpu", WorkerSpec(OnGpu))
-    (out,) = host.run([Task("gpu", "make", {"like": torch.ones(3)})])
-    assert out["w"].device.type == "cpu"
+    (out,) = host.run([Task("gpu", "make", {"like": torch.ones(3, device="cuda")})])
+    assert out["w"].device.type == "cpu" and out["nested"][0].device.type == "cpu"
+
+
+def test_a_refused_task_leaves_no_worker_behind():
+    eng = LocalEngine()
+    eng.register("edge0/dev0", WorkerSpec(Counter, {"start": 0}))
+    with pytest.raises(TypeError):
+        eng.run([Task("edge0/dev0", "add", {"n": object()}, release=True)])
+    assert eng.live_workers == 0

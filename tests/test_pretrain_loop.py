@@ -248,3 +248,12 @@ def test_a_nan_update_is_rejected_before_aggregation(tmp_path) -> None:
     poisoned = [row for row in res.metrics[1:] if row["rejected"]]
     assert poisoned and "non-finite" in next(iter(poisoned[0]["rejections"].values())).lower()
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+def test_devices_hold_no_model_between_rounds() -> None:
+    from cloudedge.engine import LocalEngine
+
+    engine = LocalEngine()
+    res = pretrain(_cfg("local", "uniform", rounds=2), engine=engine)
+    assert res.metrics[-1]["participants"] == 5  # the cloud, the edge and its three phones trained
+    assert engine.live_workers == 2  # only the cloud's and the edge's workers are still built

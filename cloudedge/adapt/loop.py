@@ -91,7 +91,8 @@ class AdaptWorker:
                  classnames: list[str], images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  seed: int, device: str = "cpu"):
         self.edge_id = edge_id
-        self.clip = load_clip_source(source, device)
+        # Resolved on this edge's host (auto: its GPU, if it has one).
+        self.clip = load_clip_source(source, resolve_device(device, "adapt.device"))
         self.method = build_method(method, self.clip, classnames, seed=seed, **method_args)
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.position = 0
@@ -235,7 +236,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
         engine.register(s.edge_id, WorkerSpec(AdaptWorker, {
             "edge_id": s.edge_id, "source": source, "method": acfg.method, "method_args": dict(acfg.method_args),
             "classnames": classnames, "images": s.images, "labels": s.labels, "batch_size": acfg.batch_size,
-            "seed": cfg.seed, "device": device}))
+            "seed": cfg.seed, "device": acfg.device}))
     n_rounds = max(math.ceil(len(s.images) / acfg.batch_size) for s in streams)
     totals = {"prompt_bytes_up": 0, "prompt_bytes_down": 0, "shares": 0}
 

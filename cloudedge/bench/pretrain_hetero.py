@@ -159,7 +159,7 @@ def _over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             ranked = sorted(values, key=lambda v: float("inf") if v is None else v)
         middle = ranked[(len(ranked) - 1) // 2: len(ranked) // 2 + 1]  # one value, or the middle two
-        out[key] = None if None in middle else sum(middle) / len(middle)
+        out[key] = None if None in middle else (middle[0] if len(middle) == 1 else sum(middle) / 2)
     speedups = [m["speedup_vs_sync_uniform"] for m in per_seed]
     reached = [v for v in speedups if v is not None]
     out["speedup_min"] = min(reached) if len(reached) == len(speedups) else None

@@ -44,11 +44,10 @@ class LocalEngine(Engine):
     def run(self, tasks: Iterable[Task]) -> list[Any]:
         results = []
         for task in tasks:
+            if self.check:  # before the worker is built: a refused task leaves nothing live
+                check_plain(task.kwargs, f"{task.worker_id}.{task.method} arguments")
             worker = self._worker(task.worker_id)
-            kwargs = task.kwargs
-            if self.check:
-                check_plain(kwargs, f"{task.worker_id}.{task.method} arguments")
-            kwargs = copy_plain(kwargs) if self.copy else to_host(kwargs)
+            kwargs = copy_plain(task.kwargs) if self.copy else to_host(task.kwargs)
             try:
                 result = getattr(worker, task.method)(**kwargs)
             except Exception as err:  # a worker's failure is reported, with its identity
