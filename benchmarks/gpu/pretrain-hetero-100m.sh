@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The prepared accelerator run of issue 8 (docs/performance.md, "On a GPU"): pre-training a GPT of
+# The prepared accelerator run of issue 8 (docs/performance.md, "A ~100M-parameter GPT, and the
+# prepared GPU run"): pre-training a GPT of
 # ~100M parameters through the `pretrain-hetero` stage on one GPU, tokens/s and MFU.
 #
 # Where a session is lent a GPU machine (its image has torch and transformers, not pydantic):
 #   1. here, once:    bash benchmarks/gpu/pretrain-hetero-100m.sh prepare   (wheels into .whl/)
 #   2. device tool:   run(command="bash benchmarks/gpu/pretrain-hetero-100m.sh", carry=[".whl"], timeout_s=540)
-# It writes under $OUT: gpu.txt, tests.txt, peaks.json, hetero/results.json (about 4-6 minutes on an
-# H100 or H200). Dry run of the same steps on this CPU: CE_DEVICE=cpu CE_SIZE=tiny OUT=/tmp/x bash ...
+# It writes under $OUT: gpu.txt, tests.txt, peaks.json, hetero/results.json (estimated 3-6 minutes
+# on an H100 or H200: never run on one yet; each step has its own timeout). Dry run of the same steps on this CPU: CE_DEVICE=cpu CE_SIZE=tiny OUT=/tmp/x bash ...
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 if [[ "${1:-}" == "prepare" ]]; then
   # The versions the project's venv resolved, as wheels for the device image's Python 3.12.
   grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  prep_py=python3
+  [[ -x .venv/bin/python ]] && prep_py=.venv/bin/python
+  "$prep_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
   ls .whl
