@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The prepared accelerator run of issue 8 (docs/performance.md, "A ~100M-parameter GPT, and the
-# prepared GPU run"): pre-training a GPT of
-# ~100M parameters through the `pretrain-hetero` stage on one GPU, tokens/s and MFU.
+# prepared GPU run"): pre-training a GPT of ~100M parameters through the `pretrain-hetero` stage on
+# one GPU: tokens/s and MFU.
 #
 # Where a session is lent a GPU machine (its image has torch and transformers, not pydantic):
 #   1. here, once:    bash benchmarks/gpu/pretrain-hetero-100m.sh prepare   (wheels into .whl/)
-#   2. device tool:   run(command="bash benchmarks/gpu/pretrain-hetero-100m.sh", carry=[".whl"], timeout_s=540)
-# It writes under $OUT: gpu.txt, tests.txt, peaks.json, hetero/results.json (estimated 3-6 minutes
-# on an H100 or H200: never run on one yet; each step has its own timeout). Dry run of the same steps on this CPU: CE_DEVICE=cpu CE_SIZE=tiny OUT=/tmp/x bash ...
+#   2. device tool:   run(command="bash benchmarks/gpu/pretrain-hetero-100m.sh", carry=[".whl"],
+#                         timeout_s=480)
+# It writes under $OUT: gpu.txt, tests.txt, peaks.json, hetero/results.json. Estimated 3-6 minutes
+# on an H100 or H200 (never run on one yet); each step has its own timeout, 450 s in all.
+# Dry run of the same steps on this CPU: CE_DEVICE=cpu CE_SIZE=tiny CE_PYTHON=.venv/bin/python OUT=/tmp/x bash ...
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -40,7 +42,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
             "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))'; } | tee "$OUT/gpu.txt"
 
 # 1. The device tests (their CUDA cases run only here).
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_engine.py -k "cuda or gpu" 2>&1 | tee "$OUT/tests.txt" || true
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_engine.py -k "cuda or gpu" 2>&1 | tee "$OUT/tests.txt" || true
 
 # 2. Matmul peaks on this device, the denominators of MFU.
 timeout 60 "$PY" - "$DEVICE" > "$OUT/peaks.json" <<'PYEOF'
@@ -59,7 +61,7 @@ PYEOF
 cat "$OUT/peaks.json"
 
 # 3. The stage: sync-uniform and local-proportional (DiLoCo), bf16 autocast, 6 sync rounds.
-timeout 330 "$PY" -m cloudedge bench pretrain-hetero --quick --out "$OUT/hetero" \
+timeout 270 "$PY" -m cloudedge bench pretrain-hetero --quick --out "$OUT/hetero" \
   --set size="$SIZE" --set device="$DEVICE" --set precision=bf16 \
   --set methods=sync-uniform,local-proportional --set rounds=6
 "$PY" - "$OUT/hetero/results.json" <<'PYEOF'
