@@ -38,7 +38,7 @@ def module_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     """A batch's tensors on ``device`` (the same tensors when they are there already)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

@@ -38,7 +38,7 @@ from cloudedge.config import with_overrides
 from cloudedge.config.adapt import AdaptConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.config.run import RunConfig
-from cloudedge.device import resolve_device
+from cloudedge.device import resolve_device, synchronize
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
@@ -114,8 +114,7 @@ class AdaptWorker:
         else:
             t0, c0 = time.perf_counter(), time.process_time()
             logits = self.method.predict_batch(x)
-            if self.clip.device.type == "cuda":
-                torch.cuda.synchronize(self.clip.device)
+            synchronize(self.clip.device)
             self.timed_s += time.perf_counter() - t0
             self.timed_cpu_s += time.process_time() - c0
             self.timed_images += len(x)

@@ -154,6 +154,16 @@ class _EdgeRoundPlan:
 
 
 @dataclass
+class _Period:
+    """An edge between two cloud syncs: what it pulled, where it is now, its edge rounds so far."""
+
+    pulled: Tensors
+    state: Tensors
+    t: float
+    rounds: int = 0
+
+
+@dataclass
 class _Pending:
     """An edge whose period of edge rounds is done, waiting to merge (async mode)."""
 
@@ -559,7 +569,7 @@ class HierFinetune:
         """
         cloud = self.fleet.nodes[CLOUD]
         sync_bytes = self.update_bytes()
-        running = {e: {"pulled": pulled, "state": pulled, "t": t0, "rounds": 0} for e, (pulled, t0) in starts.items()}
+        running = {e: _Period(pulled, pulled, t0) for e, (pulled, t0) in starts.items()}
         sync_cost = {}  # what one sync costs each edge: seconds and joules of the two transfers
         for e in starts:
             edge = self.fleet.nodes[e]
@@ -568,16 +578,15 @@ class HierFinetune:
         done: dict[str, tuple[Tensors, float, EdgeObs]] = {}
         while running:
             ids = list(running)
-            outcomes = self.edge_rounds([(e, self.fleet.devices_of(e), running[e]["state"], running[e]["t"])
-                                         for e in ids])
+            outcomes = self.edge_rounds([(e, self.fleet.devices_of(e), running[e].state, running[e].t) for e in ids])
             for edge_id, (state, t, info) in zip(ids, outcomes, strict=True):
                 run = running[edge_id]
-                run["state"], run["t"], run["rounds"] = state, t, run["rounds"] + 1
+                run.state, run.t, run.rounds = state, t, run.rounds + 1
                 sync_s, sync_j = sync_cost[edge_id]
-                obs = EdgeObs(edge_id, run["rounds"], state_distance(state, run["pulled"]), info["drift"],
+                obs = EdgeObs(edge_id, run.rounds, state_distance(state, run.pulled), info["drift"],
                               self.edge_round_s[edge_id], sync_s, sync_j, info["energy_j"], info["obs"], t,
                               sync_bytes=2.0 * sync_bytes)
-                if run["rounds"] >= 100 or self.policy.should_sync(obs):
+                if run.rounds >= 100 or self.policy.should_sync(obs):
                     done[edge_id] = (state, t, obs)
                     del running[edge_id]
         return {e: done[e] for e in starts}

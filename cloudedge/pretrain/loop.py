@@ -449,7 +449,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         updates: list[Tensors] = []
         for wid, res in zip(ids, results, strict=True):
             arrived, nbytes = _roundtrip(res["update"], pcfg.compression)
-            updates.append(to_device(arrived, torch.device(device)))
+            updates.append(to_device(arrived, device))
             if wid != CLOUD_ID:
                 done[wid] = clock.transfer(wid, CLOUD_ID, nbytes, start=done[wid])
         t1 = clock.barrier([*ids, CLOUD_ID])
