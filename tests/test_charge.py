@@ -105,3 +105,95 @@ def test_a_charged_family_that_cannot_do_the_task_is_an_input_error() -> None:
     cfg = _lm_cfg(charge_as="vit-b16")
     with pytest.raises(InputError, match="clock.charge_as: vit-b16 is a vit model; pretrain.task 'lm'"):
         pretrain(cfg, shards=_lm_shards(cfg))
+
+
+# ---------------------------------------------------------------------------------- fine-tuning
+
+VIT = {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4, "channels": 1}
+
+
+def _ft_cfg(charge_as=None, mode: str = "fedavg", devices: str = "phone-mid", model=VIT, data=None) -> object:
+    raw = {
+        "seed": 3,
+        "fleet": {"edges": [{"count": 1, "devices": [{"count": 2, "profile": devices}]}]},
+        "data": data or {"source": "digits", "partition": {"kind": "iid"}},
+        "model": model,
+        "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": mode}, "sync": {"policy": "hierfavg", "k1": 2, "k2": 1},
+                     "batch_size": 8, "time_budget_s": 1e9, "max_cloud_rounds": 1, "eval_max": 32},
+    }
+    if charge_as is not None:
+        raw["clock"] = {"charge_as": charge_as}
+    return config_from_dict(raw)
+
+
+def _ft_loop(cfg):
+    from cloudedge.engine import LocalEngine
+    from cloudedge.finetune.loop import HierFinetune
+    from cloudedge.finetune.stage import prepare_task, settings_from_config
+    from cloudedge.fleet import Fleet
+
+    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+    return HierFinetune(fleet, prepare_task(cfg, fleet), settings_from_config(cfg), LocalEngine())
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "ffa"])
+def test_fine_tuning_charged_as_its_own_model_charges_what_it_trains(mode) -> None:
+    plain, charged = _ft_loop(_ft_cfg(mode=mode)), _ft_loop(_ft_cfg(VIT, mode=mode))
+    for key in ("train_step_flops", "params", "trainable_params", "model_bytes", "trainable_bytes",
+                "activation_bytes"):
+        assert charged.charged[key] == plain.info[key], key
+    assert charged.memory_need == plain.memory_need
+    assert charged.update_bytes() == plain.update_bytes()
+    a, b = plain.run(), charged.run()
+    for key in ("virtual_time_s", "bytes_device_edge", "bytes_edge_cloud", "device_energy_j", "final_acc"):
+        assert a[key] == b[key], key
+
+
+def _peft_adapter_layout(model_type: str, config: dict, targets: list[str], rank: int) -> dict[str, torch.Tensor]:
+    """A real peft LoRA on the architecture, built on the meta device (no weights): its adapter tensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModel
+
+    hf = AutoConfig.for_model(model_type, **config)
+    with torch.device("meta"):
+        base = AutoModel.from_config(hf)
+    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=4.0, target_modules=targets,
+                                                 fan_in_fan_out=model_type == "gpt2"))
+    return {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize(("preset", "model_type", "targets"), [
+    ("gpt2-124m", "gpt2", ["c_attn"]), ("llama-3.2-1b", "llama", ["q_proj", "v_proj"])])
+def test_charged_lora_update_bytes_equal_a_real_peft_lora_on_that_architecture(preset, model_type, targets) -> None:
+    from cloudedge import comm
+
+    data = {"source": "pydocs", "n_classes": 4, "max_docs": 60}
+    model = {"kind": "gpt", "hidden": 16, "layers": 1, "heads": 2, "context": 16}
+    loop = _ft_loop(_ft_cfg(preset, model=model, data=data, devices="jetson-orin"))
+    lora = _peft_adapter_layout(model_type, PRESETS[preset].config, targets, rank=2)
+    layers = {n.split("lora_")[0] for n in lora}
+    assert len(layers) == len(targets) * PRESETS[preset].config.get("n_layer",
+                                                                    PRESETS[preset].config.get("num_hidden_layers"))
+    # The same adapter tensors (shapes, float32) and the head; the payload's names are the classifier's.
+    ours = {k: v for k, v in loop.charged_layout.items() if "lora_" in k}
+    assert sorted((tuple(v.shape), v.dtype) for v in ours.values()) == sorted(
+        (tuple(v.shape), v.dtype) for v in lora.values())
+    head = {k: v for k, v in loop.charged_layout.items() if k.startswith("head.")}
+    named = {"backbone." + k.removeprefix("base_model.model."): v for k, v in lora.items()}
+    for mode in ("none", "fp16", "int8"):
+        loop.s.compression = mode
+        assert loop.update_bytes() == comm.wire_nbytes({**named, **head}, mode)
+    loop.s.compression = "none"
+    adapter_bytes = sum(v.numel() * 4 for v in lora.values())
+    assert adapter_bytes < loop.update_bytes() < adapter_bytes + 4 * 4 * 768 * 4 + 100_000
+
+
+def test_fine_tuning_charged_as_gpt2_is_refused_by_a_phone_too_small_for_it() -> None:
+    data = {"source": "pydocs", "n_classes": 4, "max_docs": 60}
+    model = {"kind": "gpt", "hidden": 16, "layers": 1, "heads": 2, "context": 16}
+    _ft_loop(_ft_cfg("gpt2-124m", model=model, data=data, devices="phone-mid"))  # 0.5 x 8 GiB holds it
+    with pytest.raises(InputError, match="llama-3.2-1b|fine-tuning needs"):
+        _ft_loop(_ft_cfg("llama-3.2-1b", model=model, data=data, devices="phone-low"))
+    with pytest.raises(InputError, match="clock.charge_as: gpt2-124m is a gpt model; this fine-tuning run learns "
+                                         "from images"):
+        _ft_loop(_ft_cfg("gpt2-124m"))
