@@ -197,3 +197,45 @@ def test_fine_tuning_charged_as_gpt2_is_refused_by_a_phone_too_small_for_it() ->
     with pytest.raises(InputError, match="clock.charge_as: gpt2-124m is a gpt model; this fine-tuning run learns "
                                          "from images"):
         _ft_loop(_ft_cfg("gpt2-124m"))
+
+
+# ---------------------------------------------------------------------------- prompt adaptation
+
+CLIP = {"kind": "clip", "hidden": 32, "layers": 1, "heads": 4, "context": 32, "image_size": 8, "patch_size": 4,
+        "channels": 1, "projection_dim": 16}
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from cloudedge.models import build_model, save_local
+
+    return save_local(build_model(ModelConfig(**CLIP), seed=0), tmp_path_factory.mktemp("clip") / "model")
+
+
+def _adapt_summary(clip_dir, charge_as=None) -> dict:
+    from cloudedge.adapt.loop import adapt
+
+    raw = {"seed": 0, "fleet": {"edges": [{"count": 2}]}, "data": {"source": "digits", "test_fraction": 0.5},
+           "model": CLIP,
+           "adapt": {"checkpoint": str(clip_dir), "stream_samples": 8, "batch_size": 4, "share_every": 1,
+                     "method": "swapprompt", "method_args": {"lr": 0.05},
+                     "streams": [{"corruption": "gaussian_noise", "severity": 3}]}}
+    if charge_as is not None:
+        raw["clock"] = {"charge_as": charge_as}
+    return adapt(config_from_dict(raw)).summary
+
+
+def test_prompts_are_charged_at_the_charged_clips_text_width(clip_dir) -> None:
+    from cloudedge import comm
+
+    plain, same, big = (_adapt_summary(clip_dir), _adapt_summary(clip_dir, CLIP),
+                        _adapt_summary(clip_dir, "clip-vit-b16"))
+    for key in ("prompt_bytes_up", "prompt_bytes_down", "virtual_time_s"):
+        assert same[key] == plain[key]
+    # swapprompt shares its online and target contexts: [n_ctx, 512] float32 each for CLIP ViT-B/16.
+    n_ctx = 12  # "a photo of a", one byte-level token each
+    one = comm.wire_nbytes({k: torch.empty(n_ctx, 512, device="meta") for k in ("online", "target")})
+    assert big["prompt_shares"] == 2 and big["prompt_bytes_up"] == 2 * 2 * one  # two edges, two shares
+    assert big["cost_model"]["charged"]["update_bytes"] == one
+    assert big["cost_model"]["charged"]["params"] == 149_620_737  # CLIP ViT-B/16 with its logit scale
+    assert big["cost_model"]["trained"]["params"] == plain["cost_model"]["trained"]["params"]
