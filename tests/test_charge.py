@@ -239,3 +239,27 @@ def test_prompts_are_charged_at_the_charged_clips_text_width(clip_dir) -> None:
     assert big["cost_model"]["charged"]["update_bytes"] == one
     assert big["cost_model"]["charged"]["params"] == 149_620_737  # CLIP ViT-B/16 with its logit scale
     assert big["cost_model"]["trained"]["params"] == plain["cost_model"]["trained"]["params"]
+
+
+def test_fleet_table_shows_seconds_per_sample_and_whether_the_charged_model_fits() -> None:
+    from rich.console import Console
+
+    from cloudedge.fleetview import fleet_table
+
+    cfg = config_from_dict({
+        "clock": {"charge_as": "gpt2-124m"},
+        "fleet": {"cloud": {"profile": "a100"},
+                  "edges": [{"count": 1, "devices": [{"count": 1, "profile": "phone-mid"},
+                                                     {"count": 1, "profile": "phone-low"}]}]},
+        "data": {"source": "digits"}, "model": GPT, "pretrain": {"task": "lm", "seq_len": 16}})
+    console = Console(width=400, record=True)
+    console.print(fleet_table(cfg))
+    text = console.export_text()
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 5}
+    assert "charged as gpt2-124m" in text
+    from cloudedge.fleet.profiles import PROFILES
+
+    flops = charged_costs("lm", resolve_charge(cfg.clock), seq_len=16, n_classes=0, encoder=None,
+                          seed=0).train_flops_per_sample
+    assert f"{flops / PROFILES['phone-mid'].flops:.3g} s" in lines["edge0/dev0"]
+    assert "yes (<=" in lines["edge0/dev0"] and "│ no " in lines["edge0/dev1"]
