@@ -263,3 +263,14 @@ def test_fleet_table_shows_seconds_per_sample_and_whether_the_charged_model_fits
                           seed=0).train_flops_per_sample
     assert f"{flops / PROFILES['phone-mid'].flops:.3g} s" in lines["edge0/dev0"]
     assert "yes (<=" in lines["edge0/dev0"] and "│ no " in lines["edge0/dev1"]
+
+
+def test_the_run_report_says_which_model_was_charged(tmp_path) -> None:
+    from cloudedge.track.report import render_report
+
+    cfg = _lm_cfg(charge_as="gpt2-124m")
+    pretrain(cfg, tmp_path / "run", shards=_lm_shards(cfg))
+    md, _ = render_report(tmp_path / "run")
+    text = md.read_text()
+    assert "charged as **gpt2-124m** (gpt2-124m: 124,439,808 parameters" in text
+    assert "gpt 16x1 (trained)" in text

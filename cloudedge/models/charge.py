@@ -135,3 +135,17 @@ def cost_model_summary(trained: dict[str, Any], charged: dict[str, Any] | None,
         "note": (f"virtual-clock costs (FLOPs, bytes, memory) were charged as {charge.name}"
                  if charge is not None else "virtual-clock costs are the trained model's"),
     }
+
+
+def cost_model_sentence(cost_model: dict[str, Any]) -> str:
+    """One line for reports: which model learned, and which one the clock charged."""
+    from cloudedge.fleet.topology import format_bytes
+
+    def one(m: dict[str, Any]) -> str:
+        return f"{m['name']}: {m['params']:,} parameters, {format_bytes(m['update_bytes'])} per update"
+
+    trained, charged = cost_model["trained"], cost_model["charged"]
+    if cost_model.get("charged_as") is None:
+        return f"Virtual-clock costs are those of the model that learned ({one(trained)})."
+    return (f"Virtual-clock costs were charged as **{cost_model['charged_as']}** ({one(charged)}) while "
+            f"{one(trained)} learned (clock.charge_as).")
