@@ -8,6 +8,7 @@ import numpy as np
 from rich.table import Table
 
 from cloudedge.config import RunConfig
+from cloudedge.errors import InputError
 from cloudedge.pretrain.costs import PretrainCosts
 
 
@@ -86,8 +87,13 @@ def fleet_table(cfg: RunConfig, limit: int = 60) -> Table:
     placed = place_data(fleet, labels, cfg.data.partition, cfg.seed,
                         domains=np.asarray(domains) if domains else None)
     names = _class_names(train, int(labels.max()) + 1 if len(labels) else 0)
-    charged = pretrain_cost(cfg, len(names))
-    costs = "" if charged is None else (
+    try:
+        charged = pretrain_cost(cfg, len(names))
+    except InputError as err:  # e.g. a charged family the pre-training task cannot use: say so, show the rest
+        charged, note = None, f"; no pre-training costs ({err})"
+    else:
+        note = ""
+    costs = note if charged is None else (
         f"; pre-training costs charged as {charged[0].name}: {charged[0].params / 1e6:,.1f}M parameters, "
         f"{charged[0].train_flops_per_sample:.3g} FLOPs per sample, "
         f"{format_bytes(charged[0].message_bytes('none'))} per update")
