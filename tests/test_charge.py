@@ -274,3 +274,27 @@ def test_the_run_report_says_which_model_was_charged(tmp_path) -> None:
     text = md.read_text()
     assert "charged as **gpt2-124m** (gpt2-124m: 124,439,808 parameters" in text
     assert "gpt 16x1 (trained)" in text
+
+
+def test_an_architecture_given_as_a_transformers_config_is_charged_from_its_numbers() -> None:
+    from transformers import LlamaConfig
+
+    from cloudedge.models.flops import llama_forward_flops
+
+    arch = {"family": "llama", "name": "tiny-llama", "config": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 64, "tie_word_embeddings": False}}
+    cfg = config_from_dict({"clock": {"charge_as": arch, "seq_len": 20}})
+    charge = resolve_charge(cfg.clock)
+    cost = charged_costs("lm", charge, seq_len=16, n_classes=0, encoder=None, seed=0)
+    want = LlamaConfig(**arch["config"])
+    assert cost.name == "tiny-llama"
+    assert cost.train_flops_per_sample == 3 * llama_forward_flops(want, 20)  # clock.seq_len, not the stage's 16
+    # untied: embeddings and LM head both counted; per layer q, o 32x32, k, v 32x16, MLP 3 x 32x64, 2 norms
+    layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32
+    assert cost.params == 2 * 300 * 32 + 2 * layer + 32
+    with pytest.raises(InputError, match="clock.seq_len: 80 tokens exceed tiny-llama's 64 positions"):
+        charged_costs("lm", resolve_charge(config_from_dict({"clock": {"charge_as": arch, "seq_len": 80}}).clock),
+                      seq_len=16, n_classes=0, encoder=None, seed=0)
+    with pytest.raises(InputError, match="clock.charge_as"):
+        config_from_dict({"clock": {"charge_as": {"family": "mamba", "config": {}}}})
