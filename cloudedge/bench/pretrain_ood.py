@@ -178,7 +178,7 @@ def train_method(method: str, clients: list[dict[str, torch.Tensor]], setup: OOD
     result = pretrain(cfg, method=method, shards=shards, client_eval=tests)
     per_client = [result.summary["clients"][wid] for wid in ids]
     return {"clients": per_client, "virtual_time_s": result.summary["virtual_time_s"],
-            "bytes_total": result.summary["bytes_total"]}
+            "bytes_total": result.summary["bytes_total"], "cost_model": result.summary["cost_model"]}
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -224,6 +224,7 @@ def run(quick: bool, out_dir: Path, methods: str | None = None, setup: OODSetup 
             table[method] = _summarize([r["clients"] for r in runs])
             table[method]["virtual_time_s"] = statistics.fmean(r["virtual_time_s"] for r in runs)
             table[method]["bytes_total"] = statistics.fmean(r["bytes_total"] for r in runs)
+            table[method]["cost_model"] = runs[0]["cost_model"]  # the trained and the charged model
     finally:
         torch.set_num_threads(threads)
     config = dataclasses.asdict(setup)

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from cloudedge.config.adapt import AdaptConfig
 from cloudedge.config.base import StrictModel
+from cloudedge.config.clock import ClockConfig
 from cloudedge.config.data import DataConfig
 from cloudedge.config.finetune import FinetuneConfig
 from cloudedge.config.fleet import FleetConfig
@@ -30,6 +31,7 @@ class RunConfig(StrictModel):
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    clock: ClockConfig = Field(default_factory=ClockConfig)
     pretrain: PretrainConfig | None = None
     finetune: FinetuneConfig | None = None
     adapt: AdaptConfig | None = None

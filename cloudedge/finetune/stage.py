@@ -86,7 +86,10 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         "targets": fcfg.lora.targets, "mode": fcfg.lora.mode, "base_tensors": base_tensors,
         "base_source": fcfg.init or "base model",
     }
-    return TaskData(spec=spec, device_data=device_data, test_data=to_tensors(test), classes=list(train.classes))
+    from cloudedge.models.charge import resolve_charge
+
+    return TaskData(spec=spec, device_data=device_data, test_data=to_tensors(test), classes=list(train.classes),
+                    charge=resolve_charge(cfg.clock))
 
 
 def feature_pooling(pooling: str, model_cfg: ModelConfig, base_tensors: dict[str, torch.Tensor] | None) -> str:

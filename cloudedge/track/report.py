@@ -104,7 +104,11 @@ def build_blocks(run_dir: Path) -> list[Block]:
             for name, vals in methods.items():
                 table.append([name, *(_fmt(vals.get(k, "")) for k in metrics)])
             blocks.append(Block("table", rows=table))
-        notes = {k: v for k, v in section.items() if k != "methods"}
+        if isinstance(section.get("cost_model"), dict):  # which model the clock charged (clock.charge_as)
+            from cloudedge.models.charge import cost_model_sentence
+
+            blocks.append(Block("text", cost_model_sentence(section["cost_model"])))
+        notes = {k: v for k, v in section.items() if k not in ("methods", "cost_model")}
         if notes:
             blocks.append(Block("table", rows=[["key", "value"], *([k, _fmt(v)] for k, v in notes.items())]))
 
