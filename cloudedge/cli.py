@@ -1,4 +1,4 @@
-"""The `cloudedge` command: demo, pretrain, finetune, adapt, fleet, bench, report.
+"""The `cloudedge` command: demo, pretrain, finetune, adapt, fleet, bench, report, generate.
 
 Every command turns bad input into one line on stderr and exit code 2 (see cloudedge.errors).
 """
@@ -168,6 +168,20 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
     md, html = render_report(run_dir)
     console.print(f"[green]report[/green]: {md}\n[green]html[/green]: {html}")
+
+
+@app.command()
+def generate(run_dir: Annotated[Path, typer.Argument(help="a language-model run directory (or its model/ folder)")],
+             prompt: Annotated[str, typer.Option("--prompt", help="text to continue")] = "",
+             max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="at most this many tokens")] = 64,
+             temperature: Annotated[float, typer.Option("--temperature", help="0: greedy")] = 1.0,
+             top_k: Annotated[int, typer.Option("--top-k", help="sample among the k likeliest; 0: all")] = 0,
+             seed: Annotated[int, typer.Option("--seed", help="sampling seed (same seed, same text)")] = 0) -> None:
+    """Sample text from a run's exported language model (AutoTokenizer + AutoModelForCausalLM)."""
+    from cloudedge.generate import Sampling, generate_text
+
+    text = generate_text(run_dir, prompt, Sampling(max_new_tokens, temperature, top_k, seed))
+    print(text)
 
 
 def _is_usage_error(err: BaseException) -> bool:
