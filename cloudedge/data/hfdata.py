@@ -35,7 +35,7 @@ def _datasets_offline() -> Any:
     try:
         import datasets
     except ImportError:
-        raise InputError("data.source 'hf': the datasets package is not installed (pip install datasets)") from None
+        raise InputError("data.source 'hf': the datasets package is not installed (pip install 'cloudedge[hf]')") from None
     datasets.config.HF_DATASETS_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = True
     datasets.disable_progress_bars()
