@@ -8,8 +8,9 @@ which ``PreTrainedTokenizerFast`` / ``AutoTokenizer`` read without any project c
 
 Two choices keep the ids identical to the project's own ``encode``:
 
-* ``split_special_tokens``: the text ``"<eos>"`` is five bytes, as ``ByteTokenizer.encode`` says,
-  never the EOS id;
+* ``split_special_tokens`` for the byte tokenizer: the text ``"<eos>"`` is five bytes, as
+  ``ByteTokenizer.encode`` says, never the EOS id (the BPE backend, like ``BPETokenizer.encode``,
+  reads it as EOS);
 * specials are added only where the model was trained with them: a causal LM's stream is plain
   text with EOS between documents (so ``tokenizer(text)`` adds nothing), CLIP's text tower reads
   ``BOS text EOS`` (so its tokenizer adds them, as CLIP's own tokenizer does).
@@ -65,7 +66,7 @@ def to_hf_tokenizer(tokenizer: ByteTokenizer | BPETokenizer, *, model_max_length
             single="<bos> $A <eos>", pair="<bos> $A <eos> $B <eos>",
             special_tokens=[("<bos>", tokenizer.bos_id), ("<eos>", tokenizer.eos_id)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
-                                   split_special_tokens=True, padding_side="right", clean_up_tokenization_spaces=False,
+                                   split_special_tokens=isinstance(tokenizer, ByteTokenizer), padding_side="right", clean_up_tokenization_spaces=False,
                                    **SPECIAL_TOKENS)
 
 
