@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_tracking_is_off_by_default_and_a_bad_key_is_an_input_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stage_command_logs_its_rows_to_tensorboard(tmp_path):
+def test_a_stage_command_logs_its_rows_to_tensorboard_and_prints_units(tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text("\n\n".join(f"paragraph {i}: the quick brown fox." * 3 for i in range(40)))
     config = tmp_path / "lm.yaml"
     config.write_text("""
@@ -109,6 +110,10 @@ pretrain: {task: lm, workers: [cloud, edge], rounds: 4, global_batch: 4, eval_ev
 track: {tensorboard: true}
 """)
     assert main(["pretrain", str(config), "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    raw = json.loads((tmp_path / "run" / "summary.json").read_text())["pretrain"]
+    assert re.search(r"bytes_total\s+[\d.]+ [kMG]B\s", printed) and re.search(r"utilization\s+[\d.]+ %", printed)
+    assert isinstance(raw["bytes_total"], int)  # the summary keeps the raw number
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     method = rows[0]["method"]
     logged = _scalars(tmp_path / "run" / "tensorboard" / "pretrain" / method, "train_loss")
