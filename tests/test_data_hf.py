@@ -84,6 +84,11 @@ def test_bad_input_names_the_path_or_field(stored, tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     with pytest.raises(InputError, match="broken.parquet"):
         load_hf(tmp_path / "broken.parquet")
+    rows = _text_table(4).to_dict()
+    rows["label"][2] = -1  # ClassLabel's "no label"
+    datasets.Dataset.from_dict(rows, features=TEXT_FEATURES).save_to_disk(str(tmp_path / "unlabeled"))
+    with pytest.raises(InputError, match="row 2: data.label_field"):
+        load_hf(tmp_path / "unlabeled", label_field="label")
     with pytest.raises(InputError, match="needs 'path'"):
         config_from_dict({"data": {"source": "hf"}})
 

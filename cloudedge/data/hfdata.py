@@ -97,6 +97,9 @@ def _labels(table: Any, name: str, path: Path) -> tuple[list[int], list[str]]:
     values = _column(table, name, "label_field", path)
     feature = table.features[name]
     if hasattr(feature, "names") and hasattr(feature, "str2int"):  # ClassLabel
+        unlabeled = next((i for i, v in enumerate(values) if v is None or v < 0), None)
+        if unlabeled is not None:  # ClassLabel writes -1 for "no label"
+            raise InputError(f"{path}: row {unlabeled}: data.label_field: column '{name}' has no label there")
         return [int(v) for v in values], list(feature.names)
     if all(isinstance(v, str) for v in values):
         classes = sorted(set(values))
