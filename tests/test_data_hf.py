@@ -123,3 +123,25 @@ def test_finetune_stage_on_hf_images(stored, tmp_path):
     }, source="test", base_dir=tmp_path)
     summary = run_finetune(cfg, tmp_path / "run")
     assert summary["final_acc"] is not None and 0.0 <= summary["final_acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_adapt_stage_on_hf_images(stored, tmp_path):
+    from cloudedge.adapt import adapt
+    from cloudedge.config import ModelConfig
+    from cloudedge.models import build_model, save_local
+
+    model = {"kind": "clip", "hidden": 16, "layers": 1, "heads": 2, "context": 32, "image_size": 8, "patch_size": 4,
+             "channels": 3, "projection_dim": 8}
+    clip = save_local(build_model(ModelConfig(**model), seed=0), tmp_path / "clip")
+    cfg = config_from_dict({
+        "seed": 0, "engine": {"threads": 1}, "fleet": {"edges": [{"count": 1}]},
+        "data": {"source": "hf", "path": str(stored["images"]), "image_field": "img", "label_field": "digit",
+                 "image_size": 8, "test_fraction": 0.5},
+        "model": model,
+        "adapt": {"checkpoint": str(clip), "method": "zeroshot", "stream_samples": 6, "batch_size": 3,
+                  "streams": [{"corruption": "contrast", "severity": 3}]},
+    }, source="test", base_dir=tmp_path)
+    result = adapt(cfg, tmp_path / "run")
+    assert 0.0 <= result.summary["acc_mean"] <= 1.0
+    assert result.metrics and all(r["stage"] == "adapt" for r in result.metrics)
