@@ -128,3 +128,19 @@ def test_generate_refuses_what_it_cannot_sample(tmp_path, capsys):
         generate_text(tmp_path / "gpt", "x" * 40)
     assert main(["generate", str(tmp_path / "gpt"), "--top-k", "-1"]) == 2
     assert "--top-k" in capsys.readouterr().err
+
+
+def test_exported_vit_loads_with_its_image_processor(tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model = build_model(ModelConfig(kind="vit", hidden=16, layers=1, heads=2, image_size=8, patch_size=4, channels=3),
+                        seed=0).eval()
+    save_local(model, tmp_path / "vit")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "vit", local_files_only=True)
+    pixels = (torch.rand(8, 8, 3) * 255).to(torch.uint8)
+    batch = processor(images=[Image.fromarray(pixels.numpy())], return_tensors="pt")
+    assert torch.allclose(batch["pixel_values"][0], pixels.permute(2, 0, 1).float() / 255, atol=1e-6)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "vit", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, model(**batch).logits, atol=1e-6)
