@@ -221,11 +221,16 @@ def _hf_image_spec(directory: Path, model: CLIPModel) -> ImageSpec:
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
     pre = directory / "preprocessor_config.json"
+    # transformers 5 saves a processor's image settings inside processor_config.json instead.
+    combined = directory / "processor_config.json"
+    if not pre.is_file() and combined.is_file():
+        pre = combined
     if pre.is_file():
         try:
             raw = json.loads(pre.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{pre}: not valid JSON ({err})") from None
+        raw = raw.get("image_processor", raw) if isinstance(raw, dict) else {}
         mean = tuple(float(v) for v in raw.get("image_mean", mean))
         std = tuple(float(v) for v in raw.get("image_std", std))
     return ImageSpec(size=int(vc.image_size), channels=int(vc.num_channels), mean=mean, std=std)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,6 +192,13 @@ def _load_image(file: Path, image_size: int) -> torch.Tensor:
             rgb = img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise InputError(f"{file}: cannot decode image ({type(err).__name__}: {err})") from None
+    return pil_to_tensor(rgb, image_size)
+
+
+def pil_to_tensor(rgb: Any, image_size: int) -> torch.Tensor:
+    """An RGB PIL image as ``[3, S, S]`` in [0, 1]: shorter side resized to S (bicubic), centre crop."""
+    from PIL import Image
+
     w, h = rgb.size
     scale = image_size / min(w, h)
     new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))

@@ -33,4 +33,5 @@ def run_stage_into(stage: str, cfg: Any, out_dir: str | Path, resume: bool, engi
         save(result, run.path)
     summary = {**result.summary, "wall_s": round(time.perf_counter() - t0, 3)}
     run.write_summary({stage: summary}, complete=True)
+    run.finish_tracking()
     return summary
