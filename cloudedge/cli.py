@@ -69,7 +69,8 @@ def _stage(stage: str, config: Path, out: Path | None, resume: bool, overwrite: 
         if aside is not None:
             console.print(f"moved the previous run to {aside}")
     summary = runner(cfg, out_dir, resume=resume, engine_kind=cfg.engine.kind)
-    console.print(f"[green]{stage} finished[/green]: {out_dir}")
+    report = out_dir / "report.html"
+    console.print(f"[green]{stage} finished[/green]: {out_dir}" + (f" (report: {report})" if report.is_file() else ""))
     console.print_json(json.dumps(summary, default=str))
 
 

@@ -80,7 +80,9 @@ def encode_texts(tok: TextTokenizer, texts: list[str]) -> tuple[torch.Tensor, to
     rows = [[tok.bos_id, *tok.ids(t), tok.eos_id] for t in texts]
     longest = max(len(r) for r in rows)
     if longest > tok.max_len:
-        raise InputError(f"prompt too long for the text tower ({longest} > {tok.max_len} tokens): {texts[0]!r}...")
+        worst = texts[max(range(len(rows)), key=lambda i: len(rows[i]))]
+        raise InputError(f"prompt too long for the text tower ({longest} > {tok.max_len} tokens): {worst!r} "
+                         "(shorten the class names, e.g. in data.class_names, or the prompt template)")
     ids = torch.full((len(rows), longest), tok.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
     for i, r in enumerate(rows):
