@@ -81,7 +81,9 @@ def _stage(stage: str, config: Path, out: Path | None, resume: bool, overwrite: 
         if aside is not None:
             console.print(f"moved the previous run to {aside}")
     summary = runner(cfg, out_dir, resume=resume, engine_kind=cfg.engine.kind)
-    console.print(f"[green]{stage} finished[/green]: {out_dir}  (raw numbers: {out_dir / 'summary.json'})")
+    report = out_dir / "report.html"
+    console.print(f"[green]{stage} finished[/green]: {out_dir}" + (f" (report: {report})" if report.is_file() else "")
+                  + f"  (raw numbers: {out_dir / 'summary.json'})")
     console.print(summary_table(summary))
 
 
