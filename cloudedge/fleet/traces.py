@@ -147,14 +147,18 @@ class DiurnalAvailability:
         ``t`` itself when it is offline."""
         nums = np.array([number], dtype=np.int64)
         offsets = self.offset_hours(nums)
-        w = math.floor(t / self.window_s) - self._lookback
-        end = t
-        while w * self.window_s <= end:
-            s, e = self._sessions(nums, np.array([w], dtype=np.int64), offsets)
-            if not np.isnan(s[0]) and s[0] <= end and e[0] > end:
-                end = float(e[0])
-            w += 1
-        return end
+        first = math.floor(t / self.window_s) - self._lookback
+        end, span = t, 2 * self._lookback + 2
+        while True:
+            # The sessions of a block of windows at once (one hash call per stream, not per window).
+            windows = np.arange(first, first + span, dtype=np.int64)
+            starts, ends = self._sessions(np.repeat(nums, span), windows, np.repeat(offsets, span))
+            for s0, e0 in zip(starts.tolist(), ends.tolist(), strict=True):
+                if s0 == s0 and s0 <= end < e0:  # s0 == s0: not NaN (a session starts in that window)
+                    end = e0
+            first += span
+            if first * self.window_s > end:
+                return end
 
 
 @dataclass
