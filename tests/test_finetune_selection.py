@@ -19,7 +19,7 @@ FLOPS = 1e8  # slow devices: local training takes a visible share of a virtual s
 def _raw(devices, rounds=1, fleet_extra=None, **ft):
     return {
         "seed": 1,
-        "fleet": {"edges": [{"count": 1, "overrides": {"latency_s": 0.0005}, "devices": [devices]}],
+        "fleet": {"edges": [{"count": 1, "overrides": {"latency_s": 0.0005}, "devices": devices if isinstance(devices, list) else [devices]}],
                   **(fleet_extra or {})},
         "data": {"source": "digits", "partition": {"kind": "iid"}},
         "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
@@ -72,11 +72,12 @@ def test_a_device_going_offline_mid_task_is_a_dropout_at_that_instant(tmp_path):
 
 
 def test_over_selection_keeps_the_first_updates_and_cancels_the_rest():
-    mix = {"count": 6, "mix": {"phone-mid": 1, "phone-low": 1}, "overrides": {"availability": 1.0}}
-    loop = _loop(_raw(mix, selection={"goal": 3, "over_selection": 2.0}))
+    groups = [{"count": 3, "profile": "phone-mid", "overrides": {"availability": 1.0, "flops": FLOPS}},
+              {"count": 3, "profile": "phone-mid", "overrides": {"availability": 1.0, "flops": FLOPS / 5}}]
+    loop = _loop(_raw(groups, selection={"goal": 3, "over_selection": 2.0}))
     loop.run()
-    fast = {d.id for d in loop.fleet.devices if d.profile.name == "phone-mid"}
-    slow = {d.id for d in loop.fleet.devices if d.profile.name == "phone-low"}
+    fast = {d.id for d in loop.fleet.devices if d.profile.flops == FLOPS}
+    slow = {d.id for d in loop.fleet.devices if d.profile.flops < FLOPS}
     assert set(loop.train_count) == fast  # the three first to deliver are kept
     row = loop.history[1]
     assert row["surplus"] == 3 and row["dropped"] == 0 and row["timed_out"] == 0
