@@ -52,6 +52,10 @@ def test_only_devices_online_at_the_round_start_are_drawn(tmp_path):
     loop.run()
     assert set(loop.train_count) == {"edge0/dev0", "edge0/dev1"} and loop.train_count["edge0/dev0"] == 2
     assert [r["online_devices"] for r in loop.history] == [2.0, 2.0, 2.0]
+    from cloudedge.track.plots import availability_plot
+
+    png = availability_plot([{**r, "stage": "finetune", "method": "hierfavg"} for r in loop.history], tmp_path)
+    assert png is not None and png.stat().st_size > 0
 
 
 def test_a_device_going_offline_mid_task_is_a_dropout_at_that_instant(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import yaml
 import pytest
+import yaml
 
 from cloudedge.cli import main
 from cloudedge.config import config_from_dict
