@@ -139,6 +139,10 @@ class Engine(ABC):
         """Whether a worker is registered under ``worker_id``."""
         return worker_id in getattr(self, "_specs", {})
 
+    def worker_ids(self) -> set[str]:
+        """The ids registered now."""
+        return set(getattr(self, "_specs", {}))
+
     def unregister(self, worker_id: str) -> None:
         """Forget a worker: its live object and its spec (data included). Stages that register
         devices only when they are sampled call it after their round, so the engine holds what

@@ -213,6 +213,9 @@ class HierFinetune:
         self._device_kwargs = dict(spec=spec, batch_size=settings.batch_size, optimizer=settings.optimizer,
                                    lr=settings.lr, device=settings.device)
         self._registered: set[str] = set()
+        # A device worker registered after this point (a test's faulty worker) replaces the default
+        # one; anything registered before (another run's workers on a shared engine) does not.
+        self._earlier_ids = engine.worker_ids()
         engine.register(CLOUD, WorkerSpec(FinetuneWorker, dict(
             spec=spec, data=task.test_data, batch_size=settings.batch_size, device=settings.device)))
         self.info = engine.call(CLOUD, "model_info")
@@ -551,7 +554,7 @@ class HierFinetune:
                 kw["dp"] = {k: self.dp[k] for k in ("clip_norm", "noise_multiplier", "mode")}
             # Released after its task: a device holds no model between the rounds it is sampled in
             # (workers are stateless between tasks: rebuilding one gives the same result).
-            if not self.engine.has_worker(p.dev.id):  # one registered by hand (tests' faulty workers) stays
+            if p.dev.id in self._earlier_ids or not self.engine.has_worker(p.dev.id):
                 self.engine.register(p.dev.id, WorkerSpec(FinetuneWorker, dict(
                     data=self.task.device_data[p.dev.id], **self._device_kwargs)))
                 self._registered.add(p.dev.id)
