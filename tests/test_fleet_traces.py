@@ -164,3 +164,17 @@ def test_fedscale_conversion_reads_json_and_refuses_pickles(tmp_path, capsys):
     capsys.readouterr()
     assert main(["fedscale-trace", "behave", str(tmp_path / "client_behave_trace"), str(out), "--config", str(cfg)]) == 2
     assert "does not unpickle" in capsys.readouterr().err
+
+
+def test_bundled_diurnal_config_builds_a_lazy_fleet_with_a_goal():
+    from pathlib import Path
+
+    from cloudedge.config import load_config
+    from cloudedge.finetune.stage import settings_from_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "finetune-diurnal.yaml")
+    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+    assert fleet.availability.kind == "diurnal" and fleet.speed is not None and len(fleet.devices) == 1200
+    assert fleet.materialized == 0
+    settings = settings_from_config(cfg)
+    assert settings.goal == 5 and settings.over_selection == 1.3

@@ -281,8 +281,10 @@ class HierFinetune:
                 avail = [s.participation * d.profile.availability for d in devs]
                 # The fixed denominator of DP-FedAvg: the expected number of participants. The sampling
                 # rate is the most available device's (its epsilon is the largest), conservatively.
-                self.dp_expected[agg_id] = max(1.0, sum(avail))
+                self.dp_expected[agg_id] = max(1.0, sum(avail)) if s.goal is None else float(s.goal)
                 q = 1.0 if self.dp["mode"] == "local" else min(1.0, max(avail, default=0.0))
+                if s.goal is not None or self.fleet.availability.kind != "bernoulli":
+                    q = 1.0  # who is online follows a trace, not a known rate: no amplification claimed
                 if q > 0:
                     rates[agg_id] = q
             self.privacy = PrivacyLedger(self.dp["noise_multiplier"], rates, self.dp["delta"])

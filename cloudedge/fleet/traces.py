@@ -415,4 +415,4 @@ def online_count(fleet: Any, t: float) -> float:
         share = float(np.mean([p.availability for p in fleet.base_profiles(numbers)]))
     else:
         share = float(online_mask(fleet, numbers, t, np.random.default_rng(0)).mean())
-    return share * n
+    return round(share * n, 2)
