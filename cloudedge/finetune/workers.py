@@ -76,6 +76,7 @@ class FinetuneWorker:
         self.n = int(data["labels"].shape[0])
         self._model = None
         self._slot: AdapterSlot | None = None
+        self._trainable_list: list[tuple[str, torch.nn.Parameter]] | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -93,7 +94,10 @@ class FinetuneWorker:
         return F.cross_entropy(self.model(self._inputs(idx)), self._labels(idx))
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        # Walked once per worker: a round calls it several times and a module walk is not free.
+        if self._trainable_list is None:
+            self._trainable_list = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return self._trainable_list
 
     def _flat_grad(self) -> torch.Tensor:
         return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
