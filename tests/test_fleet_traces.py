@@ -178,3 +178,10 @@ def test_bundled_diurnal_config_builds_a_lazy_fleet_with_a_goal():
     assert fleet.materialized == 0
     settings = settings_from_config(cfg)
     assert settings.goal == 5 and settings.over_selection == 1.3
+
+
+def test_sample_online_over_a_given_list_of_devices(tmp_path):
+    fleet = _fleet(tmp_path, "device,start_s,end_s\nedge1/dev0,0,50\nedge1/dev2,0,50\nedge0/dev0,0,50\n")
+    numbers = np.array([fleet.device_number(i) for i in ("edge1/dev0", "edge1/dev1", "edge1/dev2")])
+    got = sample_online(fleet, 0, 0, 10.0, 5, np.random.default_rng(0), numbers=numbers)
+    assert [fleet.devices[int(n)].id for n in got] == ["edge1/dev0", "edge1/dev2"]

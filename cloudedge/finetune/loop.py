@@ -429,8 +429,7 @@ class HierFinetune:
         if isinstance(devices, DeviceSeq):
             chosen = sample_online(fleet, devices.lo, devices.hi, t0, want, rng)
         else:
-            numbers = self._numbers(devices)
-            chosen = numbers[sample_online(fleet, 0, len(numbers), t0, want, rng)] if len(numbers) else numbers
+            chosen = sample_online(fleet, 0, 0, t0, want, rng, numbers=self._numbers(devices))
         return [fleet.device(int(n)) for n in chosen]
 
     def _numbers(self, devices: Sequence[Node]) -> np.ndarray:

@@ -385,16 +385,19 @@ def online_until(fleet: Any, number: int, t: float) -> float:
     return model.online_until(number, fleet.base_profile(number).name, t)
 
 
-def sample_online(fleet: Any, lo: int, hi: int, t: float, want: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``want`` devices drawn uniformly among those numbered ``lo .. hi-1`` that are online at
-    ``t``, without looking at the others: candidates are drawn at random and checked, in growing
-    batches, until ``want`` are online or every device was checked. Sorted device numbers."""
-    pool = hi - lo
+def sample_online(fleet: Any, lo: int, hi: int, t: float, want: int, rng: np.random.Generator,
+                  numbers: np.ndarray | None = None) -> np.ndarray:
+    """Up to ``want`` devices drawn uniformly among those numbered ``lo .. hi-1`` (or among
+    ``numbers``, when given) that are online at ``t``, without looking at the others: candidates are
+    drawn at random and checked, in growing batches, until ``want`` are online or every device was
+    checked. Sorted device numbers."""
+    pool = hi - lo if numbers is None else len(numbers)
     if pool <= 0 or want <= 0:
         return np.zeros(0, dtype=np.int64)
     m = min(pool, 4 * want)
     while True:
-        cand = lo + rng.choice(pool, size=m, replace=False)
+        picked = rng.choice(pool, size=m, replace=False)
+        cand = lo + picked if numbers is None else np.asarray(numbers, dtype=np.int64)[picked]
         online = cand[online_mask(fleet, cand, t, rng)]
         if len(online) >= want or m == pool:
             return np.sort(online[:want])
