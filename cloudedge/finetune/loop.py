@@ -61,11 +61,12 @@ from cloudedge.finetune.reliability import (
     robust_delta,
     stale_weight,
 )
+from cloudedge.finetune.selection import keep_first, select_devices
 from cloudedge.finetune.sync import DeviceObs, DeviceStats, EdgeObs, EdgeRoundStats, SyncPolicy, make_policy
 from cloudedge.finetune.workers import FinetuneWorker
-from cloudedge.fleet import Fleet, VirtualClock, available_nodes, transfer_seconds
-from cloudedge.fleet.topology import DeviceSeq, Node
-from cloudedge.fleet.traces import online_count, online_mask, online_until, sample_online
+from cloudedge.fleet import Fleet, VirtualClock, transfer_seconds
+from cloudedge.fleet.topology import Node
+from cloudedge.fleet.traces import online_count, online_until
 from cloudedge.perf import stage_peak_size, utilization_fields
 
 Tensors = dict[str, torch.Tensor]
@@ -407,36 +408,6 @@ class HierFinetune:
         comm = (self._link_s(agg, dev, down_bytes) + self._link_s(dev, agg, up_bytes))
         return DeviceObs(dev.id, self._step_s(dev), comm, self._n(dev.id))
 
-    def _select(self, agg_id: str, devices: Sequence[Node], t0: float, rng: np.random.Generator) -> list[Node]:
-        """The devices that take part in a round starting at ``t0`` (docs/reliability.md, "Selection").
-
-        Without a goal: the available ones (Bernoulli: one draw each, as always; a trace: those
-        online at ``t0``), then a ``participation`` share. With a goal: ``goal x over_selection``
-        drawn among those online at ``t0``, looking only at the candidates drawn."""
-        fleet = self.fleet
-        if self.s.goal is None:
-            if fleet.availability.kind == "bernoulli":
-                avail = available_nodes(devices, rng)
-            else:
-                numbers = self._numbers(devices)
-                avail = [fleet.device(int(n)) for n in numbers[online_mask(fleet, numbers, t0, rng)]]
-            if self.s.participation < 1.0 and avail:
-                k = max(1, round(self.s.participation * len(avail)))
-                pick = sorted(rng.choice(len(avail), size=k, replace=False).tolist())
-                avail = [avail[i] for i in pick]
-            return avail
-        want = math.ceil(self.s.goal * self.s.over_selection)
-        if isinstance(devices, DeviceSeq):
-            chosen = sample_online(fleet, devices.lo, devices.hi, t0, want, rng)
-        else:
-            chosen = sample_online(fleet, 0, 0, t0, want, rng, numbers=self._numbers(devices))
-        return [fleet.device(int(n)) for n in chosen]
-
-    def _numbers(self, devices: Sequence[Node]) -> np.ndarray:
-        if isinstance(devices, DeviceSeq):
-            return np.arange(devices.lo, devices.hi, dtype=np.int64)
-        return np.array([self.fleet.device_number(d.id) for d in devices], dtype=np.int64)
-
     def _link_s(self, src: Node, dst: Node, nbytes: int) -> float:
         """Expected seconds of one message (two-tier device <-> cloud: two hops via the edge)."""
         if self.policy.two_tier and {src.tier, dst.tier} == {"device", "cloud"}:
@@ -499,7 +470,8 @@ class HierFinetune:
         """Everything an edge round decides before its devices train: who takes part, with how
         many steps and from which model; who drops out or cannot make the deadline (charged now)."""
         agg = self.fleet.nodes[agg_id]
-        avail = self._select(agg_id, devices, t0, self._rng(agg_id))
+        avail = select_devices(self.fleet, devices, t0, self._rng(agg_id), self.s.goal, self.s.over_selection,
+                               self.s.participation)
         version = self.agg_rounds.get(agg_id, 0)
         self.agg_rounds[agg_id] = version + 1
         received, down_bytes = self._send_state(state)
@@ -543,7 +515,7 @@ class HierFinetune:
                 plan.timed_out.append(dev.id)
             else:
                 plan.planned.append(_Planned(dev, steps, flops, begin, start, staleness, arrive))
-        self._keep_first(plan)
+        plan.planned, plan.surplus = keep_first(plan.planned, self.s.goal, self.clock)
         for p in plan.planned:
             n = self.train_count.get(p.dev.id, 0)
             self.train_count[p.dev.id] = n + 1
@@ -561,22 +533,6 @@ class HierFinetune:
                 self._registered.add(p.dev.id)
             plan.tasks.append(Task(p.dev.id, "train", kw, release=True))
         return plan
-
-    def _keep_first(self, plan: _EdgeRoundPlan) -> None:
-        """Over-selection: of the devices that will deliver, keep the first ``goal`` by expected
-        arrival; the edge cancels the others when the last kept update is due (their work up to
-        then is charged; counted as ``surplus``)."""
-        goal = self.s.goal
-        if goal is None or len(plan.planned) <= goal:
-            return
-        order = sorted(plan.planned, key=lambda p: (p.arrive, p.dev.index))
-        kept, extra = order[:goal], order[goal:]
-        t_cut = kept[-1].arrive
-        for p in extra:
-            self.clock.compute(p.dev.id, min(p.flops, max(0.0, t_cut - p.begin) * p.dev.profile.flops), start=p.begin)
-        kept_ids = {id(p) for p in kept}
-        plan.planned = [p for p in plan.planned if id(p) in kept_ids]
-        plan.surplus = len(extra)
 
     def _finish_edge_round(self, plan: _EdgeRoundPlan, results: list[Any]) -> tuple[Tensors, float, dict]:
         """What arrives from the devices that trained: the clock, the gate, the aggregate, the policy."""
