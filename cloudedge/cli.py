@@ -117,6 +117,31 @@ def fleet(config: ConfigArg, limit: Annotated[int, typer.Option(help="rows shown
     console.print(fleet_table(cfg, limit=limit))
 
 
+@app.command("fedscale-trace")
+def fedscale_trace(
+    kind: Annotated[str, typer.Argument(help="behave (availability) | capacity (speed)")],
+    source: Annotated[Path, typer.Argument(help="FedScale trace converted to JSON (never a pickle)")],
+    dest: Annotated[Path, typer.Argument(help="CSV to write: a fleet.availability / fleet.speed file")],
+    config: Annotated[Path, typer.Option("--config", help="the run config whose fleet the clients map onto")],
+    horizon_s: Annotated[float, typer.Option("--horizon-s", help="behave: unroll the periodic trace this far")] = 604800.0,
+) -> None:
+    """Convert a FedScale device trace (JSON) to cloudedge's CSV (docs/profiles.md, "FedScale traces")."""
+    from cloudedge.fleet import Fleet
+    from cloudedge.fleet.fedscale import behave_to_rows, capacity_to_rows, write_csv
+
+    cfg = _load(config, None, None)
+    fleet_obj = Fleet.from_config(cfg.fleet, cfg.seed)
+    ids = [d.id for d in fleet_obj.devices]
+    if kind == "behave":
+        text = write_csv(behave_to_rows(source, ids, horizon_s), ("device", "start_s", "end_s"))
+    elif kind == "capacity":
+        text = write_csv(capacity_to_rows(source, ids), ("device", "compute_scale", "uplink_scale", "downlink_scale"))
+    else:
+        raise InputError(f"fedscale-trace: unknown kind {kind!r} (known: behave, capacity)")
+    dest.write_text(text)
+    console.print(f"wrote {dest} ({text.count(chr(10)) - 1} rows)")
+
+
 @app.command()
 def demo(out: OutOpt = None, quick: Annotated[bool, typer.Option("--quick", help="the short version (< 3 min)")] = False,
          config: Annotated[Path | None, typer.Option("--config", help="demo config (default: bundled demo.yaml)")] = None,

@@ -137,6 +137,20 @@ class Engine(ABC):
     def release(self, worker_id: str) -> None:
         """Drop a worker's live object (it is rebuilt from its spec on next use)."""
 
+    def has_worker(self, worker_id: str) -> bool:
+        """Whether a worker is registered under ``worker_id``."""
+        return worker_id in getattr(self, "_specs", {})
+
+    def worker_ids(self) -> set[str]:
+        """The ids registered now."""
+        return set(getattr(self, "_specs", {}))
+
+    def unregister(self, worker_id: str) -> None:
+        """Forget a worker: its live object and its spec (data included). Stages that register
+        devices only when they are sampled call it after their round, so the engine holds what
+        one round's devices hold, not the fleet's (docs/performance.md, "Scale")."""
+        self.release(worker_id)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free everything the engine holds."""
 

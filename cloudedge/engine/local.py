@@ -71,6 +71,14 @@ class LocalEngine(Engine):
     def release(self, worker_id: str) -> None:
         self._live.pop(worker_id, None)
 
+    def unregister(self, worker_id: str) -> None:
+        self._live.pop(worker_id, None)
+        self._specs.pop(worker_id, None)
+
+    @property
+    def registered_workers(self) -> int:
+        return len(self._specs)
+
     @property
     def live_workers(self) -> int:
         return len(self._live)

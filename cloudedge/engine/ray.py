@@ -51,6 +51,9 @@ class WorkerHost:
     def release(self, worker_id: str) -> None:
         self.local.release(worker_id)
 
+    def unregister(self, worker_id: str) -> None:
+        self.local.unregister(worker_id)
+
     def run(self, tasks: list[Task]) -> list[Any]:
         out: list[Any] = []
         for task in tasks:
@@ -150,6 +153,12 @@ class RayEngine(Engine):
         host = host_of(worker_id)
         if host in self._hosts:
             self._hosts[host].release.remote(worker_id)
+
+    def unregister(self, worker_id: str) -> None:
+        self._specs.pop(worker_id, None)
+        host = host_of(worker_id)
+        if host in self._hosts:
+            self._hosts[host].unregister.remote(worker_id)
 
     def _dispatch(self, tasks: list[Task]) -> list[Any | WorkerError]:
         by_host: dict[str, list[int]] = defaultdict(list)

@@ -43,6 +43,8 @@ def _text_tensors(ds: Any, max_len: int) -> dict[str, torch.Tensor]:
 def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Tensor] | None = None) -> TaskData:
     """Data per device (the config's partition over the fleet's devices) and the model spec."""
     from cloudedge.data import build_dataset, partition
+    from cloudedge.data.partition import partition_view
+    from cloudedge.finetune.devicedata import LazyDeviceData
 
     data_cfg: DataConfig = cfg.stage_data(STAGE)
     model_cfg: ModelConfig = cfg.stage_model(STAGE)
@@ -66,12 +68,21 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         labels = train.y.numpy()
     devices = fleet.devices
     part = data_cfg.partition
-    shards = partition(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
-                       domains=getattr(train, "domains", None), min_samples=max(1, part.min_samples),
-                       weights=[d.data_share for d in devices])
     train_t = to_tensors(train)
-    device_data = {d.id: {k: v[torch.as_tensor(idx, dtype=torch.long)] for k, v in train_t.items()}
-                   for d, idx in zip(devices, shards, strict=True)}
+    device_data: Any
+    if part.kind in ("iid", "quantity"):
+        # One permutation and cut points; a device's tensors are cut when it is sampled, and
+        # dropped after its round (docs/performance.md, "Scale").
+        view = partition_view(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
+                              min_samples=max(1, part.min_samples), weights=fleet.data_shares())
+        device_data = LazyDeviceData(fleet, lambda i: {k: v[torch.as_tensor(view.indices(i), dtype=torch.long)]
+                                                       for k, v in train_t.items()}, view.sizes)
+    else:
+        shards = partition(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
+                           domains=getattr(train, "domains", None), min_samples=max(1, part.min_samples),
+                           weights=fleet.data_shares())
+        device_data = {d.id: {k: v[torch.as_tensor(idx, dtype=torch.long)] for k, v in train_t.items()}
+                       for d, idx in zip(devices, shards, strict=True)}
     if base_tensors is None and fcfg.init:
         from cloudedge.models import resolve_path
 
@@ -128,7 +139,7 @@ def settings_from_config(cfg: RunConfig, policy: str | None = None) -> FinetuneS
         checkpoint_every=f.checkpoint_every, seed=cfg.seed,
         robust=f.robust.model_dump(), attack=None if f.attack is None else f.attack.model_dump(),
         churn=f.churn.model_dump(), privacy=None if f.privacy is None else f.privacy.model_dump(),
-        memory_fraction=f.memory_fraction)
+        memory_fraction=f.memory_fraction, goal=f.selection.goal, over_selection=f.selection.over_selection)
 
 
 @dataclass

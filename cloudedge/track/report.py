@@ -17,7 +17,7 @@ import yaml
 
 from cloudedge.checkpoint import atomic_write_text
 from cloudedge.errors import InputError
-from cloudedge.track.plots import curve_plots, shift_bars
+from cloudedge.track.plots import availability_plot, curve_plots, shift_bars
 from cloudedge.track.run import read_metrics
 from cloudedge.track.units import BEST_MARK, format_value, method_table
 
@@ -106,6 +106,9 @@ def build_blocks(run_dir: Path) -> list[Block]:
     bars = shift_bars(rows, run_dir / "plots")
     if bars is not None:
         plots.append(bars)
+    online = availability_plot(rows, run_dir / "plots")
+    if online is not None:
+        plots.append(online)
     if plots:
         blocks.append(Block("heading", "Plots"))
         for p in plots:
