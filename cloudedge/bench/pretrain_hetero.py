@@ -59,7 +59,7 @@ CHARGED_SEQ_LEN = 512  # tokens per charged sequence: one trained 32-byte sequen
 GLOBAL_BATCH = {"compute": 128, "wan": 64}  # sequences per step: 65,536 / 32,768 charged tokens
 GRID_POINTS = 40  # the common evaluation grid: budget x k / GRID_POINTS, k = 1 .. GRID_POINTS
 EVAL_SEQUENCES = 512  # held-out sequences every model is scored on
-ROUNDS = {"compute": 8, "wan": 6}  # sync-uniform's rounds (its budget), quick; the full run does 3x
+ROUNDS = {"compute": 8, "wan": 6}  # sync-uniform's rounds (its budget), quick; the full run does 2x
 MAX_ROUNDS_FACTOR = 60  # safety: no method runs more than this many times the baseline's rounds
 FAST_LINK = {"uplink_Bps": 5e10, "downlink_Bps": 5e10, "latency_s": 0.001}  # 400 Gbit/s, 1 ms
 REGIMES = ("compute", "wan")
@@ -115,8 +115,7 @@ def bench_config(quick: bool, size: str = "tiny", device: str = "cpu", precision
         **({} if big else {"clock": {"charge_as": CHARGE_AS, "seq_len": CHARGED_SEQ_LEN}}),
         "data": {"source": "pydocs", "max_docs": 600 if quick else 2000, "partition": {"kind": "domain"},
                  "test_fraction": 0.1},
-        "model": GPT_100M if big else {"kind": "gpt", "hidden": 32 if quick else 64, "layers": 2, "heads": 2,
-                                       "context": 32},
+        "model": GPT_100M if big else {"kind": "gpt", "hidden": 32, "layers": 2, "heads": 2, "context": 32},
         "pretrain": {"task": "lm", "rounds": ROUNDS[regime], "global_batch": GLOBAL_BATCH[regime], "local_steps": 8,
                      "lr": 6e-4 if big else 3e-3, "outer_lr": 0.7, "eval_every": 1, "eval_samples": EVAL_SEQUENCES,
                      "checkpoint_every": 100_000, "device": device, "precision": precision},
@@ -156,7 +155,7 @@ def run(quick: bool, out_dir: Path | None, *, size: str = "tiny", device: str = 
 
     ``size``: ``tiny`` (default) or ``gpt-100m``; ``device`` / ``precision``: the ``pretrain``
     fields of the same names; ``rounds``: sync-uniform's rounds in every regime (default
-    ``ROUNDS``, 3x without ``quick``); ``seeds``: 3 quick, 5 full.
+    ``ROUNDS``, 2x without ``quick``); ``seeds``: 3 quick, 5 full.
     """
     seeds = seeds if seeds is not None else (3 if quick else 5)
     if seeds < 1:
@@ -180,7 +179,7 @@ def run(quick: bool, out_dir: Path | None, *, size: str = "tiny", device: str = 
             if not any(m in names for m in wanted):
                 continue
             raw = bench_config(quick, size, device, precision, regime)
-            n_rounds = rounds or ROUNDS[regime] * (1 if quick else 3)
+            n_rounds = rounds or ROUNDS[regime] * (1 if quick else 2)
             per_seed = [_run_regime(raw, regime, seed, wanted, n_rounds) for seed in range(seeds)]
             regimes[regime] = _regime_summary(raw, per_seed, n_rounds)
             for name in wanted:
