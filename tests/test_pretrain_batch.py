@@ -252,3 +252,18 @@ def test_goodput_time_model_counts_the_floor_and_the_caps_it_applies() -> None:
     capped = [WorkerInfo(w.worker_id, 1.0, 8, samples=w.samples, sample_s=w.sample_s) for w in infos]
     dealt_c, t_c = GoodputController(64, data_floor=0.0).round_time(64, capped)
     assert dealt_c == pytest.approx(16) and t_c == pytest.approx(8 * 0.1)  # both at their memory cap
+
+
+def test_controller_knobs_are_checked_when_the_config_loads() -> None:
+    from cloudedge.config import config_from_dict
+
+    def load(controller: str, args: dict) -> None:
+        config_from_dict({"name": "x", "pretrain": {"controller": controller, "controller_args": args}}, source="c.yaml")
+
+    load("reweighted", {"memory_cap": 0.0})
+    with pytest.raises(InputError, match=r"c.yaml.*controller_args.data_floor"):
+        load("reweighted", {"data_floor": 0.5})
+    with pytest.raises(InputError, match=r"c.yaml.*controller_args.*'episode'"):
+        load("learned", {"episode": 10})
+    with pytest.raises(InputError, match=r"c.yaml.*controller_args.episodes"):
+        load("learned", {"episodes": -1})

@@ -81,4 +81,12 @@ class PretrainConfig(StrictModel):
             raise ValueError("workers: name at least one tier")
         if len(set(self.workers)) != len(self.workers):
             raise ValueError("workers: a tier is named twice")
+        # The controller's knobs are checked when the config loads (names and ranges), not mid-run.
+        from cloudedge.errors import InputError
+        from cloudedge.pretrain.batch import get_controller
+
+        try:
+            get_controller(self.controller, self.global_batch, **self.controller_args)
+        except InputError as err:
+            raise ValueError(str(err).removeprefix("pretrain.")) from None
         return self
