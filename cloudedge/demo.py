@@ -150,6 +150,7 @@ def _stage_pretrain(cfg: RunConfig, run, engine, plan: DemoPlan, console: Consol
     models = {}
     grids: dict[str, list[float | None]] = {}
     budget: float | None = None
+    cost_model: dict[str, Any] | None = None
     for name, overrides in plan.pretrain_methods:
         console.print(f"[bold]pre-train[/bold] {name} ...")
         limit = ({"rounds": plan.pretrain_rounds} if budget is None
@@ -157,6 +158,7 @@ def _stage_pretrain(cfg: RunConfig, run, engine, plan: DemoPlan, console: Consol
         res = pretrain(cfg, run, engine, method=name, eval_every=1, checkpoint_every=plan.pretrain_rounds,
                        **limit, **overrides)
         budget = budget or res.summary["virtual_time_s"]
+        cost_model = cost_model or res.summary.get("cost_model")
         grids[name] = grid_losses(res.metrics, budget)
         methods[name] = {k: res.summary.get(k) for k in ("virtual_time_s", "bytes_total", "energy_j", "utilization",
                                                           "mean_batch_per_step", "rounds")}
@@ -173,7 +175,7 @@ def _stage_pretrain(cfg: RunConfig, run, engine, plan: DemoPlan, console: Consol
     model_dir = (run.path / "models" / "clip").resolve()  # later stages resolve paths against the config
     save_local(models[best], model_dir)
     return {"methods": methods, "target_val_loss": target, "budget_s": budget, "grid_points": GRID_POINTS,
-            "charged_as": plan.pretrain_charge_as, "carried_forward": best, "model_dir": str(model_dir),
+            "charged_as": plan.pretrain_charge_as, "cost_model": cost_model, "carried_forward": best, "model_dir": str(model_dir),
             "task": "clip contrastive pre-training on digit image-caption pairs, cloud + edge servers"}
 
 
