@@ -197,10 +197,13 @@ def load_or_train(ctl: LearnedController, workers: list[WorkerInfo]) -> tuple[li
             return [float(x) for x in json.load(f)["curve"]], True
     curve = train_offline(ctl, workers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in ctl.policy.state_dict().items()}, str(tmp))
-    with open(path.with_suffix(".json"), "w") as f:
+    # Each file is written whole and renamed into place (the curve first: a policy file means both
+    # are there), so a concurrent run never reads half of either.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
         json.dump({"curve": curve, "episodes": ctl.episodes, "workers": [w.worker_id for w in workers]}, f)
+    os.replace(tmp, path.with_suffix(".json"))
+    save_file({k: v.detach().contiguous() for k, v in ctl.policy.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
     return curve, False
 
