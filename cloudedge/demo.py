@@ -42,24 +42,31 @@ def default_demo_config() -> Path:
 class DemoPlan:
     """How much work each stage does. The full plan stays under 10 minutes on 2 cores, quick under 3."""
 
-    pretrain_rounds: int
+    pretrain_rounds: int  # sync-uniform's rounds: its virtual end time is every method's budget
     pretrain_methods: tuple[tuple[str, dict[str, Any]], ...]
     ood_rounds: int
     finetune_budget_s: float
     finetune_policies: tuple[str, ...]
     adapt_methods: tuple[str, ...]
     adapt_samples: int
+    pretrain_charge_as: str = "clip-vit-b16"  # the clock charges pre-training as this model (clock.charge_as)
 
     @classmethod
     def make(cls, quick: bool) -> DemoPlan:
+        # The pretrain-hetero rules at demo size (docs/pretraining.md): sync-uniform first (it sets
+        # the budget and the target); batches follow speed with data-share weights (`reweighted`),
+        # micro-batches accumulate above a node's memory cap.
+        accumulate = {"memory_cap": 0.0}
         methods: list[tuple[str, dict[str, Any]]] = [
             ("sync-uniform", {"algorithm": "sync", "controller": "uniform"}),
-            ("sync-proportional", {"algorithm": "sync", "controller": "proportional"}),
-            # DiLoCo-style: 4 local AdamW steps per round, Nesterov outer step; proportional batches.
-            ("local-proportional", {"algorithm": "local", "controller": "proportional", "local_steps": 4}),
+            ("sync-reweighted", {"algorithm": "sync", "controller": "reweighted", "controller_args": accumulate}),
+            # DiLoCo: 4 local AdamW steps per round, Nesterov outer step; reweighted batches.
+            ("local-H4", {"algorithm": "local", "controller": "reweighted", "local_steps": 4,
+                          "controller_args": accumulate}),
         ]
         if not quick:
-            methods.append(("goodput", {"algorithm": "sync", "controller": "goodput"}))
+            methods.append(("goodput", {"algorithm": "sync", "controller": "goodput",
+                                        "controller_args": {**accumulate, "lr_power": 0.5}}))
         return cls(
             pretrain_rounds=40 if quick else 120,
             pretrain_methods=tuple(methods),
@@ -134,34 +141,44 @@ def run_demo(config: Path | None, out_dir: Path, quick: bool = False, overwrite:
 # --- stage 1: pre-training ----------------------------------------------------------------------
 
 def _stage_pretrain(cfg: RunConfig, run, engine, plan: DemoPlan, console: Console) -> dict[str, Any]:
+    """pretrain-hetero's rules at demo size: costs charged as ``plan.pretrain_charge_as``;
+    sync-uniform runs ``pretrain_rounds`` and its virtual end time is every other method's budget;
+    all are scored on one common grid of instants; the target is sync-uniform's loss at the budget."""
+    from cloudedge.bench.pretrain_hetero import GRID_POINTS, first_crossing, grid_losses
     from cloudedge.models import save_local
     from cloudedge.pretrain import pretrain
 
+    cfg = cfg.model_copy(update={"clock": cfg.clock.model_copy(update={"charge_as": plan.pretrain_charge_as})})
     methods: dict[str, dict[str, Any]] = {}
     models = {}
+    grids: dict[str, list[float | None]] = {}
+    budget: float | None = None
+    cost_model: dict[str, Any] | None = None
     for name, overrides in plan.pretrain_methods:
         console.print(f"[bold]pre-train[/bold] {name} ...")
-        res = pretrain(cfg, run, engine, method=name, rounds=plan.pretrain_rounds,
-                       eval_every=max(1, plan.pretrain_rounds // 10), checkpoint_every=plan.pretrain_rounds,
-                       **overrides)
-        methods[name] = {k: res.summary.get(k) for k in ("final_val_loss", "virtual_time_s", "bytes_total",
-                                                          "energy_j", "utilization", "mean_batch_per_step")}
-        methods[name]["rows"] = res.metrics
+        limit = ({"rounds": plan.pretrain_rounds} if budget is None
+                 else {"rounds": 50 * plan.pretrain_rounds, "time_budget_s": budget})
+        res = pretrain(cfg, run, engine, method=name, eval_every=1, checkpoint_every=plan.pretrain_rounds,
+                       **limit, **overrides)
+        budget = budget or res.summary["virtual_time_s"]
+        cost_model = cost_model or res.summary.get("cost_model")
+        grids[name] = grid_losses(res.metrics, budget)
+        methods[name] = {k: res.summary.get(k) for k in ("virtual_time_s", "bytes_total", "energy_j", "utilization",
+                                                          "mean_batch_per_step", "rounds")}
+        methods[name]["final_val_loss"] = grids[name][-1]  # at the budget
         models[name] = res.model
-    # The target is fixed from the baseline alone, before comparing: the validation loss sync-uniform
-    # ends its budget with. Speedup = the baseline's time to it / a method's time to it.
-    base_rows = [r for r in methods["sync-uniform"]["rows"] if r.get("val_loss") is not None]
-    target = base_rows[-1]["val_loss"] if base_rows else None
-    for m in methods.values():
-        rows = m.pop("rows")
-        m["time_to_target_s"] = (_time_to_target(rows, "val_loss", target, True, "virtual_time_s")
-                                 if target is not None else None)
-    # The model that goes on to fine-tuning and adaptation: the lowest final validation loss.
+    target = grids["sync-uniform"][-1]
+    base_t = first_crossing(grids["sync-uniform"], budget, target) if target is not None else None
+    for name, m in methods.items():
+        m["time_to_target_s"] = first_crossing(grids[name], budget, target) if target is not None else None
+        m["speedup"] = _ratio(base_t, m["time_to_target_s"])
+    # The model that goes on to fine-tuning and adaptation: the lowest validation loss at the budget.
     best = min(methods, key=lambda k: methods[k]["final_val_loss"] if methods[k]["final_val_loss"] is not None
                else float("inf"))
     model_dir = (run.path / "models" / "clip").resolve()  # later stages resolve paths against the config
     save_local(models[best], model_dir)
-    return {"methods": methods, "target_val_loss": target, "carried_forward": best, "model_dir": str(model_dir),
+    return {"methods": methods, "target_val_loss": target, "budget_s": budget, "grid_points": GRID_POINTS,
+            "charged_as": plan.pretrain_charge_as, "cost_model": cost_model, "carried_forward": best, "model_dir": str(model_dir),
             "task": "clip contrastive pre-training on digit image-caption pairs, cloud + edge servers"}
 
 

@@ -112,8 +112,14 @@ def _toy_round(plan_batches: dict[str, int], rates: dict[str, float]) -> tuple[l
     return obs, round_s, progress
 
 
+def _sim_fleet() -> list[WorkerInfo]:
+    """Two fast workers and two 100x slower ones, priors from the clock (seconds per sample)."""
+    return [WorkerInfo(w, 1.0, 10_000, samples=100, sample_s=s, overhead_s=0.01)
+            for w, s in (("w0", 0.01), ("w1", 0.01), ("w2", 1.0), ("w3", 1.0))]
+
+
 def test_learned_agent_plans_valid_actions() -> None:
-    ctl = LearnedController(32, seed=0)
+    ctl = LearnedController(32, seed=0, episodes=20, cache=False)
     workers = [*_workers((4, 64), (1.0, 2.0)), WorkerInfo("w2", 1.0, 8, available=False)]
     for r in range(5):
         plan = ctl.plan(r, workers)
@@ -121,35 +127,47 @@ def test_learned_agent_plans_valid_actions() -> None:
         assert all(isinstance(b, int) and b >= 1 for b in plan.batches.values())
         obs, round_s, _ = _toy_round(plan.batches, {"w0": 10.0, "w1": 20.0, "w2": 1.0})
         ctl.observe(r, obs, round_s, 5.0 - r * 0.1)
+    assert len(ctl.curve) == 20 and ctl.describe()["learning_curve"]["episodes"] == 20
 
 
-def test_learned_agent_learns_to_leave_out_stragglers_in_a_toy_bandit() -> None:
-    rates = {"w0": 100.0, "w1": 100.0, "w2": 2.0, "w3": 2.0}
-    workers = [WorkerInfo(w, r, 10_000) for w, r in rates.items()]
-    ctl = LearnedController(32, seed=1, lr=0.05, loss_smoothing=0.0, horizon=400)
-    loss, rewards = 10.0, []
-    for r in range(400):
-        plan = ctl.plan(r, workers)
-        obs, round_s, progress = _toy_round(plan.batches, rates)
-        loss -= progress
-        rewards.append(progress / round_s)
-        ctl.observe(r, obs, round_s, loss)
-    feats = ctl.features(400, workers)
-    probs = torch.softmax(ctl.policy(feats), dim=1).detach()
-    assert float(probs[2:, 0].mean()) > 0.7  # stragglers mostly sit out
-    assert np.mean(rewards[-50:]) > 10 * np.median(rewards[:10])  # first plans wait for stragglers
+def test_learned_agent_trained_offline_shrinks_stragglers_and_beats_uniform() -> None:
+    ctl = LearnedController(32, seed=1, lr=0.05, horizon=5, episodes=1000, noise_scale=8, cache=False)
+    workers = _sim_fleet()
+    ctl.prepare(workers)
+    curve = ctl.curve
+    assert len(curve) == 1000
+    # Returns are relative to uniform batches: it starts near them and ends well ahead.
+    assert np.mean(curve[-100:]) > 1.5 * np.mean(curve[:50]) and np.mean(curve[-100:]) > 1.5
+    plan = ctl.plan(0, workers)  # frozen, greedy
+    assert plan.batches.get("w2", 0) < plan.batches["w0"] and plan.batches.get("w3", 0) < plan.batches["w1"]
+
+
+def test_learned_policy_is_cached_by_its_setup(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = LearnedController(32, seed=2, horizon=3, episodes=30)
+    first.prepare(_sim_fleet())
+    assert not first.from_cache and len(list((tmp_path / "cloudedge" / "learned").glob("*.safetensors"))) == 1
+    again = LearnedController(32, seed=2, horizon=3, episodes=30)
+    again.prepare(_sim_fleet())
+    assert again.from_cache and again.curve == first.curve
+    for a, b in zip(first.policy.parameters(), again.policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    other = LearnedController(64, seed=2, horizon=3, episodes=30)  # another setup trains anew
+    other.prepare(_sim_fleet())
+    assert not other.from_cache and len(list((tmp_path / "cloudedge" / "learned").glob("*.safetensors"))) == 2
 
 
 def test_controller_state_round_trips() -> None:
-    ctl = LearnedController(32, seed=3)
+    ctl = LearnedController(32, seed=3, episodes=10, cache=False)
     workers = _workers((16, 16), (1.0, 3.0))
     for r in range(3):
         plan = ctl.plan(r, workers)
         obs, round_s, _ = _toy_round(plan.batches, {"w0": 10.0, "w1": 30.0})
         ctl.observe(r, obs, round_s, 5.0 - r)
     tensors, state = ctl.get_state()
-    twin = LearnedController(32, seed=99)
+    twin = LearnedController(32, seed=99, episodes=10, cache=False)
     twin.set_state({k: v.clone() for k, v in tensors.items()}, state)
+    assert twin.trained and twin.curve == ctl.curve
     assert [ctl.plan(3, workers).batches for _ in range(3)] == [twin.plan(3, workers).batches for _ in range(3)]
 
 
@@ -177,3 +195,75 @@ def test_data_floor_keeps_every_shard_in_the_objective():
     assert plan.global_batch == 100 and plan.batches["slow"] >= int(0.5 * 100 * 100 / 400)
     no_floor = ProportionalController(global_batch=100, data_floor=0.0).plan(0, infos)
     assert no_floor.batches.get("slow", 0) < plan.batches["slow"]
+
+
+def _non_iid_shards() -> tuple[list[WorkerInfo], dict[str, np.ndarray]]:
+    """Worker "slow" holds 300 samples around 0, "fast" 100 around 4: the full objective's mean is 1."""
+    rng = np.random.default_rng(0)
+    data = {"slow": rng.normal(0.0, 1.0, 300), "fast": rng.normal(4.0, 2.0, 100)}
+    infos = [WorkerInfo("slow", 1.0, 1000, samples=300, sample_s=0.1),
+             WorkerInfo("fast", 1.0, 1000, samples=100, sample_s=0.001)]
+    return infos, data
+
+
+def test_reweighted_gradient_is_unbiased_for_the_full_objective_and_its_variance_is_as_logged() -> None:
+    from cloudedge.pretrain.batch import ReweightedController
+
+    infos, data = _non_iid_shards()
+    plan = ReweightedController(64).plan(0, infos)
+    # Batches follow speed (100x faster takes almost all), yet the slow shard keeps its data share.
+    assert plan.batches["fast"] > 10 * plan.batches["slow"] >= 10 and plan.global_batch == 64
+    assert plan.weights == pytest.approx({"slow": 0.75, "fast": 0.25})
+    # Loss 0.5 (theta - x)^2 per sample: the gradient at theta = 0 is -mean(x) over the data.
+    full = -float(np.concatenate(list(data.values())).mean())
+    rng = np.random.default_rng(1)
+    draws = {w: rng.choice(x, size=(20_000, plan.batches[w])).mean(axis=1) for w, x in data.items()}
+    weighted = -sum(plan.weights[w] * draws[w] for w in data)
+    units = -sum(plan.batches[w] * draws[w] for w in data) / plan.global_batch
+    se = weighted.std() / np.sqrt(len(weighted))
+    assert abs(weighted.mean() - full) < 4 * se  # unbiased
+    assert abs(units.mean() - full) > 100 * se  # the union batch over-weights the fast shard
+    # Its variance is sum w_i^2 var_i / b_i; with equal per-sample variance that is var / effective_batch.
+    expected = sum(plan.weights[w] ** 2 * data[w].var() / plan.batches[w] for w in data)
+    assert weighted.var() == pytest.approx(expected, rel=0.05)
+    from cloudedge.pretrain.batch import effective_batch
+
+    assert plan.info["effective_batch"] == pytest.approx(effective_batch(plan.batches, plan.weights))
+    assert effective_batch({"a": 48, "b": 16}, {"a": 0.75, "b": 0.25}) == pytest.approx(64)  # b ~ w: no loss
+    assert plan.info["variance_inflation"] > 1
+
+
+def test_reweighted_rejects_a_data_floor() -> None:
+    with pytest.raises(InputError, match="controller_args.data_floor"):
+        get_controller("reweighted", 8, data_floor=0.5)
+
+
+def test_goodput_time_model_counts_the_floor_and_the_caps_it_applies() -> None:
+    infos, _ = _non_iid_shards()
+    floored = GoodputController(64, data_floor=0.5)
+    free = GoodputController(64, data_floor=0.0)
+    dealt_f, t_f = floored.round_time(64, infos)
+    dealt_n, t_n = free.round_time(64, infos)
+    # The floor holds the slow worker at 0.5 * 64 * 3/4 = 24 samples of 0.1 s: the round takes 2.4 s.
+    assert dealt_f == pytest.approx(64) and t_f == pytest.approx(24 * 0.1, rel=1e-6)
+    assert t_n < t_f / 5
+    split = floored.real_split(64.0, infos)
+    assert t_f == pytest.approx(max(split[w.worker_id] * w.sample_s for w in infos))
+    capped = [WorkerInfo(w.worker_id, 1.0, 8, samples=w.samples, sample_s=w.sample_s) for w in infos]
+    dealt_c, t_c = GoodputController(64, data_floor=0.0).round_time(64, capped)
+    assert dealt_c == pytest.approx(16) and t_c == pytest.approx(8 * 0.1)  # both at their memory cap
+
+
+def test_controller_knobs_are_checked_when_the_config_loads() -> None:
+    from cloudedge.config import config_from_dict
+
+    def load(controller: str, args: dict) -> None:
+        config_from_dict({"name": "x", "pretrain": {"controller": controller, "controller_args": args}}, source="c.yaml")
+
+    load("reweighted", {"memory_cap": 0.0})
+    with pytest.raises(InputError, match=r"c.yaml.*controller_args.data_floor"):
+        load("reweighted", {"data_floor": 0.5})
+    with pytest.raises(InputError, match=r"c.yaml.*controller_args.*'episode'"):
+        load("learned", {"episode": 10})
+    with pytest.raises(InputError, match=r"c.yaml.*controller_args.episodes"):
+        load("learned", {"episodes": -1})

@@ -257,3 +257,14 @@ def test_devices_hold_no_model_between_rounds() -> None:
     res = pretrain(_cfg("local", "uniform", rounds=2), engine=engine)
     assert res.metrics[-1]["participants"] == 5  # the cloud, the edge and its three phones trained
     assert engine.live_workers == 2  # only the cloud's and the edge's workers are still built
+
+
+def test_time_budget_stops_the_run_and_reweighted_logs_its_variance() -> None:
+    cfg = _cfg("sync", "reweighted")
+    full = pretrain(cfg, rounds=3)
+    budget = full.metrics[1]["virtual_time_s"]  # the end of round 1
+    cut = pretrain(cfg, rounds=50, time_budget_s=budget)
+    # Round 2 would start at the budget: it does not run, and what ran is the same as before.
+    assert [r["virtual_time_s"] for r in cut.metrics] == [r["virtual_time_s"] for r in full.metrics[:2]]
+    assert [r["val_loss"] for r in cut.metrics] == [r["val_loss"] for r in full.metrics[:2]]
+    assert all(r["ctl_variance_inflation"] >= 1 - 1e-9 and r["ctl_effective_batch"] > 0 for r in cut.metrics)

@@ -39,7 +39,7 @@ class PretrainConfig(StrictModel):
     fednova: bool = Field(default=True, description="local: normalize updates by local steps when they differ")
 
     # Batches.
-    controller: Literal["uniform", "proportional", "goodput", "learned"] = "uniform"
+    controller: Literal["uniform", "proportional", "reweighted", "goodput", "learned"] = "uniform"
     controller_args: dict[str, float] = Field(default_factory=dict)
     global_batch: int = Field(default=32, ge=1, description="samples per step over all workers (sequences for lm)")
     memory_fraction: float = Field(
@@ -47,6 +47,8 @@ class PretrainConfig(StrictModel):
 
     # Optimisation.
     rounds: int = Field(default=50, ge=1)
+    time_budget_s: float | None = Field(
+        default=None, gt=0, description="stop before a round that would start at or past this virtual time")
     optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="sync: the step; local: inner steps")
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
@@ -79,4 +81,12 @@ class PretrainConfig(StrictModel):
             raise ValueError("workers: name at least one tier")
         if len(set(self.workers)) != len(self.workers):
             raise ValueError("workers: a tier is named twice")
+        # The controller's knobs are checked when the config loads (names and ranges), not mid-run.
+        from cloudedge.errors import InputError
+        from cloudedge.pretrain.batch import get_controller
+
+        try:
+            get_controller(self.controller, self.global_batch, **self.controller_args)
+        except InputError as err:
+            raise ValueError(str(err).removeprefix("pretrain.")) from None
         return self

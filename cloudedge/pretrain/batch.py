@@ -9,7 +9,8 @@ Every controller has the same two verbs, called by the loop each round:
 
 ``get_state()/set_state()`` hand the controller's memory to checkpoints (tensors + JSON), so a
 resumed run decides exactly as an uninterrupted one. Controllers by name (``get_controller``):
-``uniform``, ``proportional``, ``goodput``, ``learned``. The exact rules are in docs/pretraining.md.
+``uniform``, ``proportional``, ``reweighted``, ``goodput``, ``learned``. The exact rules are in
+docs/pretraining.md.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class WorkerInfo:
     max_batch: int  # largest batch that fits in memory at once (more means gradient accumulation)
     available: bool = True
     samples: int | None = None  # size of the worker's data shard (None: unknown, no data floor)
+    # The clock's priors, before anything was measured (None: unknown): virtual seconds to train one
+    # sample, fixed seconds per round (broadcast + upload), and the chance of being reachable.
+    sample_s: float | None = None
+    overhead_s: float | None = None
+    availability: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,11 +63,17 @@ class Observation:
 
 @dataclass
 class Plan:
-    """A round's plan. ``batches`` holds participants only (batch >= 1)."""
+    """A round's plan. ``batches`` holds participants only (batch >= 1).
+
+    ``weights`` (optional): each participant's weight in the aggregate (they need not sum to 1; the
+    loop normalizes over the updates that arrive). None: weight by units (tokens or samples), the
+    gradient of the mean loss over the union of the batches.
+    """
 
     batches: dict[str, int]
     lr_scale: float = 1.0
     info: dict[str, float] = field(default_factory=dict)  # logged as is (e.g. noise scale)
+    weights: dict[str, float] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -123,6 +135,10 @@ class BatchController:
     def observe(self, round_idx: int, observations: list[Observation], round_s: float, train_loss: float) -> None:
         """Learn from a finished round. Default: nothing to learn."""
 
+    def describe(self) -> dict[str, Any]:
+        """What the controller reports in the run summary (default: its name)."""
+        return {"name": self.name}
+
     # Checkpointing: tensors (safetensors) and plain JSON state.
     def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {}
@@ -171,8 +187,11 @@ class ThroughputTracker:
             per_flop = float(np.median([self.rate[w.worker_id] / w.flops for w in measured]))
         else:
             per_flop = 1.0
-        rate = {w.worker_id: self.rate.get(w.worker_id, per_flop * w.flops) for w in workers}
-        overhead = {w.worker_id: self.overhead.get(w.worker_id, 0.0) for w in workers}
+        # A worker never measured: the clock's own prior when the loop gave one (seconds per sample
+        # and per step), else its profile FLOP/s scaled as above and no overhead.
+        rate = {w.worker_id: self.rate.get(w.worker_id, (1.0 / w.sample_s) if w.sample_s else per_flop * w.flops)
+                for w in workers}
+        overhead = {w.worker_id: self.overhead.get(w.worker_id, w.overhead_s or 0.0) for w in workers}
         return rate, overhead
 
 
@@ -246,8 +265,9 @@ class ProportionalController(BatchController):
         self.tracker = ThroughputTracker(smoothing)
         self.previous: dict[str, int] = {}
 
-    def split(self, total: int, workers: list[WorkerInfo]) -> dict[str, int]:
-        """The finish-together split of ``total`` over available ``workers`` (no dead band)."""
+    def real_split(self, total: float, workers: list[WorkerInfo]) -> dict[str, float]:
+        """Real-valued batches of ``total`` over available ``workers``: finish-together, with the data
+        floor and the memory caps applied (what :meth:`split` rounds; goodput's time model uses it)."""
         avail = [w for w in workers if w.available]
         rate, overhead = self.tracker.estimates(avail)
         n_total = sum(w.samples or 0 for w in avail)
@@ -258,6 +278,11 @@ class ProportionalController(BatchController):
             real = finish_together(float(total), rate, overhead)
         if self.memory_cap:
             real = cap_by_memory(real, {w.worker_id: w.max_batch for w in avail}, float(total))
+        return real
+
+    def split(self, total: int, workers: list[WorkerInfo]) -> dict[str, int]:
+        """The finish-together split of ``total`` over available ``workers`` (no dead band)."""
+        real = self.real_split(total, workers)
         total_now = min(total, int(round(sum(real.values())))) if real else total
         return split_integer(total_now, real, self.min_batch) if total_now > 0 else {}
 
@@ -283,6 +308,54 @@ class ProportionalController(BatchController):
         self.tracker.rate = {k: float(v) for k, v in state.get("rate", {}).items()}
         self.tracker.overhead = {k: float(v) for k, v in state.get("overhead", {}).items()}
         self.previous = {k: int(v) for k, v in state.get("previous", {}).items()}
+
+
+class ReweightedController(ProportionalController):
+    """Batches follow speed; each worker's gradient is weighted by its data share, not its batch.
+
+    Rule: every available worker with a shard gets b_i = max(min_batch, finish-together share of B)
+    (no data floor: a slow worker's batch may be a single sample), memory caps as ``proportional``;
+    the aggregate is g = sum_i p_i g_i with p_i = n_i / sum_j n_j over the round's available workers
+    (n_i its shard size) and g_i the mean gradient of its batch. Since E[g_i] is the gradient of
+    worker i's shard loss, E[g] is the gradient of the full objective (every shard at its size),
+    whatever the batches: the objective is kept without a floor, so the speed-up is not capped.
+
+    The price is variance: with per-sample variance s^2, Var(g) = sum_i p_i^2 s_i^2 / b_i instead of
+    s^2 / B for data-proportional batches; the plan logs ``effective_batch`` = 1 / sum_i p_i^2 / b_i
+    (B when b_i = p_i B, smaller otherwise) and ``variance_inflation`` = B / effective_batch.
+    """
+
+    name = "reweighted"
+
+    def __init__(self, global_batch: int, min_batch: int = 1, **kw: Any):
+        kw.setdefault("data_floor", 0.0)
+        super().__init__(global_batch, min_batch, **kw)
+        if self.data_floor > 0:
+            raise InputError("pretrain.controller_args.data_floor: 'reweighted' keeps every shard by its weights; "
+                             "it takes no data floor")
+
+    def real_split(self, total: float, workers: list[WorkerInfo]) -> dict[str, float]:
+        real = super().real_split(total, workers)
+        # A worker the water-filling left out still takes part, so its shard keeps its weight.
+        return {k: max(v, 1e-9) for k, v in real.items()}
+
+    def plan(self, round_idx: int, workers: list[WorkerInfo]) -> Plan:
+        plan = super().plan(round_idx, workers)
+        shares = {w.worker_id: float(w.samples or 0) for w in workers if w.worker_id in plan.batches}
+        if sum(shares.values()) <= 0:
+            return plan  # shard sizes unknown: the union-batch gradient, as `proportional`
+        total = sum(shares.values())
+        plan.weights = {k: v / total for k, v in shares.items()}
+        plan.info = {"effective_batch": effective_batch(plan.batches, plan.weights),
+                     "variance_inflation": plan.global_batch / effective_batch(plan.batches, plan.weights)}
+        return plan
+
+
+def effective_batch(batches: dict[str, int], weights: dict[str, float]) -> float:
+    """1 / sum_i w_i^2 / b_i (w normalized): the batch of i.i.d. samples whose mean has the variance
+    of the weighted aggregate sum_i w_i mean(batch_i), for equal per-sample variance."""
+    wsum = sum(weights[k] for k in batches)
+    return 1.0 / sum((weights[k] / wsum) ** 2 / batches[k] for k in batches if batches[k] > 0)
 
 
 def noise_regression(batches: list[int], sq_norms: list[float]) -> tuple[float, float] | None:
@@ -338,11 +411,16 @@ class GoodputController(ProportionalController):
         tr = max(self.trace, 0.0)
         return (tr / self.base_batch + self.g2) / (tr / batch + self.g2)
 
-    def round_time(self, total: int, workers: list[WorkerInfo]) -> float:
+    def round_time(self, total: int, workers: list[WorkerInfo]) -> tuple[float, float]:
+        """(batch actually dealt, round seconds) for a global batch ``total``: the split this
+        controller would deal (:meth:`real_split`: data floors and memory caps included, so a floor
+        that holds a slow worker at its share, or caps that shrink the batch, count), timed with
+        the measured rates and overheads."""
         avail = [w for w in workers if w.available]
         rate, overhead = self.tracker.estimates(avail)
-        b = finish_together(float(total), rate, overhead)
-        return max(b[k] / rate[k] + overhead[k] for k in b if b[k] > 0)
+        b = self.real_split(float(total), workers)
+        dealt = sum(b.values())
+        return dealt, max((b[k] / rate[k] + overhead[k] for k in b if b[k] > 0), default=math.inf)
 
     def choose_batch(self, workers: list[WorkerInfo]) -> int:
         bn = self.noise_scale
@@ -352,7 +430,8 @@ class GoodputController(ProportionalController):
         m0 = self.base_batch
 
         def goodput(m: int) -> float:
-            return m / self.round_time(int(m), workers) * (bn + m0) / (bn + m)
+            dealt, seconds = self.round_time(int(m), workers)
+            return dealt / seconds * (bn + m0) / (bn + dealt) if seconds > 0 else 0.0
 
         return int(max(grid, key=goodput))
 
@@ -400,147 +479,123 @@ class _PolicyNet(nn.Module):
 
 
 class LearnedController(BatchController):
-    """A policy-gradient agent that picks participants and per-worker batches every round.
+    """A policy-gradient agent that picks participants and per-worker batches; trained offline.
 
-    State (per worker, 5 features): log of its throughput relative to the fastest available worker;
-    its memory cap relative to the uniform share B/n (log, clipped); its fixed overhead relative to
-    the last round time; whether it took part last round; training progress (round / horizon).
-    Action (per worker): a level from ``levels`` (default 0, 0.5, 1, 2, 4) times the uniform share
-    B/n; level 0 means it sits out (at least the top-scored worker always takes part).
-    Reward: decrease of the (EMA-smoothed) training loss per virtual second of the round,
-    standardised by a running mean/std. Update: REINFORCE with the running-mean baseline, Adam.
-    A shared small MLP scores every worker, so the policy transfers across fleet sizes.
+    Before its first plan it trains on a simulator of the fleet it will control (the virtual
+    clock's cost model: ``cloudedge.pretrain.batch_rl``) for ``episodes`` episodes, or loads the
+    policy cached for the same setup; during the run it is frozen (greedy actions, no updates).
+
+    State (per available worker, 5 features): log of its throughput relative to the fastest
+    available worker; its memory cap relative to the uniform share B/n (log, clipped to +-3); its
+    fixed overhead relative to the last round time (0 before the first); whether it took part last
+    round; its shard's share of the available data times n (1 = an average shard).
+    Action (per worker): a level from ``levels`` (default 0, 0.25, 0.5, 1, 2, 4) times the uniform
+    share B/n; level 0 means it sits out (at least the top-scored worker always takes part).
+    Reward (per simulated episode): progress per virtual second, relative to uniform batches on the
+    same availability draws, where a round's progress is coverage x M / (M + B_noise) (M its global
+    batch, coverage the share of the available data whose workers took part, B_noise =
+    ``noise_scale``, default B). REINFORCE with a running-mean baseline, Adam.
+    A shared small MLP scores every worker, so the policy fits any fleet size.
     """
 
     name = "learned"
     N_FEATURES = 5
 
-    def __init__(self, global_batch: int, min_batch: int = 1, levels: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0),
-                 lr: float = 0.05, horizon: int = 100, seed: int = 0, hidden: int = 16,
-                 loss_smoothing: float = 0.5, **kw: Any):
+    def __init__(self, global_batch: int, min_batch: int = 1,
+                 levels: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0), lr: float = 0.02,
+                 horizon: int = 20, seed: int = 0, hidden: int = 16, episodes: int = 1000,
+                 noise_scale: float | None = None, cache: bool = True, **kw: Any):
         super().__init__(global_batch, min_batch, **kw)
+        if int(episodes) < 0:
+            raise InputError(f"pretrain.controller_args.episodes: must be >= 0, got {episodes}")
+        if noise_scale is not None and float(noise_scale) < 0:
+            raise InputError(f"pretrain.controller_args.noise_scale: must be >= 0, got {noise_scale}")
         self.levels = tuple(float(x) for x in levels)
-        self.horizon = max(1, int(horizon))
-        self.loss_smoothing = float(loss_smoothing)
-        gen_seed = int(seed)
+        self.sim_horizon = max(1, int(horizon))
+        self.episodes = int(episodes)
+        self.noise_scale = float(global_batch if noise_scale is None else noise_scale)
+        self.lr = float(lr)
+        self.hidden = int(hidden)
+        self.seed = int(seed)
+        self.cache = bool(cache)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(gen_seed)
-            self.policy = _PolicyNet(self.N_FEATURES, len(self.levels), hidden)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
-        self.generator = torch.Generator().manual_seed(gen_seed + 1)
+            torch.manual_seed(self.seed)
+            self.policy = _PolicyNet(self.N_FEATURES, len(self.levels), self.hidden)
+        self.trained = False
+        self.curve: list[float] = []
+        self.from_cache = False
         self.tracker = ThroughputTracker(0.5)
         self.last_round_s = 0.0
         self.last_participants: set[str] = set()
-        self.smoothed_loss: float | None = None
-        self.reward_mean, self.reward_var, self.reward_count = 0.0, 1.0, 0
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (features, actions) of last plan
 
-    def features(self, round_idx: int, workers: list[WorkerInfo]) -> torch.Tensor:
+    def features(self, workers: list[WorkerInfo]) -> torch.Tensor:
+        """The state of the available ``workers`` now (``batch_rl.state_features``, as in training)."""
+        from cloudedge.pretrain.batch_rl import state_features
+
         rate, overhead = self.tracker.estimates(workers)
-        top = max(rate.values())
-        share = self.global_batch / max(1, len(workers))
-        rows = []
-        for w in workers:
-            rows.append([
-                math.log(max(rate[w.worker_id], 1e-12) / top),
-                max(-3.0, min(3.0, math.log(max(w.max_batch, 1) / share))),
-                overhead[w.worker_id] / self.last_round_s if self.last_round_s > 0 else 0.0,
-                1.0 if w.worker_id in self.last_participants else 0.0,
-                min(1.0, round_idx / self.horizon),
-            ])
-        return torch.tensor(rows, dtype=torch.float32)
+        n = len(workers)
+        feats = state_features(
+            np.array([[rate[w.worker_id] for w in workers]]), np.array([w.max_batch for w in workers], dtype=float),
+            np.array([overhead[w.worker_id] for w in workers]), np.array([float(w.samples or 1) for w in workers]),
+            np.ones((1, n), dtype=bool), np.array([self.last_round_s]),
+            np.array([[w.worker_id in self.last_participants for w in workers]]), self.global_batch)
+        return torch.as_tensor(feats[0], dtype=torch.float32)
 
-    def act(self, feats: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        """Level index per worker (sampled, or argmax when ``greedy``); never everyone sitting out."""
-        with torch.no_grad():
-            logits = self.policy(feats)
-        if greedy:
-            actions = logits.argmax(dim=1)
+    def prepare(self, workers: list[WorkerInfo]) -> None:
+        """Train offline on the fleet of ``workers`` (all of them, with their availability), or load
+        the cached policy of the same setup. Called by the first :meth:`plan`."""
+        from cloudedge.pretrain.batch_rl import load_or_train, train_offline
+
+        if self.cache:
+            self.curve, self.from_cache = load_or_train(self, workers)
         else:
-            probs = torch.softmax(logits, dim=1)
-            actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
-        if bool((actions == 0).all()):
-            # The worker whose best non-zero level scores highest takes part at that level.
-            best = logits[:, 1:].max(dim=1)
-            i = int(best.values.argmax())
-            actions[i] = int(best.indices[i]) + 1
-        return actions
+            self.curve, self.from_cache = train_offline(self, workers), False
+        self.trained = True
 
     def plan(self, round_idx: int, workers: list[WorkerInfo]) -> Plan:
+        from cloudedge.pretrain.batch_rl import ensure_someone, level_batches
+
+        if not self.trained:
+            self.prepare(workers)
         avail = [w for w in workers if w.available]
-        feats = self.features(round_idx, avail)
-        actions = self.act(feats)
-        self._pending = (feats, actions)
-        share = self.global_batch / max(1, len(avail))
-        batches = {w.worker_id: max(self.min_batch, int(round(self.levels[int(a)] * share)))
-                   for w, a in zip(avail, actions.tolist(), strict=True) if self.levels[int(a)] > 0}
+        with torch.no_grad():
+            logits = self.policy(self.features(avail))[None]
+        mask = torch.ones(1, len(avail), dtype=torch.bool)
+        actions = ensure_someone(logits, logits.argmax(dim=2), mask)  # frozen: the greedy action
+        b = level_batches(np.array(self.levels), actions.numpy(), mask.numpy(), self.global_batch, self.min_batch)[0]
+        batches = {w.worker_id: int(x) for w, x in zip(avail, b, strict=True) if x > 0}
         return Plan(batches, info={"participants": float(len(batches))})
-
-    def reward(self, round_s: float, train_loss: float) -> float | None:
-        """Loss decrease per virtual second against the smoothed loss; None on the first round."""
-        prev = self.smoothed_loss
-        a = self.loss_smoothing
-        self.smoothed_loss = train_loss if prev is None else a * prev + (1 - a) * train_loss
-        if prev is None or round_s <= 0:
-            return None
-        return (prev - train_loss) / round_s
-
-    def learn(self, raw_reward: float) -> None:
-        """One REINFORCE step on the pending (features, actions) with a standardised reward."""
-        if self._pending is None:
-            return
-        self.reward_count += 1
-        delta = raw_reward - self.reward_mean
-        self.reward_mean += delta / self.reward_count
-        self.reward_var += (delta * (raw_reward - self.reward_mean) - self.reward_var) / self.reward_count
-        advantage = delta / math.sqrt(self.reward_var + 1e-12) if self.reward_count > 1 else 0.0
-        feats, actions = self._pending
-        logp = torch.log_softmax(self.policy(feats), dim=1).gather(1, actions[:, None]).sum()
-        self.optimizer.zero_grad()
-        (-advantage * logp).backward()
-        self.optimizer.step()
-        self._pending = None
 
     def observe(self, round_idx: int, observations: list[Observation], round_s: float, train_loss: float) -> None:
         self.tracker.update(observations)
         self.last_round_s = round_s
         self.last_participants = {o.worker_id for o in observations}
-        r = self.reward(round_s, train_loss)
-        if r is not None:
-            self.learn(r)
-        self._pending = None
+
+    def describe(self) -> dict[str, Any]:
+        from cloudedge.pretrain.batch_rl import describe_curve
+
+        return {"name": self.name, "episodes": self.episodes, "from_cache": self.from_cache,
+                "learning_curve": describe_curve(self.curve)}
 
     def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"policy.{k}": v.detach().clone() for k, v in self.policy.state_dict().items()}
-        tensors["generator"] = self.generator.get_state()
-        opt = self.optimizer.state_dict()
-        for pid, st in opt["state"].items():
-            for k, v in st.items():
-                tensors[f"adam.{pid}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
         state = {"rate": self.tracker.rate, "overhead": self.tracker.overhead, "last_round_s": self.last_round_s,
-                 "last_participants": sorted(self.last_participants), "smoothed_loss": self.smoothed_loss,
-                 "reward": [self.reward_mean, self.reward_var, self.reward_count],
-                 "adam_keys": {str(pid): sorted(st) for pid, st in opt["state"].items()}}
+                 "last_participants": sorted(self.last_participants), "trained": self.trained, "curve": self.curve}
         return tensors, state
 
     def set_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         self.policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
-        self.generator.set_state(tensors["generator"])
-        opt = self.optimizer.state_dict()
-        opt["state"] = {int(pid): {k: tensors[f"adam.{pid}.{k}"].clone() for k in keys}
-                        for pid, keys in state.get("adam_keys", {}).items()}
-        self.optimizer.load_state_dict(opt)
         self.tracker.rate = {k: float(v) for k, v in state.get("rate", {}).items()}
         self.tracker.overhead = {k: float(v) for k, v in state.get("overhead", {}).items()}
         self.last_round_s = float(state.get("last_round_s", 0.0))
         self.last_participants = set(state.get("last_participants", []))
-        self.smoothed_loss = state.get("smoothed_loss")
-        self.reward_mean, self.reward_var, count = state.get("reward", [0.0, 1.0, 0])
-        self.reward_count = int(count)
+        self.trained = bool(state.get("trained", False))
+        self.curve = [float(x) for x in state.get("curve", [])]
 
 
 CONTROLLERS: dict[str, type[BatchController]] = {
-    c.name: c for c in (UniformController, ProportionalController, GoodputController, LearnedController)
+    c.name: c for c in (UniformController, ProportionalController, ReweightedController, GoodputController,
+                         LearnedController)
 }
 
 

@@ -33,6 +33,7 @@ from cloudedge.device import PRECISIONS, resolve_device, to_device
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, Node, VirtualClock, available_nodes
+from cloudedge.fleet.clock import transfer_seconds
 from cloudedge.models.charge import cost_model_summary, resolve_charge
 from cloudedge.models.inputs import ImageSpec, check_images, convert_channels
 from cloudedge.perf import stage_peak_size, utilization_fields
@@ -219,7 +220,7 @@ def union_batch_gradient(grads: list[Tensors], units: list[int]) -> Tensors:
     return weighted_mean(grads, [float(u) for u in units])
 
 
-def fednova_delta(deltas: list[Tensors], units: list[int], steps: list[int]) -> Tensors:
+def fednova_delta(deltas: list[Tensors], units: list[float], steps: list[int]) -> Tensors:
     """FedNova: average per-step progress d_i = delta_i / tau_i, rescale by tau_eff = sum p_i tau_i.
 
     With equal step counts this is the plain unit-weighted mean of the deltas.
@@ -361,7 +362,6 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     ctl_args: dict[str, Any] = dict(pcfg.controller_args)
     if pcfg.controller == "learned":
         ctl_args.setdefault("seed", cfg.seed)
-        ctl_args.setdefault("horizon", pcfg.rounds)
     controller: BatchController = get_controller(pcfg.controller, pcfg.global_batch, **ctl_args)
     clock = VirtualClock(fleet)
     client_states: dict[str, Tensors] = {}
@@ -396,12 +396,24 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     param_nbytes = cost.message_bytes(pcfg.compression)
     charged_update_bytes = None if charge is None else cost.message_bytes(pcfg.compression)
     val_loss: float | None = rows[-1].get("val_loss") if rows else None
+    # The clock's priors for the controllers: seconds per sample, and a round's broadcast + upload
+    # (on idle links) per local step.
+    local_h = pcfg.local_steps if pcfg.algorithm == "local" else 1
+    cloud_profile = fleet.nodes[CLOUD_ID].profile
+    priors = {n.id: (flops_per_sample / n.profile.flops,
+                     0.0 if n.id == CLOUD_ID else (transfer_seconds(cloud_profile, n.profile, param_nbytes)
+                                                   + transfer_seconds(n.profile, cloud_profile, param_nbytes)) / local_h)
+              for n in workers}
 
     # --- rounds --------------------------------------------------------------------------------
     for r in range(start_round, pcfg.rounds):
+        if pcfg.time_budget_s is not None and clock.now >= pcfg.time_budget_s:
+            break  # the virtual-time budget is spent
         # 1. who is reachable, and the plan
         avail = {n.id for n in available_nodes(workers, np.random.default_rng([cfg.seed, 7, r]))}
-        infos = [WorkerInfo(n.id, n.profile.flops, caps[n.id], n.id in avail, samples=shard_sizes[n.id])
+        infos = [WorkerInfo(n.id, n.profile.flops, caps[n.id], n.id in avail, samples=shard_sizes[n.id],
+                            sample_s=priors[n.id][0], overhead_s=priors[n.id][1],
+                            availability=1.0 if n.id == CLOUD_ID else n.profile.availability)
                  for n in workers]
         plan: Plan = controller.plan(r, infos)
         if not plan.batches:
@@ -480,12 +492,15 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
             for g in optimizer.param_groups:
                 g["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        # The controller may weight each update by its own rule (reweighted: the worker's data
+        # share), else by units: the gradient of the mean loss over the union of the batches.
+        agg_w = ([float(plan.weights[w]) for w in ids] if plan.weights is not None else [float(u) for u in units])
         if pcfg.algorithm == "sync":
-            grad = union_batch_gradient(updates, units)
+            grad = weighted_mean(updates, agg_w) if plan.weights is not None else union_batch_gradient(updates, units)
         else:
             worker_steps = [int(res["steps"]) for res in results]
-            delta = (fednova_delta(updates, units, worker_steps) if pcfg.fednova
-                     else weighted_mean(updates, [float(u) for u in units]))
+            delta = (fednova_delta(updates, agg_w, worker_steps) if pcfg.fednova
+                     else weighted_mean(updates, agg_w))
             grad = {k: -v for k, v in delta.items()}  # pseudo-gradient: theta_old - theta_new
         for k, p in params.items():
             p.grad = grad[k].to(p.dtype)
@@ -542,6 +557,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     if own_engine:
         engine.close()
     summary = _summary(pcfg, method, rows, clock, totals, val_loss, excluded, len(workers))
+    summary["controller"] = controller.describe()
     summary["cost_model"] = cost_model_summary(trained_cost.describe(pcfg.compression),
                                                cost.describe(pcfg.compression) if charge else None, charge)
     if run_dir is not None:
