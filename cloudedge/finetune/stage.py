@@ -69,9 +69,17 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         labels = train.y.numpy()
     devices = fleet.devices
     part = data_cfg.partition
-    shards = partition(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
-                       domains=getattr(train, "domains", None), min_samples=max(1, part.min_samples),
-                       weights=[d.data_share for d in devices])
+    if part.edge_alpha is not None:  # label skew that differs by edge (docs/data.md)
+        from cloudedge.data import partition_by_edge
+
+        devices = [d for e in fleet.edges for d in fleet.devices_of(e.id)]
+        shards = partition_by_edge(labels, [len(fleet.devices_of(e.id)) for e in fleet.edges], part.edge_alpha,
+                                   cfg.seed, min_samples=max(1, part.min_samples),
+                                   weights=[d.data_share for d in devices])
+    else:
+        shards = partition(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
+                           domains=getattr(train, "domains", None), min_samples=max(1, part.min_samples),
+                           weights=[d.data_share for d in devices])
     train_t = to_tensors(train)
     device_data = {d.id: {k: v[torch.as_tensor(idx, dtype=torch.long)] for k, v in train_t.items()}
                    for d, idx in zip(devices, shards, strict=True)}
