@@ -136,6 +136,7 @@ def settings_from_config(cfg: RunConfig, policy: str | None = None) -> FinetuneS
         compression=f.compression, participation=f.participation, time_budget_s=f.time_budget_s,
         device=f.device,
         max_cloud_rounds=f.max_cloud_rounds, target_accuracy=f.target_accuracy, eval_max=f.eval_max,
+        eval_every_s=f.eval_every_s,
         checkpoint_every=f.checkpoint_every, seed=cfg.seed,
         robust=f.robust.model_dump(), attack=None if f.attack is None else f.attack.model_dump(),
         churn=f.churn.model_dump(), privacy=None if f.privacy is None else f.privacy.model_dump(),
