@@ -847,7 +847,7 @@ class HierFinetune:
     # --- results --------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        last = self.history[-1]
+        last = next(r for r in reversed(self.history) if "bytes_device_edge" in r)  # the last update row
         target = self.s.target_accuracy
         scored = [r for r in self.history if "acc" in r]  # grid mode: the grid rows
         hit = next((r["virtual_time_s"] for r in scored if target is not None and r["acc"] >= target), None)
