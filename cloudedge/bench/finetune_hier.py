@@ -59,23 +59,25 @@ def bench_settings(quick: bool) -> dict[str, Any]:
         "low_fraction": LOW_FRACTION,
         "central_steps": 1200,  # steps of the centralized reference
         "pretrain_rounds": 300 if quick else 600,
-        "time_budget_s": 20.0 if quick else 60.0,
-        "grid_points": 20 if quick else 30,
+        "time_budget_s": 30.0 if quick else 90.0,
+        "grid_points": 15 if quick else 30,
         "train_size": 4000 if quick else 8000,
         "test_size": 2000,
     }
 
 
-def bench_fleet() -> dict[str, Any]:
-    """The ``fleet`` section: one edge-server per :data:`EDGES` entry, its WAN link and devices."""
+def bench_fleet(devices_per_edge: int = 8) -> dict[str, Any]:
+    """The ``fleet`` section: one edge-server per :data:`EDGES` entry, its WAN link and devices
+    (``devices_per_edge`` of them, in the entry's AGX : Nano proportion; the demo uses 4)."""
     edges = []
     for e in EDGES:
+        agx = max(1, round(e["agx"] * devices_per_edge / (e["agx"] + e["nano"])))
         edges.append({
             "count": 1, "profile": "edge-server",
             "overrides": {"wan_uplink_Bps": e["wan_mbit"] * MBIT, "wan_downlink_Bps": e["wan_mbit"] * MBIT,
                           "wan_latency_s": e["wan_ms"] / 1000},
-            "devices": [{"count": int(e["agx"]), "profile": "jetson-orin", "overrides": WIFI},
-                        {"count": int(e["nano"]), "profile": "jetson-orin-nano", "overrides": WIFI}],
+            "devices": [{"count": agx, "profile": "jetson-orin", "overrides": WIFI},
+                        {"count": max(1, devices_per_edge - agx), "profile": "jetson-orin-nano", "overrides": WIFI}],
         })
     # Orin Nano 8 GB: half the AGX Orin's GPU (1,024 CUDA / 32 tensor cores vs 2,048 / 64) at about
     # half its clock (625 MHz vs 1.3 GHz): a quarter of its throughput; 8 GB shared memory.
@@ -86,14 +88,14 @@ def bench_fleet() -> dict[str, Any]:
 def bench_config(quick: bool) -> dict[str, Any]:
     """The run config (as a dict) every method shares; ``target_accuracy`` is set at run time."""
     b = bench_settings(quick)
+    regime = regime_sections(b["time_budget_s"], b["grid_points"])
     glyphs = {"classes": "digits", "train_size": b["train_size"], "test_size": b["test_size"]}
     return {
         "name": "finetune-hier",
         "seed": 0,
-        "fleet": bench_fleet(),
-        "clock": {"charge_as": "vit-b16"},
-        "data": {"source": "glyphs", "image_size": 28, "glyphs": glyphs,
-                 "partition": {"kind": "dirichlet", "edge_alpha": [e["alpha"] for e in EDGES], "min_samples": 8}},
+        "fleet": regime["fleet"],
+        "clock": regime["clock"],
+        "data": {"source": "glyphs", "image_size": 28, "glyphs": glyphs, "partition": regime["partition"]},
         "model": {"kind": "vit", "hidden": 64, "layers": 2, "heads": 4, "image_size": 28, "patch_size": 7,
                   "channels": 1},
         "pretrain": {
@@ -102,12 +104,23 @@ def bench_config(quick: bool) -> dict[str, Any]:
             "data": {"source": "glyphs", "image_size": 28, "test_fraction": 0.2,
                      "glyphs": {"classes": "letters", "train_size": 4000, "test_size": 500}},
         },
+        "finetune": regime["finetune"],
+    }
+
+
+def regime_sections(budget_s: float, grid_points: int, devices_per_edge: int = 8,
+                    charge_as: str = "vit-b16") -> dict[str, Any]:
+    """The regime as config sections to lay over a run config (the benchmark's, or the demo's
+    fine-tuning stage at demo size): fleet, charged model, per-edge skew, LoRA, sync, evaluation grid."""
+    return {
+        "fleet": bench_fleet(devices_per_edge),
+        "clock": {"charge_as": charge_as},
+        "partition": {"kind": "dirichlet", "edge_alpha": [e["alpha"] for e in EDGES], "min_samples": 8},
         "finetune": {
             "lora": {"rank": 8, "alpha": 16.0, "mode": "ffa"},  # default targets: query/value
             "sync": {"k1": 5, "k2": 2, "deadline_factor": 2.0, "max_steps": 20},
             "batch_size": 8, "optimizer": "adamw", "lr": 1e-2,
-            "time_budget_s": b["time_budget_s"], "max_cloud_rounds": 1000,
-            "eval_every_s": b["time_budget_s"] / b["grid_points"],
+            "time_budget_s": budget_s, "max_cloud_rounds": 1000, "eval_every_s": budget_s / grid_points,
         },
     }
 
