@@ -30,7 +30,7 @@ def _cfg(edges: list[dict], budget: float, eval_every: float | None, alpha: list
     return config_from_dict(raw)
 
 
-DEVICE = {"availability": 1.0, "latency_s": 0.001, "flops": 2e8, "uplink_Bps": 1e7, "downlink_Bps": 1e7}
+DEVICE = {"availability": 1.0, "latency_s": 0.001, "flops": 2e7, "uplink_Bps": 1e7, "downlink_Bps": 1e7}
 
 
 def _edge(wan_Bps: float) -> dict:
@@ -50,7 +50,7 @@ def _run(cfg, policy: str, target: float | None = None) -> HierFinetune:
 
 
 def test_every_policy_is_scored_at_the_same_instants():
-    cfg = _cfg([_edge(1e6), _edge(1e6)], budget=1.0, eval_every=0.25)
+    cfg = _cfg([_edge(1e6), _edge(1e6)], budget=0.4, eval_every=0.1)
     grids = {}
     for policy in ("fedavg2", "hierfavg", "autonomous"):
         loop = _run(cfg, policy, target=0.3)
@@ -65,13 +65,13 @@ def test_every_policy_is_scored_at_the_same_instants():
         first_update = min(r["virtual_time_s"] for r in updates if r["round"] > 0)
         early = [r["acc"] for r in grid if r["virtual_time_s"] < first_update]
         assert early and len(set(early)) == 1
-    assert grids["fedavg2"] == grids["hierfavg"] == grids["autonomous"] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert grids["fedavg2"] == grids["hierfavg"] == grids["autonomous"] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
 
 
 def test_autonomous_edges_behind_costlier_links_sync_less_often():
-    """A constructed case: two edges alike but for their WAN link (the second's is 300x slower,
+    """A constructed case: two edges alike but for their WAN link (the second's is 3,000x slower,
     so a sync costs it several edge rounds): the rule gives them different intervals, logged per edge."""
-    cfg = _cfg([_edge(3e7), _edge(1e5)], budget=3.0, eval_every=None)
+    cfg = _cfg([_edge(3e7), _edge(1e4)], budget=1.5, eval_every=None)
     loop = _run(cfg, "autonomous")
     k2 = fh.k2_by_edge(loop.history)
     fast, slow = [k for _, k in k2["edge0"]], [k for _, k in k2["edge1"]]
