@@ -44,6 +44,7 @@ from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
 from cloudedge.models.charge import resolve_charge
+from cloudedge.models.inputs import check_images, config_image_spec
 from cloudedge.track.run import RunDir
 from cloudedge.track.stage_run import run_stage_into
 
@@ -197,6 +198,20 @@ def build_streams(cfg: RunConfig, acfg: AdaptConfig, edge_ids: list[str]) -> tup
     return streams, train, list(test.classes)
 
 
+def check_stream_images(source: dict[str, Any], streams: list[Stream], data_cfg: Any) -> None:
+    """Before any edge is built: can the CLIP take these images (channels convert, size is fitted)?"""
+    path = Path(source["path"])
+    if path.is_dir():  # a HF directory's own config.json says what its vision tower takes
+        model_cfg = ModelConfig(kind="hf", path=str(path))
+    elif source.get("model_cfg"):
+        model_cfg = ModelConfig(**source["model_cfg"])
+    else:
+        return
+    spec = config_image_spec(model_cfg)
+    if spec is not None and streams:
+        check_images(streams[0].images.shape, spec, f"{STAGE}.data ({data_cfg.source}) for the CLIP at {path}")
+
+
 # ------------------------------------------------------------------------------------ the stage
 
 
@@ -238,6 +253,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
     wire = PromptWire(resolve_charge(cfg.clock), acfg.compression)  # prompt bytes as clock.charge_as's
     edge_ids = [e.id for e in fleet.edges]
     streams, source_split, classnames = build_streams(cfg, acfg, edge_ids)
+    check_stream_images(source, streams, acfg.data or cfg.data)
     for s in streams:
         engine.register(s.edge_id, WorkerSpec(AdaptWorker, {
             "edge_id": s.edge_id, "source": source, "method": acfg.method, "method_args": dict(acfg.method_args),

@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from cloudedge.config import config_from_dict
+from cloudedge.config.fleet import AvailabilitySpec
 from cloudedge.engine import LocalEngine
+from cloudedge.errors import InputError
 from cloudedge.finetune.loop import HierFinetune, TaskData
 from cloudedge.finetune.stage import prepare_task, settings_from_config
 from cloudedge.finetune.workers import FinetuneWorker
@@ -166,8 +168,15 @@ def k2_by_edge(history: list[dict[str, Any]]) -> dict[str, list[tuple[float, int
     return {e: [(round(t, 3), k) for t, k in zip(xs, ys, strict=True)] for e, (xs, ys) in sorted(series.items())}
 
 
-def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
-    """Run every method on the same setting; returns the results dict (also what the CLI writes)."""
+def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS, availability: str = "bernoulli",
+        diurnal_methods: tuple[str, ...] = ("hierfavg", "autonomous")) -> dict[str, Any]:
+    """Run every method on the same setting; returns the results dict (also what the CLI writes).
+
+    ``availability``: ``bernoulli`` (the profiles' per-round draws), ``diurnal`` (every method under
+    the bundled diurnal model instead) or ``both`` (the Bernoulli rows, plus ``diurnal_methods``
+    again under the diurnal model as rows ``NAME (diurnal)``; same data, base and target)."""
+    if availability not in ("bernoulli", "diurnal", "both"):
+        raise InputError(f"finetune-hier: availability must be bernoulli, diurnal or both, not {availability!r}")
     torch.set_num_threads(1)  # tiny models: one thread is faster than two contending ones
     b = bench_settings(quick)
     raw = bench_config(quick)
@@ -186,11 +195,16 @@ def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS) -> dict[
     low = round(b["low_fraction"] * central_acc, 4)
     results: dict[str, Any] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
-    for name in methods:
+    diurnal = Fleet.from_config(cfg.fleet.model_copy(update={"availability": AvailabilitySpec(kind="diurnal")}),
+                                cfg.seed)  # the same devices (ids, profiles, data) online by the diurnal model
+    runs = [(name, name, diurnal if availability == "diurnal" else fleet) for name in methods]
+    if availability == "both":
+        runs += [(f"{name} (diurnal)", name, diurnal) for name in diurnal_methods]
+    for label, name, run_fleet in runs:
         t2 = time.perf_counter()
         settings = settings_from_config(cfg, policy=name)
         settings.target_accuracy = target
-        loop = HierFinetune(fleet, task, settings, LocalEngine(copy=False, check=False), method=name)
+        loop = HierFinetune(run_fleet, task, settings, LocalEngine(copy=False, check=False), method=label)
         summary = loop.run()
         summary["wall_s"] = round(time.perf_counter() - t2, 2)
         curve = [(round(r["virtual_time_s"], 4), round(r["acc"], 4)) for r in loop.history if r.get("eval") == "grid"]
@@ -201,14 +215,19 @@ def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS) -> dict[
         if merges:  # asynchronous merges: how stale they were, how many the staleness rule discounted
             summary["staleness_max"] = max(r["staleness"] for r in merges)
             summary["merges_discounted"] = sum(r["staleness"] > len(fleet.edges) - 1 for r in merges)
-        results[name] = summary
-        histories[name] = loop.history
+        summary["availability"] = run_fleet.availability.kind
+        # Online devices at the cloud updates (the grid's score rows carry no device counts).
+        updates = [r for r in loop.history if "online_devices" in r]
+        summary["online_devices_mean"] = (sum(r["online_devices"] for r in updates) / len(updates)
+                                          if updates else None)
+        results[label] = summary
+        histories[label] = loop.history
     _plot(histories, out_dir)
     n_test = int(task.test_data["labels"].shape[0])
     return {
         "benchmark": "finetune-hier",
-        "config": {**raw, **b, "quick": quick, "devices": len(fleet.devices), "edges": len(fleet.edges),
-                   "edge_regime": list(EDGES), "lora_mode": ft.lora.mode,
+        "config": {**raw, **b, "quick": quick, "availability": availability, "devices": len(fleet.devices),
+                   "edges": len(fleet.edges), "edge_regime": list(EDGES), "lora_mode": ft.lora.mode,
                    "hardware": "virtual clock; real work on this machine's CPU"},
         "charged_model": next(iter(results.values()))["cost_model"] if results else None,
         "pretrain": {"wall_s": round(pretrain_s, 2), "final_val_loss": pre_summary.get("final_val_loss"),

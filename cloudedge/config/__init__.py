@@ -19,11 +19,12 @@ from cloudedge.config.fleet import DeviceGroup, EdgeSpec, FleetConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.config.pretrain import PretrainConfig
 from cloudedge.config.run import EngineConfig, RunConfig
+from cloudedge.config.track import TrackConfig
 from cloudedge.errors import InputError
 
 __all__ = [
     "AdaptConfig", "DataConfig", "DeviceGroup", "EdgeSpec", "EngineConfig", "FinetuneConfig",
-    "FleetConfig", "ModelConfig", "PartitionConfig", "PretrainConfig", "RunConfig",
+    "FleetConfig", "ModelConfig", "PartitionConfig", "PretrainConfig", "RunConfig", "TrackConfig",
     "format_validation_error", "load_config", "config_from_dict", "dump_config", "with_overrides",
 ]
 
@@ -51,7 +52,15 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: st
     except ValidationError as err:
         raise InputError(format_validation_error(err, source)) from None
     _check_names(cfg, source)
+    _resolve_fleet_files(cfg)
     return cfg
+
+
+def _resolve_fleet_files(cfg: RunConfig) -> None:
+    """Trace and speed files named relative to the config resolve against its directory."""
+    for spec in (cfg.fleet.availability, cfg.fleet.speed):
+        if spec is not None and spec.path and not Path(spec.path).is_absolute():
+            spec.path = str(Path(cfg.base_dir) / spec.path)
 
 
 def _check_names(cfg: RunConfig, source: str) -> None:

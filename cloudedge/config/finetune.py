@@ -88,6 +88,15 @@ class ChurnSection(StrictModel):
     stale_decay: float = Field(default=0.5, ge=0, description="weight of an update s rounds stale: (1 + s)^-decay")
 
 
+class SelectionSection(StrictModel):
+    """Who takes part in a round (docs/reliability.md, "Selection, deadlines and over-selection")."""
+
+    goal: int | None = Field(default=None, ge=1, description=(
+        "updates each aggregation point waits for per round; null: 'participation' of the available devices"))
+    over_selection: float = Field(default=1.0, ge=1.0, description=(
+        "with a goal: draw goal x this many online devices and keep the first goal updates"))
+
+
 class PrivacySection(StrictModel):
     """Differential privacy of device updates: DP-FedAvg at the edge (cloudedge.privacy)."""
 
@@ -110,6 +119,7 @@ class FinetuneConfig(StrictModel):
     lora: LoraSection = Field(default_factory=LoraSection)
     sync: SyncSection = Field(default_factory=SyncSection)
     participation: float = Field(default=1.0, gt=0, le=1, description="share of available devices per edge round")
+    selection: SelectionSection = Field(default_factory=SelectionSection)
     batch_size: int = Field(default=16, ge=1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(default=3e-3, gt=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from cloudedge.config.base import StrictModel
@@ -67,10 +69,53 @@ class CloudSpec(StrictModel):
     overrides: ProfileOverride | None = None
 
 
+class AvailabilitySpec(StrictModel):
+    """When devices are online (cloudedge.fleet.traces; docs/profiles.md, "Availability and speed traces").
+
+    bernoulli: one draw per round against each profile's availability; trace: online intervals from
+    ``path`` (CSV/JSONL ``device, start_s, end_s``); diurnal: the bundled generator."""
+
+    kind: Literal["bernoulli", "trace", "diurnal"] = "bernoulli"
+    path: str | None = Field(default=None, description="trace: the intervals file")
+    repeat_s: float | None = Field(default=None, gt=0, description="trace: repeat it with this period")
+    low: float = Field(default=0.05, ge=0, le=1, description="diurnal: online chance at the quietest local hour")
+    high: float = Field(default=0.30, ge=0, le=1, description="diurnal: online chance at the peak local hour")
+    peak_hour: float = Field(default=2.0, ge=0, lt=24, description="diurnal: local hour of the peak")
+    median_session_s: float = Field(default=1200.0, gt=0, description="diurnal: median session length")
+    sigma: float = Field(default=1.0, gt=0, description="diurnal: log-normal shape of session lengths")
+    max_session_s: float = Field(default=14400.0, gt=0, description="diurnal: longest session")
+    timezones: dict[float, float] | None = Field(default=None, description="diurnal: UTC offset (h) -> weight")
+
+    @model_validator(mode="after")
+    def _needs(self) -> AvailabilitySpec:
+        if self.kind == "trace" and not self.path:
+            raise ValueError("kind 'trace' needs 'path'")
+        if self.low > self.high:
+            raise ValueError("'low' must be <= 'high'")
+        return self
+
+
+class SpeedSpec(StrictModel):
+    """Per-device compute and link rates: profile figures times multipliers (cloudedge.fleet.traces)."""
+
+    kind: Literal["lognormal", "file"] = "lognormal"
+    compute_sigma: float = Field(default=0.5, ge=0, description="lognormal: spread of compute multipliers")
+    link_sigma: float = Field(default=0.5, ge=0, description="lognormal: spread of link multipliers")
+    path: str | None = Field(default=None, description="file: CSV/JSONL device, compute_scale, uplink_scale, downlink_scale")
+
+    @model_validator(mode="after")
+    def _needs(self) -> SpeedSpec:
+        if self.kind == "file" and not self.path:
+            raise ValueError("kind 'file' needs 'path'")
+        return self
+
+
 class FleetConfig(StrictModel):
     cloud: CloudSpec = Field(default_factory=CloudSpec)
     edges: list[EdgeSpec] = Field(default_factory=lambda: [EdgeSpec()])
     profiles: dict[str, CustomProfile] = Field(default_factory=dict, description="extra named profiles")
+    availability: AvailabilitySpec = Field(default_factory=AvailabilitySpec)
+    speed: SpeedSpec | None = Field(default=None, description="per-device speed; null: every device is its profile")
 
     @field_validator("edges")
     @classmethod

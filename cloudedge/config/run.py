@@ -14,6 +14,7 @@ from cloudedge.config.finetune import FinetuneConfig
 from cloudedge.config.fleet import FleetConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.config.pretrain import PretrainConfig
+from cloudedge.config.track import TrackConfig
 
 
 class EngineConfig(StrictModel):
@@ -35,6 +36,7 @@ class RunConfig(StrictModel):
     pretrain: PretrainConfig | None = None
     finetune: FinetuneConfig | None = None
     adapt: AdaptConfig | None = None
+    track: TrackConfig = Field(default_factory=TrackConfig, description="TensorBoard / MLflow (docs/tracking.md)")
     # Directory that relative paths in this config are resolved against (set by load_config).
     base_dir: str = "."
 

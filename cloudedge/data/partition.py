@@ -254,3 +254,27 @@ def partition_stats(labels: np.ndarray | Sequence[int], parts: Sequence[np.ndarr
         "classes_mean": float(np.mean([c["n_classes_present"] for c in clients])) if clients else 0.0,
     }
     return {"clients": clients, "summary": summary}
+
+
+def partition_view(labels: np.ndarray | Sequence[int], n_clients: int, kind: str, seed: int, alpha: float = 0.5,
+                   min_samples: int = 1, weights: Sequence[float] | np.ndarray | None = None) -> Any:
+    """The shards of :func:`partition` for ``iid`` and ``quantity``, as a
+    :class:`cloudedge.finetune.devicedata.ShardView` (one permutation and ``n_clients + 1`` cut
+    points) instead of ``n_clients`` index arrays: ``view.indices(i)`` equals ``partition(...)[i]``.
+    A million clients cost two arrays, not a million."""
+    from cloudedge.finetune.devicedata import ShardView
+
+    if kind not in ("iid", "quantity"):
+        raise ValueError(f"partition_view: only iid and quantity cut one permutation, not {kind!r}")
+    n = len(np.asarray(labels).reshape(-1))
+    if n_clients < 1:
+        raise InputError(f"data.partition: need at least one client, got {n_clients}")
+    if alpha <= 0:
+        raise InputError(f"data.partition.alpha: must be > 0, got {alpha}")
+    _check_enough(n, n_clients, min_samples)
+    shares = _normalized_weights(weights, n_clients)
+    rng = np.random.default_rng(seed)
+    if kind == "quantity":
+        drawn = rng.dirichlet(np.full(n_clients, alpha)) * shares
+        shares = drawn / drawn.sum()
+    return ShardView(rng.permutation(n), split_sizes(n, shares, min_samples))

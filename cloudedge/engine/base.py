@@ -114,7 +114,9 @@ class Engine(ABC):
     def run(self, tasks: Iterable[Task]) -> list[Any]:
         """Run tasks (concurrently where the engine can) and return their results in order.
 
-        A failing task raises :class:`WorkerError` unless ``run_tolerant`` is used.
+        A failing task raises :class:`WorkerError` unless ``run_tolerant`` is used. An
+        ``InputError`` a worker raises (bad user input) propagates as is from both: it is not a
+        worker failure to tolerate or retry.
         """
 
     def run_tolerant(self, tasks: Iterable[Task]) -> list[Any | WorkerError]:
@@ -134,6 +136,20 @@ class Engine(ABC):
     @abstractmethod
     def release(self, worker_id: str) -> None:
         """Drop a worker's live object (it is rebuilt from its spec on next use)."""
+
+    def has_worker(self, worker_id: str) -> bool:
+        """Whether a worker is registered under ``worker_id``."""
+        return worker_id in getattr(self, "_specs", {})
+
+    def worker_ids(self) -> set[str]:
+        """The ids registered now."""
+        return set(getattr(self, "_specs", {}))
+
+    def unregister(self, worker_id: str) -> None:
+        """Forget a worker: its live object and its spec (data included). Stages that register
+        devices only when they are sampled call it after their round, so the engine holds what
+        one round's devices hold, not the fleet's (docs/performance.md, "Scale")."""
+        self.release(worker_id)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free everything the engine holds."""

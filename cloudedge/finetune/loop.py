@@ -29,6 +29,7 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from cloudedge.comm import compress
 from cloudedge.device import resolve_device
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec
 from cloudedge.errors import InputError
+from cloudedge.finetune.devicedata import sample_count, samples_of_range
 from cloudedge.finetune.lora import (
     A_SUFFIX,
     BASE_DELTA_SUFFIX,
@@ -59,6 +61,7 @@ from cloudedge.finetune.reliability import (
     robust_delta,
     stale_weight,
 )
+from cloudedge.finetune.selection import keep_first, select_devices
 from cloudedge.finetune.sync import (
     DeviceObs,
     DeviceStats,
@@ -69,8 +72,9 @@ from cloudedge.finetune.sync import (
     make_policy,
 )
 from cloudedge.finetune.workers import FinetuneWorker
-from cloudedge.fleet import Fleet, VirtualClock, available_nodes, transfer_seconds
+from cloudedge.fleet import Fleet, VirtualClock, transfer_seconds
 from cloudedge.fleet.topology import Node
+from cloudedge.fleet.traces import online_count, online_until
 from cloudedge.perf import stage_peak_size, utilization_fields
 
 Tensors = dict[str, torch.Tensor]
@@ -120,11 +124,16 @@ class FinetuneSettings:
     churn: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
     memory_fraction: float = 0.5
+    # Selection (docs/reliability.md, "Selection, deadlines and over-selection"): with a goal, each
+    # aggregation point draws goal x over_selection devices among those online at the round's start
+    # and keeps the first `goal` updates; None: `participation` of the available devices.
+    goal: int | None = None
+    over_selection: float = 1.0
 
 _ROBUST_DEFAULTS: dict[str, Any] = {"aggregator": "mean", "cloud_aggregator": None, "beta": 0.1, "n_byzantine": 1,
                                     "m": None, "gate": {}}
 _CHURN_DEFAULTS: dict[str, Any] = {"dropout": 0.0, "stale_prob": 0.0, "max_staleness": 4, "stale_decay": 0.5}
-_COUNTS = ("timed_out", "dropped", "stale", "rejected", "failed")
+_COUNTS = ("timed_out", "dropped", "stale", "rejected", "failed", "surplus")
 _MAX_REJECTED_LISTED = 20  # per metric row; the count is always exact
 
 
@@ -142,6 +151,7 @@ class _Planned:
     begin: float
     start: Tensors  # the model it trains from (the edge's, or its stale cached copy)
     staleness: int  # edge rounds its model is behind (0: this round's)
+    arrive: float = 0.0  # when its update is expected at the aggregation point
 
 
 @dataclass
@@ -149,7 +159,7 @@ class _EdgeRoundPlan:
     """An edge round between its planning and its results (see ``HierFinetune.edge_rounds``)."""
 
     agg_id: str
-    devices: list[Node]
+    devices: Sequence[Node]
     state: Tensors
     t0: float
     version: int
@@ -163,6 +173,7 @@ class _EdgeRoundPlan:
     timed_out: list[str] = field(default_factory=list)
     dropped_out: list[str] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
+    surplus: int = 0  # over-selected devices cancelled once the goal's updates were due
 
 
 @dataclass
@@ -210,10 +221,14 @@ class HierFinetune:
         self.train_count: dict[str, int] = {}
         spec = {**task.spec, "mode": settings.lora_mode}
         self.spec = spec
-        for dev_id, data in task.device_data.items():
-            engine.register(dev_id, WorkerSpec(FinetuneWorker, dict(
-                spec=spec, data=data, batch_size=settings.batch_size, optimizer=settings.optimizer, lr=settings.lr,
-                device=settings.device)))
+        # Devices are registered when they are sampled and forgotten after their round, so the
+        # engine (and a lazy `task.device_data`) holds one round's devices, not the fleet's.
+        self._device_kwargs = dict(spec=spec, batch_size=settings.batch_size, optimizer=settings.optimizer,
+                                   lr=settings.lr, device=settings.device)
+        self._registered: set[str] = set()
+        # A device worker registered after this point (a test's faulty worker) replaces the default
+        # one; anything registered before (another run's workers on a shared engine) does not.
+        self._earlier_ids = engine.worker_ids()
         engine.register(CLOUD, WorkerSpec(FinetuneWorker, dict(
             spec=spec, data=task.test_data, batch_size=settings.batch_size, device=settings.device)))
         self.info = engine.call(CLOUD, "model_info")
@@ -223,8 +238,12 @@ class HierFinetune:
         self._in_effect = self.global_state  # grid mode: the global model since the last cloud update
         self._init_charge()
         self.step_flops = float(self.charged["train_step_flops"])
-        self.n_samples = {d: int(v["labels"].shape[0]) for d, v in task.device_data.items()}
-        self.sec_per_step = {d.id: self.step_flops / d.profile.flops for d in fleet.devices}
+        self.n_samples: dict[str, int] = {}  # filled as devices are met (sample_count needs no data)
+        self.agg_samples = {agg: samples_of_range(task.device_data, fleet, *self._range(agg))
+                            for agg in ([CLOUD] if self.policy.two_tier else [e.id for e in fleet.edges])}
+        self.n_all = sum(self.agg_samples.values())
+        self.fastest_flops = max((p.flops for p, _, _ in fleet.device_profile_set()), default=1.0)
+        self.sec_per_step: dict[str, float] = {}  # measured per device; its profile's until it trained
         self.host_flops, self.host_wall_s = 0.0, 0.0  # real work done on this host, for MFU
         self.edge_round_s: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
@@ -258,7 +277,7 @@ class HierFinetune:
             extra = sum(v.numel() * v.element_size() for k, v in self.global_state.items()
                         if k.endswith(BASE_DELTA_SUFFIX))
         self.memory_need = memory_need(self.charged, s.optimizer, extra)
-        check_memory(self.fleet.devices, self.memory_need, s.memory_fraction, s.batch_size)
+        check_memory(self.fleet, self.memory_need, s.memory_fraction, s.batch_size)
         self.robust = {**_ROBUST_DEFAULTS, **s.robust}
         self.edge_aggregator = self.robust["aggregator"]
         self.cloud_aggregator = self.robust["cloud_aggregator"] or self.edge_aggregator
@@ -293,8 +312,10 @@ class HierFinetune:
                 avail = [s.participation * d.profile.availability for d in devs]
                 # The fixed denominator of DP-FedAvg: the expected number of participants. The sampling
                 # rate is the most available device's (its epsilon is the largest), conservatively.
-                self.dp_expected[agg_id] = max(1.0, sum(avail))
+                self.dp_expected[agg_id] = max(1.0, sum(avail)) if s.goal is None else float(s.goal)
                 q = 1.0 if self.dp["mode"] == "local" else min(1.0, max(avail, default=0.0))
+                if s.goal is not None or self.fleet.availability.kind != "bernoulli":
+                    q = 1.0  # who is online follows a trace, not a known rate: no amplification claimed
                 if q > 0:
                     rates[agg_id] = q
             self.privacy = PrivacyLedger(self.dp["noise_multiplier"], rates, self.dp["delta"])
@@ -415,9 +436,21 @@ class HierFinetune:
 
     # --- one edge round ------------------------------------------------------------------------
 
+    def _range(self, agg_id: str) -> tuple[int, int]:
+        """Device numbers under an aggregation point (the cloud's: all of them)."""
+        return (0, len(self.fleet.devices)) if agg_id == CLOUD else self.fleet.device_range(agg_id)
+
+    def _n(self, dev_id: str) -> int:
+        if dev_id not in self.n_samples:
+            self.n_samples[dev_id] = sample_count(self.task.device_data, dev_id)
+        return self.n_samples[dev_id]
+
+    def _step_s(self, dev: Node) -> float:
+        return self.sec_per_step.get(dev.id, self.step_flops / dev.profile.flops)
+
     def _device_obs(self, agg: Node, dev: Node, down_bytes: int, up_bytes: int) -> DeviceObs:
         comm = (self._link_s(agg, dev, down_bytes) + self._link_s(dev, agg, up_bytes))
-        return DeviceObs(dev.id, self.sec_per_step[dev.id], comm, self.n_samples[dev.id])
+        return DeviceObs(dev.id, self._step_s(dev), comm, self._n(dev.id))
 
     def _link_s(self, src: Node, dst: Node, nbytes: int) -> float:
         """Expected seconds of one message (two-tier device <-> cloud: two hops via the edge)."""
@@ -437,7 +470,7 @@ class HierFinetune:
             return self.clock.transfer(dev.parent, dst_id, nbytes, start=t)
         return self.clock.transfer(src_id, dst_id, nbytes, start=start)
 
-    def edge_round(self, agg_id: str, devices: list[Node], state: Tensors, t0: float) -> tuple[Tensors, float, dict]:
+    def edge_round(self, agg_id: str, devices: Sequence[Node], state: Tensors, t0: float) -> tuple[Tensors, float, dict]:
         """One round of ``agg_id`` with its ``devices`` from ``state`` at time ``t0``.
 
         Returns the aggregated state, when the round ends, and what was observed. Updates that
@@ -471,30 +504,32 @@ class HierFinetune:
             self.host_flops += sum(p.flops for p, res in zip(plan.planned, mine, strict=True)
                                    if not isinstance(res, WorkerError))
             out.append(self._finish_edge_round(plan, mine))
+            for p in plan.planned:
+                if p.dev.id in self._registered:
+                    self._registered.discard(p.dev.id)
+                    self.engine.unregister(p.dev.id)  # its data and spec go with its worker
         return out
 
-    def _plan_edge_round(self, agg_id: str, devices: list[Node], state: Tensors, t0: float) -> _EdgeRoundPlan:
+    def _plan_edge_round(self, agg_id: str, devices: Sequence[Node], state: Tensors, t0: float) -> _EdgeRoundPlan:
         """Everything an edge round decides before its devices train: who takes part, with how
         many steps and from which model; who drops out or cannot make the deadline (charged now)."""
         agg = self.fleet.nodes[agg_id]
-        rng = self._rng(agg_id)
-        avail = available_nodes(devices, rng)
-        if self.s.participation < 1.0 and avail:
-            k = max(1, round(self.s.participation * len(avail)))
-            pick = sorted(rng.choice(len(avail), size=k, replace=False).tolist())
-            avail = [avail[i] for i in pick]
+        avail = select_devices(self.fleet, devices, t0, self._rng(agg_id), self.s.goal, self.s.over_selection,
+                               self.s.participation)
         version = self.agg_rounds.get(agg_id, 0)
         self.agg_rounds[agg_id] = version + 1
         received, down_bytes = self._send_state(state)
         up_bytes = self.update_bytes()
-        obs_all = tuple(self._device_obs(agg, d, down_bytes, up_bytes) for d in devices)
+        # With a goal the round looks at its candidates only (a fleet may hold a million devices).
+        seen = (avail or list(devices[:1])) if self.s.goal is not None else devices
+        obs_all = tuple(self._device_obs(agg, d, down_bytes, up_bytes) for d in seen)
         obs_of = {o.device_id: o for o in obs_all}
         deadline = self.policy.deadline(EdgeObs(agg_id, 0, 0.0, 0.0, self.edge_round_s.get(agg_id, 0.0),
                                                 0.0, 0.0, 0.0, obs_all, t0))
         t_deadline = math.inf if deadline is None else t0 + deadline
         extra = self.step_flops if self.policy.needs_grad_stats else 0.0
         plan = _EdgeRoundPlan(agg_id, devices, state, t0, version, received, avail, obs_all, t_deadline, extra,
-                              energy0=sum(self.clock.energy_j[d.id] for d in devices))
+                              energy0=sum(self.clock.energy_j[d.id] for d in avail))
         churn_rng = self._churn_rng(agg_id)
         for dev in avail:
             steps = self.policy.device_steps(agg_id, obs_of[dev.id], deadline)
@@ -506,17 +541,25 @@ class HierFinetune:
             flops = steps * self.step_flops + extra
             begin = max(t_recv, self.clock.busy_until[dev.id])
             end = begin + flops / dev.profile.flops
+            arrive = end + self._link_s(dev, agg, up_bytes)
+            t_off = online_until(self.fleet, self.fleet.device_number(dev.id), t0)
             if self.churn["dropout"] > 0 and churn_rng.random() < self.churn["dropout"]:
                 # It starts, then goes away (battery, network, user): the work it did is charged and
                 # its update never arrives. The edge cannot tell and waits until the deadline.
                 self.clock.compute(dev.id, float(churn_rng.random()) * flops, start=begin)
                 plan.dropped_out.append(dev.id)
-            elif end + self._link_s(dev, agg, up_bytes) > t_deadline:
+            elif arrive > t_off and t_off < t_deadline:
+                # Its trace takes it offline before its update is in: a dropout at that instant,
+                # its work up to then charged.
+                self.clock.compute(dev.id, min(flops, max(0.0, t_off - begin) * dev.profile.flops), start=begin)
+                plan.dropped_out.append(dev.id)
+            elif arrive > t_deadline:
                 done = max(0.0, t_deadline - begin) * dev.profile.flops
                 self.clock.compute(dev.id, min(flops, done), start=begin)
                 plan.timed_out.append(dev.id)
             else:
-                plan.planned.append(_Planned(dev, steps, flops, begin, start, staleness))
+                plan.planned.append(_Planned(dev, steps, flops, begin, start, staleness, arrive))
+        plan.planned, plan.surplus = keep_first(plan.planned, self.s.goal, self.clock)
         for p in plan.planned:
             n = self.train_count.get(p.dev.id, 0)
             self.train_count[p.dev.id] = n + 1
@@ -528,12 +571,16 @@ class HierFinetune:
                 kw["dp"] = {k: self.dp[k] for k in ("clip_norm", "noise_multiplier", "mode")}
             # Released after its task: a device holds no model between the rounds it is sampled in
             # (workers are stateless between tasks: rebuilding one gives the same result).
+            if p.dev.id in self._earlier_ids or not self.engine.has_worker(p.dev.id):
+                self.engine.register(p.dev.id, WorkerSpec(FinetuneWorker, dict(
+                    data=self.task.device_data[p.dev.id], **self._device_kwargs)))
+                self._registered.add(p.dev.id)
             plan.tasks.append(Task(p.dev.id, "train", kw, release=True))
         return plan
 
     def _finish_edge_round(self, plan: _EdgeRoundPlan, results: list[Any]) -> tuple[Tensors, float, dict]:
         """What arrives from the devices that trained: the clock, the gate, the aggregate, the policy."""
-        agg_id, devices, t0 = plan.agg_id, plan.devices, plan.t0
+        agg_id, t0 = plan.agg_id, plan.t0
         obs_of = {o.device_id: o for o in plan.obs_all}
         extra, t_deadline = plan.extra, plan.t_deadline
         incoming: dict[str, Tensors] = {}
@@ -550,7 +597,7 @@ class HierFinetune:
             got, nbytes = self._ship(res["update"])
             arrivals.append(self._transfer(dev.id, agg_id, nbytes, start=t_done))
             measured = (t_done - p.begin) / max(1.0, p.steps + extra / self.step_flops)
-            self.sec_per_step[dev.id] = 0.5 * self.sec_per_step[dev.id] + 0.5 * measured
+            self.sec_per_step[dev.id] = 0.5 * self._step_s(dev) + 0.5 * measured
             step_s.append(measured)
             comm_s.append(obs_of[dev.id].comm_s)
             steps_of[dev.id], work[dev.id] = p.steps, float(p.steps)
@@ -573,7 +620,8 @@ class HierFinetune:
                 accepted if self.dp is not None and self.dp["mode"] == "central" else plan.planned):
             self.privacy.step(agg_id)  # central: a noised mean was released; local: devices sent
         t_end = max(arrivals, default=t0)
-        if plan.timed_out or plan.dropped_out or failed or not plan.planned:
+        goal_met = self.s.goal is not None and len(arrivals) >= self.s.goal  # no need to wait for the rest
+        if (plan.timed_out or plan.dropped_out or failed or not plan.planned) and not goal_met:
             t_end = max(t_end, t_deadline if math.isfinite(t_deadline) else t0)
         if not plan.avail and not math.isfinite(t_deadline):
             t_end = t0 + max(o.comm_s + o.sec_per_step for o in plan.obs_all)  # nobody reachable: wait a beat
@@ -589,13 +637,14 @@ class HierFinetune:
         self._count("timed_out", len(plan.timed_out))
         self._count("dropped", len(plan.dropped_out))
         self._count("failed", len(failed))
+        self._count("surplus", plan.surplus)
         self.failures_log.extend({"at": agg_id, "from": d, "reason": r} for d, r in failed.items())
         self._reject(agg_id, rejected)
         self.device_steps_total += sum(steps_of[i] for i in accepted)
         info = {"participants": len(plan.avail), "accepted": len(accepted), "timed_out": len(plan.timed_out),
                 "dropped": len(plan.dropped_out), "rejected": len(rejected), "failed": len(failed),
                 "steps": [steps_of[i] for i in accepted], "drift": drift, "obs": plan.obs_all,
-                "energy_j": sum(self.clock.energy_j[d.id] for d in devices) - plan.energy0}
+                "energy_j": sum(self.clock.energy_j[d.id] for d in plan.avail) - plan.energy0}
         return new_state, t_end, info
 
     def _next_reinit_seed(self) -> int:
@@ -683,15 +732,15 @@ class HierFinetune:
             "bytes_device_edge": int(links.get(("device", "edge"), 0)),
             "bytes_edge_cloud": int(links.get(("edge", "cloud"), 0)),
             "bytes_device_cloud": int(links.get(("device", "cloud"), 0)),
-            "device_energy_j": sum(self.clock.energy_j[d.id] for d in self.fleet.devices),
+            "device_energy_j": self.clock.energy_by_tier()["device"],
+            "online_devices": online_count(self.fleet, t),
             "dropped_total": self.dropped_total, "device_steps_total": self.device_steps_total,
             **self.counts, "rejected_total": self.totals["rejected"],
             "rejections": self.rejected_log[:_MAX_REJECTED_LISTED],
             **extra,
         }
         if self.host_wall_s > 0:  # this host's model-FLOPs utilization since the last row
-            fastest = max(d.profile.flops for d in self.fleet.devices)
-            util = utilization_fields(self.host_flops, self.host_wall_s, fastest, device=self.device,
+            util = utilization_fields(self.host_flops, self.host_wall_s, self.fastest_flops, device=self.device,
                                       peak_size=stage_peak_size(self.device))
             row.update({k: util[k] for k in ("mfu_measured", "mfu_profile", "achieved_flops")})
             self.host_flops, self.host_wall_s = 0.0, 0.0
@@ -740,7 +789,7 @@ class HierFinetune:
     def _round_two_tier(self) -> bool:
         if self._done(self.t_cloud):
             return True
-        state, t, info = self.edge_round(CLOUD, list(self.fleet.devices), self.global_state, self.t_cloud)
+        state, t, info = self.edge_round(CLOUD, self.fleet.devices, self.global_state, self.t_cloud)
         self._apply_server(state)
         self.t_cloud = self.clock.advance_to(t)
         self.cloud_round += 1
@@ -758,7 +807,7 @@ class HierFinetune:
             state, t, obs = periods[e.id]
             edge_state, nbytes = self._edge_upload(state, pulled)
             ends.append(self._transfer(e.id, CLOUD, nbytes, start=t))
-            n_e = sum(self.n_samples[d.id] for d in self.fleet.devices_of(e.id))
+            n_e = self.agg_samples[e.id]
             states.append(edge_state)
             weights.append(float(n_e))
             reports[e.id] = obs
@@ -820,8 +869,7 @@ class HierFinetune:
             return True
         edge_state, nbytes = self._edge_upload(item.state, item.pulled)
         t = self._transfer(item.edge_id, CLOUD, nbytes, start=item.t_ready)
-        n_all = sum(self.n_samples.values())
-        share = sum(self.n_samples[d.id] for d in self.fleet.devices_of(item.edge_id)) / n_all
+        share = self.agg_samples[item.edge_id] / self.n_all
         # Staleness: merges the cloud applied since this edge pulled (it pulls right after its own
         # merge, or at the start), read from the logged rows so that a resumed run sees the same.
         staleness = 0

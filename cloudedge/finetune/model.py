@@ -149,7 +149,11 @@ def with_lora(model: nn.Module, spec: Mapping[str, Any], targets: list[str] | No
                       target_modules=list(targets), bias="none", fan_in_fan_out=(kind == "gpt"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)  # peft initialises A from the global generator
-        body = inject_adapter_in_model(lcfg, body)
+        try:
+            body = inject_adapter_in_model(lcfg, body)
+        except ValueError as err:  # peft's word for target names that match no module of the model
+            raise InputError(f"finetune.lora.targets: {list(targets)} do not fit the {kind} model "
+                             f"({' '.join(str(err).split())})") from None
         clf = LoraClassifier(body, kind, dim, int(spec["n_classes"]), pooling=pooling)
     for name, p in clf.named_parameters():
         trainable = name.startswith("head.") or "lora_B" in name or ("lora_A" in name and spec["mode"] != "ffa")

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from cloudedge.errors import InputError
-from cloudedge.fleet.topology import Node
 from cloudedge.robust import GateResult, RobustAggregate, UpdateGate, robust_aggregate
 
 Tensors = dict[str, torch.Tensor]
@@ -162,22 +161,27 @@ def memory_need(info: Mapping[str, Any], optimizer: str, extra_weight_bytes: int
     return need
 
 
-def check_memory(devices: list[Node], need: Mapping[str, int], memory_fraction: float, batch_size: int) -> None:
+def check_memory(devices: Any, need: Mapping[str, int], memory_fraction: float, batch_size: int) -> None:
     """Raise InputError naming the devices whose usable memory (``memory_fraction`` x profile memory)
-    is below ``need['total']``. Checked before any work starts, so a run never fails half-way."""
+    is below ``need['total']``. Checked before any work starts, so a run never fails half-way.
+
+    ``devices``: a list of nodes, or a `Fleet` (checked per distinct profile: no device is built)."""
     from cloudedge.fleet.topology import format_bytes
 
-    short = [d for d in devices if d.profile.memory_bytes * memory_fraction < need["total"]]
+    if hasattr(devices, "device_profile_set"):
+        groups = devices.device_profile_set()
+    else:
+        groups = [(d.profile, d.id, 1) for d in devices]
+    short = [(p, dev_id, n) for p, dev_id, n in groups if p.memory_bytes * memory_fraction < need["total"]]
     if not short:
         return
-    d = short[0]
-    others = f" (and {len(short) - 1} more device(s))" if len(short) > 1 else ""
+    profile, dev_id, _ = short[0]
+    n_short = sum(n for _, _, n in short)
+    others = f" (and {n_short - 1} more device(s))" if n_short > 1 else ""
     raise InputError(
-        f"fleet: device {d.id} (profile '{d.profile.name}'){others}: fine-tuning needs "
+        f"fleet: device {dev_id} (profile '{profile.name}'){others}: fine-tuning needs "
         f"{format_bytes(need['total'])} (weights {format_bytes(need['weights'])} + gradients and optimizer "
         f"state {format_bytes(need['training_state'])} + activations of one batch of {batch_size} "
         f"{format_bytes(need['activations'])}) but finetune.memory_fraction {memory_fraction:g} x "
-        f"{format_bytes(d.profile.memory_bytes)} = {format_bytes(d.profile.memory_bytes * memory_fraction)} "
+        f"{format_bytes(profile.memory_bytes)} = {format_bytes(profile.memory_bytes * memory_fraction)} "
         "is usable; use a smaller model or batch_size, or a device profile with more memory")
-
-

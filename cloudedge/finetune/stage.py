@@ -21,21 +21,15 @@ from cloudedge.errors import InputError
 from cloudedge.finetune.loop import FinetuneSettings, HierFinetune, TaskData
 from cloudedge.finetune.model import LoraClassifier, build_lora_classifier, load_base_tensors
 from cloudedge.fleet import Fleet
+from cloudedge.models.inputs import ImageSpec, check_images, config_image_spec, convert_channels
 from cloudedge.track.stage_run import run_stage_into
 
 STAGE = "finetune"
 
 
-def _image_tensors(ds: Any, model_cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    x = ds.x
-    if model_cfg.kind != "hf":
-        if x.shape[-1] != model_cfg.image_size:
-            raise InputError(f"{source}: model.image_size ({model_cfg.image_size}) must equal data.image_size "
-                             f"({x.shape[-1]})")
-        if x.shape[1] != model_cfg.channels:
-            if x.shape[1] != 1:
-                raise InputError(f"{source}: images have {x.shape[1]} channels, model.channels is {model_cfg.channels}")
-            x = x.expand(-1, model_cfg.channels, -1, -1)  # grey digits into an RGB model
+def _image_tensors(ds: Any, spec: ImageSpec | None, source: str) -> dict[str, torch.Tensor]:
+    """Labelled images in the model's channels (``cloudedge.models.inputs``; checked up front)."""
+    x = ds.x if spec is None else convert_channels(ds.x, spec.channels, source)
     return {"pixel_values": x.contiguous(), "labels": ds.y.long()}
 
 
@@ -49,6 +43,8 @@ def _text_tensors(ds: Any, max_len: int) -> dict[str, torch.Tensor]:
 def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Tensor] | None = None) -> TaskData:
     """Data per device (the config's partition over the fleet's devices) and the model spec."""
     from cloudedge.data import build_dataset, partition
+    from cloudedge.data.partition import partition_view
+    from cloudedge.finetune.devicedata import LazyDeviceData
 
     data_cfg: DataConfig = cfg.stage_data(STAGE)
     model_cfg: ModelConfig = cfg.stage_model(STAGE)
@@ -65,24 +61,36 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         to_tensors = lambda ds: _text_tensors(ds, model_cfg.context)  # noqa: E731
         labels = np.asarray(train.labels)
     else:
-        to_tensors = lambda ds: _image_tensors(ds, model_cfg, f"{STAGE}.model")  # noqa: E731
+        image_spec = config_image_spec(model_cfg, cfg.base_dir)
+        if image_spec is not None:  # a model built from the config takes data.image_size as it is
+            check_images(train.x.shape, image_spec, f"{source} ({data_cfg.source}) for {STAGE}.model", resize=False)
+        to_tensors = lambda ds: _image_tensors(ds, image_spec, source)  # noqa: E731
         labels = train.y.numpy()
     devices = fleet.devices
     part = data_cfg.partition
-    if part.edge_alpha is not None:  # label skew that differs by edge (docs/data.md)
-        from cloudedge.data import partition_by_edge
-
-        devices = [d for e in fleet.edges for d in fleet.devices_of(e.id)]
-        shards = partition_by_edge(labels, [len(fleet.devices_of(e.id)) for e in fleet.edges], part.edge_alpha,
-                                   cfg.seed, min_samples=max(1, part.min_samples),
-                                   weights=[d.data_share for d in devices])
-    else:
-        shards = partition(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
-                           domains=getattr(train, "domains", None), min_samples=max(1, part.min_samples),
-                           weights=[d.data_share for d in devices])
     train_t = to_tensors(train)
-    device_data = {d.id: {k: v[torch.as_tensor(idx, dtype=torch.long)] for k, v in train_t.items()}
-                   for d, idx in zip(devices, shards, strict=True)}
+    device_data: Any
+    if part.kind in ("iid", "quantity"):
+        # One permutation and cut points; a device's tensors are cut when it is sampled, and
+        # dropped after its round (docs/performance.md, "Scale").
+        view = partition_view(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
+                              min_samples=max(1, part.min_samples), weights=fleet.data_shares())
+        device_data = LazyDeviceData(fleet, lambda i: {k: v[torch.as_tensor(view.indices(i), dtype=torch.long)]
+                                                       for k, v in train_t.items()}, view.sizes)
+    else:
+        if part.edge_alpha is not None:  # label skew that differs by edge (docs/data.md)
+            from cloudedge.data import partition_by_edge
+
+            # Devices are numbered edge by edge, so the shards come out in `devices` order.
+            per_edge = [len(fleet.devices_of(e.id)) for e in fleet.edges]  # lengths only: no nodes built
+            shards = partition_by_edge(labels, per_edge, part.edge_alpha, cfg.seed,
+                                       min_samples=max(1, part.min_samples), weights=fleet.data_shares())
+        else:
+            shards = partition(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
+                               domains=getattr(train, "domains", None), min_samples=max(1, part.min_samples),
+                               weights=fleet.data_shares())
+        device_data = {d.id: {k: v[torch.as_tensor(idx, dtype=torch.long)] for k, v in train_t.items()}
+                       for d, idx in zip(devices, shards, strict=True)}
     if base_tensors is None and fcfg.init:
         from cloudedge.models import resolve_path
 
@@ -140,7 +148,7 @@ def settings_from_config(cfg: RunConfig, policy: str | None = None) -> FinetuneS
         checkpoint_every=f.checkpoint_every, seed=cfg.seed,
         robust=f.robust.model_dump(), attack=None if f.attack is None else f.attack.model_dump(),
         churn=f.churn.model_dump(), privacy=None if f.privacy is None else f.privacy.model_dump(),
-        memory_fraction=f.memory_fraction)
+        memory_fraction=f.memory_fraction, goal=f.selection.goal, over_selection=f.selection.over_selection)
 
 
 @dataclass

@@ -7,6 +7,9 @@ result: a rebuilt worker (resume, another engine) gives the same answer.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +19,44 @@ import torch.nn.functional as F
 from cloudedge.device import resolve_device
 from cloudedge.finetune.lora import sent_keys
 from cloudedge.finetune.model import AdapterSlot, adapter_state, build_lora_classifier
+
+# One built model per spec (and device) per process, shared by the workers built from that spec.
+# A device worker is built each time its device is sampled and dropped after, so a round of 1,000
+# devices would otherwise build the same model 1,000 times. Sharing is sound because no task depends
+# on what an earlier task left in the model: every task loads the full adapter state it starts from
+# (train, evaluate), the frozen base never changes (merge-mode deltas are applied to the weights kept
+# at build time, by the shared slot), `initial_state` returns the state as built, and tasks run one at
+# a time in a process (LocalEngine; a Ray host runs one task at a time).
+_SHARED: OrderedDict[str, tuple[torch.nn.Module, AdapterSlot, dict[str, torch.Tensor]]] = OrderedDict()
+_MAX_SHARED = 2
+
+
+def _spec_key(spec: Mapping[str, Any], device: torch.device) -> str:
+    """The spec as text, each tensor by its content digest (a copied spec gives the same key)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest = hashlib.blake2b(t.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+            return f"tensor{tuple(t.shape)}{t.dtype}:{digest}"
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return json.dumps({"spec": plain(spec), "device": str(device)}, sort_keys=True, default=str)
+
+
+def shared_model(spec: Mapping[str, Any], device: torch.device) -> tuple[torch.nn.Module, AdapterSlot, dict[str, torch.Tensor]]:
+    """The process's model for ``spec`` on ``device``: (model, its slot, its adapter state as built)."""
+    key = _spec_key(spec, device)
+    if key not in _SHARED:
+        model = build_lora_classifier(spec).to(device)
+        _SHARED[key] = (model, AdapterSlot(model), adapter_state(model))
+        while len(_SHARED) > _MAX_SHARED:
+            _SHARED.popitem(last=False)
+    _SHARED.move_to_end(key)
+    return _SHARED[key]
 
 
 class FinetuneWorker:
@@ -35,12 +76,12 @@ class FinetuneWorker:
         self.n = int(data["labels"].shape[0])
         self._model = None
         self._slot: AdapterSlot | None = None
+        self._trainable_list: list[tuple[str, torch.nn.Parameter]] | None = None
 
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            self._model = build_lora_classifier(self.spec).to(self.device)
-            self._slot = AdapterSlot(self._model)
+            self._model, self._slot, self._initial = shared_model(self.spec, self.device)
         return self._model
 
     def _inputs(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -53,7 +94,10 @@ class FinetuneWorker:
         return F.cross_entropy(self.model(self._inputs(idx)), self._labels(idx))
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        # Walked once per worker: a round calls it several times and a module walk is not free.
+        if self._trainable_list is None:
+            self._trainable_list = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return self._trainable_list
 
     def _flat_grad(self) -> torch.Tensor:
         return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
@@ -138,7 +182,8 @@ class FinetuneWorker:
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The adapter state every node starts from (deterministic from the spec's seed)."""
-        return adapter_state(self.model)
+        self.model  # noqa: B018 - builds (or finds) the model
+        return {k: v.detach().clone() for k, v in self._initial.items()}
 
     def model_info(self) -> dict[str, Any]:
         """Parameter counts and the FLOPs of one training step (forward + backward, counted by

@@ -20,6 +20,7 @@ Scheduling rules (docs/profiles.md, "The clock"):
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,19 +77,20 @@ class VirtualClock:
     def __init__(self, fleet: Fleet):
         self.fleet = fleet
         self.now = 0.0
-        ids = list(fleet.nodes)
-        self.busy_until: dict[str, float] = dict.fromkeys(ids, 0.0)
-        self.busy_s: dict[str, float] = dict.fromkeys(ids, 0.0)
-        self.energy_j: dict[str, float] = dict.fromkeys(ids, 0.0)
-        self.flops_done: dict[str, float] = dict.fromkeys(ids, 0.0)
+        # Per node, sparse: a node that never did anything has no entry (reads as 0), so a fleet of
+        # a million devices costs what the devices that worked cost (docs/performance.md, "Scale").
+        self.busy_until: dict[str, float] = defaultdict(float)
+        self.busy_s: dict[str, float] = defaultdict(float)
+        self.energy_j: dict[str, float] = defaultdict(float)
+        self.flops_done: dict[str, float] = defaultdict(float)
         # When a node's own data is ready to send (end of its last compute or receive).
-        self._data_ready: dict[str, float] = dict.fromkeys(ids, 0.0)
+        self._data_ready: dict[str, float] = defaultdict(float)
         # When each node's uplink / downlink pipe has carried all bytes queued on it.
-        self._up_free: dict[str, float] = dict.fromkeys(ids, 0.0)
-        self._down_free: dict[str, float] = dict.fromkeys(ids, 0.0)
+        self._up_free: dict[str, float] = defaultdict(float)
+        self._down_free: dict[str, float] = defaultdict(float)
         # An edge's WAN pipe to the cloud, where its profile gives one (``wan_*``): its own queue.
-        self._wan_up_free: dict[str, float] = dict.fromkeys(ids, 0.0)
-        self._wan_down_free: dict[str, float] = dict.fromkeys(ids, 0.0)
+        self._wan_up_free: dict[str, float] = defaultdict(float)
+        self._wan_down_free: dict[str, float] = defaultdict(float)
         self.bytes_by_link: dict[tuple[Tier, Tier], int] = {}
         self.bytes_by_direction: dict[tuple[Tier, Tier], int] = {}
         self.messages = 0
@@ -205,11 +207,19 @@ class VirtualClock:
         """Joules used per tier, compute and radio together."""
         return {t: kinds["compute"] + kinds["radio"] for t, kinds in self._energy_by_kind.items()}
 
+    def _touched(self) -> list[str]:
+        """Ids of the nodes with any entry (the others did nothing and read as 0)."""
+        seen: dict[str, None] = {}
+        for name in self._PER_NODE:
+            seen.update(dict.fromkeys(getattr(self, name)))
+        return list(seen)
+
     def summary(self) -> dict[str, Any]:
         """Plain-data totals for `summary.json` and reports."""
         by_tier: dict[Tier, list[str]] = {t: [] for t in TIERS}
-        for node in self.fleet.nodes.values():
-            by_tier[node.tier].append(node.id)
+        for node_id in self._touched():
+            by_tier[self.fleet.nodes[node_id].tier].append(node_id)
+        sizes = {"cloud": 1, "edge": len(self.fleet.edges), "device": len(self.fleet.devices)}
         return {
             "virtual_time_s": self.makespan(),
             "energy_j": {t: e for t, e in self.energy_by_tier().items()},
@@ -221,7 +231,8 @@ class VirtualClock:
             "messages": self.messages,
             "flops_by_tier": {t: sum(self.flops_done[i] for i in ids) for t, ids in by_tier.items()},
             "busy_s_by_tier": {t: sum(self.busy_s[i] for i in ids) for t, ids in by_tier.items()},
-            "utilization_by_tier": {t: self.utilization(ids) for t, ids in by_tier.items() if ids},
+            "utilization_by_tier": {t: self.utilization(ids) * len(ids) / sizes[t]
+                                    for t, ids in by_tier.items() if sizes[t]},
         }
 
     # -- resume -------------------------------------------------------------------------------
@@ -231,11 +242,14 @@ class VirtualClock:
     _OPTIONAL = ("_wan_up_free", "_wan_down_free")  # absent from states saved before WAN links existed
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue accounting after a restart, as plain JSON-able data."""
-        ids = list(self.fleet.nodes)
+        """Everything needed to continue accounting after a restart, as plain JSON-able data.
+
+        Only nodes that did something are listed (``node_ids``); ``n_nodes`` is the fleet's size."""
+        ids = self._touched()
         return {
             "version": STATE_VERSION,
             "now": self.now,
+            "n_nodes": len(self.fleet.nodes),
             "node_ids": ids,
             "per_node": {name.lstrip("_"): [getattr(self, name)[i] for i in ids] for name in self._PER_NODE},
             "bytes_by_link": {_key_str(k, "-"): n for k, n in self.bytes_by_link.items()},
@@ -249,11 +263,13 @@ class VirtualClock:
         where = "clock state"
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise InputError(f"{where}: not a clock state of version {STATE_VERSION}")
-        ids = list(self.fleet.nodes)
         saved = state.get("node_ids")
-        if saved != ids:
-            got = len(saved) if isinstance(saved, list) else "no"
-            raise InputError(f"{where}: saved for another fleet ({got} nodes, this fleet has {len(ids)})")
+        n_nodes = state.get("n_nodes", len(saved) if isinstance(saved, list) else None)
+        if (not isinstance(saved, list) or n_nodes != len(self.fleet.nodes)
+                or not all(isinstance(i, str) and i in self.fleet.nodes for i in saved)):
+            got = n_nodes if isinstance(n_nodes, int) else "no"
+            raise InputError(f"{where}: saved for another fleet ({got} nodes, this fleet has {len(self.fleet.nodes)})")
+        ids = saved
         try:
             saved_per_node = {**{n.lstrip("_"): [0.0] * len(ids) for n in self._OPTIONAL}, **state["per_node"]}
             per_node = {name: [float(v) for v in saved_per_node[name.lstrip("_")]] for name in self._PER_NODE}
@@ -271,7 +287,7 @@ class VirtualClock:
             raise InputError(f"{where}: malformed (non-finite times or totals)")
         self.now = now
         for name, values in per_node.items():
-            setattr(self, name, dict(zip(ids, values, strict=True)))
+            setattr(self, name, defaultdict(float, zip(ids, values, strict=True)))
         self.bytes_by_link = links
         self.bytes_by_direction = directions
         self.messages = messages

@@ -34,6 +34,7 @@ from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, Node, VirtualClock, available_nodes
 from cloudedge.models.charge import cost_model_summary, resolve_charge
+from cloudedge.models.inputs import ImageSpec, check_images, convert_channels
 from cloudedge.perf import stage_peak_size, utilization_fields
 from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerInfo, get_controller
 from cloudedge.pretrain.costs import charged_costs, trained_costs
@@ -116,9 +117,13 @@ def build_shards(cfg: RunConfig, pcfg: PretrainConfig, workers: list[Node], seq_
     if not hasattr(train, "x"):
         raise InputError(f"pretrain.task: '{pcfg.task}' needs image data, data.source is '{data_cfg.source}'")
     model_cfg = cfg.stage_model(STAGE)
-    if pcfg.task == "classify" and (train.x.shape[1] != model_cfg.channels or train.x.shape[-1] != model_cfg.image_size):
-        raise InputError(f"model: channels {model_cfg.channels} / image_size {model_cfg.image_size} do not match the "
-                         f"data's images ({train.x.shape[1]} x {train.x.shape[-1]} px)")
+    spec = ImageSpec(size=model_cfg.image_size, channels=model_cfg.channels)
+    # Up front, before any worker: channels convert (grey <-> RGB), sizes must match for classify
+    # (the clip task resizes each batch to its vision tower, cloudedge.models.inputs.fit_pixels).
+    check_images(train.x.shape, spec, f"{STAGE}.data ({data_cfg.source}) for {STAGE}.model",
+                 resize=pcfg.task == "clip")
+    if pcfg.task == "classify":
+        train.x, test.x = convert_channels(train.x, spec.channels), convert_channels(test.x, spec.channels)
     whole: Tensors = {"x": train.x, "y": train.y}
     val: Tensors = {"x": test.x[: pcfg.eval_samples], "y": test.y[: pcfg.eval_samples]}
     if pcfg.task == "clip":

@@ -140,3 +140,32 @@ def k2_plot(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def availability_plot(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
+    """Fine-tuning's devices online (left axis) and dropouts per cloud round (right axis) over virtual
+    time, a line per method; None when the rows carry no ``online_devices``."""
+    rows = [r for r in rows if r.get("stage") == "finetune" and r.get("online_devices") is not None]
+    if len(rows) < 2:
+        return None
+    online = _series(rows, "time_s", "online_devices")
+    dropped = _series(rows, "time_s", "dropped")
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    right = ax.twinx()
+    for method, (xs, ys) in sorted(online.items()):
+        ax.plot(xs, ys, marker=".", label=f"{method}: online")
+    for method, (xs, ys) in sorted(dropped.items()):
+        right.step(xs, ys, where="post", linestyle="--", alpha=0.7, label=f"{method}: dropouts")
+    ax.set_xlabel("virtual time (s)")
+    ax.set_ylabel("devices online")
+    right.set_ylabel("dropouts since the previous row")
+    ax.set_title("finetune: devices online and dropouts")
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "finetune_online_and_dropouts.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path

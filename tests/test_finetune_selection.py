@@ -1,0 +1,109 @@
+"""Selection under availability traces: online at the round's start, dropout at the offline instant,
+over-selection with a goal, and a round's cost that does not grow with the fleet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloudedge.config import config_from_dict
+from cloudedge.engine import LocalEngine
+from cloudedge.finetune.loop import HierFinetune
+from cloudedge.finetune.stage import prepare_task, settings_from_config
+from cloudedge.fleet import Fleet
+from cloudedge.fleet.traces import load_interval_trace
+
+FLOPS = 1e8  # slow devices: local training takes a visible share of a virtual second
+
+
+def _raw(devices, rounds=1, fleet_extra=None, **ft):
+    return {
+        "seed": 1,
+        "fleet": {"edges": [{"count": 1, "overrides": {"latency_s": 0.0005}, "devices": devices if isinstance(devices, list) else [devices]}],
+                  **(fleet_extra or {})},
+        "data": {"source": "digits", "partition": {"kind": "iid"}},
+        "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
+                  "channels": 1},
+        "finetune": {"lora": {"rank": 2, "alpha": 4.0}, "sync": {"policy": "hierfavg", "k1": 8, "k2": 1,
+                                                                  "deadline_factor": None},
+                     "batch_size": 16, "lr": 5e-2, "time_budget_s": 1e9, "max_cloud_rounds": rounds,
+                     "eval_max": 100, **ft},
+    }
+
+
+def _loop(raw):
+    torch.set_num_threads(1)
+    cfg = config_from_dict(raw)
+    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+    return HierFinetune(fleet, prepare_task(cfg, fleet), settings_from_config(cfg), LocalEngine())
+
+
+def _trace(loop, tmp_path, rows):
+    path = tmp_path / "trace.csv"
+    path.write_text("device,start_s,end_s\n" + "".join(f"{d},{a},{b}\n" for d, a, b in rows))
+    fleet = loop.fleet
+    loop.fleet.availability = load_interval_trace(path, fleet.device_number, set())
+
+
+def test_only_devices_online_at_the_round_start_are_drawn(tmp_path):
+    overrides = {"flops": FLOPS, "latency_s": 0.0005}
+    loop = _loop(_raw({"count": 4, "profile": "phone-mid", "overrides": overrides}, rounds=2))
+    _trace(loop, tmp_path, [("edge0/dev0", 0, 1e6), ("edge0/dev1", 0, 1e6), ("edge0/dev2", 1e6, 2e6)])
+    loop.run()
+    assert set(loop.train_count) == {"edge0/dev0", "edge0/dev1"} and loop.train_count["edge0/dev0"] == 2
+    assert [r["online_devices"] for r in loop.history] == [2.0, 2.0, 2.0]
+    from cloudedge.track.plots import availability_plot
+
+    png = availability_plot([{**r, "stage": "finetune", "method": "hierfavg"} for r in loop.history], tmp_path)
+    assert png is not None and png.stat().st_size > 0
+
+
+def test_a_device_going_offline_mid_task_is_a_dropout_at_that_instant(tmp_path):
+    overrides = {"flops": FLOPS, "latency_s": 0.0005}
+    loop = _loop(_raw({"count": 2, "profile": "phone-mid", "overrides": overrides}))
+    train_s = 8 * loop.step_flops / FLOPS
+    assert train_s > 0.05  # the setting this test needs: training is long against the transfers
+    t_off = 0.5 * train_s
+    _trace(loop, tmp_path, [("edge0/dev0", 0, t_off), ("edge0/dev1", 0, 1e6)])
+    loop.run()
+    row = loop.history[1]
+    assert row["dropped"] == 1 and loop.summary()["dropped_out_updates"] == 1
+    clock = loop.clock
+    # Its work is charged up to the instant it went away, and no further.
+    assert clock.busy_until["edge0/dev0"] == pytest.approx(t_off)
+    assert 0 < clock.flops_done["edge0/dev0"] < 0.5 * clock.flops_done["edge0/dev1"]
+    assert set(loop.train_count) == {"edge0/dev1"}  # only updates that arrive are trained for
+
+
+def test_over_selection_keeps_the_first_updates_and_cancels_the_rest():
+    groups = [{"count": 3, "profile": "phone-mid", "overrides": {"availability": 1.0, "flops": FLOPS}},
+              {"count": 3, "profile": "phone-mid", "overrides": {"availability": 1.0, "flops": FLOPS / 5}}]
+    loop = _loop(_raw(groups, selection={"goal": 3, "over_selection": 2.0}))
+    loop.run()
+    fast = {d.id for d in loop.fleet.devices if d.profile.flops == FLOPS}
+    slow = {d.id for d in loop.fleet.devices if d.profile.flops < FLOPS}
+    assert set(loop.train_count) == fast  # the three first to deliver are kept
+    row = loop.history[1]
+    assert row["surplus"] == 3 and row["dropped"] == 0 and row["timed_out"] == 0
+    energy = loop.clock.energy_j
+    for d in slow:  # cancelled once the goal's updates were due: charged for part of their work
+        assert 0 < loop.clock.flops_done[d] < max(loop.clock.flops_done[f] for f in fast)
+    assert all(energy[d] > 0 for d in slow)
+    # The round ended when the kept updates were in, not when the slow ones would have been.
+    slow_full = 8 * loop.step_flops / loop.fleet.nodes[next(iter(slow))].profile.flops
+    assert row["virtual_time_s"] < slow_full
+
+
+def test_a_round_costs_the_same_at_1000_and_100000_devices():
+    """Nodes, device data and engine registrations scale with the participants, not the fleet."""
+    from cloudedge.bench.scale import measure
+
+    torch.set_num_threads(1)
+    small = measure(1_000, rounds=1, availability="diurnal", goal=2, over_selection=1.5, test_samples=20)
+    large = measure(100_000, rounds=1, availability="diurnal", goal=2, over_selection=1.5, test_samples=20)
+    for m in (small, large):
+        assert m["participants_per_round"] == 20  # 2 per edge, 10 edges
+        assert m["device_data_built"] == 20  # data made only for the devices that trained
+        assert m["registered_after_round"] == [1]  # only the cloud's evaluation worker stays registered
+        assert m["devices_holding_a_model"] == 0
+    assert large["device_nodes_built"] < 2 * small["device_nodes_built"] < 2_000  # 100x the fleet, not 100x the nodes
