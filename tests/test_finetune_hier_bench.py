@@ -61,6 +61,10 @@ def test_every_policy_is_scored_at_the_same_instants():
         summary = loop.summary()
         assert summary["time_to_target_s"] == next((r["virtual_time_s"] for r in grid if r["acc"] >= 0.3), None)
         assert summary["final_acc"] == grid[-1]["acc"]
+        # Devices online are counted at the cloud updates, not at the grid's score rows.
+        assert all("online_devices" not in r for r in grid)
+        counts = [r["online_devices"] for r in updates]
+        assert fh.online_devices_mean(loop.history) == pytest.approx(sum(counts) / len(counts))
         # Each instant scores the model in effect then: before the first cloud update, the initial one.
         first_update = min(r["virtual_time_s"] for r in updates if r["round"] > 0)
         early = [r["acc"] for r in grid if r["virtual_time_s"] < first_update]

@@ -168,6 +168,13 @@ def k2_by_edge(history: list[dict[str, Any]]) -> dict[str, list[tuple[float, int
     return {e: [(round(t, 3), k) for t, k in zip(xs, ys, strict=True)] for e, (xs, ys) in sorted(series.items())}
 
 
+def online_devices_mean(history: list[dict[str, Any]]) -> float | None:
+    """Mean devices online over a run's cloud-update rows (the grid's score rows carry no device
+    counts); None when there are none."""
+    updates = [r["online_devices"] for r in history if "online_devices" in r]
+    return sum(updates) / len(updates) if updates else None
+
+
 def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS, availability: str = "bernoulli",
         diurnal_methods: tuple[str, ...] = ("hierfavg", "autonomous")) -> dict[str, Any]:
     """Run every method on the same setting; returns the results dict (also what the CLI writes).
@@ -216,10 +223,7 @@ def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS, availabi
             summary["staleness_max"] = max(r["staleness"] for r in merges)
             summary["merges_discounted"] = sum(r["staleness"] > len(fleet.edges) - 1 for r in merges)
         summary["availability"] = run_fleet.availability.kind
-        # Online devices at the cloud updates (the grid's score rows carry no device counts).
-        updates = [r for r in loop.history if "online_devices" in r]
-        summary["online_devices_mean"] = (sum(r["online_devices"] for r in updates) / len(updates)
-                                          if updates else None)
+        summary["online_devices_mean"] = online_devices_mean(loop.history)
         results[label] = summary
         histories[label] = loop.history
     _plot(histories, out_dir)
