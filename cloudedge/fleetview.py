@@ -113,9 +113,16 @@ def fleet_table(cfg: RunConfig, limit: int = 60) -> Table:
         if charged is not None:
             per_sample = f"{charged[0].train_flops_per_sample / p.flops:.3g} s"
             fit = fits(charged[0], p.memory_bytes, charged[1])
+        links, latency = f"{format_rate(p.uplink_Bps)} / {format_rate(p.downlink_Bps)}", f"{p.latency_s * 1e3:.0f} ms"
+        if node.tier == "edge":  # its WAN link to the cloud, where it has its own (docs/profiles.md, "Links")
+            from cloudedge.fleet.profiles import link_figures
+
+            up, down, lat, wan = link_figures(p, "cloud")
+            if wan:
+                links += f"; WAN {format_rate(up)} / {format_rate(down)}"
+                latency += f"; WAN {lat * 1e3:.0f} ms"
         table.add_row(node.id, node.tier, p.name, format_flops(p.flops), format_bytes(p.memory_bytes),
-                      f"{format_rate(p.uplink_Bps)} / {format_rate(p.downlink_Bps)}", f"{p.latency_s * 1e3:.0f} ms",
-                      f"{p.availability:.2f}", per_sample, fit, samples, mix)
+                      links, latency, f"{p.availability:.2f}", per_sample, fit, samples, mix)
 
     row(fleet.cloud)
     shown = 1

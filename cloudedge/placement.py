@@ -24,6 +24,15 @@ def place_data(fleet, labels: np.ndarray, partition_cfg: PartitionConfig, seed: 
         # A fleet without devices trains on its edge servers: each edge holds a shard.
         devices = fleet.edges
     weights = np.array([getattr(d, "data_share", 1.0) for d in devices], dtype=float)
+    if partition_cfg.edge_alpha is not None and fleet.devices:
+        from cloudedge.data.partition import partition_by_edge
+
+        devices = [d for e in fleet.edges for d in fleet.devices_of(e.id)]
+        weights = np.array([getattr(d, "data_share", 1.0) for d in devices], dtype=float)
+        parts = partition_by_edge(np.asarray(labels), [len(fleet.devices_of(e.id)) for e in fleet.edges],
+                                  partition_cfg.edge_alpha, seed, min_samples=partition_cfg.min_samples,
+                                  weights=weights)
+        return {d.id: np.asarray(p, dtype=np.int64) for d, p in zip(devices, parts, strict=True)}
     parts = partition(np.asarray(labels), len(devices), partition_cfg.kind, seed,
                       alpha=partition_cfg.alpha, domains=domains,
                       min_samples=partition_cfg.min_samples, weights=weights)

@@ -189,3 +189,23 @@ def test_availability_draws():
     # Same draws as calling `available` one node at a time.
     rng = np.random.default_rng(7)
     assert up == [n for n in fleet.devices if available(n, rng)]
+
+
+def test_edge_wan_link_is_separate_from_its_access_link():
+    """An edge with ``wan_*`` figures reaches the cloud over its WAN (own rate, latency and queue) and
+    its devices over its access link: a WAN upload does not delay a device's message."""
+    fleet = make_fleet(edge={"wan_uplink_Bps": 2.5e6, "wan_downlink_Bps": 5e6, "wan_latency_s": 0.04})
+    clock = VirtualClock(fleet)
+    cloud, edge, dev = fleet.nodes["cloud"], fleet.nodes["edge0"], fleet.nodes["edge0/dev0"]
+    assert transfer_seconds(edge.profile, cloud.profile, 2.5e6) == pytest.approx(1.0 + 0.04)
+    assert transfer_seconds(cloud.profile, edge.profile, 5e6) == pytest.approx(1.0 + 0.04)
+    assert transfer_seconds(dev.profile, edge.profile, 1e6) == pytest.approx(1.0 + 0.05)  # access: unchanged
+    assert clock.transfer("edge0", "cloud", 2_500_000, start=0.0) == pytest.approx(1.04)
+    # A second WAN message queues behind the first on the WAN pipe ...
+    assert clock.transfer("edge0", "cloud", 2_500_000, start=0.0) == pytest.approx(2.04)
+    # ... while the access pipe is free: a device's upload to the edge is not queued behind them.
+    assert clock.transfer("edge0/dev0", "edge0", 1_000_000, start=0.0) == pytest.approx(1.05)
+    state = json.loads(json.dumps(clock.state_dict()))
+    again = VirtualClock(fleet)
+    again.load_state_dict(state)
+    assert again.transfer("edge0", "cloud", 2_500_000, start=0.0) == pytest.approx(3.04)

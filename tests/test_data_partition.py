@@ -126,3 +126,27 @@ def test_partition_stats_values():
     assert stats["clients"][0]["hist"] == [2, 0]
     assert stats["summary"]["tv_mean"] == pytest.approx(0.5)
     assert stats["summary"]["size_cv"] == 0.0 and stats["summary"]["total"] == 4
+
+
+def _entropy(labels: np.ndarray) -> float:
+    p = np.bincount(labels, minlength=10) / len(labels)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def test_partition_by_edge_covers_and_skews_each_edge_by_its_alpha(labels):
+    from cloudedge.data import partition_by_edge
+
+    parts = partition_by_edge(labels, [4, 4, 4], [1.0, 0.3, 0.05], seed=3, min_samples=5)
+    _check_exact_cover(parts, len(labels))
+    assert len(parts) == 12 and min(len(p) for p in parts) >= 5
+    again = partition_by_edge(labels, [4, 4, 4], [1.0, 0.3, 0.05], seed=3, min_samples=5)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    # Over seeds: an edge's label mix is the less varied the smaller its alpha.
+    ent = np.zeros(3)
+    for seed in range(8):
+        ps = partition_by_edge(labels, [4, 4, 4], [1.0, 0.3, 0.05], seed=seed)
+        ent += [_entropy(labels[np.concatenate(ps[4 * e:4 * e + 4])]) for e in range(3)]
+    assert ent[0] > ent[1] > ent[2]
+    with pytest.raises(InputError, match="edge_alpha"):
+        partition_by_edge(labels, [4, 4], [1.0, 0.3, 0.1], seed=0)

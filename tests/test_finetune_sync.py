@@ -17,6 +17,7 @@ from cloudedge.finetune.sync import (
     EdgeRoundStats,
     HierFAVG,
     Tempo,
+    disagreement,
     make_policy,
     wang_tau,
 )
@@ -44,15 +45,52 @@ def test_autonomous_slow_device_does_fewer_steps():
 
 def test_autonomous_drifting_edge_syncs_sooner():
     pol = Autonomous(k2_max=20)
-    pol.on_cloud_sync({"e0": _edge("e0", rounds=1, divergence=1.0), "e1": _edge("e1", rounds=1, divergence=1.0)})
-    calm = _edge("e0", rounds=1, divergence=0.2, sync_s=4.0)
-    drifting = _edge("e1", rounds=1, divergence=5.0, sync_s=4.0)
+    # The cloud's answers: e0 moves with the fleet (nu 0.1), e1 at right angles to it (nu 1.0).
+    pol.on_cloud_sync({"e0": EdgeObs("e0", 2, 1.0, 0.0, 1.0, 4.0, 0.0, 0.0, disagreement=0.1),
+                       "e1": EdgeObs("e1", 2, 1.0, 0.0, 1.0, 4.0, 0.0, 0.0, disagreement=1.0)})
+    calm, drifting = _edge("e0", sync_s=4.0), _edge("e1", sync_s=4.0)
     assert pol.edge_k2(drifting) < pol.edge_k2(calm)
+    # Absolute: kappa = 4 rounds per sync, g = nu / k: sqrt(2 * 4 / (1.0 / 2)) = 4 and sqrt(2 * 4 / 0.05) = 12.6.
+    assert pol.edge_k2(drifting) == 4 and pol.edge_k2(calm) == 13
     # Costlier links make an edge sync less often.
-    assert pol.edge_k2(_edge("e0", divergence=1.0, sync_s=16.0)) > pol.edge_k2(_edge("e0", divergence=1.0, sync_s=1.0))
-    # More device drift (non-IID devices) syncs sooner.
-    assert pol.edge_k2(_edge("e0", divergence=1.0, sync_s=16.0, drift=3.0)) < \
-        pol.edge_k2(_edge("e0", divergence=1.0, sync_s=16.0, drift=0.0))
+    assert pol.edge_k2(_edge("e1", sync_s=16.0)) > pol.edge_k2(_edge("e1", sync_s=1.0))
+    # Before any answer nu = 1 (nothing known); an edge that moves exactly with the fleet syncs rarely.
+    assert pol.edge_k2(_edge("e9", sync_s=2.0)) == 2
+    pol.on_cloud_sync({"e2": EdgeObs("e2", 1, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, disagreement=0.0)})
+    assert pol.edge_k2(_edge("e2", sync_s=0.01)) == 20
+    # No answer (no other change to compare with) keeps the last one.
+    pol.on_cloud_sync({"e1": EdgeObs("e1", 5, 1.0, 0.0, 1.0, 4.0, 0.0, 0.0, disagreement=None)})
+    assert pol.edge_k2(drifting) == 4
+    other = Autonomous(k2_max=20)
+    other.load_state_dict(pol.state_dict())
+    assert [other.edge_k2(e) for e in (calm, drifting)] == [13, 4]
+
+
+def test_autonomous_interval_does_not_depend_on_the_other_edges():
+    """The fault this rule replaced: normalized to the fleet mean, divergence had no absolute cost,
+    and every edge got k2 = 1. Here each edge's interval follows its own cost and drift, whatever
+    the others report, and edges that differ in both get different intervals."""
+    reports = {"cheap-iid": EdgeObs("cheap-iid", 2, 1.0, 0.0, 1.0, 0.5, 0.0, 0.0, disagreement=0.05),
+               "costly-iid": EdgeObs("costly-iid", 2, 1.0, 0.0, 1.0, 3.0, 0.0, 0.0, disagreement=0.05),
+               "costly-skewed": EdgeObs("costly-skewed", 2, 1.0, 0.0, 1.0, 3.0, 0.0, 0.0, disagreement=1.2)}
+    alone = {}
+    for e, r in reports.items():
+        pol = Autonomous(k2_max=16)
+        pol.on_cloud_sync({e: r})
+        alone[e] = pol.edge_k2(_edge(e, sync_s=r.sync_s))
+    together = Autonomous(k2_max=16)
+    together.on_cloud_sync(reports)
+    assert {e: together.edge_k2(_edge(e, sync_s=r.sync_s)) for e, r in reports.items()} == alone
+    assert alone["costly-skewed"] < alone["cheap-iid"] < alone["costly-iid"]
+    assert len(set(alone.values())) == 3
+
+
+def test_disagreement_is_one_minus_cosine():
+    a = {"w": torch.tensor([1.0, 0.0]), "head": torch.tensor([0.0])}
+    assert disagreement(a, {"w": torch.tensor([2.0, 0.0]), "head": torch.tensor([0.0])}) == pytest.approx(0.0)
+    assert disagreement(a, {"w": torch.tensor([0.0, 3.0]), "head": torch.tensor([0.0])}) == pytest.approx(1.0)
+    assert disagreement(a, {"w": torch.tensor([-1.0, 0.0]), "head": torch.tensor([0.0])}) == pytest.approx(2.0)
+    assert disagreement(a, {"w": torch.zeros(2), "head": torch.zeros(1)}) is None
 
 
 def test_autonomous_budget_floor():

@@ -21,6 +21,18 @@ class PartitionConfig(StrictModel):
     kind: Literal["iid", "dirichlet", "domain", "quantity"] = "iid"
     alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration (dirichlet, quantity)")
     min_samples: int = Field(default=1, ge=0, description="every client gets at least this many")
+    edge_alpha: list[float] | None = Field(
+        default=None, description="dirichlet: one alpha per edge (fleet order): each edge's class mix is drawn "
+                                  "with its own alpha, and its devices split its samples with it (docs/data.md)")
+
+    @model_validator(mode="after")
+    def _edge_alpha_for_dirichlet(self) -> PartitionConfig:
+        if self.edge_alpha is not None:
+            if self.kind != "dirichlet":
+                raise ValueError("edge_alpha needs kind 'dirichlet'")
+            if not self.edge_alpha or any(a <= 0 for a in self.edge_alpha):
+                raise ValueError("edge_alpha needs one positive alpha per edge")
+        return self
 
 
 class DataConfig(StrictModel):

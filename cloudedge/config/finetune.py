@@ -132,6 +132,9 @@ class FinetuneConfig(StrictModel):
     max_cloud_rounds: int = Field(default=100, ge=1, description="cloud updates (async: merges / edges)")
     target_accuracy: float | None = Field(default=None, gt=0, le=1, description="for time_to_target_s")
     eval_max: int | None = Field(default=None, ge=1, description="test samples used per evaluation")
+    eval_every_s: float | None = Field(
+        default=None, gt=0, description="score the global model every this many virtual seconds (the model in "
+                                        "effect then; the same instants for every policy); none: after each cloud update")
     checkpoint_every: int = Field(default=1, ge=1, description="cloud updates between checkpoints")
     robust: RobustSection = Field(default_factory=RobustSection)
     attack: AttackSection | None = Field(default=None, description="simulated attackers (experiments only)")

@@ -24,6 +24,10 @@ class ProfileOverride(StrictModel):
     availability: float | None = Field(default=None, ge=0, le=1)
     joules_per_flop: float | None = Field(default=None, ge=0)
     radio_joules_per_byte: float | None = Field(default=None, ge=0)
+    # An edge's link to the cloud when it differs from its access link (docs/profiles.md, "Links").
+    wan_uplink_Bps: float | None = Field(default=None, gt=0)
+    wan_downlink_Bps: float | None = Field(default=None, gt=0)
+    wan_latency_s: float | None = Field(default=None, ge=0)
 
 
 class CustomProfile(ProfileOverride):

@@ -4,7 +4,7 @@ See ``docs/data.md`` for the sources, the corruption parameters and the exact pa
 """
 
 from cloudedge.data.build import build_dataset, split_indices
-from cloudedge.data.partition import PARTITION_KINDS, partition, partition_stats
+from cloudedge.data.partition import PARTITION_KINDS, partition, partition_by_edge, partition_stats
 from cloudedge.data.shifts import CORRUPTIONS, SEVERITIES, check_corruption, corrupt
 from cloudedge.data.sources import (
     DIGIT_CLASSES,
@@ -43,6 +43,7 @@ __all__ = [
     "load_pydocs",
     "load_text",
     "partition",
+    "partition_by_edge",
     "partition_stats",
     "pydocs_classification",
     "resize_images",

@@ -177,6 +177,51 @@ def partition(
     return [np.sort(p.astype(np.int64)) for p in parts]
 
 
+def partition_by_edge(
+    labels: np.ndarray | Sequence[int],
+    devices_per_edge: Sequence[int],
+    edge_alpha: Sequence[float],
+    seed: int,
+    min_samples: int = 1,
+    weights: Sequence[float] | None = None,
+) -> list[np.ndarray]:
+    """Label skew that differs by edge: one index array per device, edges' devices in order.
+
+    Edge ``e`` draws its class mix ``q_e ~ Dirichlet(edge_alpha[e] * 1)``; each class is split over
+    the edges in proportion to ``s_e q_e[c]`` (``s_e``: the edge's share of the devices' ``weights``);
+    then edge ``e`` deals its samples over its devices by :func:`partition` ``dirichlet`` with the
+    same ``edge_alpha[e]``. Small alpha: an edge dominated by a few classes, and devices that are
+    more skewed still; large alpha: an edge close to the overall mix.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if len(devices_per_edge) != len(edge_alpha):
+        raise InputError(f"data.partition.edge_alpha: {len(edge_alpha)} values for {len(devices_per_edge)} edges")
+    n_dev = int(sum(devices_per_edge))
+    w = _normalized_weights(weights, n_dev)
+    _check_enough(len(labels), n_dev, min_samples)
+    rng = np.random.default_rng(seed)
+    bounds = np.cumsum([0, *devices_per_edge])
+    share = np.array([w[bounds[e]:bounds[e + 1]].sum() for e in range(len(devices_per_edge))])
+    mixes = np.stack([rng.dirichlet(np.full(int(labels.max()) + 1, float(a))) for a in edge_alpha])
+    edge_parts: list[list[np.ndarray]] = [[] for _ in devices_per_edge]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        props = share * mixes[:, cls]
+        props = props / props.sum() if props.sum() > 0 else share / share.sum()
+        cuts = np.round(np.cumsum(props)[:-1] * len(idx)).astype(np.int64)
+        for e, piece in enumerate(np.split(idx, cuts)):
+            edge_parts[e].append(piece)
+    out: list[np.ndarray] = []
+    for e, count in enumerate(devices_per_edge):
+        mine = np.concatenate(edge_parts[e])
+        if len(mine) < count * max(1, min_samples):
+            raise InputError(f"data.partition.edge_alpha: edge {e} drew {len(mine)} samples for {count} devices")
+        local = partition(labels[mine], count, "dirichlet", seed + 1 + e, alpha=float(edge_alpha[e]),
+                          min_samples=min_samples, weights=w[bounds[e]:bounds[e + 1]])
+        out.extend(np.sort(mine[p]) for p in local)
+    return out
+
+
 def partition_stats(labels: np.ndarray | Sequence[int], parts: Sequence[np.ndarray], n_classes: int) -> dict[str, Any]:
     """Per-client size and label histogram, and fleet-level skew summaries (plain JSON-able data).
 

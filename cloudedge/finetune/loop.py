@@ -62,7 +62,15 @@ from cloudedge.finetune.reliability import (
     stale_weight,
 )
 from cloudedge.finetune.selection import keep_first, select_devices
-from cloudedge.finetune.sync import DeviceObs, DeviceStats, EdgeObs, EdgeRoundStats, SyncPolicy, make_policy
+from cloudedge.finetune.sync import (
+    DeviceObs,
+    DeviceStats,
+    EdgeObs,
+    EdgeRoundStats,
+    SyncPolicy,
+    disagreement,
+    make_policy,
+)
 from cloudedge.finetune.workers import FinetuneWorker
 from cloudedge.fleet import Fleet, VirtualClock, transfer_seconds
 from cloudedge.fleet.topology import Node
@@ -104,6 +112,9 @@ class FinetuneSettings:
     max_cloud_rounds: int = 100
     target_accuracy: float | None = None
     eval_max: int | None = None
+    # Score the global model at the instants 0, e, 2e, ... <= time_budget_s (the model in effect at
+    # each), instead of after every cloud update: every method scored at the same instants.
+    eval_every_s: float | None = None
     checkpoint_every: int = 1
     seed: int = 0
     # Reliability (docs/reliability.md, "Reliability in fine-tuning"): the `finetune.robust`,
@@ -224,6 +235,7 @@ class HierFinetune:
         self.global_state: Tensors = engine.call(CLOUD, "initial_state")
         if settings.lora_mode == "product" and settings.refactor == "merge":
             self.global_state = with_base_deltas(self.global_state)
+        self._in_effect = self.global_state  # grid mode: the global model since the last cloud update
         self._init_charge()
         self.step_flops = float(self.charged["train_step_flops"])
         self.n_samples: dict[str, int] = {}  # filled as devices are met (sample_count needs no data)
@@ -693,11 +705,30 @@ class HierFinetune:
     def _evaluate(self) -> dict[str, float]:
         return self.engine.call(CLOUD, "evaluate", state=self.global_state, max_samples=self.s.eval_max)
 
+    def _score_grid(self, until: float, inclusive: bool = False) -> None:
+        """Grid mode: a row (``eval: grid``) for each instant of the grid before ``until`` (up to it
+        when ``inclusive``) not scored yet, with the global model in effect then."""
+        step = float(self.s.eval_every_s or 0.0)
+        k = sum(r.get("eval") == "grid" for r in self.history)
+        last_round = self.history[-1]["round"] if self.history else 0
+        while k * step <= self.s.time_budget_s + 1e-9 and (k * step < until or (inclusive and k * step <= until + 1e-9)):
+            ev = self.engine.call(CLOUD, "evaluate", state=self._in_effect, max_samples=self.s.eval_max)
+            row = {"round": last_round, "virtual_time_s": k * step, "acc": ev["acc"], "loss": ev["loss"],
+                   "eval": "grid"}
+            self.history.append(row)
+            if self.run_dir is not None:
+                self.run_dir.log(stage="finetune", method=self.method, **row)
+            k += 1
+
     def _log(self, t: float, extra: dict[str, Any]) -> dict[str, Any]:
-        ev = self._evaluate()
+        if self.s.eval_every_s:  # scored on the grid; the update row carries no accuracy
+            self._score_grid(t)
+            ev = {}
+        else:
+            ev = self._evaluate()
         links = self.clock.bytes_by_link
         row = {
-            "round": self.cloud_round, "virtual_time_s": t, "acc": ev["acc"], "loss": ev["loss"],
+            "round": self.cloud_round, "virtual_time_s": t, **{k: ev[k] for k in ("acc", "loss") if k in ev},
             "bytes_device_edge": int(links.get(("device", "edge"), 0)),
             "bytes_edge_cloud": int(links.get(("edge", "cloud"), 0)),
             "bytes_device_cloud": int(links.get(("device", "cloud"), 0)),
@@ -721,6 +752,7 @@ class HierFinetune:
         self.rejected_log = []
         self.failures_log = []
         self.history.append(row)
+        self._in_effect = self.global_state
         if self.run_dir is not None:
             self.run_dir.log(stage="finetune", method=self.method, **row)
         if self.progress is not None:
@@ -750,6 +782,8 @@ class HierFinetune:
                 break
             if ckpt_dir is not None and self.cloud_round % self.s.checkpoint_every == 0:
                 self._save(ckpt_dir)
+        if self.s.eval_every_s:
+            self._score_grid(self.s.time_budget_s, inclusive=True)
         return self.summary()
 
     def _round_two_tier(self) -> bool:
@@ -846,27 +880,32 @@ class HierFinetune:
         w = self.policy.merge_weight(share, staleness, len(self.fleet.edges))
         candidate = aggregate_lora([self.global_state, edge_state, item.pulled], [1.0, w, -w], self.s.lora_mode,
                                    scaling=self.scaling, refactor=self.s.refactor, reinit_seed=self._next_reinit_seed())
+        # The cloud's answer to the edge: how its change agrees with what the others did meanwhile.
+        nu = disagreement({k: edge_state[k] - item.pulled[k] for k in self.cloud_keys},
+                          {k: self.global_state[k] - item.pulled[k] for k in self.cloud_keys})
         self._apply_server(candidate)
-        self.policy.on_cloud_sync({item.edge_id: item.obs})
+        self.policy.on_cloud_sync({item.edge_id: _with(item.obs, disagreement=nu)})
         self.cloud_round += 1
         self.t_cloud = self.clock.advance_to(t)
         self._log(t, {"syncs": self.cloud_round, "edge": item.edge_id, "k2": item.obs.rounds_done,
-                      "staleness": staleness, "merge_weight": w})
+                      "staleness": staleness, "merge_weight": w, "disagreement": nu})
         self._start_periods([item.edge_id], t)
         return False
 
     # --- results --------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        last = self.history[-1]
+        last = next(r for r in reversed(self.history) if "bytes_device_edge" in r)  # the last update row
         target = self.s.target_accuracy
-        hit = next((r["virtual_time_s"] for r in self.history if target is not None and r["acc"] >= target), None)
+        scored = [r for r in self.history if "acc" in r]  # grid mode: the grid rows
+        hit = next((r["virtual_time_s"] for r in scored if target is not None and r["acc"] >= target), None)
         return {
             "method": self.method,
             "policy": self.s.policy,
             "lora_mode": self.s.lora_mode + (f"/{self.s.refactor}" if self.s.lora_mode == "product" else ""),
-            "final_acc": last["acc"],
-            "best_acc": max(r["acc"] for r in self.history),
+            "final_acc": scored[-1]["acc"],
+            "best_acc": max(r["acc"] for r in scored),
+            "eval_every_s": self.s.eval_every_s,
             "target_accuracy": target,
             "time_to_target_s": hit,
             "virtual_time_s": last["virtual_time_s"],
@@ -969,6 +1008,7 @@ class HierFinetune:
         self.clock.load_state_dict(state["clock"])
         self.policy.load_state_dict(state["policy"])
         self.history = list(state["history"])
+        self._in_effect = self.global_state
         self.dropped_total, self.device_steps_total = int(state["dropped_total"]), int(state["device_steps_total"])
         self._restore_reliability(state["reliability"], tensors, str(ckpt_dir))
         self.pending = []

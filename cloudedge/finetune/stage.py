@@ -78,9 +78,17 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         device_data = LazyDeviceData(fleet, lambda i: {k: v[torch.as_tensor(view.indices(i), dtype=torch.long)]
                                                        for k, v in train_t.items()}, view.sizes)
     else:
-        shards = partition(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
-                           domains=getattr(train, "domains", None), min_samples=max(1, part.min_samples),
-                           weights=fleet.data_shares())
+        if part.edge_alpha is not None:  # label skew that differs by edge (docs/data.md)
+            from cloudedge.data import partition_by_edge
+
+            # Devices are numbered edge by edge, so the shards come out in `devices` order.
+            per_edge = [len(fleet.devices_of(e.id)) for e in fleet.edges]  # lengths only: no nodes built
+            shards = partition_by_edge(labels, per_edge, part.edge_alpha, cfg.seed,
+                                       min_samples=max(1, part.min_samples), weights=fleet.data_shares())
+        else:
+            shards = partition(labels, len(devices), part.kind, cfg.seed, alpha=part.alpha,
+                               domains=getattr(train, "domains", None), min_samples=max(1, part.min_samples),
+                               weights=fleet.data_shares())
         device_data = {d.id: {k: v[torch.as_tensor(idx, dtype=torch.long)] for k, v in train_t.items()}
                        for d, idx in zip(devices, shards, strict=True)}
     if base_tensors is None and fcfg.init:
@@ -136,6 +144,7 @@ def settings_from_config(cfg: RunConfig, policy: str | None = None) -> FinetuneS
         compression=f.compression, participation=f.participation, time_budget_s=f.time_budget_s,
         device=f.device,
         max_cloud_rounds=f.max_cloud_rounds, target_accuracy=f.target_accuracy, eval_max=f.eval_max,
+        eval_every_s=f.eval_every_s,
         checkpoint_every=f.checkpoint_every, seed=cfg.seed,
         robust=f.robust.model_dump(), attack=None if f.attack is None else f.attack.model_dump(),
         churn=f.churn.model_dump(), privacy=None if f.privacy is None else f.privacy.model_dump(),

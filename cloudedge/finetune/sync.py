@@ -52,6 +52,9 @@ class EdgeObs:
     now: float = 0.0
     layer_divergence: float = 0.0  # Tempo's d_i: sum over layers of |w_edge - w_global| * n_i / N
     sync_bytes: float = 0.0  # bytes of one edge <-> cloud sync (up + down)
+    # The cloud's answer at a sync: 1 - cos(this edge's change since its pull, the others' change
+    # meanwhile), in [0, 2]; None when the cloud saw no other change to compare with.
+    disagreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -254,18 +257,22 @@ class Autonomous(SyncPolicy):
     for ``k1`` steps, divided by ``margin`` (its own devices' speeds; no global k1 for anyone).
 
     Edge: syncs with the cloud after ``k2_e`` edge rounds, chosen after each round as
-    ``k2_e = clip(round(sqrt(2 kappa_e / (alpha g_e))), k2_floor_e, k2_max)``:
+    ``k2_e = clip(round(sqrt(2 kappa_e / (alpha g_e))), k2_floor_e, k2_max)``, every input in
+    absolute units (edge rounds), so an edge's interval does not depend on the other edges':
 
     - ``kappa_e = sync_s / round_s + sync_energy_j / round_energy_j``: what one sync costs, in edge
       rounds of time and of energy (link cost and energy);
-    - ``g_e = (r_e / r_ref) * (1 + nu_e) / (1 + nu_ref)``: how fast this edge drifts from the
-      global model (``r_e`` = divergence per edge round) and how non-IID its devices are (``nu_e``
-      = their drift), relative to the fleet's references the cloud sends back at each sync;
+    - ``g_e = nu_e / k_e``: the share of a round's progress that staleness wastes, per round without
+      a sync. ``nu_e = 1 - cos(edge change since its pull, the other edges' change meanwhile)``
+      (0: it moves where the fleet moves; 1: at right angles; 2: against it), measured by the cloud
+      at each sync over that period's ``k_e`` rounds and sent back with the global model; before
+      the first answer, ``nu = 1`` (nothing known: assume no agreement);
     - ``k2_floor_e`` keeps edge -> cloud bytes within ``sync_budget_bytes`` over ``time_budget_s``.
 
-    This is the sync interval that minimises (sync cost + accumulated divergence) per round when
-    divergence grows linearly between syncs (the square-root rule of a fixed-cost/linear-holding
-    trade-off). ``barrier`` is False: each edge merges into the global model when it decides.
+    With a fixed cost per sync and a waste that grows linearly between syncs, the interval that
+    minimises (sync cost + waste) per round is the square-root rule (the economic-order-quantity
+    trade-off): an edge whose data pull it away from the fleet syncs sooner, an edge behind an
+    expensive link later. ``barrier`` is False: each edge merges into the global model when it decides.
     """
 
     name = "autonomous"
@@ -278,8 +285,8 @@ class Autonomous(SyncPolicy):
         self.alpha, self.k2_max, self.margin = float(alpha), int(k2_max), float(margin)
         self.staleness_exponent = float(staleness_exponent)
         self.sync_budget_bytes, self.time_budget_s = sync_budget_bytes, float(time_budget_s)
-        self.rate_ref: float | None = None
-        self.drift_ref: float | None = None
+        self.disagreement_of: dict[str, float] = {}  # the cloud's last nu_e, per edge
+        self.rounds_of: dict[str, int] = {}  # the k_e that nu_e was measured over
         self.k2_of: dict[str, int] = {}
 
     def deadline(self, edge: EdgeObs) -> float | None:
@@ -297,24 +304,24 @@ class Autonomous(SyncPolicy):
         steps = math.floor(room / device.sec_per_step) if device.sec_per_step > 0 else self.max_steps
         return 0 if steps < self.min_steps else int(min(self.max_steps, steps))
 
+    def waste_rate(self, edge_id: str) -> float:
+        """``g_e = nu_e / k_e``: the share of a round's progress lost per round without a sync."""
+        nu = self.disagreement_of.get(edge_id, 1.0)
+        return nu / max(1, self.rounds_of.get(edge_id, 1))
+
     def edge_k2(self, edge: EdgeObs) -> int:
         """The edge's current sync interval (edge rounds per cloud sync) from what it observes."""
         kappa = edge.sync_s / max(edge.round_s, 1e-12)
         if edge.round_energy_j > 0:
             kappa += edge.sync_energy_j / edge.round_energy_j
-        rate = edge.divergence / max(1, edge.rounds_done)
-        g = 1.0
-        if self.rate_ref and self.rate_ref > 0:
-            g = max(rate / self.rate_ref, 1e-6)
-        if self.drift_ref is not None:
-            g *= (1 + edge.device_drift) / (1 + self.drift_ref)
-        k2 = math.sqrt(2 * kappa / (self.alpha * g))
+        g = self.waste_rate(edge.edge_id)
+        k2 = math.sqrt(2 * kappa / (self.alpha * g)) if g > 0 else math.inf
         floor = 1
         if self.sync_budget_bytes:
             syncs_allowed = self.sync_budget_bytes / max(edge.sync_bytes, 1.0)
             rounds_in_budget = self.time_budget_s / max(edge.round_s, 1e-12)
             floor = max(1, math.ceil(rounds_in_budget / max(syncs_allowed, 1e-12)))
-        return int(min(self.k2_max, max(floor, round(k2))))
+        return int(min(self.k2_max, max(floor, round(k2) if math.isfinite(k2) else self.k2_max)))
 
     def merge_weight(self, data_share: float, staleness: int, n_edges: int) -> float:
         """The cloud's mixing weight for an edge's merge: ``global += eta_e (edge - pulled_e)``.
@@ -338,19 +345,40 @@ class Autonomous(SyncPolicy):
         return edge.rounds_done >= k2
 
     def on_cloud_sync(self, reports: dict[str, EdgeObs]) -> None:
-        # The cloud's references: EMA of the reported per-round divergence and device drift.
-        for r in reports.values():
-            rate = r.divergence / max(1, r.rounds_done)
-            self.rate_ref = rate if self.rate_ref is None else 0.8 * self.rate_ref + 0.2 * rate
-            drift = r.device_drift
-            self.drift_ref = drift if self.drift_ref is None else 0.8 * self.drift_ref + 0.2 * drift
+        # The cloud's answer to each edge that synced: its disagreement with the fleet, and over
+        # how many rounds it was measured (kept until the next answer).
+        for e, r in reports.items():
+            if r.disagreement is not None:
+                self.disagreement_of[e] = float(r.disagreement)
+                self.rounds_of[e] = max(1, int(r.rounds_done))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rate_ref": self.rate_ref, "drift_ref": self.drift_ref, "k2_of": dict(self.k2_of)}
+        return {"disagreement_of": dict(self.disagreement_of), "rounds_of": dict(self.rounds_of),
+                "k2_of": dict(self.k2_of)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rate_ref, self.drift_ref = state.get("rate_ref"), state.get("drift_ref")
+        self.disagreement_of = {str(k): float(v) for k, v in state.get("disagreement_of", {}).items()}
+        self.rounds_of = {str(k): int(v) for k, v in state.get("rounds_of", {}).items()}
         self.k2_of = {str(k): int(v) for k, v in state.get("k2_of", {}).items()}
+
+
+def disagreement(change: dict[str, Any], others: dict[str, Any]) -> float | None:
+    """``1 - cos(change, others)`` over the tensors both have (flattened together), in [0, 2].
+
+    ``change``: an edge's state minus the global state it pulled; ``others``: how the global model
+    moved by the other edges' updates over the same time. None when either is zero (nothing to compare).
+    """
+    dot = na = nb = 0.0
+    for k, a in change.items():
+        if k not in others:
+            continue
+        a64, b64 = a.double().reshape(-1), others[k].double().reshape(-1)
+        dot += float(a64 @ b64)
+        na += float(a64 @ a64)
+        nb += float(b64 @ b64)
+    if na <= 0 or nb <= 0:
+        return None
+    return 1.0 - dot / math.sqrt(na * nb)
 
 
 POLICIES: dict[str, type[SyncPolicy]] = {

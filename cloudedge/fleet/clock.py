@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cloudedge.errors import InputError
-from cloudedge.fleet.profiles import TIERS, Profile, Tier
+from cloudedge.fleet.profiles import TIERS, Profile, Tier, link_figures
 from cloudedge.fleet.topology import Fleet, Node
 
 STATE_VERSION = 1
@@ -42,8 +42,9 @@ def compute_seconds(profile: Profile, flops: float) -> float:
 
 def transfer_seconds(src_profile: Profile, dst_profile: Profile, nbytes: float) -> float:
     """Seconds one message of `nbytes` takes from src to dst when nothing else is on the links."""
-    rate = min(src_profile.uplink_Bps, dst_profile.downlink_Bps)
-    return nbytes / rate + max(src_profile.latency_s, dst_profile.latency_s)
+    up, _, src_lat, _ = link_figures(src_profile, dst_profile.tier)
+    _, down, dst_lat, _ = link_figures(dst_profile, src_profile.tier)
+    return nbytes / min(up, down) + max(src_lat, dst_lat)
 
 
 def link_key(tier_a: Tier, tier_b: Tier) -> tuple[Tier, Tier]:
@@ -87,6 +88,9 @@ class VirtualClock:
         # When each node's uplink / downlink pipe has carried all bytes queued on it.
         self._up_free: dict[str, float] = defaultdict(float)
         self._down_free: dict[str, float] = defaultdict(float)
+        # An edge's WAN pipe to the cloud, where its profile gives one (``wan_*``): its own queue.
+        self._wan_up_free: dict[str, float] = defaultdict(float)
+        self._wan_down_free: dict[str, float] = defaultdict(float)
         self.bytes_by_link: dict[tuple[Tier, Tier], int] = {}
         self.bytes_by_direction: dict[tuple[Tier, Tier], int] = {}
         self.messages = 0
@@ -122,13 +126,15 @@ class VirtualClock:
         src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
         sp, dp = src.profile, dst.profile
         begin = max(self.now if start is None else start, self._data_ready[src_id])
+        up, _, src_lat, src_wan = link_figures(sp, dp.tier)
+        _, down, dst_lat, dst_wan = link_figures(dp, sp.tier)
+        up_free = self._wan_up_free if src_wan else self._up_free
+        down_free = self._wan_down_free if dst_wan else self._down_free
         # Each end's pipe carries the message at that end's full rate, after what is queued on it.
-        self._up_free[src_id] = max(begin, self._up_free[src_id]) + nbytes / sp.uplink_Bps
-        self._down_free[dst_id] = max(begin, self._down_free[dst_id]) + nbytes / dp.downlink_Bps
-        wire_end = max(
-            begin + nbytes / min(sp.uplink_Bps, dp.downlink_Bps), self._up_free[src_id], self._down_free[dst_id]
-        )
-        end = wire_end + max(sp.latency_s, dp.latency_s)
+        up_free[src_id] = max(begin, up_free[src_id]) + nbytes / up
+        down_free[dst_id] = max(begin, down_free[dst_id]) + nbytes / down
+        wire_end = max(begin + nbytes / min(up, down), up_free[src_id], down_free[dst_id])
+        end = wire_end + max(src_lat, dst_lat)
         self._mark_busy(src_id, begin, end)
         self._mark_busy(dst_id, begin, end)
         self._data_ready[dst_id] = max(self._data_ready[dst_id], end)
@@ -231,7 +237,9 @@ class VirtualClock:
 
     # -- resume -------------------------------------------------------------------------------
 
-    _PER_NODE = ("busy_until", "busy_s", "energy_j", "flops_done", "_data_ready", "_up_free", "_down_free")
+    _PER_NODE = ("busy_until", "busy_s", "energy_j", "flops_done", "_data_ready", "_up_free", "_down_free",
+                 "_wan_up_free", "_wan_down_free")
+    _OPTIONAL = ("_wan_up_free", "_wan_down_free")  # absent from states saved before WAN links existed
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue accounting after a restart, as plain JSON-able data.
@@ -263,7 +271,8 @@ class VirtualClock:
             raise InputError(f"{where}: saved for another fleet ({got} nodes, this fleet has {len(self.fleet.nodes)})")
         ids = saved
         try:
-            per_node = {name: [float(v) for v in state["per_node"][name.lstrip("_")]] for name in self._PER_NODE}
+            saved_per_node = {**{n.lstrip("_"): [0.0] * len(ids) for n in self._OPTIONAL}, **state["per_node"]}
+            per_node = {name: [float(v) for v in saved_per_node[name.lstrip("_")]] for name in self._PER_NODE}
             if any(len(v) != len(ids) for v in per_node.values()):
                 raise ValueError("per-node lists of the wrong length")
             now = float(state["now"])

@@ -49,6 +49,11 @@ class Profile:
     joules_per_flop: float
     radio_joules_per_byte: float
     source: str
+    # An edge's backhaul to the cloud, when it differs from its access link to devices (a site
+    # with Wi-Fi/LAN to its devices and a WAN uplink of tens of Mbit/s): None = the access figures.
+    wan_uplink_Bps: float | None = None
+    wan_downlink_Bps: float | None = None
+    wan_latency_s: float | None = None
 
     def __post_init__(self) -> None:
         # Built-in figures and config overrides are both checked upstream; this guards code that
@@ -58,11 +63,28 @@ class Profile:
                 raise ValueError(f"profile {self.name!r}: {field} must be > 0, got {getattr(self, field)}")
         if not 0.0 <= self.availability <= 1.0:
             raise ValueError(f"profile {self.name!r}: availability must be in [0, 1]")
+        for field in ("wan_uplink_Bps", "wan_downlink_Bps"):
+            if getattr(self, field) is not None and not getattr(self, field) > 0:
+                raise ValueError(f"profile {self.name!r}: {field} must be > 0, got {getattr(self, field)}")
+        if self.wan_latency_s is not None and self.wan_latency_s < 0:
+            raise ValueError(f"profile {self.name!r}: wan_latency_s must be >= 0")
         for field in ("latency_s", "joules_per_flop", "radio_joules_per_byte"):
             if getattr(self, field) < 0:
                 raise ValueError(f"profile {self.name!r}: {field} must be >= 0")
         if self.tier not in TIERS:
             raise ValueError(f"profile {self.name!r}: tier must be one of {TIERS}")
+
+
+def link_figures(profile: Profile, peer_tier: str) -> tuple[float, float, float, bool]:
+    """``(uplink_Bps, downlink_Bps, latency_s, wan)`` of the link ``profile`` uses to reach a node of
+    ``peer_tier``: an edge's ``wan_*`` figures toward the cloud where given (``wan`` True: its own
+    pipe, separate from the access link), else the access figures."""
+    if profile.tier == "edge" and peer_tier == "cloud" and (
+            profile.wan_uplink_Bps is not None or profile.wan_downlink_Bps is not None
+            or profile.wan_latency_s is not None):
+        return (profile.wan_uplink_Bps or profile.uplink_Bps, profile.wan_downlink_Bps or profile.downlink_Bps,
+                profile.latency_s if profile.wan_latency_s is None else profile.wan_latency_s, True)
+    return profile.uplink_Bps, profile.downlink_Bps, profile.latency_s, False
 
 
 def _sustained(peak_flops: float, utilization: float) -> float:

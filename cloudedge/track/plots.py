@@ -100,6 +100,48 @@ def shift_bars(rows: list[dict[str, Any]], out_dir: Path, metric: str = "acc") -
     return path
 
 
+def k2_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[list[float], list[int]]]]:
+    """Per fine-tuning method, per edge: (virtual times, edge rounds it ran before that sync).
+
+    Asynchronous merges log one edge's ``k2`` (an int) and its ``edge``; barrier syncs log a dict
+    ``{edge: k2}``; fedavg2 logs none."""
+    out: dict[str, dict[str, tuple[list[float], list[int]]]] = defaultdict(lambda: defaultdict(lambda: ([], [])))
+    for r in rows:
+        k2, t = r.get("k2"), r.get("virtual_time_s")
+        if r.get("stage", "finetune") != "finetune" or k2 is None or t is None:
+            continue
+        per_edge = k2 if isinstance(k2, dict) else {str(r.get("edge")): k2}
+        for edge, k in per_edge.items():
+            xs, ys = out[str(r.get("method", "run"))][str(edge)]
+            xs.append(float(t))
+            ys.append(int(k))
+    return {m: dict(e) for m, e in out.items()}
+
+
+def k2_plot(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
+    """The sync interval each edge ran over virtual time, a panel per fine-tuning method, a line per edge."""
+    series = k2_series(rows)
+    if not series:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = sorted(series)
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods) + 1, 3.4), dpi=110, squeeze=False,
+                             sharey=True)
+    for ax, method in zip(axes[0], methods, strict=True):
+        for edge, (xs, ys) in sorted(series[method].items()):
+            ax.step(xs, ys, where="post", marker=".", label=edge)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("virtual time (s)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("edge rounds per cloud sync (k2)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "finetune_k2_per_edge.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def availability_plot(rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
     """Fine-tuning's devices online (left axis) and dropouts per cloud round (right axis) over virtual
     time, a line per method; None when the rows carry no ``online_devices``."""

@@ -17,7 +17,7 @@ import yaml
 
 from cloudedge.checkpoint import atomic_write_text
 from cloudedge.errors import InputError
-from cloudedge.track.plots import availability_plot, curve_plots, shift_bars
+from cloudedge.track.plots import availability_plot, curve_plots, k2_plot, shift_bars
 from cloudedge.track.run import read_metrics
 from cloudedge.track.units import BEST_MARK, format_value, method_table
 
@@ -103,12 +103,10 @@ def build_blocks(run_dir: Path) -> list[Block]:
             blocks.append(Block("table", rows=[["key", "value"], *([k, format_value(k, v)] for k, v in notes.items())]))
 
     plots = curve_plots(rows, run_dir / "plots")
-    bars = shift_bars(rows, run_dir / "plots")
-    if bars is not None:
-        plots.append(bars)
-    online = availability_plot(rows, run_dir / "plots")
-    if online is not None:
-        plots.append(online)
+    for extra in (shift_bars(rows, run_dir / "plots"), k2_plot(rows, run_dir / "plots"),
+                  availability_plot(rows, run_dir / "plots")):
+        if extra is not None:
+            plots.append(extra)
     if plots:
         blocks.append(Block("heading", "Plots"))
         for p in plots:
