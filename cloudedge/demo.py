@@ -49,6 +49,7 @@ class DemoPlan:
     finetune_policies: tuple[str, ...]
     adapt_methods: tuple[str, ...]
     adapt_samples: int
+    adapt_streams: tuple[dict[str, Any], ...]  # label-preserving glyph shifts, one per edge (round-robin)
 
     @classmethod
     def make(cls, quick: bool) -> DemoPlan:
@@ -68,6 +69,7 @@ class DemoPlan:
             finetune_policies=("fedavg2", "hierfavg", "autonomous"),
             adapt_methods=("zeroshot", "tpt", "swapprompt"),
             adapt_samples=96 if quick else 256,
+            adapt_streams=({"shift": "held_out_font"}, {"shift": "palette"}, {"corruption": "gaussian_noise", "severity": 3}),
         )
 
 
@@ -202,19 +204,37 @@ def _stage_finetune(cfg: RunConfig, run, engine, plan: DemoPlan, model_dir: Path
 # --- stage 3: test-time prompt adaptation -------------------------------------------------------
 
 def _stage_adapt(cfg: RunConfig, run, engine, plan: DemoPlan, model_dir: Path, console: Console) -> dict[str, Any]:
-    from cloudedge.adapt import adapt
+    """Adapt a CLIP worth adapting: the digit CLIP of stage 1 reads no shifted glyphs, so this stage
+    uses the cached glyph CLIP (:mod:`cloudedge.adapt.glyph_clip`, quick recipe; built on first use)
+    on the plan's label-preserving glyph shifts. ``model_dir`` (stage 1's CLIP) is not adapted."""
+    import json
 
+    from cloudedge.adapt import adapt
+    from cloudedge.adapt.glyph_clip import GLYPH_VIEWS, MODEL, glyph_clip, glyph_data
+    from cloudedge.config.adapt import StreamSpec
+    from cloudedge.config.data import DataConfig
+    from cloudedge.config.model import ModelConfig
+
+    del model_dir
+    console.print("[bold]adapt[/bold] glyph CLIP (cached after its first build) ...")
+    clip_dir, card = glyph_clip(quick=True)
+    (run.path / "adapt_model_card.json").write_text(json.dumps(card, indent=2))
+    streams = [StreamSpec(**s) for s in plan.adapt_streams]
+    cfg = cfg.model_copy(update={"data": DataConfig(**glyph_data(512, 36 * -(-plan.adapt_samples // 36))),
+                                 "model": ModelConfig(**MODEL),
+                                 "adapt": cfg.adapt.model_copy(update={"streams": streams})})
     methods = {}
     for method in plan.adapt_methods:
         console.print(f"[bold]adapt[/bold] {method} ...")
-        res = adapt(cfg, run, engine, checkpoint=model_dir, method=method, stream_samples=plan.adapt_samples)
+        args = {"augment": GLYPH_VIEWS} if method in ("tpt", "swapprompt") else {}
+        res = adapt(cfg, run, engine, checkpoint=clip_dir, method=method, stream_samples=plan.adapt_samples,
+                    method_args=args)
         s = res.summary
         methods[method] = {k: s.get(k) for k in ("acc_mean", "acc_per_shift", "ms_per_image", "peak_mem_mb",
                                                  "prompt_bytes_up")}
-    return {"methods": methods, "streams": [s.model_dump() for s in cfg.adapt.streams]}
+    return {"methods": methods, "streams": [s.model_dump() for s in streams],
+            "clip": {"path": str(clip_dir), "zero_shot": card.get("zero_shot")}}
 
-
-# --- headline -----------------------------------------------------------------------------------
 
 def _headline(pre: dict[str, Any], ood: dict[str, Any], ft: dict[str, Any], ad: dict[str, Any]) -> dict[str, Any]:
     pm = pre["methods"]

@@ -31,9 +31,13 @@ from cloudedge.config import config_from_dict
 
 # Bump whenever the build recipe changes in a way the config below does not show.
 GLYPH_CLIP_VERSION = 1
-MODEL: dict[str, Any] = {"kind": "clip", "hidden": 64, "layers": 2, "heads": 4, "context": 64, "image_size": 28,
+MODEL: dict[str, Any] = {"kind": "clip", "hidden": 64, "layers": 2, "heads": 4, "context": 48, "image_size": 28,
                          "patch_size": 7, "channels": 3, "projection_dim": 64}
 HELD_OUT_FONTS = ["computer-modern"]
+# Views for the augmenting methods (TPT and SwapPrompt alike) on these 28 px glyphs, chosen on clean
+# source images: crops of half the area and 15 degrees keep a character readable, and two such views
+# of one image disagree often enough to teach something (docs/prompt-tuning.md).
+GLYPH_VIEWS: dict[str, Any] = {"crop_scale": [0.5, 1.0], "degrees": 15.0, "brightness": 0.25, "contrast": 0.5}
 CARD = "model_card.json"
 
 
@@ -46,12 +50,12 @@ def glyph_data(train_size: int, test_size: int) -> dict[str, Any]:
 
 def pretrain_config(quick: bool) -> dict[str, Any]:
     """The CLIP's pre-training run: cloud only, synchronous AdamW on image-caption pairs."""
-    train_size, rounds = (14_400, 150) if quick else (43_200, 600)
+    train_size, rounds = (14_400, 300) if quick else (43_200, 1200)
     return {
         "name": "glyph-clip", "seed": 0,
         "fleet": {"cloud": {"profile": "a100"}, "edges": [{"count": 1, "profile": "edge-server"}]},
         "data": glyph_data(train_size, 1_440), "model": MODEL,
-        "pretrain": {"task": "clip", "workers": ["cloud"], "global_batch": 256, "rounds": rounds, "lr": 2e-3,
+        "pretrain": {"task": "clip", "workers": ["cloud"], "global_batch": 128, "rounds": rounds, "lr": 2e-3,
                      "weight_decay": 0.1, "warmup_rounds": 10, "eval_every": rounds, "checkpoint_every": 100_000},
     }
 

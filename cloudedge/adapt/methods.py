@@ -279,7 +279,7 @@ class SwapPrompt(_PromptMethod):
 
     def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0,
                  ctx_init: str | None = DEFAULT_CTX_INIT, n_ctx: int = 4, lr: float = 5e-3,
-                 momentum: float = 0.99, temperature: float = 1.0, balance: str = "none",
+                 momentum: float = 0.99, temperature: float = 0.5, balance: str = "sinkhorn",
                  sinkhorn_iters: int = 3, swap: bool = True, steps: int = 1, entropy_weight: float = 0.0,
                  confident_frac: float = 1.0, predict_with: str = "both",
                  augment: AugmentSpec | None = None):

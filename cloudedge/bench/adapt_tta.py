@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cloudedge.adapt.glyph_clip import MODEL, glyph_clip, glyph_data
+from cloudedge.adapt.glyph_clip import GLYPH_VIEWS, MODEL, glyph_clip, glyph_data
 from cloudedge.config import config_from_dict
 
 GATE_POINTS = 8.0
@@ -43,11 +43,10 @@ FULL_EXTRA: list[dict[str, Any]] = [
 ]
 SEVERE: list[dict[str, Any]] = [
     {"corruption": c, "severity": 5} for c in ("gaussian_noise", "defocus_blur", "contrast", "pixelate")]
-# Views for the augmenting methods (TPT and SwapPrompt alike), chosen on clean source images so that
-# two views of a 28 px glyph disagree often yet keep the character readable (docs/prompt-tuning.md).
-VIEWS = {"crop_scale": [0.5, 1.0], "degrees": 15.0, "brightness": 0.25, "contrast": 0.5}
-SWAPPROMPT = {"augment": VIEWS, "lr": 0.01, "temperature": 0.5, "balance": "sinkhorn", "momentum": 0.99,
-              "steps": 2}
+VIEWS = GLYPH_VIEWS
+# SwapPrompt at its defaults (lr 5e-3, momentum 0.99, temperature 0.5, Sinkhorn-balanced targets, one
+# step per batch), spelled out so the ablations below differ from it in one knob each.
+SWAPPROMPT = {"augment": VIEWS, "lr": 5e-3, "momentum": 0.99, "temperature": 0.5, "balance": "sinkhorn", "steps": 1}
 METHODS: dict[str, dict[str, Any]] = {
     "zeroshot": {"method": "zeroshot"},
     "coop": {"method": "coop", "coop_fit": "source"},
