@@ -226,3 +226,13 @@ def test_glyph_clip_is_built_once_and_reused(tmp_path, monkeypatch):
     assert 0.0 <= again["zero_shot"]["clean_held_in_fonts"] <= 1.0 and again["training"]["rounds"] == 2
     other_dir, other = gc.glyph_clip(False)  # another recipe: another folder
     assert other_dir != first_dir and not other["cached"]
+
+
+def test_demo_adapts_on_label_preserving_glyph_shifts():
+    from cloudedge.config.adapt import StreamSpec
+    from cloudedge.demo import DemoPlan
+
+    for quick in (True, False):
+        specs = [StreamSpec(**s) for s in DemoPlan.make(quick).adapt_streams]
+        assert any(s.shift == "held_out_font" for s in specs)
+        assert all(s.corruption is None or s.severity <= 3 for s in specs)
