@@ -167,35 +167,100 @@ class AdaptWorker:
 
 @dataclass
 class Stream:
-    """One edge's test stream: its shift's name and the images in streaming order."""
+    """One edge's test stream: its shift's name and the images in streaming order.
+
+    ``labelled``: images of the same shift disjoint from the stream, with labels (what the oracle
+    CoOp, ``coop_fit: shift``, is fitted on); None unless asked for."""
 
     edge_id: str
     shift: str
     images: torch.Tensor
     labels: torch.Tensor
+    labelled: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _test_bases(data_cfg: Any, test: Any) -> tuple[Any, Any]:
+    """(held-in test images, held-out-font test images). For ``glyphs`` with ``held_out_fonts``
+    the dataset's test split shows only the held-out fonts, so the held-in test images are the
+    test split rendered from the training fonts; other sources have one test split (no font shift)."""
+    if data_cfg.source != "glyphs" or not data_cfg.glyphs.held_out_fonts:
+        return test, None
+    from cloudedge.data.glyphs import glyph_specs, glyph_split
+
+    train_spec, _ = glyph_specs(data_cfg.glyphs, data_cfg.image_size)
+    return glyph_split(train_spec, "test", data_cfg.glyphs.test_size, data_cfg.glyphs.cache), test
+
+
+def prompt_class_names(data_cfg: Any, classes: list[str]) -> list[str]:
+    """How prompts name the classes: glyph captions say "digit seven" / "letter A", so prompts do too."""
+    if data_cfg.source != "glyphs":
+        return list(classes)
+    from cloudedge.data.glyph_attrs import class_phrase
+
+    return [class_phrase(c) for c in classes]
+
+
+def _shifted(spec: Any, k: int, base: Any, font_base: Any, seed: int) -> tuple[Any, str]:
+    """The test images under stream spec ``k`` and the shift's name."""
+    from cloudedge.data import check_corruption, corrupt
+    from cloudedge.data.glyph_shifts import HELD_OUT_FONT, shift_glyphs
+
+    ds, names = base, []
+    if spec.shift == HELD_OUT_FONT:
+        if font_base is None:
+            raise InputError(f"adapt.streams.{k}.shift: held_out_font needs data.source glyphs with "
+                             "data.glyphs.held_out_fonts")
+        ds = font_base
+    elif spec.shift is not None:
+        ds = shift_glyphs(base, spec.shift, seed + 1 + k)
+    if spec.shift is not None:
+        names.append(spec.shift)
+    if spec.corruption:
+        check_corruption(spec.corruption, spec.severity, field=f"adapt.streams.{k}.corruption")
+        ds = corrupt(ds, spec.corruption, spec.severity, seed + 1 + k)
+        names.append(f"{spec.corruption}@{spec.severity}")
+    return ds, "+".join(names) or "clean"
 
 
 def build_streams(cfg: RunConfig, acfg: AdaptConfig, edge_ids: list[str]) -> tuple[list[Stream], Any, list[str]]:
-    """Each edge's stream (test split under its shift, seeded order) and the clean source split."""
-    from cloudedge.data import build_dataset, check_corruption, corrupt
+    """Each edge's stream (test split under its shift, seeded order) and the clean source split.
+
+    Edge ``i`` streams spec ``k = i % len(streams)``; the edges sharing a spec take consecutive,
+    disjoint slices of one seeded order of its images. Class names are returned as prompts say them.
+    """
+    from cloudedge.data import build_dataset
 
     data_cfg = acfg.data or cfg.data
     train, test = build_dataset(data_cfg, cfg.base_dir, cfg.seed)
     if not hasattr(test, "x"):
         raise InputError(f"adapt.data.source: prompt tuning needs images, got '{data_cfg.source}'")
+    base, font_base = _test_bases(data_cfg, test)
+    n_specs = len(acfg.streams)
+    copies = [len(range(k, len(edge_ids), n_specs)) for k in range(n_specs)]
+    shifted: dict[int, tuple[Any, str, torch.Tensor]] = {}
     streams = []
     for i, edge_id in enumerate(edge_ids):
-        spec = acfg.streams[i % len(acfg.streams)]
-        ds, shift = test, "clean"
-        if spec.corruption:
-            check_corruption(spec.corruption, spec.severity, field=f"adapt.streams.{i % len(acfg.streams)}.corruption")
-            ds = corrupt(test, spec.corruption, spec.severity, cfg.seed + 1 + i)
-            shift = f"{spec.corruption}@{spec.severity}"
-        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + i))
-        if acfg.stream_samples is not None:
-            order = order[: acfg.stream_samples]
-        streams.append(Stream(edge_id, shift, ds.x[order].contiguous(), ds.y[order].contiguous()))
-    return streams, train, list(test.classes)
+        k, copy = i % n_specs, i // n_specs
+        if k not in shifted:
+            ds, name = _shifted(acfg.streams[k], k, base, font_base, cfg.seed)
+            order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + k))
+            shifted[k] = (ds, name, order)
+        ds, name, order = shifted[k]
+        n = acfg.stream_samples or len(ds) // copies[k]
+        part = order[copy * n:(copy + 1) * n]
+        if len(part) == 0:
+            raise InputError(f"adapt.stream_samples: stream {k} has {len(ds)} images, too few for "
+                             f"{copies[k]} edges of {n}")
+        labelled = None
+        if acfg.method == "coop" and acfg.coop_fit == "shift":
+            used = copies[k] * n
+            fit = order[used:used + (acfg.coop_samples or n)]
+            if len(fit) < (acfg.coop_samples or n):
+                raise InputError(f"adapt.coop_samples: stream {k} ({name}) has {len(ds)} images; the oracle needs "
+                                 f"{used} for its streams and {acfg.coop_samples or n} more to fit on")
+            labelled = (ds.x[fit].contiguous(), ds.y[fit].contiguous())
+        streams.append(Stream(edge_id, name, ds.x[part].contiguous(), ds.y[part].contiguous(), labelled))
+    return streams, train, prompt_class_names(data_cfg, list(test.classes))
 
 
 def check_stream_images(source: dict[str, Any], streams: list[Stream], data_cfg: Any) -> None:
@@ -338,42 +403,67 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
 def _deploy_coop(cfg: RunConfig, acfg: AdaptConfig, source: dict[str, Any], device: str, source_split: Any,
                  classnames: list[str], streams: list[Stream], engine: Engine, clock: VirtualClock,
                  totals: dict[str, Any], wire: PromptWire) -> None:
-    """CoOp: the cloud learns the context on the labelled clean source split, then sends it down."""
+    """CoOp: the cloud learns the context with labels, then sends it down.
+
+    ``coop_fit: source``: one context fitted on the labelled clean source split (``coop_samples`` of
+    it, a seeded subset), sent to every edge; ``shift`` (the oracle): one context per shift, fitted
+    on labelled images of that shift that its edges never stream."""
     args = {k: v for k, v in acfg.method_args.items() if k != "epochs"}
-    coop = CoOp(load_clip_source(source, device), classnames, seed=cfg.seed, epochs=acfg.coop_epochs, **args)
-    coop.fit(source_split.x, source_split.y)
-    payload = comm.compress(coop.prompt_state(), acfg.compression)
-    prompt = payload.decompress()
-    nbytes = wire.nbytes(coop.prompt_state(), payload.nbytes)
+    clip = load_clip_source(source, device)
+    if acfg.coop_fit == "source":
+        x, y = source_split.x, source_split.y
+        if acfg.coop_samples is not None and acfg.coop_samples < len(x):
+            pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[: acfg.coop_samples]
+            x, y = x[pick], y[pick]
+        fits = {s.shift: (x, y) for s in streams}
+    else:
+        fits = {s.shift: s.labelled for s in streams if s.labelled is not None}
+    fitted: dict[int, Tensors] = {}  # by the fitted tensor's identity: the source split is fitted once
+    prompts: dict[str, Tensors] = {}
+    for shift, (x, y) in fits.items():
+        if id(x) not in fitted:
+            coop = CoOp(clip, classnames, seed=cfg.seed, epochs=acfg.coop_epochs, **args)
+            coop.fit(x, y)
+            fitted[id(x)] = coop.prompt_state()
+        prompts[shift] = fitted[id(x)]
+    tasks = []
     for s in streams:
+        payload = comm.compress(prompts[s.shift], acfg.compression)
+        nbytes = wire.nbytes(prompts[s.shift], payload.nbytes)
         clock.transfer(CLOUD_ID, s.edge_id, nbytes)
         totals["prompt_bytes_down"] += nbytes
-    engine.run([Task(s.edge_id, "set_prompt", {"prompt": prompt}) for s in streams])
+        tasks.append(Task(s.edge_id, "set_prompt", {"prompt": payload.decompress()}))
+    engine.run(tasks)
 
 
 def _share_prompts(acfg: AdaptConfig, streams: list[Stream], last: dict[str, dict[str, Any]], engine: Engine,
                    clock: VirtualClock, totals: dict[str, Any], wire: PromptWire | None = None) -> None:
-    """Edges upload prompts; the cloud returns their mean weighted by images seen (FedAvg of prompts).
+    """Edges upload prompts; the cloud returns their mean weighted by images seen (FedAvg of prompts),
+    over all edges (``share_groups: all``) or separately over the edges of each shift (``shift``).
 
     ``wire`` prices each message (clock.charge_as); None: as sent."""
     wire = wire or PromptWire(None, acfg.compression)
     prompts = engine.run([Task(s.edge_id, "get_prompt") for s in streams])
-    received, weights = [], []
+    received: dict[str, list[Tensors]] = {}
+    weights: dict[str, list[float]] = {}
+    group_of = {s.edge_id: (s.shift if acfg.share_groups == "shift" else "all") for s in streams}
     for s, prompt in zip(streams, prompts, strict=True):
         payload = comm.compress(prompt, acfg.compression)
         nbytes = wire.nbytes(prompt, payload.nbytes)
         clock.transfer(s.edge_id, CLOUD_ID, nbytes)
         totals["prompt_bytes_up"] += nbytes
-        received.append(payload.decompress())
-        weights.append(float(max(last[s.edge_id]["seen"], 1)))
-    mean = weighted_mean(received, weights)
-    down = comm.compress(mean, acfg.compression)
-    down_nbytes = wire.nbytes(mean, down.nbytes)
+        received.setdefault(group_of[s.edge_id], []).append(payload.decompress())
+        weights.setdefault(group_of[s.edge_id], []).append(float(max(last[s.edge_id]["seen"], 1)))
+    downs = {g: comm.compress(weighted_mean(received[g], weights[g]), acfg.compression) for g in received}
+    tasks = []
     for s in streams:
+        down = downs[group_of[s.edge_id]]
+        down_nbytes = wire.nbytes(prompts[0], down.nbytes)
         clock.transfer(CLOUD_ID, s.edge_id, down_nbytes)
         totals["prompt_bytes_down"] += down_nbytes
+        tasks.append(Task(s.edge_id, "set_prompt", {"prompt": down.decompress()}))
     totals["shares"] += 1
-    engine.run([Task(s.edge_id, "set_prompt", {"prompt": down.decompress()}) for s in streams])
+    engine.run(tasks)
 
 
 def _checkpoint(ckpt_dir: Path, r: int, streams: list[Stream], engine: Engine, clock: VirtualClock,

@@ -241,18 +241,37 @@ class TPT(_PromptMethod):
         self.images_seen = int(tensors["images_seen"])
 
 
+def sinkhorn(logits: torch.Tensor, iters: int = 3) -> torch.Tensor:
+    """Balanced soft assignments of a batch (SwAV's Sinkhorn-Knopp): ``[B, K]`` rows summing to 1.
+
+    Starts from ``softmax(logits)`` and alternately rescales so that every class receives the same
+    total mass over the batch (``B / K``) and every sample a mass of 1; ``iters`` rounds of both.
+    A batch cannot then put all its samples in one class, which is what keeps a self-trained prompt
+    from collapsing onto a few classes.
+    """
+    q = (logits - logits.max()).exp().T  # [K, B]
+    q = q / q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-30) / k
+        q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30) / b
+    return (q * b).T
+
+
 class SwapPrompt(_PromptMethod):
     """SwapPrompt (Ma et al., NeurIPS 2023), reconstructed from the paper's abstract; online.
 
-    Two contexts: ``online`` (trained) and ``target`` (its EMA). For each test batch, two
-    augmented views v1, v2 of every image;
-    ``q_t(v) = stopgrad softmax(scale * cos(f(v), g(target)) / temperature)``, and
-    ``L = CE(q_t(v2), P(.|v1, online)) + CE(q_t(v1), P(.|v2, online))``
-    (+ ``entropy_weight`` x the marginal entropy of the online predictions, TPT's term, off by
-    default). Only samples whose target prediction is among the ``confident_frac`` least uncertain
-    contribute (1.0: all). One optimizer step per batch, then ``target <- m target + (1-m) online``.
-    Prediction on the original images after the step, with ``predict_with`` = ``target``,
-    ``online`` or ``both`` (mean of the two probability vectors).
+    Two contexts: ``online`` (trained) and ``target`` (its EMA, ``momentum``; 0: no EMA, the target
+    is the online prompt). For each test batch, two augmented views v1, v2 of every image; the
+    target prompt's assignment of a view is sharpened (``temperature`` < 1) and/or balanced over the
+    batch (``balance: sinkhorn``, SwAV's Sinkhorn-Knopp, ``sinkhorn_iters``):
+    ``q_t(v) = stopgrad assign(scale * cos(f(v), g(target)) / temperature)``, and the swapped loss
+    ``L = CE(q_t(v2), P(.|v1, online)) + CE(q_t(v1), P(.|v2, online))`` (``swap: false``, the
+    ablation: each view predicts its own target) (+ ``entropy_weight`` x the marginal entropy of the
+    online predictions, TPT's term). Only samples whose target prediction is among the
+    ``confident_frac`` least uncertain contribute (1.0: all). ``steps`` optimizer steps per batch,
+    then ``target <- m target + (1-m) online``. Prediction on the original images after the step,
+    with ``predict_with`` = ``target``, ``online`` or ``both`` (mean of the two probability vectors).
     """
 
     name = "swapprompt"
@@ -260,17 +279,30 @@ class SwapPrompt(_PromptMethod):
 
     def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0,
                  ctx_init: str | None = DEFAULT_CTX_INIT, n_ctx: int = 4, lr: float = 5e-3,
-                 momentum: float = 0.99, temperature: float = 1.0, entropy_weight: float = 0.0,
+                 momentum: float = 0.99, temperature: float = 0.5, balance: str = "sinkhorn",
+                 sinkhorn_iters: int = 3, swap: bool = True, steps: int = 1, entropy_weight: float = 0.0,
                  confident_frac: float = 1.0, predict_with: str = "both",
                  augment: AugmentSpec | None = None):
         super().__init__(clip, classnames, seed, ctx_init, n_ctx)
+        field = "adapt.method_args"
         if predict_with not in ("online", "target", "both"):
-            raise InputError(f"adapt.method_args.predict_with: must be online, target or both, got {predict_with!r}")
+            raise InputError(f"{field}.predict_with: must be online, target or both, got {predict_with!r}")
+        if balance not in ("none", "sinkhorn"):
+            raise InputError(f"{field}.balance: must be none or sinkhorn, got {balance!r}")
         if not 0.0 <= momentum <= 1.0:
-            raise InputError(f"adapt.method_args.momentum: must be in [0, 1], got {momentum}")
-        if temperature <= 0 or not 0 < confident_frac <= 1:
-            raise InputError("adapt.method_args: temperature must be > 0 and confident_frac in (0, 1]")
+            raise InputError(f"{field}.momentum: must be in [0, 1], got {momentum}")
+        if not lr > 0:
+            raise InputError(f"{field}.lr: must be > 0, got {lr}")
+        if not temperature > 0:
+            raise InputError(f"{field}.temperature: must be > 0, got {temperature}")
+        if not 0 < confident_frac <= 1:
+            raise InputError(f"{field}.confident_frac: must be in (0, 1], got {confident_frac}")
+        if int(steps) < 1 or int(sinkhorn_iters) < 1:
+            raise InputError(f"{field}: steps and sinkhorn_iters must be >= 1, got {steps} and {sinkhorn_iters}")
+        if entropy_weight < 0:
+            raise InputError(f"{field}.entropy_weight: must be >= 0, got {entropy_weight}")
         self.lr, self.momentum, self.temperature = lr, momentum, temperature
+        self.balance, self.sinkhorn_iters, self.swap, self.steps = balance, int(sinkhorn_iters), bool(swap), int(steps)
         self.entropy_weight, self.confident_frac, self.predict_with = entropy_weight, confident_frac, predict_with
         self.spec = augment or AugmentSpec()
         self.reset()
@@ -283,16 +315,24 @@ class SwapPrompt(_PromptMethod):
         self.generator = torch.Generator().manual_seed(self.seed)
         self.batches_seen = 0
 
+    def assign(self, logits: torch.Tensor) -> torch.Tensor:
+        """Target assignments of a batch of target-prompt logits: sharpened and/or balanced."""
+        logits = logits / self.temperature
+        return sinkhorn(logits, self.sinkhorn_iters) if self.balance == "sinkhorn" else logits.softmax(dim=-1)
+
     def swapped_loss(self, feats_v1: torch.Tensor, feats_v2: torch.Tensor) -> torch.Tensor:
         """The swapped-prediction loss of one batch (gradient reaches only the online context)."""
         with torch.no_grad():
             target_text = self._text(self.target_ctx)
-            q1 = (self._logits(feats_v1, target_text) / self.temperature).softmax(dim=-1)
-            q2 = (self._logits(feats_v2, target_text) / self.temperature).softmax(dim=-1)
+            q1 = self.assign(self._logits(feats_v1, target_text))
+            q2 = self.assign(self._logits(feats_v2, target_text))
         online_text = self._text()
         logp1 = self._logits(feats_v1, online_text).log_softmax(dim=-1)
         logp2 = self._logits(feats_v2, online_text).log_softmax(dim=-1)
-        per_sample = -(q2 * logp1).sum(-1) - (q1 * logp2).sum(-1)
+        if self.swap:
+            per_sample = -(q2 * logp1).sum(-1) - (q1 * logp2).sum(-1)
+        else:
+            per_sample = -(q1 * logp1).sum(-1) - (q2 * logp2).sum(-1)
         if self.confident_frac < 1.0:
             uncertainty = -(q1 * q1.clamp_min(1e-12).log()).sum(-1) - (q2 * q2.clamp_min(1e-12).log()).sum(-1)
             n_keep = max(1, int(round(self.confident_frac * len(per_sample))))
@@ -312,10 +352,11 @@ class SwapPrompt(_PromptMethod):
         views = torch.cat([images, augment(images, self.spec, self.generator), augment(images, self.spec, self.generator)])
         feats = self.clip.image_features(views)
         orig, v1, v2 = feats[:b], feats[b:2 * b], feats[2 * b:]
-        loss = self.swapped_loss(v1, v2)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        for _ in range(self.steps):
+            loss = self.swapped_loss(v1, v2)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
         self.ema_update()
         self.batches_seen += 1
         with torch.no_grad():

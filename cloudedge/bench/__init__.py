@@ -22,7 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "pretrain-hetero": ("pretrain_hetero", "LM pre-training on pydocs over a heterogeneous fleet: batch controllers"),
     "pretrain-ood": ("pretrain_ood", "colored/rotated digits: invariant objectives, in- and out-of-distribution accuracy"),
     "finetune-hier": ("finetune_hier", "hierarchical LoRA fine-tuning: synchronization policies"),
-    "adapt-tta": ("adapt_tta", "test-time prompt adaptation of the bundled CLIP on corrupted digits"),
+    "adapt-tta": ("adapt_tta", "test-time prompt adaptation of a cached glyph CLIP on label-preserving shifts"),
     "robustness": ("robustness", "robust aggregators against sign-flip, scaled and random updates"),
     "overhead": ("overhead", "one worker's throughput through cloudedge vs a plain PyTorch loop"),
     "scale": ("scale", "seconds per round and peak memory for large simulated fleets"),

@@ -12,8 +12,11 @@ from cloudedge.config.model import ModelConfig
 
 
 class StreamSpec(StrictModel):
-    """The shift one edge sees: a corruption of the test images at a severity (none: clean)."""
+    """The shift one edge sees: a glyph shift and/or a corruption of the test images at a severity
+    (neither: clean). Edges given the same spec stream disjoint slices of its images."""
 
+    shift: Literal["held_out_font", "inverted", "palette", "texture"] | None = Field(
+        default=None, description="glyphs: a label-preserving shift (cloudedge.data.glyph_shifts); none: as rendered")
     corruption: str | None = Field(default=None, description="a name from cloudedge.data.CORRUPTIONS; none: clean")
     severity: int = Field(default=3, ge=1, le=5)
 
@@ -36,7 +39,15 @@ class AdaptConfig(StrictModel):
     stream_samples: int | None = Field(default=None, ge=1, description="images per edge stream (default: all test images)")
     batch_size: int = Field(default=32, ge=1, description="test images per batch (one adaptation step for online methods)")
     share_every: int = Field(default=0, ge=0, description="edges upload prompts every N batches for a cloud average; 0: never")
+    share_groups: Literal["all", "shift"] = Field(
+        default="all", description="who averages prompts: all edges, or only edges streaming the same shift")
     compression: Literal["none", "fp16", "int8"] = Field(default="none", description="prompt payloads on the wire")
     coop_epochs: int = Field(default=20, ge=1, description="coop: epochs on the labelled clean source split (cloud)")
+    coop_fit: Literal["source", "shift"] = Field(
+        default="source", description="coop: fit on the clean source split (the supervised reference) or, per "
+                                      "stream, on labelled images of its own shift disjoint from the stream (the oracle)")
+    coop_samples: int | None = Field(default=None, ge=1,
+                                     description="coop: labelled images to fit on (default: the whole source split; "
+                                                 "for coop_fit shift: stream_samples)")
     checkpoint_every: int = Field(default=10, ge=1, description="rounds (batches per edge) between checkpoints")
     device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="where edges run the model")

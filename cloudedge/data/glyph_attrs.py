@@ -235,8 +235,12 @@ def has_glyph_attributes(meta: dict[str, torch.Tensor]) -> bool:
     return all(k in meta for k in GLYPH_META_KEYS)
 
 
-def _class_phrase(name: str) -> str:
+def class_phrase(name: str) -> str:
+    """How a caption names class ``name``: "digit seven", "letter A" (prompts name classes the same way)."""
     return f"letter {name}" if len(name) == 1 else f"digit {name}"
+
+
+_class_phrase = class_phrase
 
 
 def _look(scale: float, stroke: float) -> str:
