@@ -41,8 +41,13 @@ class Objective:
     # Training FLOPs of one sample on a client, in units of one forward + backward of the shared
     # model; the loop's virtual clock charges it. Penalties' extra backward passes are not counted.
     train_flops_factor: ClassVar[float] = 1.0
+    # True: in ``sync`` the server forms the step's gradient itself (:meth:`combine_gradients`)
+    # from every client's plain risk gradient and risk of this very step (V-REx needs the current
+    # mean risk, which only the server has). The loop then marks the message with
+    # ``combine_at_server`` so :meth:`local_loss` returns the plain risk.
+    combines_in_sync: ClassVar[bool] = False
 
-    def __init__(self, **params: float):
+    def __init__(self, total_steps: int | None = None, **params: float):
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             known = ", ".join(sorted(self.defaults)) or "none"
@@ -54,6 +59,21 @@ class Objective:
                 raise InputError(f"objective_args.{key}: must be a finite number >= 0 (got {value!r})")
             merged[key] = float(value)
         self.params = merged
+        self.total_steps = total_steps
+        self._resolve_anneal_fraction()
+
+    def _resolve_anneal_fraction(self) -> None:
+        """``anneal_fraction`` > 0 sets ``anneal_steps`` to that fraction of the run's objective
+        steps (rounds x local steps), so a quick and a full run switch the penalty on at the same
+        point of training (IRM's reference: step 190 of 501, 0.38)."""
+        fraction = self.params.get("anneal_fraction", 0.0)
+        if fraction <= 0:
+            return
+        if fraction >= 1:
+            raise InputError(f"objective_args.anneal_fraction: must be < 1 (got {fraction})")
+        if self.total_steps is None:
+            raise InputError("objective_args.anneal_fraction: needs the run's length (pretrain passes it)")
+        self.params["anneal_steps"] = float(round(fraction * self.total_steps))
 
     # -- hooks -------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -83,6 +103,12 @@ class Objective:
                       weights: list[float]) -> dict[str, Any]:
         """Next round's broadcast from this round's reports and sample weights."""
         return server_msg
+
+    def combine_gradients(self, grads: list[dict[str, torch.Tensor]], weights: list[float],
+                          risks: list[float], step: int) -> dict[str, torch.Tensor]:
+        """``sync`` with :attr:`combines_in_sync`: the step's gradient from each client's plain risk
+        gradient, its risk and its sample weight (all of this step)."""
+        raise NotImplementedError(f"objective {self.name!r} does not combine gradients at the server")
 
     def predict(self, model: nn.Module, x: torch.Tensor, client_state: dict[str, Any]) -> torch.Tensor:
         """Logits used to evaluate on this client."""
@@ -149,7 +175,7 @@ class IRM(Objective):
     """IRMv1, one environment per client: ``CE + lambda(step) * penalty`` (divided by lambda > 1)."""
 
     name = "irm"
-    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0}
+    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0, "anneal_fraction": 0.0}
 
     def local_loss(self, model, x, y, client_state, server_msg, step):
         logits = model(x)
@@ -168,22 +194,31 @@ class VREx(Objective):
     ``L = sum_e w_e R_e + beta * sum_e w_e (R_e - R_bar)^2``, ``R_bar = sum_e w_e R_e``, and
     ``grad L = sum_e w_e (1 + 2 beta (R_e - R_bar)) grad R_e`` (the ``grad R_bar`` term carries the
     factor ``sum_e w_e (R_e - R_bar) = 0``). So a sample-weighted FedAvg of these client
-    gradients is exactly the V-REx gradient when ``R_bar`` is current; here ``R_bar`` is the
-    server's broadcast from the previous round's reports (ERM until the first broadcast).
+    gradients is exactly the V-REx gradient when ``R_bar`` is current.
+
+    - ``sync``: the server has every client's risk of this step, so it combines the plain risk
+      gradients itself with the current ``R_bar`` (:meth:`combine_gradients`): exact.
+    - ``local``: clients take several steps between broadcasts, so ``R_bar`` is the previous
+      round's (the mean of the clients' end-of-round risks); each step logs ``vrex_mean_age_rounds``
+      (1 when that stale mean was used, 0 before the first broadcast, when the loss is plain ERM).
     """
 
     name = "vrex"
-    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0}
+    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0, "anneal_fraction": 0.0}
+    combines_in_sync = True
 
     def local_loss(self, model, x, y, client_state, server_msg, step):
         risk = F.cross_entropy(model(x), y)
+        if server_msg.get("combine_at_server"):
+            return risk, {"ce": float(risk.detach())}
         beta = annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"])
         mean_risk = server_msg.get("mean_risk")
         coef = 1.0 if mean_risk is None else 1.0 + 2.0 * beta * (float(risk.detach()) - float(mean_risk))
         loss = coef * risk
         if beta > 1.0:
             loss = loss / beta
-        return loss, {"ce": float(risk.detach()), "vrex_coef": coef, "penalty_weight": beta}
+        return loss, {"ce": float(risk.detach()), "vrex_coef": coef, "penalty_weight": beta,
+                      "vrex_mean_age_rounds": 0.0 if mean_risk is None else 1.0}
 
     def client_report(self, model, x, y, client_state):
         with torch.no_grad():
@@ -195,6 +230,13 @@ class VREx(Objective):
         mean = sum(wi * ri for wi, ri in zip(w, risks, strict=True))
         var = sum(wi * (ri - mean) ** 2 for wi, ri in zip(w, risks, strict=True))
         return {**server_msg, "mean_risk": mean, "risk_var": var}
+
+    def combine_gradients(self, grads, weights, risks, step):
+        w = _normalized(weights, len(grads))
+        beta = annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"])
+        mean = sum(wi * ri for wi, ri in zip(w, risks, strict=True))
+        coefs = [wi * (1.0 + 2.0 * beta * (ri - mean)) / max(1.0, beta) for wi, ri in zip(w, risks, strict=True)]
+        return {k: sum(c * g[k] for c, g in zip(coefs, grads, strict=True)) for k in grads[0]}
 
 
 # -- FedSR -------------------------------------------------------------------------------------
@@ -278,37 +320,49 @@ def head_params(model: nn.Module) -> dict[str, nn.Parameter]:
 class FedIIR(Objective):
     """FedIIR: ``CE + gamma * |grad_head CE - g_bar|^2``, g_bar = EMA of the mean head gradient.
 
-    Until the first broadcast of ``g_bar`` the loss is plain CE.
+    As its authors define it (Guo et al., ICML 2023, and their code): ``g_bar`` starts at zero and
+    every round ``g_bar <- ema * g_bar + (1 - ema) * mean_e grad_head CE_e(w_global)``, the mean over
+    clients of the head gradient *at the received global model* (not at the locally trained one).
+    Here each client measures that gradient on its round's first batch before its first update and
+    reports it, so the mean enters the EMA one round later than in the authors' centralized
+    simulation (which computes it before the round); round 0 uses the zero start, so the penalty
+    is on from the first step, as theirs is.
     """
 
     name = "fediir"
     defaults: ClassVar[dict[str, float]] = {"gamma": 1e-2, "ema": 0.95}
 
+    def init_client(self, model, client_id, seed):
+        return {"start_grad": None}
+
     def local_loss(self, model, x, y, client_state, server_msg, step):
         ce = F.cross_entropy(model(x), y)
-        g_bar = server_msg.get("g_bar")
-        if g_bar is None:
-            return ce, {"ce": float(ce.detach()), "iir_penalty": 0.0}
         params = head_params(model)
         grads = torch.autograd.grad(ce, list(params.values()), create_graph=True)
+        if client_state.get("start_grad", True) is None:  # first batch of this task: the global model
+            client_state["start_grad"] = {name: g.detach().clone() for name, g in zip(params, grads, strict=True)}
+        g_bar = server_msg.get("g_bar")
+        if g_bar is None:
+            g_bar = {name: torch.zeros_like(p) for name, p in params.items()}
         penalty = sum((g - g_bar[name].to(g)).pow(2).sum() for name, g in zip(params, grads, strict=True))
         loss = ce + self.params["gamma"] * penalty
         return loss, {"ce": float(ce.detach()), "iir_penalty": float(penalty.detach())}
 
     def client_report(self, model, x, y, client_state):
-        params = head_params(model)
-        ce = F.cross_entropy(model(x), y)
-        grads = torch.autograd.grad(ce, list(params.values()))
-        return {"head_grad": {name: g.detach() for name, g in zip(params, grads, strict=True)}}
+        start = client_state.get("start_grad")
+        if start is None:  # not trained through local_loss (e.g. called directly): measure now
+            params = head_params(model)
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+            start = {name: g.detach() for name, g in zip(params, grads, strict=True)}
+        return {"head_grad": start}
 
     def server_update(self, server_msg, reports, weights):
         w = _normalized(weights, len(reports))
         names = reports[0]["head_grad"].keys()
         mean = {n: sum(wi * r["head_grad"][n] for wi, r in zip(w, reports, strict=True)) for n in names}
-        prev = server_msg.get("g_bar")
+        prev = server_msg.get("g_bar") or {n: torch.zeros_like(mean[n]) for n in names}
         ema = self.params["ema"]
-        g_bar = mean if prev is None else {n: ema * prev[n] + (1.0 - ema) * mean[n] for n in names}
-        return {**server_msg, "g_bar": g_bar}
+        return {**server_msg, "g_bar": {n: ema * prev[n] + (1.0 - ema) * mean[n] for n in names}}
 
 
 # -- PIN (ours) --------------------------------------------------------------------------------
@@ -455,8 +509,9 @@ class PIN(IRM):
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (ERM, IRM, VREx, FedSR, FedIIR, PIN)}
 
 
-def get_objective(name: str, **params: float) -> Objective:
-    """The objective called ``name`` with config ``objective_args`` ``params``.
+def get_objective(name: str, total_steps: int | None = None, **params: float) -> Objective:
+    """The objective called ``name`` with config ``objective_args`` ``params``; ``total_steps``
+    (the run's objective steps) resolves ``anneal_fraction``.
 
     Raises:
         InputError: unknown name (the message lists the known ones) or a bad argument.
@@ -464,4 +519,4 @@ def get_objective(name: str, **params: float) -> Objective:
     cls = OBJECTIVES.get(name)
     if cls is None:
         raise InputError(f"objective: unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
-    return cls(**params)
+    return cls(total_steps=total_steps, **params)

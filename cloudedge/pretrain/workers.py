@@ -82,7 +82,8 @@ class PretrainWorker:
 
     def __init__(self, worker_id: str, task: str, model_cfg: dict[str, Any], data: Tensors, seed: int,
                  n_classes: int = 0, encoder: str = "mlp", objective: str = "erm",
-                 objective_args: dict[str, float] | None = None, optimizer: str = "adamw",
+                 objective_args: dict[str, float] | None = None, objective_steps: int | None = None,
+                 optimizer: str = "adamw",
                  weight_decay: float = 0.1, grad_clip: float | None = 1.0, base_dir: str = ".",
                  eval_data: dict[str, Tensors] | None = None, device: str = "cpu", precision: str = "fp32"):
         self.worker_id, self.task, self.seed = worker_id, task, int(seed)
@@ -91,6 +92,7 @@ class PretrainWorker:
         self.eval_data = dict(eval_data or {})  # this client's own test sets; they never leave the node
         self.n_classes, self.encoder = int(n_classes), encoder
         self.objective_name, self.objective_args = objective, dict(objective_args or {})
+        self.objective_steps = objective_steps
         self.optimizer_name, self.weight_decay, self.grad_clip = optimizer, float(weight_decay), grad_clip
         self.base_dir = base_dir
         # The shard stays in host memory; each sampled batch moves to the device. Results return
@@ -107,7 +109,8 @@ class PretrainWorker:
         if self._objective is None and self.task == "classify":
             from cloudedge.pretrain.objectives import get_objective
 
-            self._objective = get_objective(self.objective_name, **self.objective_args)
+            self._objective = get_objective(self.objective_name, total_steps=self.objective_steps,
+                                            **self.objective_args)
         return self._objective
 
     @property
