@@ -350,6 +350,30 @@ def test_pin_global_loss_is_irm_and_reset_recopies_global_weights():
     assert torch.equal(state["personal"].head.weight, model.head.weight) and not state["reset_pending"]
 
 
+def test_pin_warm_start_copies_the_trained_global_model_at_the_start_step():
+    pin = get_objective("pin", personal_start_fraction=0.5, total_steps=10, anneal_steps=0)
+    model, (x, y) = tiny_classifier(0), tiny_batch(12)
+    state = pin.init_client(model, "c0", seed=0)
+    personal_before = state["personal"].head.weight.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(5):  # before the start: only the global and local models train
+        opt.zero_grad()
+        pin.local_loss(model, x, y, state, {}, step)[0].backward()
+        opt.step()
+        logs = pin.local_private_step(model, x, y, state, step)
+        assert set(logs) == {"local_ce"}
+    assert torch.equal(state["personal"].head.weight, personal_before)
+    assert torch.equal(pin.predict(model, x, state), model(x))  # the global model predicts meanwhile
+    pin.local_loss(model, x, y, state, {}, 5)  # start step: copy of the trained global model
+    assert torch.equal(state["personal"].head.weight, model.head.weight) and state["started"]
+    assert "infonce" in pin.local_private_step(model, x, y, state, 5)
+    restored = pin.init_client(tiny_classifier(3), "c0", seed=0)
+    pin.load_client_state_dict(restored, st_load(st_save(pin.client_state_dict(state))))
+    assert restored["started"]
+    with pytest.raises(InputError, match="personal_start_fraction"):
+        get_objective("pin", personal_start_fraction=0.5)
+
+
 def test_pin_client_state_round_trip_through_safetensors():
     pin = get_objective("pin")
     model, (x, y) = tiny_classifier(0), tiny_batch(11)

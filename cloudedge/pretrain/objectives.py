@@ -395,6 +395,9 @@ class PIN(IRM):
       sample; negatives: other samples' global features and the local ERM feature of the sample).
       It starts from the global weights at ``init_client`` and is kept across rounds
       (``personal_reset: 1`` re-copies the received global weights at every round's first step).
+      ``personal_start_fraction`` f > 0 warm-starts it instead: the personalized model is first
+      copied from the global invariant model at objective step ``round(f * total_steps)`` and
+      trained only from then on; until then the client predicts with the global model.
     """
 
     name = "pin"
@@ -405,12 +408,18 @@ class PIN(IRM):
     train_flops_factor = 11.0 / 3.0
     defaults: ClassVar[dict[str, float]] = {
         **IRM.defaults, "lam": 1.0, "tau": 0.5, "local_neg_weight": 1.0, "private_lr": 1e-3, "personal_reset": 0.0,
+        "personal_start_fraction": 0.0,
     }
 
     def __init__(self, **params: float):
         super().__init__(**params)
         if self.params["tau"] <= 0:
             raise InputError(f"objective_args.tau: must be > 0 (got {self.params['tau']})")
+        start = self.params["personal_start_fraction"]
+        if start >= 1 or (start > 0 and self.total_steps is None):
+            raise InputError("objective_args.personal_start_fraction: must be < 1 and needs the run's length "
+                             f"(got {start})")
+        self.personal_start_step = round(start * self.total_steps) if start > 0 else 0  # type: ignore[operator]
 
     def init_client(self, model, client_id, seed):
         local, personal = copy.deepcopy(model), copy.deepcopy(model)
@@ -419,10 +428,13 @@ class PIN(IRM):
             "local": local, "personal": personal,
             "opt_local": torch.optim.Adam(local.parameters(), lr=lr),
             "opt_personal": torch.optim.Adam(personal.parameters(), lr=lr),
-            "reset_pending": False,
+            "reset_pending": False, "started": self.personal_start_step == 0,
         }
 
     def local_loss(self, model, x, y, client_state, server_msg, step):
+        if not client_state.get("started", True) and step >= self.personal_start_step:
+            client_state["started"] = True  # warm start from the global invariant model, as received
+            client_state["reset_pending"] = True
         if client_state.get("reset_pending"):
             # First step of a new round: the shared model still holds the received global weights.
             client_state["personal"].load_state_dict(model.state_dict())
@@ -452,6 +464,8 @@ class PIN(IRM):
         local_ce.backward()
         opt_local.step()
 
+        if not client_state.get("started", True):
+            return {"local_ce": float(local_ce.detach())}
         opt_personal = client_state["opt_personal"]
         opt_personal.zero_grad(set_to_none=True)
         loss, logs = self.personal_loss(model, x, y, client_state)
@@ -466,7 +480,7 @@ class PIN(IRM):
 
     def predict(self, model, x, client_state):
         personal = client_state.get("personal")
-        return model(x) if personal is None else personal(x)
+        return model(x) if personal is None or not client_state.get("started", True) else personal(x)
 
     def eval_logits(self, model, x, client_state):
         out = {"global": model(x)}
@@ -496,6 +510,7 @@ class PIN(IRM):
             out.update({f"{part}.{k}": v.detach().clone() for k, v in client_state[part].state_dict().items()})
             out.update(_optimizer_tensors(client_state[f"opt_{part}"], f"opt_{part}."))
         out["reset_pending"] = torch.tensor(int(bool(client_state["reset_pending"])))
+        out["started"] = torch.tensor(int(bool(client_state["started"])))
         return out
 
     def load_client_state_dict(self, client_state, tensors):
@@ -504,6 +519,7 @@ class PIN(IRM):
             client_state[part].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             _load_optimizer_tensors(client_state[f"opt_{part}"], tensors, f"opt_{part}.")
         client_state["reset_pending"] = bool(int(tensors["reset_pending"]))
+        client_state["started"] = bool(int(tensors["started"])) if "started" in tensors else True
 
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (ERM, IRM, VREx, FedSR, FedIIR, PIN)}
