@@ -411,3 +411,24 @@ def test_pin_anchor_raises_information_about_global_features_and_leaves_the_loca
     assert stats[2.0]["mi_pg"] > stats[0.0]["mi_pg"] + 0.1
     assert stats[2.0]["cos_lg"] == pytest.approx(stats[0.0]["cos_lg"], abs=1e-6)  # same local model
     assert get_objective("erm").eval_stats(model, x, {}) == {}
+
+
+def test_l2_is_added_to_every_objective_and_scaled_like_irms_reference():
+    """IRM's code: (nll + l2 * |w|^2 + w_pen * penalty) / w_pen once w_pen > 1."""
+    model, (x, y) = tiny_classifier(0), tiny_batch(13)
+    norm = sum(p.pow(2).sum() for p in model.parameters())
+    erm = get_objective("erm", l2=0.01)
+    assert float(erm.loss(model, x, y, {}, {}, 0)[0]) == pytest.approx(
+        float(F.cross_entropy(model(x), y) + 0.01 * norm), rel=1e-6)
+    irm = get_objective("irm", l2=0.01, penalty_weight=100, anneal_steps=2)
+    logits = model(x)
+    ce, pen = F.cross_entropy(logits, y), irm_penalty(logits, y)
+    assert float(irm.loss(model, x, y, {}, {}, 0)[0]) == pytest.approx(float(ce + pen + 0.01 * norm), rel=1e-5)
+    assert float(irm.loss(model, x, y, {}, {}, 5)[0]) == pytest.approx(
+        float((ce + 100 * pen + 0.01 * norm) / 100), rel=1e-5)
+    vrex = get_objective("vrex", l2=0.01, penalty_weight=100, anneal_steps=0)
+    combined = vrex.loss(model, x, y, {}, {"combine_at_server": True}, 5)[0]  # the server divides it
+    assert float(combined) == pytest.approx(float(ce + 0.01 * norm), rel=1e-5)
+    with pytest.raises(InputError, match="unknown argument.*known: l2"):
+        get_objective("erm", l3=1.0)
+

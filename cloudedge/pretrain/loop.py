@@ -38,7 +38,7 @@ from cloudedge.perf import stage_peak_size, utilization_fields
 from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerInfo, get_controller
 from cloudedge.pretrain.memory import activation_bytes_per_sample, max_micro_batch
 from cloudedge.pretrain.tasks import build_task_model, evaluate_loss, train_flops_per_sample
-from cloudedge.pretrain.workers import PretrainWorker, trainable
+from cloudedge.pretrain.workers import PretrainWorker, build_optimizer, trainable
 from cloudedge.robust import UpdateGate
 from cloudedge.track.run import RunDir
 from cloudedge.track.stage_run import run_stage_into
@@ -349,9 +349,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     # --- optimizers, controller, clock ---------------------------------------------------------
     weights = list(params.values())
     if pcfg.algorithm == "sync":
-        optimizer: torch.optim.Optimizer = (
-            torch.optim.AdamW(weights, lr=pcfg.lr, betas=(0.9, 0.95), weight_decay=pcfg.weight_decay)
-            if pcfg.optimizer == "adamw" else torch.optim.SGD(weights, lr=pcfg.lr, weight_decay=pcfg.weight_decay))
+        optimizer: torch.optim.Optimizer = build_optimizer(pcfg.optimizer, weights, pcfg.lr, pcfg.weight_decay)
     elif pcfg.outer_optimizer == "nesterov":  # DiLoCo: SGD with Nesterov momentum on the pseudo-gradient
         optimizer = torch.optim.SGD(weights, lr=pcfg.outer_lr, momentum=pcfg.outer_momentum, nesterov=True)
     else:  # FedAvg: theta <- theta + mean delta

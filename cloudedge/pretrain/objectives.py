@@ -48,12 +48,13 @@ class Objective:
     combines_in_sync: ClassVar[bool] = False
 
     def __init__(self, total_steps: int | None = None, **params: float):
-        unknown = sorted(set(params) - set(self.defaults))
+        defaults = {**COMMON_DEFAULTS, **self.defaults}
+        unknown = sorted(set(params) - set(defaults))
         if unknown:
-            known = ", ".join(sorted(self.defaults)) or "none"
+            known = ", ".join(sorted(defaults))
             raise InputError(f"objective_args.{unknown[0]}: unknown argument for objective {self.name!r} (known: {known})")
         merged: dict[str, float] = {}
-        for key, default in self.defaults.items():
+        for key, default in defaults.items():
             value = params.get(key, default)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise InputError(f"objective_args.{key}: must be a finite number >= 0 (got {value!r})")
@@ -74,6 +75,24 @@ class Objective:
         if self.total_steps is None:
             raise InputError("objective_args.anneal_fraction: needs the run's length (pretrain passes it)")
         self.params["anneal_steps"] = float(round(fraction * self.total_steps))
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_state: dict[str, Any],
+             server_msg: dict[str, Any], step: int) -> tuple[torch.Tensor, Logs]:
+        """What the shared model's gradient comes from: :meth:`local_loss` plus, with ``l2`` > 0,
+        ``l2 * sum |w|^2`` over the shared model's parameters, scaled by :meth:`penalty_scale` as
+        IRM's reference code scales it (its whole loss, L2 included, is divided by the penalty
+        weight). Unscaled under ``combine_at_server``: the server's combination scales it there."""
+        loss, logs = self.local_loss(model, x, y, client_state, server_msg, step)
+        l2 = self.params["l2"]
+        if l2 > 0:
+            scale = 1.0 if server_msg.get("combine_at_server") else self.penalty_scale(step)
+            norm = sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
+            loss = loss + l2 * scale * norm
+        return loss, logs
+
+    def penalty_scale(self, step: int) -> float:
+        """The factor this step's loss is divided by (1; ``1 / max(1, weight)`` for annealed penalties)."""
+        return 1.0
 
     # -- hooks -------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -130,6 +149,11 @@ class Objective:
         """Restore what :meth:`client_state_dict` saved into a fresh ``init_client`` state."""
 
 
+# Arguments every objective takes. ``l2``: coupled L2 regularization of the shared model (IRM's
+# Colored-MNIST recipe adds 1.1e-3 * sum |w|^2 to every method's loss).
+COMMON_DEFAULTS: dict[str, float] = {"l2": 0.0}
+
+
 def _normalized(weights: list[float], n: int) -> list[float]:
     if len(weights) != n or n == 0:
         raise ValueError(f"need one weight per report (got {len(weights)} weights, {n} reports)")
@@ -177,6 +201,9 @@ class IRM(Objective):
     name = "irm"
     defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0, "anneal_fraction": 0.0}
 
+    def penalty_scale(self, step):
+        return 1.0 / max(1.0, annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"]))
+
     def local_loss(self, model, x, y, client_state, server_msg, step):
         logits = model(x)
         ce = F.cross_entropy(logits, y)
@@ -206,6 +233,9 @@ class VREx(Objective):
     name = "vrex"
     defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0, "anneal_fraction": 0.0}
     combines_in_sync = True
+
+    def penalty_scale(self, step):
+        return 1.0 / max(1.0, annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"]))
 
     def local_loss(self, model, x, y, client_state, server_msg, step):
         risk = F.cross_entropy(model(x), y)

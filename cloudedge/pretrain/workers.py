@@ -42,6 +42,19 @@ def sample_batch(data: Tensors, batch: int, generator: torch.Generator) -> Tenso
     return {k: v[idx] for k, v in data.items()}
 
 
+def build_optimizer(name: str, weights: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``pretrain.optimizer``: the sync step's optimizer, or a worker's inner one in ``local``.
+
+    ``adamw``: decoupled decay, DiLoCo's betas 0.9/0.95; ``adam``: torch's defaults (betas
+    0.9/0.999, coupled L2 as ``weight_decay``), IRM's recipe; ``sgd``: plain SGD.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(weights, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(weights, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(weights, lr=lr, weight_decay=weight_decay)
+
+
 def micro_batches(data: Tensors, micro_batch: int) -> list[Tensors]:
     """Consecutive chunks of at most ``micro_batch`` samples."""
     n = int(next(iter(data.values())).shape[0])
@@ -207,11 +220,7 @@ class PretrainWorker:
         load_params(self.model, params)
         state = self._client_state(client_state)
         weights = list(trainable(self.model).values())
-        if self.optimizer_name == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(weights, lr=lr, betas=(0.9, 0.95),
-                                                           weight_decay=self.weight_decay)
-        else:
-            opt = torch.optim.SGD(weights, lr=lr, weight_decay=self.weight_decay)
+        opt = build_optimizer(self.optimizer_name, weights, lr, self.weight_decay)
         losses, first_sq, units, logs_sum = [], None, 0, {}
         data: Tensors = {}
         compute_s = 0.0
