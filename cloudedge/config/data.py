@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from cloudedge.config.base import StrictModel
+from cloudedge.config.glyphs import GlyphsConfig
 
-SourceName = Literal["digits", "colored", "rotated", "corrupted", "pydocs", "text", "jsonl", "imagefolder"]
+SourceName = Literal["digits", "colored", "rotated", "corrupted", "pydocs", "text", "jsonl", "imagefolder", "glyphs"]
 
 
 class PartitionConfig(StrictModel):
@@ -43,6 +44,15 @@ class DataConfig(StrictModel):
     )
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    glyphs: GlyphsConfig = Field(default_factory=GlyphsConfig, description="glyphs: what the images show")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _glyphs_image_size(cls, data: Any) -> Any:
+        # glyphs are MNIST-scale: 28 px unless the config says otherwise (the digits keep 8).
+        if isinstance(data, dict) and data.get("source") == "glyphs" and "image_size" not in data:
+            return {**data, "image_size": 28}
+        return data
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> DataConfig:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from cloudedge.config.data import DataConfig
+from cloudedge.data.glyphs import load_glyphs
 from cloudedge.data.shifts import check_corruption, corrupt
 from cloudedge.data.sources import (
     ImageDataset,
@@ -69,11 +70,14 @@ def build_dataset(cfg: DataConfig, base_dir: str | Path = ".", seed: int = 0) ->
     ``colored`` colors train with ``flip_prob`` (seed ``seed``) and test with ``test_flip_prob``
     (default ``flip_prob``; seed ``seed + 1``), so a test split with a lying color (e.g. 0.9)
     measures out-of-distribution accuracy. ``corrupted`` corrupts each split (seeds ``seed`` and
-    ``seed + 1``). Relative ``path``/``class_names`` resolve against ``base_dir``.
+    ``seed + 1``). ``glyphs`` renders its own train and test splits (``data.glyphs``: sizes, fonts,
+    held-out fonts) from its own seed. Relative ``path``/``class_names`` resolve against ``base_dir``.
     """
     if cfg.source == "corrupted":
         assert cfg.corruption is not None  # DataConfig's validator
         check_corruption(cfg.corruption, cfg.severity)
+    if cfg.source == "glyphs":  # generated as two splits (a held-out font set only in test)
+        return load_glyphs(cfg.glyphs, cfg.image_size)
     whole = _load_whole(cfg, base_dir)
     train_idx, test_idx = split_indices(len(whole), cfg.test_fraction, seed)
     train, test = whole.subset(train_idx), whole.subset(test_idx)

@@ -2,7 +2,9 @@
 
 A caption names the digit through one of several templates ("a photo of the digit seven.",
 "a handwritten seven.", ...), the template drawn per sample from a seeded generator, so the text
-tower learns the class words rather than one fixed sentence. The loss is CLIP's symmetric InfoNCE:
+tower learns the class words rather than one fixed sentence. Images that carry attributes (the
+``glyphs`` source's ``meta``: face, weight, slant, colours, size, pose) get captions naming those
+too (``glyph_attrs.glyph_captions``), so the text tower sees many thousands of distinct captions. The loss is CLIP's symmetric InfoNCE:
 cross-entropy of image->text and text->image similarities (cosine times the model's learned
 ``logit_scale``, capped at 100 as in CLIP) against the diagonal, averaged.
 
@@ -43,6 +45,17 @@ def digit_captions(labels: Sequence[int] | torch.Tensor | np.ndarray, classes: S
     return [templates[int(k)].format(classes[y]) for k, y in zip(picks, labels_list, strict=True)]
 
 
+def captions_for(labels: Sequence[int] | torch.Tensor | np.ndarray, classes: Sequence[str], seed: int,
+                 meta: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """One caption per image: from its attributes when ``meta`` has the glyph attributes, else
+    :func:`digit_captions`."""
+    from cloudedge.data.glyph_attrs import glyph_captions, has_glyph_attributes
+
+    if meta and has_glyph_attributes(meta):
+        return glyph_captions(labels, classes, meta, seed)
+    return digit_captions(labels, classes, seed)
+
+
 def fit_pixels_to_model(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Repeat grey images over the vision tower's channels and resize to its image size.
 
@@ -74,11 +87,12 @@ def clip_contrastive_loss(model: nn.Module, pixel_values: torch.Tensor, input_id
 
 
 def clip_batch(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], seed: int,
-               max_len: int) -> dict[str, torch.Tensor]:
-    """A ready batch for :func:`clip_contrastive_loss`: pixels and byte-tokenized captions."""
+               max_len: int, meta: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A ready batch for :func:`clip_contrastive_loss`: pixels and byte-tokenized captions
+    (:func:`captions_for`: ``meta`` is the dataset's per-image attributes, if any)."""
     from cloudedge.data.tokenizer import ByteTokenizer
 
-    captions = digit_captions(labels, classes, seed)
+    captions = captions_for(labels, classes, seed, meta)
     input_ids, attention_mask = ByteTokenizer().batch_encode(captions, max_len=max_len, pad_to="longest")
     return {"pixel_values": images, "input_ids": input_ids, "attention_mask": attention_mask}
 
