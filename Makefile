@@ -16,7 +16,7 @@ $(BIN)/python:
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,ray]"
+	$(BIN)/pip install -q -e ".[test,ray,tracking,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)

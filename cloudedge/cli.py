@@ -1,4 +1,4 @@
-"""The `cloudedge` command: demo, pretrain, finetune, adapt, fleet, bench, report.
+"""The `cloudedge` command: demo, pretrain, finetune, adapt, fleet, bench, report, generate.
 
 Every command turns bad input into one line on stderr and exit code 2 (see cloudedge.errors).
 """
@@ -6,7 +6,6 @@ Every command turns bad input into one line on stderr and exit code 2 (see cloud
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -55,6 +54,19 @@ def _need(cfg, stage: str, config: Path) -> None:
         raise InputError(f"{config}: {stage}: this command needs a '{stage}' section")
 
 
+def summary_table(summary: dict[str, Any]) -> Any:
+    """A stage's summary as a two-column table in human units (MB, ms, J, %)."""
+    from rich.table import Table
+
+    from cloudedge.track.units import format_value
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    for key, value in summary.items():
+        if value not in ({}, []):
+            table.add_row(key, format_value(key, value))
+    return table
+
+
 def _stage(stage: str, config: Path, out: Path | None, resume: bool, overwrite: bool,
            engine: str | None, address: str | None) -> None:
     cfg = _load(config, engine, address)
@@ -69,8 +81,10 @@ def _stage(stage: str, config: Path, out: Path | None, resume: bool, overwrite: 
         if aside is not None:
             console.print(f"moved the previous run to {aside}")
     summary = runner(cfg, out_dir, resume=resume, engine_kind=cfg.engine.kind)
-    console.print(f"[green]{stage} finished[/green]: {out_dir}")
-    console.print_json(json.dumps(summary, default=str))
+    report = out_dir / "report.html"
+    console.print(f"[green]{stage} finished[/green]: {out_dir}" + (f" (report: {report})" if report.is_file() else "")
+                  + f"  (raw numbers: {out_dir / 'summary.json'})")
+    console.print(summary_table(summary))
 
 
 @app.command()
@@ -168,6 +182,20 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
     md, html = render_report(run_dir)
     console.print(f"[green]report[/green]: {md}\n[green]html[/green]: {html}")
+
+
+@app.command()
+def generate(run_dir: Annotated[Path, typer.Argument(help="a language-model run directory (or its model/ folder)")],
+             prompt: Annotated[str, typer.Option("--prompt", help="text to continue")] = "",
+             max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="at most this many tokens")] = 64,
+             temperature: Annotated[float, typer.Option("--temperature", help="0: greedy")] = 1.0,
+             top_k: Annotated[int, typer.Option("--top-k", help="sample among the k likeliest; 0: all")] = 0,
+             seed: Annotated[int, typer.Option("--seed", help="sampling seed (same seed, same text)")] = 0) -> None:
+    """Sample text from a run's exported language model (AutoTokenizer + AutoModelForCausalLM)."""
+    from cloudedge.generate import Sampling, generate_text
+
+    text = generate_text(run_dir, prompt, Sampling(max_new_tokens, temperature, top_k, seed))
+    print(text)
 
 
 def _is_usage_error(err: BaseException) -> bool:

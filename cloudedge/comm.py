@@ -297,6 +297,42 @@ def compress(tensors: Mapping[str, torch.Tensor], mode: str = "none", fraction: 
     return Payload(tensors=sent, mode=mode, dtypes=dtypes, shapes=shapes, fraction=fraction)
 
 
+def wire_nbytes(tensors: Mapping[str, torch.Tensor], mode: str = "none", fraction: float | None = None) -> int:
+    """Exactly ``compress(tensors, mode, fraction).nbytes``, from names, shapes and dtypes alone.
+
+    The tensors may live on the ``meta`` device (no data): this is how the clock prices a message of
+    a model it never builds (``clock.charge_as``, docs/profiles.md "Charged costs").
+    """
+    if mode not in MODES:
+        raise ValueError(f"wire_nbytes: unknown mode '{mode}' (known: {', '.join(MODES)})")
+    if mode == "topk" and (fraction is None or not 0.0 < fraction <= 1.0):
+        raise ValueError(f"wire_nbytes: topk needs 0 < fraction <= 1, got {fraction}")
+
+    def meta(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    sent: Tensors = {}
+    dtypes: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, tensor in tensors.items():
+        shape = tuple(tensor.shape)
+        dtypes[key] = str(tensor.dtype).removeprefix("torch.")
+        shapes[key] = shape
+        codec = _codec(mode, tensor.dtype)
+        if codec == "raw":
+            sent[key] = meta(shape, tensor.dtype)
+        elif codec in ("fp16", "bf16"):
+            sent[key] = meta(shape, torch.float16 if codec == "fp16" else torch.bfloat16)
+        elif codec == "int8":
+            sent[key], sent[key + SEP + "scale"] = meta(shape, torch.int8), meta((), torch.float32)
+        else:
+            numel = math.prod(shape)
+            k = max(1, math.ceil(fraction * numel)) if numel else 0  # type: ignore[operator]
+            sent[key + SEP + "values"], sent[key + SEP + "indices"] = meta((k,), tensor.dtype), meta((k,), torch.int32)
+    return Payload(tensors=sent, mode=mode, dtypes=dtypes, shapes=shapes,
+                   fraction=fraction if mode == "topk" else None).nbytes
+
+
 def _quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = t.to(torch.float32)
     absmax = x.abs().max() if x.numel() else torch.tensor(0.0)

@@ -122,9 +122,12 @@ def run_demo(config: Path | None, out_dir: Path, quick: bool = False, overwrite:
                                  "headline": headline, "quick": quick,
                                  "wall_s": round(time.perf_counter() - t0, 1)}, complete=True)
     md, html = render_report(run.path)
+    run.finish_tracking()
     console.print(f"[green]demo finished[/green] in {summary['wall_s']:.0f} s: {md} and {html}")
+    from cloudedge.track.units import format_value
+
     for key, item in headline.items():
-        console.print(f"  {key}: {item['value']}  ({item['how']})")
+        console.print(f"  {key}: {format_value(key, item['value'])}  ({item['how']})")
     return summary
 
 

@@ -8,6 +8,8 @@ import numpy as np
 from rich.table import Table
 
 from cloudedge.config import RunConfig
+from cloudedge.errors import InputError
+from cloudedge.pretrain.costs import PretrainCosts
 
 
 def _labels_of(dataset) -> np.ndarray:
@@ -41,8 +43,34 @@ def label_mix(labels: np.ndarray, names: list[str], top: int = 3) -> str:
     return ", ".join(f"{names[k] if k < len(names) else k} {100 * c / len(labels):.0f}%" for k, c in counts)
 
 
+def pretrain_cost(cfg: RunConfig, n_classes: int) -> tuple[PretrainCosts, float] | None:
+    """The pre-training costs the clock charges for this config (``clock.charge_as``, else the trained
+    model, built on the meta device) and the usable memory fraction; None for a checkpoint model."""
+    from cloudedge.config.pretrain import PretrainConfig
+    from cloudedge.models.charge import ChargedModel, resolve_charge
+    from cloudedge.pretrain.costs import charged_costs
+
+    model_cfg = cfg.stage_model("pretrain")
+    if model_cfg.kind == "hf":
+        return None
+    pcfg = cfg.pretrain or PretrainConfig(task={"gpt": "lm", "vit": "classify", "clip": "clip"}[model_cfg.kind])
+    charge = resolve_charge(cfg.clock) or ChargedModel(
+        f"{model_cfg.kind} {model_cfg.hidden}x{model_cfg.layers} (trained)", model_cfg.kind, model_cfg=model_cfg)
+    seq_len = pcfg.seq_len or model_cfg.context
+    cost = charged_costs(pcfg.task, charge, seq_len=seq_len, n_classes=max(n_classes, 2), encoder=pcfg.encoder,
+                         seed=cfg.seed, base_dir=cfg.base_dir)
+    return cost, pcfg.memory_fraction
+
+
+def fits(cost: PretrainCosts, memory_bytes: float, memory_fraction: float) -> str:
+    """'yes (<= N at once)' when a node holds the model and at least one sample, else 'no'."""
+    cap = cost.micro_batch_cap(memory_bytes, memory_fraction)
+    return f"yes (<= {cap:,} at once)" if cap >= 1 else "no"
+
+
 def fleet_table(cfg: RunConfig, limit: int = 60) -> Table:
-    """A rich table: node, tier, profile, compute, memory, links, samples, label mix.
+    """A rich table: node, tier, profile, compute, memory, links, samples, label mix, and the
+    charged model's pre-training seconds per sample and whether it fits (docs/profiles.md).
 
     Devices beyond ``limit`` rows are summarized per edge so a 10,000-device fleet stays readable.
     """
@@ -59,19 +87,35 @@ def fleet_table(cfg: RunConfig, limit: int = 60) -> Table:
     placed = place_data(fleet, labels, cfg.data.partition, cfg.seed,
                         domains=np.asarray(domains) if domains else None)
     names = _class_names(train, int(labels.max()) + 1 if len(labels) else 0)
+    try:
+        charged = pretrain_cost(cfg, len(names))
+    except InputError as err:  # e.g. a charged family the pre-training task cannot use: say so, show the rest
+        charged, note = None, f"; no pre-training costs ({err})"
+    else:
+        note = ""
+    costs = note if charged is None else (
+        f"; pre-training costs charged as {charged[0].name}: {charged[0].params / 1e6:,.1f}M parameters, "
+        f"{charged[0].train_flops_per_sample:.3g} FLOPs per sample, "
+        f"{format_bytes(charged[0].message_bytes('none'))} per update")
 
     table = Table(title=f"fleet of {cfg.name}: 1 cloud, {len(fleet.edges)} edges, {len(fleet.devices)} devices; "
-                        f"data {cfg.data.source} ({len(labels)} train samples, partition {cfg.data.partition.kind})")
+                        f"data {cfg.data.source} ({len(labels)} train samples, partition {cfg.data.partition.kind})"
+                        f"{costs}")
     for col, justify in [("node", "left"), ("tier", "left"), ("profile", "left"), ("compute", "right"),
                          ("memory", "right"), ("up / down", "right"), ("latency", "right"),
-                         ("avail", "right"), ("samples", "right"), ("label mix", "left")]:
+                         ("avail", "right"), ("s / sample", "right"), ("fits", "left"), ("samples", "right"),
+                         ("label mix", "left")]:
         table.add_column(col, justify=justify)
 
     def row(node, samples: str = "-", mix: str = "-") -> None:
         p = node.profile
+        per_sample, fit = "-", "-"
+        if charged is not None:
+            per_sample = f"{charged[0].train_flops_per_sample / p.flops:.3g} s"
+            fit = fits(charged[0], p.memory_bytes, charged[1])
         table.add_row(node.id, node.tier, p.name, format_flops(p.flops), format_bytes(p.memory_bytes),
                       f"{format_rate(p.uplink_Bps)} / {format_rate(p.downlink_Bps)}", f"{p.latency_s * 1e3:.0f} ms",
-                      f"{p.availability:.2f}", samples, mix)
+                      f"{p.availability:.2f}", per_sample, fit, samples, mix)
 
     row(fleet.cloud)
     shown = 1
@@ -86,7 +130,7 @@ def fleet_table(cfg: RunConfig, limit: int = 60) -> Table:
                 idx = np.concatenate([placed[d.id] for d in rest])
                 profiles = Counter(d.profile.name for d in rest)
                 table.add_row(f"{edge.id}/... ({len(rest)} more)", "device",
-                              ", ".join(f"{k} x{v}" for k, v in profiles.items()), "", "", "", "", "",
+                              ", ".join(f"{k} x{v}" for k, v in profiles.items()), "", "", "", "", "", "", "",
                               str(len(idx)), label_mix(labels[idx], names))
                 break
             idx = placed[dev.id]

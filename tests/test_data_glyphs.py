@@ -95,7 +95,10 @@ def test_held_out_fonts_appear_only_in_test():
     only = load_glyphs(GlyphsConfig(train_size=20, test_size=5, fonts=["stix-italic"]), 16)[0]
     assert set(only.meta["face"].tolist()) == {FACES.index(next(f for f in FACES if f.id == "stix-italic"))}
     with pytest.raises(InputError, match="data.glyphs.fonts: unknown font 'comic-sans'"):
-        load_glyphs(GlyphsConfig(fonts=["comic-sans"]), 28)
+        load_glyphs(GlyphsConfig.model_construct(fonts=["comic-sans"]), 28)
+    with pytest.raises(InputError, match=r"cfg.yaml: data.glyphs.held_out_fonts: unknown font 'comic' \(families"):
+        config_from_dict({"data": {"source": "glyphs", "glyphs": {"held_out_fonts": ["stix", "comic"]}}},
+                         source="cfg.yaml")
     with pytest.raises(InputError, match="no font is left"):
         load_glyphs(GlyphsConfig(fonts=["stix"], held_out_fonts=["stix"]), 28)
 

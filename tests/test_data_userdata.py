@@ -127,19 +127,63 @@ def test_image_folder_loads_classes(tmp_path):
     assert torch.allclose(ds.x[2], torch.full((3, 4, 4), 128 / 255))  # grayscale -> RGB
 
 
-def test_image_folder_class_names_file(tmp_path):
+def _names(tmp_path, text):
     root = tmp_path / "imgs"
-    _make_folder(root)
+    if not root.exists():
+        _make_folder(root)
     names = tmp_path / "classes.txt"
-    names.write_text("dog: a dog\ncat\n")
+    names.write_text(text)
+    return root, names
+
+
+@pytest.mark.parametrize(("text", "classes", "labels"), [
+    ("Felis catus\nCanis familiaris\n", ["Felis catus", "Canis familiaris"], [0, 0, 1]),  # order-only
+    ("dog a good dog\n\ncat\n", ["a good dog", "cat"], [0, 1, 1]),  # folder-first, ImageNet-style
+    ("dog: a dog\ncat: a cat\n", ["a dog", "a cat"], [0, 1, 1]),  # folder-first with a colon; file order
+    ("dog\tthe dog\ncat\tcat: with a colon\n", ["the dog", "cat: with a colon"], [0, 1, 1]),  # tab mapping
+    ("cat\ndog\n", ["cat", "dog"], [0, 0, 1]),  # the folder names themselves
+])
+def test_image_folder_class_names_forms(tmp_path, text, classes, labels):
+    root, names = _names(tmp_path, text)
     ds = load_image_folder(root, image_size=4, class_names_file=names)
-    assert ds.classes == ["a dog", "cat"] and ds.y.tolist() == [0, 1, 1]
-    names.write_text("dog\n")
-    with pytest.raises(InputError, match="classes.txt: class folders not listed: cat"):
+    assert ds.classes == classes and ds.y.tolist() == labels
+
+
+def test_tab_mapping_takes_folder_names_with_spaces(tmp_path):
+    root = tmp_path / "imgs"
+    for folder, red in (("snow leopard", 0), ("tabby cat", 255)):
+        (root / folder).mkdir(parents=True)
+        _save_image(root / folder / "1.png", (red, 20, 30))
+    names = tmp_path / "classes.txt"
+    names.write_text("tabby cat\ta tabby\nsnow leopard\tan ounce\n")
+    ds = load_image_folder(root, 4, names)
+    assert ds.classes == ["a tabby", "an ounce"]
+    assert float(ds.x[ds.y == 0][:, 0].mean()) == 1.0 and float(ds.x[ds.y == 1][:, 0].mean()) == 0.0
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("cat kitty\nbird a bird\n", r"classes.txt:2: no class folder 'bird' \(a folder-to-name mapping: line 1 starts"),
+    ("dog\n", "classes.txt:1: class folders not listed: cat"),
+    ("cat\ncat: again\ndog\n", "classes.txt:2: folder 'cat' listed twice"),
+    ("cat\tkitty\ndog\n", r"classes.txt:2: expected 'folder<TAB>class name'"),
+    ("only one\n", "classes.txt: 1 class names for 2 class folders"),
+    ("a\nb\nc\n", "classes.txt:3: 3 class names for 2 class folders"),
+    ("kitty\ndog a dog\n", "classes.txt:2: starts with class folder 'dog', but line 1 does not"),
+    ("dgo\ncat\n", "classes.txt:2: 'cat' is a class folder, but line 1 does not start with one"),
+    ("\n  \n", "classes.txt: empty file"),
+])
+def test_image_folder_class_names_errors(tmp_path, text, message):
+    root, names = _names(tmp_path, text)
+    with pytest.raises(InputError, match=message):
         load_image_folder(root, 4, names)
-    names.write_text("dog\ncat\nbird\n")
-    with pytest.raises(InputError, match="no folder for listed classes: bird"):
-        load_image_folder(root, 4, names)
+
+
+def test_greyscale_folder_has_one_channel(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.full((6, 6), 51, dtype=np.uint8), mode="L").save(tmp_path / folder / "1.png")
+    ds = load_image_folder(tmp_path, image_size=4)
+    assert ds.x.shape == (2, 1, 4, 4) and torch.allclose(ds.x, torch.full_like(ds.x, 0.2))
 
 
 def test_image_folder_errors(tmp_path):

@@ -32,6 +32,9 @@ class Counter:
     def leak(self) -> object:
         return object()
 
+    def bad_input(self) -> None:
+        raise InputError("data/names.txt:3: no class folder 'bird'")
+
 
 @dataclasses.dataclass
 class Msg:
@@ -69,6 +72,24 @@ def test_worker_failure_names_worker():
         eng.call("edge0/dev3", "boom")
     res = eng.run_tolerant([Task("edge0/dev3", "add", {"n": 1}), Task("edge0/dev3", "boom")])
     assert res[0] == 1 and isinstance(res[1], WorkerError)
+
+
+def test_input_error_in_a_worker_propagates_as_itself():
+    """Bad input a worker finds is the user's to fix, not a failure to tolerate and retry."""
+    eng = LocalEngine()
+    eng.register("edge0", WorkerSpec(Counter, {"start": 0}))
+    for run in (eng.run, eng.run_tolerant):
+        with pytest.raises(InputError, match="names.txt:3: no class folder 'bird'") as caught:
+            run([Task("edge0", "add", {"n": 1}), Task("edge0", "bad_input")])
+        assert not isinstance(caught.value, WorkerError)
+    eng.register("edge2", WorkerSpec(_BadInputOnBuild, {}))
+    with pytest.raises(InputError, match="built from bad input"):
+        eng.run_tolerant([Task("edge2", "add", {"n": 1})])
+
+
+class _BadInputOnBuild:
+    def __init__(self):
+        raise InputError("built from bad input")
 
 
 def test_only_plain_data_crosses():

@@ -34,6 +34,11 @@ class Trainer:
             opt.step()
         return {"weights": w.detach(), "loss": float(loss)}
 
+    def bad_input(self) -> None:
+        from cloudedge.errors import InputError
+
+        raise InputError("data/names.txt:3: no class folder 'bird'")
+
     def crash(self) -> None:
         import os
 
@@ -65,6 +70,21 @@ def test_host_of():
 
 def test_same_results_as_local(local_ray):
     assert torch.allclose(_fedavg(local_ray), _fedavg(LocalEngine()), atol=1e-6)
+
+
+def test_input_error_in_an_actor_reaches_the_coordinator_as_itself(local_ray):
+    from cloudedge.engine import WorkerError
+    from cloudedge.errors import InputError
+
+    local_ray.register("edge6/dev0", WorkerSpec(Trainer, {"seed": 1}))
+    local_ray.register("edge7/dev0", WorkerSpec(Trainer, {"seed": 2}))
+    tasks = [Task("edge7/dev0", "train", {"weights": torch.zeros(4), "steps": 1}), Task("edge6/dev0", "bad_input")]
+    for run in (local_ray.run, local_ray.run_tolerant):
+        with pytest.raises(InputError, match="names.txt:3: no class folder 'bird'") as caught:
+            run(tasks)
+        assert not isinstance(caught.value, WorkerError)
+    assert local_ray.restarts["edge6"] == 0  # not a dead actor: the same host serves the next task
+    assert local_ray.call("edge6/dev0", "train", weights=torch.zeros(4), steps=1)["loss"] > 0
 
 
 def test_dead_actor_is_rebuilt_and_round_completes(local_ray):

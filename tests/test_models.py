@@ -370,3 +370,24 @@ def test_bad_checkpoints_raise_input_error(tmp_path: Path) -> None:
 def test_save_local_needs_a_transformers_model(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         save_local(nn.Linear(2, 2), tmp_path)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama_formula_matches_the_flop_counter(tied: bool) -> None:
+    """GQA attention (4 query heads, 2 key/value heads), SwiGLU MLP, tied or untied LM head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cloudedge.models.flops import llama_forward_flops
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, tie_word_embeddings=tied,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 101, (3, 10))
+    assert measure_flops(model, {"input_ids": ids}) == 3 * llama_forward_flops(cfg, 10)
+    assert flops_per_sample(model, seq_len=10) == llama_forward_flops(cfg, 10)
+    # By hand: per layer q, o (32 x 32), k, v (32 x 16), scores and A V, three 32 x 88 MLP products; the head.
+    s = 10
+    layer = 2 * s * 32 * (2 * 32 + 2 * 16) + 2 * (2 * s * s * 32) + 3 * 2 * s * 32 * 88
+    assert llama_forward_flops(cfg, s) == 2 * layer + 2 * s * 32 * 101

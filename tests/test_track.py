@@ -60,7 +60,7 @@ def test_report_renders_plots_and_html(tmp_path):
                        "headline": {"speedup": {"value": 2.0, "how": "time to 30%"}}})
     md, html = render_report(run.path)
     text = md.read_text()
-    assert "| speedup | 2 | time to 30% |" in text and "finetune_acc_vs_time_s.png" in text
+    assert "| speedup | 2x | time to 30% |" in text and "finetune_acc_vs_time_s.png" in text
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 3  # two curves + the shift bars
     assert json.loads((run.path / "summary.json").read_text())["complete"] is True

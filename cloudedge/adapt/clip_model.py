@@ -16,9 +16,7 @@ parameter frozen; only prompt vectors (``cloudedge.adapt.prompts``) or caches ch
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +26,7 @@ from transformers import CLIPModel
 
 from cloudedge.config.model import ModelConfig
 from cloudedge.errors import InputError
+from cloudedge.models.inputs import ImageSpec, fit_pixels, hf_dir_spec, vision_spec
 
 
 class TextTokenizer(Protocol):
@@ -81,41 +80,15 @@ def encode_texts(tok: TextTokenizer, texts: list[str]) -> tuple[torch.Tensor, to
     rows = [[tok.bos_id, *tok.ids(t), tok.eos_id] for t in texts]
     longest = max(len(r) for r in rows)
     if longest > tok.max_len:
-        raise InputError(f"prompt too long for the text tower ({longest} > {tok.max_len} tokens): {texts[0]!r}...")
+        worst = texts[max(range(len(rows)), key=lambda i: len(rows[i]))]
+        raise InputError(f"prompt too long for the text tower ({longest} > {tok.max_len} tokens): {worst!r} "
+                         "(shorten the class names, e.g. in data.class_names, or the prompt template)")
     ids = torch.full((len(rows), longest), tok.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     return ids, mask
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How images in [0, 1] become the vision tower's ``pixel_values``."""
-
-    size: int
-    channels: int
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-
-
-def fit_pixels(images: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    """Images ``[B, C, H, W]`` in [0, 1] -> normalised ``pixel_values`` of the spec's size/channels.
-
-    A grey image is repeated over the model's channels (digits are 1-channel, CLIP is RGB).
-    """
-    x = images
-    if x.shape[1] != spec.channels:
-        if x.shape[1] != 1:
-            raise InputError(f"images have {x.shape[1]} channels, the model needs {spec.channels}")
-        x = x.expand(-1, spec.channels, -1, -1)
-    if x.shape[-2:] != (spec.size, spec.size):
-        shrinking = spec.size < max(x.shape[-2:])
-        x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=shrinking)
-    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
 
 
 class ClipAdapter:
@@ -162,8 +135,8 @@ def _pooled(out: object) -> torch.Tensor:
 
 
 def bundled_image_spec(model: CLIPModel) -> ImageSpec:
-    vc = model.config.vision_config
-    return ImageSpec(size=int(vc.image_size), channels=int(vc.num_channels))
+    """The bundled CLIP's spec: its vision tower's size and channels, pixels in [0, 1] as they are."""
+    return vision_spec(model.config)
 
 
 def adapter_for_bundled(model: CLIPModel, source: str = "<bundled clip>") -> ClipAdapter:
@@ -212,23 +185,7 @@ def _load_hf_dir(directory: Path) -> ClipAdapter:
     except (OSError, ValueError) as err:
         raise InputError(f"{directory}: unreadable tokenizer files ({str(err).splitlines()[0]})") from None
     max_len = int(model.config.text_config.max_position_embeddings)
-    return ClipAdapter(model, HFTextTokenizer(hf_tok, max_len), _hf_image_spec(directory, model), str(directory))
-
-
-def _hf_image_spec(directory: Path, model: CLIPModel) -> ImageSpec:
-    """Mean / std from ``preprocessor_config.json`` (CLIP's defaults when absent)."""
-    vc = model.config.vision_config
-    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
-    pre = directory / "preprocessor_config.json"
-    if pre.is_file():
-        try:
-            raw = json.loads(pre.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{pre}: not valid JSON ({err})") from None
-        mean = tuple(float(v) for v in raw.get("image_mean", mean))
-        std = tuple(float(v) for v in raw.get("image_std", std))
-    return ImageSpec(size=int(vc.image_size), channels=int(vc.num_channels), mean=mean, std=std)
+    return ClipAdapter(model, HFTextTokenizer(hf_tok, max_len), hf_dir_spec(directory, model.config), str(directory))
 
 
 def _load_weights_file(path: Path, model_cfg: ModelConfig) -> ClipAdapter:

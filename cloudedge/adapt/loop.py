@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from cloudedge import comm
+from cloudedge.adapt.charge import PromptWire
 from cloudedge.adapt.clip_model import ClipAdapter, load_clip
 from cloudedge.adapt.memory import measure_peak_bytes
 from cloudedge.adapt.methods import METHODS, CoOp, build_method
@@ -42,6 +43,8 @@ from cloudedge.device import resolve_device, synchronize
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
+from cloudedge.models.charge import resolve_charge
+from cloudedge.models.inputs import check_images, config_image_spec
 from cloudedge.track.run import RunDir
 from cloudedge.track.stage_run import run_stage_into
 
@@ -138,6 +141,10 @@ class AdaptWorker:
     def get_prompt(self) -> Tensors:
         return self.method.prompt_state()
 
+    def params(self) -> int:
+        """Parameters of the CLIP this edge adapts (for the summary's ``cost_model``)."""
+        return sum(p.numel() for p in self.clip.model.parameters())
+
     def set_prompt(self, prompt: Tensors) -> None:
         self.method.load_prompt_state(prompt)
 
@@ -191,6 +198,20 @@ def build_streams(cfg: RunConfig, acfg: AdaptConfig, edge_ids: list[str]) -> tup
     return streams, train, list(test.classes)
 
 
+def check_stream_images(source: dict[str, Any], streams: list[Stream], data_cfg: Any) -> None:
+    """Before any edge is built: can the CLIP take these images (channels convert, size is fitted)?"""
+    path = Path(source["path"])
+    if path.is_dir():  # a HF directory's own config.json says what its vision tower takes
+        model_cfg = ModelConfig(kind="hf", path=str(path))
+    elif source.get("model_cfg"):
+        model_cfg = ModelConfig(**source["model_cfg"])
+    else:
+        return
+    spec = config_image_spec(model_cfg)
+    if spec is not None and streams:
+        check_images(streams[0].images.shape, spec, f"{STAGE}.data ({data_cfg.source}) for the CLIP at {path}")
+
+
 # ------------------------------------------------------------------------------------ the stage
 
 
@@ -229,8 +250,10 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
 
     fleet = Fleet.from_config(cfg.fleet, cfg.seed)
     clock = VirtualClock(fleet)
+    wire = PromptWire(resolve_charge(cfg.clock), acfg.compression)  # prompt bytes as clock.charge_as's
     edge_ids = [e.id for e in fleet.edges]
     streams, source_split, classnames = build_streams(cfg, acfg, edge_ids)
+    check_stream_images(source, streams, acfg.data or cfg.data)
     for s in streams:
         engine.register(s.edge_id, WorkerSpec(AdaptWorker, {
             "edge_id": s.edge_id, "source": source, "method": acfg.method, "method_args": dict(acfg.method_args),
@@ -259,7 +282,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
             # Killed before its first checkpoint: start over, without the rows logged before the crash.
             run_dir.truncate_metrics(lambda row: row.get("stage") != STAGE or row.get("method") != acfg.method)
         if acfg.method == "coop":
-            _deploy_coop(cfg, acfg, source, device, source_split, classnames, streams, engine, clock, totals)
+            _deploy_coop(cfg, acfg, source, device, source_split, classnames, streams, engine, clock, totals, wire)
 
     rows: list[dict[str, Any]] = []
     last: dict[str, dict[str, Any]] = {}
@@ -289,7 +312,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
             round_rows[s.edge_id] = row
             rows.append(run_dir.log(**row) if run_dir is not None else row)
         if acfg.share_every and METHODS[acfg.method].shares_prompt and (r + 1) % acfg.share_every == 0:
-            _share_prompts(acfg, streams, last, engine, clock, totals)
+            _share_prompts(acfg, streams, last, engine, clock, totals, wire)
         if on_round is not None:
             on_round(r + 1, round_rows)
         if failed:
@@ -305,6 +328,8 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
 
     final = {s.edge_id: engine.call(s.edge_id, "stats") for s in streams}
     summary = _summary(acfg, streams, final, clock, totals)
+    summary["cost_model"] = wire.cost_model(str(source["path"]), engine.call(streams[0].edge_id, "params"),
+                                            engine.call(streams[0].edge_id, "get_prompt"))
     if own_engine:
         engine.close()
     return AdaptResult(rows, summary, run_dir)
@@ -312,35 +337,41 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
 
 def _deploy_coop(cfg: RunConfig, acfg: AdaptConfig, source: dict[str, Any], device: str, source_split: Any,
                  classnames: list[str], streams: list[Stream], engine: Engine, clock: VirtualClock,
-                 totals: dict[str, Any]) -> None:
+                 totals: dict[str, Any], wire: PromptWire) -> None:
     """CoOp: the cloud learns the context on the labelled clean source split, then sends it down."""
     args = {k: v for k, v in acfg.method_args.items() if k != "epochs"}
     coop = CoOp(load_clip_source(source, device), classnames, seed=cfg.seed, epochs=acfg.coop_epochs, **args)
     coop.fit(source_split.x, source_split.y)
     payload = comm.compress(coop.prompt_state(), acfg.compression)
     prompt = payload.decompress()
+    nbytes = wire.nbytes(coop.prompt_state(), payload.nbytes)
     for s in streams:
-        clock.transfer(CLOUD_ID, s.edge_id, payload.nbytes)
-        totals["prompt_bytes_down"] += payload.nbytes
+        clock.transfer(CLOUD_ID, s.edge_id, nbytes)
+        totals["prompt_bytes_down"] += nbytes
     engine.run([Task(s.edge_id, "set_prompt", {"prompt": prompt}) for s in streams])
 
 
 def _share_prompts(acfg: AdaptConfig, streams: list[Stream], last: dict[str, dict[str, Any]], engine: Engine,
-                   clock: VirtualClock, totals: dict[str, Any]) -> None:
-    """Edges upload prompts; the cloud returns their mean weighted by images seen (FedAvg of prompts)."""
+                   clock: VirtualClock, totals: dict[str, Any], wire: PromptWire | None = None) -> None:
+    """Edges upload prompts; the cloud returns their mean weighted by images seen (FedAvg of prompts).
+
+    ``wire`` prices each message (clock.charge_as); None: as sent."""
+    wire = wire or PromptWire(None, acfg.compression)
     prompts = engine.run([Task(s.edge_id, "get_prompt") for s in streams])
     received, weights = [], []
     for s, prompt in zip(streams, prompts, strict=True):
         payload = comm.compress(prompt, acfg.compression)
-        clock.transfer(s.edge_id, CLOUD_ID, payload.nbytes)
-        totals["prompt_bytes_up"] += payload.nbytes
+        nbytes = wire.nbytes(prompt, payload.nbytes)
+        clock.transfer(s.edge_id, CLOUD_ID, nbytes)
+        totals["prompt_bytes_up"] += nbytes
         received.append(payload.decompress())
         weights.append(float(max(last[s.edge_id]["seen"], 1)))
     mean = weighted_mean(received, weights)
     down = comm.compress(mean, acfg.compression)
+    down_nbytes = wire.nbytes(mean, down.nbytes)
     for s in streams:
-        clock.transfer(CLOUD_ID, s.edge_id, down.nbytes)
-        totals["prompt_bytes_down"] += down.nbytes
+        clock.transfer(CLOUD_ID, s.edge_id, down_nbytes)
+        totals["prompt_bytes_down"] += down_nbytes
     totals["shares"] += 1
     engine.run([Task(s.edge_id, "set_prompt", {"prompt": down.decompress()}) for s in streams])
 

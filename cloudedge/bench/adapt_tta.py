@@ -101,7 +101,7 @@ def run(quick: bool, out_dir: Path, checkpoint: str | None = None, engine: str =
             "acc_mean": s["acc_mean"], "acc_per_shift": s["acc_per_shift"], "ms_per_image": s["ms_per_image"],
             "cpu_ms_per_image": s["cpu_ms_per_image"],
             "peak_mem_mb": s["peak_mem_mb"], "episodic": s["episodic"],
-            "prompt_bytes": s["prompt_bytes_up"] + s["prompt_bytes_down"],
+            "prompt_bytes": s["prompt_bytes_up"] + s["prompt_bytes_down"], "cost_model": s["cost_model"],
         }
     zs, tpt, sp, coop = (methods[m]["acc_mean"] for m in ("zeroshot", "tpt", "swapprompt", "coop"))
     return {

@@ -11,10 +11,13 @@ Metrics per method: ``time_to_target_s`` (virtual seconds until the held-out los
 ``TARGET_VAL_LOSS``), ``final_val_loss``, ``bytes_total``, ``energy_j``, ``utilization`` (share of
 the participants' round time spent computing), plus the round count and wall seconds.
 
-Scale: the model is tiny so the benchmark runs on a laptop CPU. Profiles keep their bandwidths but
-their FLOP/s and memory are divided by ``SCALE`` (1000): each of our 32-token sequences then
-costs what 1000 sequences cost on the real hardware, i.e. a global batch of 64 stands for ~2M
-tokens, the batch size of LLM pre-training, and compute and communication keep a realistic ratio.
+Scale: the model is tiny so the benchmark runs on a laptop CPU, and the virtual clock charges every
+cost as GPT-2 small (``clock.charge_as: CHARGE_AS``, docs/profiles.md "Charged costs"): each
+32-token sequence costs GPT-2 small's FLOPs, every broadcast and update is GPT-2 small's 124M
+float32 parameters on the wire, and a node's memory must hold GPT-2 small's weights, gradients,
+AdamW moments and activations. Profiles are the real ones. Compute and communication therefore
+keep the ratio they would have on that fleet, and a phone that cannot hold GPT-2 small
+(``phone-low``) sits out, as it would in reality.
 
 ``size="gpt-100m"`` (with ``device="cuda"``, ``precision="bf16"``) is the accelerator run: a GPT of
 99 M parameters (GPT-2 small's width, 14 layers) on 256-byte sequences, profiles at their real
@@ -37,11 +40,10 @@ import torch
 
 from cloudedge.config import config_from_dict
 from cloudedge.errors import InputError
-from cloudedge.fleet.profiles import PROFILES
 from cloudedge.perf import peak_gpu_mb
 from cloudedge.pretrain.loop import pretrain
 
-SCALE = 1000.0
+CHARGE_AS = "gpt2-124m"  # the tiny model's costs are charged as GPT-2 small (clock.charge_as)
 TARGET_VAL_LOSS = 3.6  # nats per byte, fixed before the runs (a uniform byte model scores ln 259 = 5.56)
 SYNC_ROUNDS, LOCAL_ROUNDS = 40, 12  # quick; the full run does 4x. Local rounds do LOCAL_STEPS steps each
 LOCAL_STEPS = 4
@@ -61,32 +63,28 @@ GPT_100M = {"kind": "gpt", "hidden": 768, "layers": 14, "heads": 12, "context": 
 SIZES = ("tiny", "gpt-100m")
 
 
-def _scaled(name: str, scale: float = SCALE) -> dict[str, float]:
-    p = PROFILES[name]
-    return {"flops": p.flops / scale, "memory_bytes": p.memory_bytes / scale}
-
-
 def bench_config(quick: bool, size: str = "tiny", device: str = "cpu", precision: str = "fp32") -> dict[str, Any]:
     """The run config shared by every method (a plain dict, as a YAML file would hold it)."""
     if size not in SIZES:
         raise InputError(f"pretrain-hetero: size must be one of {', '.join(SIZES)}, got {size!r}")
     big = size == "gpt-100m"
-    scale = 1.0 if big else SCALE  # the 100M model is as large as the real profiles assume
     devices_per_kind = 1 if quick else 3
     return {
         "name": "pretrain-hetero",
         "seed": 0,
         "fleet": {
-            "cloud": {"profile": "a100", "overrides": _scaled("a100", scale)},
+            "cloud": {"profile": "a100"},
             "edges": [{
-                "count": 2, "profile": "edge-server", "overrides": _scaled("edge-server", scale),
+                "count": 2, "profile": "edge-server",
                 "devices": [
-                    {"count": devices_per_kind, "profile": "jetson-orin", "overrides": _scaled("jetson-orin", scale)},
-                    {"count": devices_per_kind, "profile": "phone-mid", "overrides": _scaled("phone-mid", scale)},
-                    {"count": devices_per_kind, "profile": "phone-low", "overrides": _scaled("phone-low", scale)},
+                    {"count": devices_per_kind, "profile": "jetson-orin"},
+                    {"count": devices_per_kind, "profile": "phone-mid"},
+                    {"count": devices_per_kind, "profile": "phone-low"},
                 ],
             }],
         },
+        # The 100M model is as large as the real profiles assume: it is charged as itself.
+        **({} if big else {"clock": {"charge_as": CHARGE_AS}}),
         "data": {"source": "pydocs", "max_docs": 600 if quick else 4000, "partition": {"kind": "domain"},
                  "test_fraction": 0.1},
         "model": GPT_100M if big else {"kind": "gpt", "hidden": 32 if quick else 64, "layers": 2, "heads": 2,
@@ -141,8 +139,8 @@ def run(quick: bool, out_dir: Path, *, size: str = "tiny", device: str = "cpu", 
         torch.set_num_threads(threads)
     methods_out = runs[0] if seeds == 1 else {name: _over_seeds([r[name] for r in runs]) for name in names}
     return {"benchmark": "pretrain-hetero",
-            "config": {**raw, "scale": 1.0 if size == "gpt-100m" else SCALE, "quick": quick, "size": size,
-                       "seeds": seeds},
+            "config": {**raw, "quick": quick, "size": size, "seeds": seeds},
+            "cost_model": runs[0][names[0]]["cost_model"],
             "methods": methods_out}
 
 
@@ -183,7 +181,7 @@ def _run_method(cfg: Any, name: str, overrides: dict[str, Any]) -> dict[str, Any
         "virtual_time_s": s["virtual_time_s"], "mean_batch_per_step": s["mean_batch_per_step"],
         "rounds": s["rounds"], "wall_s": round(wall_s, 2),
         **host_speed(rows, cfg.pretrain.seq_len or cfg.stage_model("pretrain").context, wall_s),
-        "peak_gpu_mb": peak_gpu_mb(),
+        "peak_gpu_mb": peak_gpu_mb(), "excluded": s["excluded"], "cost_model": s["cost_model"],
     }
 
 

@@ -248,7 +248,7 @@ def train_method(method: str, clients: list[dict[str, dict[str, torch.Tensor]]],
     tests = {wid: {split: {"x": c[split][key], "y": c[split]["y"]} for split in ("id", "ood")}
              for wid, c in zip(ids, clients, strict=True)}
     result = pretrain(run_config(setup, method, seed, table), method=method, shards=shards, client_eval=tests)
-    return {"clients": [result.summary["clients"][wid] for wid in ids],
+    return {"clients": [result.summary["clients"][wid] for wid in ids], "cost_model": result.summary["cost_model"],
             "virtual_time_s": result.summary["virtual_time_s"], "bytes_total": result.summary["bytes_total"]}
 
 
@@ -331,6 +331,7 @@ def run(quick: bool, out_dir: Path, methods: str | None = None, setup: OODSetup 
                 row = _summarize([r["clients"] for r in runs])
                 row["virtual_time_s"] = statistics.fmean(r["virtual_time_s"] for r in runs)
                 row["bytes_total"] = statistics.fmean(r["bytes_total"] for r in runs)
+                row["cost_model"] = runs[0]["cost_model"]  # the trained and the charged model
                 table[method if loop == "sync" else f"local/{method}"] = row
     finally:
         torch.set_num_threads(threads)

@@ -111,6 +111,7 @@ def _run_case(raw: dict[str, Any], fleet: Fleet, task: Any) -> dict[str, Any]:
         "rejected_updates": s["rejected_updates"], "attackers": (s["attack"] or {}).get("attackers", []),
         "edge_aggregator": s["edge_aggregator"], "cloud_aggregator": s["cloud_aggregator"],
         "accuracy_curve": [round(a, 4) for a in accs], "wall_s": round(time.perf_counter() - t0, 2),
+        "cost_model": s["cost_model"],
     }
     if s.get("privacy"):
         out["epsilon"] = s["epsilon"]

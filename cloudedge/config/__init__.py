@@ -19,11 +19,12 @@ from cloudedge.config.fleet import DeviceGroup, EdgeSpec, FleetConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.config.pretrain import PretrainConfig
 from cloudedge.config.run import EngineConfig, RunConfig
+from cloudedge.config.track import TrackConfig
 from cloudedge.errors import InputError
 
 __all__ = [
     "AdaptConfig", "DataConfig", "DeviceGroup", "EdgeSpec", "EngineConfig", "FinetuneConfig",
-    "FleetConfig", "ModelConfig", "PartitionConfig", "PretrainConfig", "RunConfig",
+    "FleetConfig", "ModelConfig", "PartitionConfig", "PretrainConfig", "RunConfig", "TrackConfig",
     "format_validation_error", "load_config", "config_from_dict", "dump_config", "with_overrides",
 ]
 

@@ -9,7 +9,10 @@ from pydantic import Field, model_validator
 from cloudedge.config.base import StrictModel
 from cloudedge.config.glyphs import GlyphsConfig
 
-SourceName = Literal["digits", "colored", "rotated", "corrupted", "pydocs", "text", "jsonl", "imagefolder", "glyphs"]
+SourceName = Literal["digits", "colored", "rotated", "corrupted", "pydocs", "text", "jsonl", "imagefolder", "glyphs",
+                     "hf"]
+# Sources that read the user's files named by `path`.
+PATH_SOURCES = ("text", "jsonl", "imagefolder", "hf")
 
 
 class PartitionConfig(StrictModel):
@@ -22,10 +25,13 @@ class PartitionConfig(StrictModel):
 
 class DataConfig(StrictModel):
     source: SourceName = "digits"
-    path: str | None = Field(default=None, description="file or folder for text, jsonl, imagefolder")
+    path: str | None = Field(default=None, description="file or folder for text, jsonl, imagefolder, hf")
     text_field: str = "text"
     label_field: str | None = None
-    domain_field: str | None = Field(default=None, description="jsonl: field naming each record's domain")
+    # hf: a Hugging Face dataset on disk (docs/data.md).
+    split: str = Field(default="train", description="hf: the split of a saved DatasetDict")
+    image_field: str | None = Field(default=None, description="hf: column of images (else text_field is read)")
+    domain_field: str | None = Field(default=None, description="jsonl, hf: field naming each record's domain")
     class_names: str | None = Field(default=None, description="file with one class name a line (imagefolder)")
     # Variants of the bundled digits.
     flip_prob: float = Field(default=0.1, ge=0, le=1, description="colored: chance the color lies")
@@ -56,7 +62,7 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> DataConfig:
-        if self.source in ("text", "jsonl", "imagefolder") and not self.path:
+        if self.source in PATH_SOURCES and not self.path:
             raise ValueError(f"source '{self.source}' needs 'path'")
         if self.source == "corrupted" and not self.corruption:
             raise ValueError("source 'corrupted' needs 'corruption'")

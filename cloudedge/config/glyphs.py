@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from cloudedge.config.base import StrictModel
 
@@ -39,3 +39,17 @@ class GlyphsConfig(StrictModel):
     blur: float = Field(default=0.5, ge=0, le=1, description="largest blend towards a blurred copy")
     noise: float = Field(default=0.05, ge=0, le=0.5, description="largest Gaussian pixel noise std")
     cache: bool = Field(default=True, description="keep generated images under $XDG_CACHE_HOME/cloudedge/glyphs")
+
+    @field_validator("fonts", "held_out_fonts")
+    @classmethod
+    def _known_fonts(cls, names: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if names:
+            # Imported here: the face table lives with the renderer (cloudedge.data imports config).
+            from cloudedge.data.glyph_attrs import resolve_faces
+            from cloudedge.errors import InputError
+
+            try:
+                resolve_faces(names, info.field_name or "fonts")
+            except InputError as err:
+                raise ValueError(str(err).split(": ", 1)[1]) from None
+        return names

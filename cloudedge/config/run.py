@@ -8,11 +8,13 @@ from pydantic import Field
 
 from cloudedge.config.adapt import AdaptConfig
 from cloudedge.config.base import StrictModel
+from cloudedge.config.clock import ClockConfig
 from cloudedge.config.data import DataConfig
 from cloudedge.config.finetune import FinetuneConfig
 from cloudedge.config.fleet import FleetConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.config.pretrain import PretrainConfig
+from cloudedge.config.track import TrackConfig
 
 
 class EngineConfig(StrictModel):
@@ -30,9 +32,11 @@ class RunConfig(StrictModel):
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    clock: ClockConfig = Field(default_factory=ClockConfig)
     pretrain: PretrainConfig | None = None
     finetune: FinetuneConfig | None = None
     adapt: AdaptConfig | None = None
+    track: TrackConfig = Field(default_factory=TrackConfig, description="TensorBoard / MLflow (docs/tracking.md)")
     # Directory that relative paths in this config are resolved against (set by load_config).
     base_dir: str = "."
 

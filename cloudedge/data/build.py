@@ -61,6 +61,11 @@ def _load_whole(cfg: DataConfig, base_dir: str | Path) -> Dataset:
     if cfg.source == "imagefolder":
         names = _resolve(base_dir, cfg.class_names) if cfg.class_names else None
         return load_image_folder(_resolve(base_dir, cfg.path), cfg.image_size, names)
+    if cfg.source == "hf":
+        from cloudedge.data.hfdata import load_hf
+
+        return load_hf(_resolve(base_dir, cfg.path), cfg.split, cfg.text_field, cfg.image_field, cfg.label_field,
+                       cfg.domain_field, cfg.image_size)
     raise InputError(f"data.source: unknown source '{cfg.source}'")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from cloudedge.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".md")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# PIL modes read as one grey channel; every other mode (palette, RGB, RGBA, CMYK, ...) as RGB.
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 
 # Integer labels index classes 0..max: a bound keeps a stray huge label from building a huge class list.
@@ -163,42 +166,114 @@ def _str_field(record: dict, name: str, where: str) -> str:
     return value
 
 
-def _read_class_names(file: Path) -> list[tuple[str, str]]:
-    """(folder, class name) per non-blank line: ``folder`` or ``folder: readable class name``."""
-    out: list[tuple[str, str]] = []
-    for lineno, line in enumerate(_read_utf8(file).split("\n"), start=1):
-        if not line.strip():
-            continue
-        folder, sep, name = line.partition(":")
-        folder, name = folder.strip(), (name.strip() if sep else folder.strip())
-        if not folder or not name:
-            raise InputError(f"{file}:{lineno}: expected 'folder' or 'folder: class name', got {line!r}")
-        if folder in {f for f, _ in out}:
-            raise InputError(f"{file}:{lineno}: folder '{folder}' listed twice")
-        out.append((folder, name))
-    if not out:
+def _folder_first(line: str, folders: set[str]) -> str | None:
+    """The class folder a line starts with (the whole line, or its first word with one trailing
+    ``:`` dropped), or None."""
+    words = line.split(None, 1)
+    head = words[0].removesuffix(":") if words[0] not in folders else words[0]
+    return head if head in folders else None
+
+
+def read_class_names(file: Path, folders: list[str]) -> list[tuple[str, str]]:
+    """(folder, class name) per class, in label order, from a class-names file (three forms).
+
+    - **tab mapping**, when any line holds a tab: every line is ``folder<TAB>class name``;
+    - **folder-first mapping**, else when the first line starts with a class folder's name (the
+      whole line, or followed by a space or ``": "``): every line is ``folder class name``
+      (ImageNet's ``n01440764 tench``), ``folder: class name`` or a bare ``folder``;
+    - **order-only**, otherwise: one class name a line, line i naming the i-th folder in sorted
+      order, exactly one line per folder.
+
+    A mapping gives labels in the file's order and must list every folder once. Blank lines are
+    skipped. Errors name the file and line: a folder that does not exist, one listed twice or not
+    at all, a line count that does not match, or an order-only line that starts with a folder name
+    (a mapping whose first line is mistyped) or is a folder's name at another folder's position.
+    """
+    entries = [(n, line.strip()) for n, line in enumerate(_read_utf8(file).split("\n"), start=1) if line.strip()]
+    if not entries:
         raise InputError(f"{file}: empty file (no class names)")
-    return out
+    known = set(folders)
+    if any("\t" in line for _, line in entries):
+        pairs = []
+        for lineno, line in entries:
+            folder, sep, name = line.partition("\t")
+            folder, name = folder.strip(), name.strip()
+            if not sep or not folder or not name:
+                raise InputError(f"{file}:{lineno}: expected 'folder<TAB>class name' (the file has tabs), got {line!r}")
+            pairs.append((lineno, folder, name))
+        return _checked_mapping(file, pairs, folders, "tab-separated")
+    first = _folder_first(entries[0][1], known)
+    if first is not None:
+        pairs = []
+        for lineno, line in entries:
+            folder = _folder_first(line, known) or line.split(None, 1)[0].removesuffix(":")
+            rest = line[len(folder):].strip().removeprefix(":").strip() if line.startswith(folder) else ""
+            pairs.append((lineno, folder, rest or folder))
+        return _checked_mapping(file, pairs, folders, f"line {entries[0][0]} starts with class folder '{first}'")
+    return _checked_order(file, entries, folders)
+
+
+def _checked_mapping(file: Path, pairs: list[tuple[int, str, str]], folders: list[str], why: str) -> list[tuple[str, str]]:
+    known, seen = set(folders), set()
+    for lineno, folder, _ in pairs:
+        if folder not in known:
+            raise InputError(f"{file}:{lineno}: no class folder '{folder}' (a folder-to-name mapping: {why})")
+        if folder in seen:
+            raise InputError(f"{file}:{lineno}: folder '{folder}' listed twice")
+        seen.add(folder)
+    unlisted = [f for f in folders if f not in seen]
+    if unlisted:
+        raise InputError(f"{file}:{pairs[-1][0]}: class folders not listed: {', '.join(unlisted)} "
+                         f"(a folder-to-name mapping lists every folder: {why})")
+    return [(folder, name) for _, folder, name in pairs]
+
+
+def _checked_order(file: Path, entries: list[tuple[int, str]], folders: list[str]) -> list[tuple[str, str]]:
+    known = set(folders)
+    for i, (lineno, line) in enumerate(entries):
+        if line in known and i < len(folders) and folders[i] != line:
+            raise InputError(f"{file}:{lineno}: '{line}' is a class folder, but line {entries[0][0]} does not start "
+                             f"with one, so this line names folder '{folders[i]}' (order-only form); start line "
+                             f"{entries[0][0]} with its folder to map folders to names")
+        head = _folder_first(line, known)
+        if head is not None and line != head:
+            raise InputError(f"{file}:{lineno}: starts with class folder '{head}', but line {entries[0][0]} does not "
+                             "start with a folder: every line of a mapping starts with its folder (or use tabs)")
+    if len(entries) != len(folders):
+        where = f"{file}:{entries[len(folders)][0]}" if len(entries) > len(folders) else f"{file}"
+        raise InputError(f"{where}: {len(entries)} class names for {len(folders)} class folders (order-only form: "
+                         "one name a line, in sorted folder order)")
+    return [(folder, line) for folder, (_, line) in zip(folders, entries, strict=True)]
 
 
 def _load_image(file: Path, image_size: int) -> torch.Tensor:
-    """RGB ``[3, S, S]`` in [0, 1]: shorter side resized to S (bicubic), then a centre crop."""
+    """``[C, S, S]`` in [0, 1], C = 1 for a greyscale image (PIL modes 1, L, LA, I, I;16, F), else
+    3 (RGB): shorter side resized to S (bicubic), then a centre crop."""
     from PIL import Image
 
     try:
         with Image.open(file) as img:
             img.load()
-            rgb = img.convert("RGB")
+            mode = "L" if img.mode in GREY_MODES else "RGB"
+            pic = img.convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise InputError(f"{file}: cannot decode image ({type(err).__name__}: {err})") from None
-    w, h = rgb.size
+    return pil_to_tensor(pic, image_size)
+
+
+def pil_to_tensor(pic: Any, image_size: int) -> torch.Tensor:
+    """A PIL image (mode ``L`` or ``RGB``) as ``[C, S, S]`` in [0, 1]: shorter side resized to S
+    (bicubic), centre crop."""
+    from PIL import Image
+
+    w, h = pic.size
     scale = image_size / min(w, h)
     new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-    rgb = rgb.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    pic = pic.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-    rgb = rgb.crop((left, top, left + image_size, top + image_size))
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    pic = pic.crop((left, top, left + image_size, top + image_size))
+    arr = np.asarray(pic, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).reshape(image_size, image_size, -1).permute(2, 0, 1).contiguous()
 
 
 def load_image_folder(
@@ -206,11 +281,12 @@ def load_image_folder(
 ) -> ImageDataset:
     """Images in class subfolders (``root/<class>/<image>``), like torchvision's ImageFolder.
 
-    Classes are the subfolder names in sorted order, or, with ``class_names_file``, the order and
-    names given there (one line per class: ``folder`` or ``folder: readable class name``; every
-    subfolder must be listed, and every listed folder must exist). Images (PNG, JPEG, BMP, GIF,
-    WebP; other files and hidden files are ignored) are converted to RGB, their shorter side
-    resized to ``image_size`` and centre-cropped to ``image_size`` x ``image_size``.
+    Classes are the subfolder names in sorted order, or, with ``class_names_file``, the names (and,
+    for a mapping, the order) given there: see :func:`read_class_names` for its three forms. Images
+    (PNG, JPEG, BMP, GIF, WebP; other files and hidden files are ignored) have their shorter side
+    resized to ``image_size`` and are centre-cropped to ``image_size`` x ``image_size``. ``x`` has
+    one channel when every image is greyscale, else three (greyscale images replicated); a model
+    with other channels converts them (``cloudedge.models.inputs``).
     """
     root = Path(path)
     if not root.is_dir():
@@ -221,13 +297,7 @@ def load_image_folder(
     if not folders:
         raise InputError(f"{root}: no class subfolders")
     if class_names_file is not None:
-        listed = _read_class_names(Path(class_names_file))
-        unlisted = sorted(set(folders) - {f for f, _ in listed})
-        if unlisted:
-            raise InputError(f"{class_names_file}: class folders not listed: {', '.join(unlisted)}")
-        missing = [f for f, _ in listed if f not in set(folders)]
-        if missing:
-            raise InputError(f"{root}: no folder for listed classes: {', '.join(missing)}")
+        listed = read_class_names(Path(class_names_file), folders)
     else:
         listed = [(f, f) for f in folders]
     images: list[torch.Tensor] = []
@@ -243,6 +313,8 @@ def load_image_folder(
         for file in files:
             images.append(_load_image(file, image_size))
             labels.append(label)
+    if any(img.shape[0] == 3 for img in images):
+        images = [img.expand(3, -1, -1) for img in images]
     return ImageDataset(
         x=torch.stack(images),
         y=torch.tensor(labels, dtype=torch.long),

@@ -114,7 +114,9 @@ class Engine(ABC):
     def run(self, tasks: Iterable[Task]) -> list[Any]:
         """Run tasks (concurrently where the engine can) and return their results in order.
 
-        A failing task raises :class:`WorkerError` unless ``run_tolerant`` is used.
+        A failing task raises :class:`WorkerError` unless ``run_tolerant`` is used. An
+        ``InputError`` a worker raises (bad user input) propagates as is from both: it is not a
+        worker failure to tolerate or retry.
         """
 
     def run_tolerant(self, tasks: Iterable[Task]) -> list[Any | WorkerError]:

@@ -6,10 +6,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from cloudedge.engine.base import Engine, Task, WorkerError, WorkerSpec, check_plain, copy_plain, to_host
+from cloudedge.errors import InputError
 
 
 class LocalEngine(Engine):
     """Builds each worker on its first task and keeps it until released.
+
+    A task that fails raises :class:`WorkerError` naming the worker, except an :class:`InputError`
+    (bad user input found by the worker, in a task or while it is built), which propagates as is.
 
     Arguments and results are checked to be plain data and copied (``copy=True``), so a worker
     can never share a mutable tensor with the coordinator: the same contract a Ray actor enforces
@@ -50,6 +54,10 @@ class LocalEngine(Engine):
             kwargs = copy_plain(task.kwargs) if self.copy else to_host(task.kwargs)
             try:
                 result = getattr(worker, task.method)(**kwargs)
+            except InputError:
+                # Bad input the worker found (data, a class name, a checkpoint): the user's to fix,
+                # not a failure to retry on a replacement worker; it ends the run as one line.
+                raise
             except Exception as err:  # a worker's failure is reported, with its identity
                 raise WorkerError(task.worker_id, task.method, err) from err
             finally:

@@ -10,7 +10,8 @@ servers) and ``--resources '{"cloud": 1}'`` (the cloud). Inside an actor, worker
 Only plain data crosses (checked before sending), its tensors in host memory (a GPU on either side
 stays on its side); Ray serializes it, so nothing is shared.
 A host actor that dies is rebuilt from the specs held here and its tasks in flight come back as
-`WorkerError`s: `run_tolerant` lets a round complete without them.
+`WorkerError`s: `run_tolerant` lets a round complete without them. An `InputError` a worker raises
+(bad user input) comes back as data and is raised here, from `run` and `run_tolerant` alike.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class WorkerHost:
             except WorkerError as err:
                 # The exception object travels back as data: worker id, method and message.
                 out.append(WorkerError(err.worker_id, err.method, repr(err.cause)))
+            except InputError as err:
+                out.append(err)  # travels back as data too; the coordinator raises it (bad input, no retry)
         return out
 
     def pid(self) -> int:
@@ -169,6 +172,9 @@ class RayEngine(Engine):
                            for i in idx]
             for i, r in zip(idx, results, strict=True):
                 out[i] = r
+        for r in out:
+            if isinstance(r, InputError):
+                raise r  # bad input found by a worker ends the run, as with LocalEngine (run_tolerant too)
         return out
 
     def run(self, tasks: Iterable[Task]) -> list[Any]:

@@ -77,6 +77,7 @@ class TaskData:
     device_data: dict[str, dict[str, torch.Tensor]]  # device id -> tensors (labels + inputs)
     test_data: dict[str, torch.Tensor]
     classes: list[str]
+    charge: Any = None  # the ChargedModel of clock.charge_as (None: the clock charges the trained model)
 
 
 @dataclass
@@ -205,10 +206,11 @@ class HierFinetune:
         engine.register(CLOUD, WorkerSpec(FinetuneWorker, dict(
             spec=spec, data=task.test_data, batch_size=settings.batch_size, device=settings.device)))
         self.info = engine.call(CLOUD, "model_info")
-        self.step_flops = float(self.info["train_step_flops"])
         self.global_state: Tensors = engine.call(CLOUD, "initial_state")
         if settings.lora_mode == "product" and settings.refactor == "merge":
             self.global_state = with_base_deltas(self.global_state)
+        self._init_charge()
+        self.step_flops = float(self.charged["train_step_flops"])
         self.n_samples = {d: int(v["labels"].shape[0]) for d, v in task.device_data.items()}
         self.sec_per_step = {d.id: self.step_flops / d.profile.flops for d in fleet.devices}
         self.host_flops, self.host_wall_s = 0.0, 0.0  # real work done on this host, for MFU
@@ -223,11 +225,27 @@ class HierFinetune:
 
     # --- reliability (docs/reliability.md) -----------------------------------------------------
 
+    def _init_charge(self) -> None:
+        """The costs the clock charges: the trained model's, or clock.charge_as's (cloudedge.finetune.charge)."""
+        self.charged, self.charged_layout = self.info, None
+        if self.task.charge is not None:
+            from cloudedge.finetune.charge import charged_info, with_charged_base_deltas
+
+            text_len = int(self.task.test_data["input_ids"].shape[1]) if "input_ids" in self.task.test_data else None
+            self.charged, layout = charged_info(self.task.charge, self.spec, self.s.batch_size, text_len)
+            merged = self.s.lora_mode == "product" and self.s.refactor == "merge"
+            self.charged_layout = with_charged_base_deltas(layout) if merged else layout
+
     def _init_reliability(self) -> None:
         """Gate, aggregators, attackers, churn, DP; and the memory check, before any work starts."""
         s = self.s
-        extra = sum(v.numel() * v.element_size() for k, v in self.global_state.items() if k.endswith(BASE_DELTA_SUFFIX))
-        self.memory_need = memory_need(self.info, s.optimizer, extra)
+        if self.charged_layout is not None:
+            extra = sum(v.numel() * v.element_size() for k, v in self.charged_layout.items()
+                        if k.endswith(BASE_DELTA_SUFFIX))
+        else:
+            extra = sum(v.numel() * v.element_size() for k, v in self.global_state.items()
+                        if k.endswith(BASE_DELTA_SUFFIX))
+        self.memory_need = memory_need(self.charged, s.optimizer, extra)
         check_memory(self.fleet.devices, self.memory_need, s.memory_fraction, s.batch_size)
         self.robust = {**_ROBUST_DEFAULTS, **s.robust}
         self.edge_aggregator = self.robust["aggregator"]
@@ -357,7 +375,15 @@ class HierFinetune:
         """The tensors as the receiver gets them (after compression) and the bytes on the wire."""
         payload = compress(tensors, self.s.compression)
         got = payload.decompress() if self.s.compression != "none" else tensors
-        return {k: got[k].to(tensors[k].dtype) for k in tensors}, int(payload.nbytes)
+        return {k: got[k].to(tensors[k].dtype) for k in tensors}, self._charged_nbytes(tensors, int(payload.nbytes))
+
+    def _charged_nbytes(self, tensors: Tensors, nbytes: int) -> int:
+        """``nbytes`` of a message, or the bytes of the charged model's version of it (clock.charge_as)."""
+        if self.charged_layout is None:
+            return nbytes
+        from cloudedge.finetune.charge import charged_message_bytes
+
+        return charged_message_bytes(self.charged_layout, tensors, self.s.compression)
 
     def _send_state(self, state: Tensors) -> tuple[Tensors, int]:
         keys = self._down_keys(state)
@@ -366,6 +392,12 @@ class HierFinetune:
 
     def update_bytes(self) -> int:
         """Bytes of one device update (uncompressed shape of what a device sends)."""
+        keys = sent_keys(list(self.global_state), self.s.lora_mode)
+        zeros = {k: torch.zeros_like(self.global_state[k]) for k in keys}
+        return self._charged_nbytes(zeros, int(compress(zeros, self.s.compression).nbytes))
+
+    def trained_update_bytes(self) -> int:
+        """Bytes of one device update of the model that learns (whatever the clock charges)."""
         keys = sent_keys(list(self.global_state), self.s.lora_mode)
         return int(compress({k: torch.zeros_like(self.global_state[k]) for k in keys}, self.s.compression).nbytes)
 
@@ -798,13 +830,23 @@ class HierFinetune:
             "dropped_updates": self.dropped_total,
             "device_steps": self.device_steps_total,
             "update_bytes": self.update_bytes(),
-            "model_bytes": int(self.info["model_bytes"]),
-            "payload_fraction": self.update_bytes() / int(self.info["model_bytes"]),
-            "trainable_params": int(self.info["trainable_params"]),
-            "params": int(self.info["params"]),
+            "model_bytes": int(self.charged["model_bytes"]),
+            "payload_fraction": self.update_bytes() / int(self.charged["model_bytes"]),
+            "trainable_params": int(self.charged["trainable_params"]),
+            "params": int(self.charged["params"]),
             "train_step_flops": self.step_flops,
+            "cost_model": self._cost_model(),
             **self._reliability_summary(),
         }
+
+    def _cost_model(self) -> dict[str, Any]:
+        from cloudedge.models.charge import cost_model_summary, describe
+
+        trained = describe(f"{self.spec['model']['kind']} {self.spec['model']['hidden']}x{self.spec['model']['layers']} "
+                           "(trained)", int(self.info["params"]), self.trained_update_bytes())
+        charge = self.task.charge
+        charged = None if charge is None else describe(charge.name, int(self.charged["params"]), self.update_bytes())
+        return cost_model_summary(trained, charged, charge)
 
     def _reliability_summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {

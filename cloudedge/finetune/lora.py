@@ -40,6 +40,7 @@ TARGETS: dict[str, list[str]] = {
     "vit": ["query", "value", "q_proj", "v_proj"],  # transformers 4 and 5 names
     "clip": ["q_proj", "v_proj"],
     "gpt": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],  # a charged architecture only (clock.charge_as)
 }
 
 

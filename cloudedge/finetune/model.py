@@ -39,9 +39,11 @@ class LoraClassifier(nn.Module):
         self.head = nn.Linear(feature_dim, n_classes)
 
     def features(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.kind == "gpt":
-            mask = inputs["attention_mask"]
+        if self.kind in ("gpt", "llama"):
+            mask = inputs.get("attention_mask")
             hidden = self.backbone(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+            if mask is None:  # unpadded (a charged model's batch on the meta device): the last token
+                return hidden[:, -1]
             last = (mask.sum(dim=1) - 1).clamp(min=0)
             return hidden[torch.arange(hidden.shape[0]), last]
         out = self.backbone(pixel_values=inputs["pixel_values"])
@@ -64,6 +66,9 @@ def backbone_of(model: nn.Module) -> tuple[nn.Module, str, int]:
     if model_type == "vit":
         body = model.vit if hasattr(model, "vit") else model
         return body, "vit", int(model.config.hidden_size)
+    if model_type == "llama":  # only as a charged architecture (clock.charge_as), never trained here
+        body = model.model if hasattr(model, "model") else model
+        return body, "llama", int(model.config.hidden_size)
     if model_type == "clip":
         return model.vision_model, "clip", int(model.config.vision_config.hidden_size)
     if model_type == "clip_vision_model":
@@ -122,20 +127,33 @@ def build_lora_classifier(spec: Mapping[str, Any]) -> LoraClassifier:
     from cloudedge.models import build_model
 
     cfg = ModelConfig(**spec["model"])
-    seed = int(spec["seed"])
-    model = build_model(cfg, base_dir=spec.get("base_dir", "."), seed=seed)
+    model = build_model(cfg, base_dir=spec.get("base_dir", "."), seed=int(spec["seed"]))
     if spec.get("base_tensors"):
         _load_into(model, spec["base_tensors"], str(spec.get("base_source", "base checkpoint")))
+    return with_lora(model, spec)
+
+
+def with_lora(model: nn.Module, spec: Mapping[str, Any], targets: list[str] | None = None) -> LoraClassifier:
+    """``model``'s backbone with LoRA adapters (``spec``'s rank, alpha, mode) and a linear head.
+
+    ``targets`` default to ``spec["targets"]``, else the architecture's :data:`TARGETS`. Works on the
+    meta device too (how the clock prices a charged architecture, cloudedge.finetune.charge).
+    """
+    seed = int(spec["seed"])
     body, kind, dim = backbone_of(model)
     pooling = str(spec.get("pooling", "cls"))
     if pooling != "cls" and kind != "vit":
         raise InputError(f"finetune.pooling: '{pooling}' applies to ViT backbones, the model is a {kind}")
-    targets = spec.get("targets") or TARGETS[kind]
+    targets = targets or spec.get("targets") or TARGETS[kind]
     lcfg = LoraConfig(r=int(spec["rank"]), lora_alpha=float(spec["alpha"]), lora_dropout=0.0,
                       target_modules=list(targets), bias="none", fan_in_fan_out=(kind == "gpt"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)  # peft initialises A from the global generator
-        body = inject_adapter_in_model(lcfg, body)
+        try:
+            body = inject_adapter_in_model(lcfg, body)
+        except ValueError as err:  # peft's word for target names that match no module of the model
+            raise InputError(f"finetune.lora.targets: {list(targets)} do not fit the {kind} model "
+                             f"({' '.join(str(err).split())})") from None
         clf = LoraClassifier(body, kind, dim, int(spec["n_classes"]), pooling=pooling)
     for name, p in clf.named_parameters():
         trainable = name.startswith("head.") or "lora_B" in name or ("lora_A" in name and spec["mode"] != "ffa")

@@ -21,21 +21,15 @@ from cloudedge.errors import InputError
 from cloudedge.finetune.loop import FinetuneSettings, HierFinetune, TaskData
 from cloudedge.finetune.model import LoraClassifier, build_lora_classifier, load_base_tensors
 from cloudedge.fleet import Fleet
+from cloudedge.models.inputs import ImageSpec, check_images, config_image_spec, convert_channels
 from cloudedge.track.stage_run import run_stage_into
 
 STAGE = "finetune"
 
 
-def _image_tensors(ds: Any, model_cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    x = ds.x
-    if model_cfg.kind != "hf":
-        if x.shape[-1] != model_cfg.image_size:
-            raise InputError(f"{source}: model.image_size ({model_cfg.image_size}) must equal data.image_size "
-                             f"({x.shape[-1]})")
-        if x.shape[1] != model_cfg.channels:
-            if x.shape[1] != 1:
-                raise InputError(f"{source}: images have {x.shape[1]} channels, model.channels is {model_cfg.channels}")
-            x = x.expand(-1, model_cfg.channels, -1, -1)  # grey digits into an RGB model
+def _image_tensors(ds: Any, spec: ImageSpec | None, source: str) -> dict[str, torch.Tensor]:
+    """Labelled images in the model's channels (``cloudedge.models.inputs``; checked up front)."""
+    x = ds.x if spec is None else convert_channels(ds.x, spec.channels, source)
     return {"pixel_values": x.contiguous(), "labels": ds.y.long()}
 
 
@@ -65,7 +59,10 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         to_tensors = lambda ds: _text_tensors(ds, model_cfg.context)  # noqa: E731
         labels = np.asarray(train.labels)
     else:
-        to_tensors = lambda ds: _image_tensors(ds, model_cfg, f"{STAGE}.model")  # noqa: E731
+        image_spec = config_image_spec(model_cfg, cfg.base_dir)
+        if image_spec is not None:  # a model built from the config takes data.image_size as it is
+            check_images(train.x.shape, image_spec, f"{source} ({data_cfg.source}) for {STAGE}.model", resize=False)
+        to_tensors = lambda ds: _image_tensors(ds, image_spec, source)  # noqa: E731
         labels = train.y.numpy()
     devices = fleet.devices
     part = data_cfg.partition
@@ -86,7 +83,10 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         "targets": fcfg.lora.targets, "mode": fcfg.lora.mode, "base_tensors": base_tensors,
         "base_source": fcfg.init or "base model",
     }
-    return TaskData(spec=spec, device_data=device_data, test_data=to_tensors(test), classes=list(train.classes))
+    from cloudedge.models.charge import resolve_charge
+
+    return TaskData(spec=spec, device_data=device_data, test_data=to_tensors(test), classes=list(train.classes),
+                    charge=resolve_charge(cfg.clock))
 
 
 def feature_pooling(pooling: str, model_cfg: ModelConfig, base_tensors: dict[str, torch.Tensor] | None) -> str:

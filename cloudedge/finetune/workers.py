@@ -144,28 +144,41 @@ class FinetuneWorker:
         """Parameter counts and the FLOPs of one training step (forward + backward, counted by
         ``FlopCounterMode`` on a real batch: the frozen base's weight gradients are not computed,
         so they are not counted; its input gradients are)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from cloudedge.models.flops import _EXTRA_FORMULAS
-
-        model = self.model
-        model.train()
         idx = torch.arange(min(self.batch_size, self.n))
-        counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-        saved = _SavedTensorBytes(model)
-        with counter:
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                loss = self._loss(idx)
-            loss.backward()
-        model.zero_grad(set_to_none=True)
-        scale = self.batch_size / max(1, len(idx))
-        flops = int(counter.get_total_flops()) * self.batch_size // max(1, len(idx))
-        total = sum(p.numel() for p in model.parameters())
-        trainable = [p for _, p in self._trainable()]
-        return {"train_step_flops": flops, "params": total, "trainable_params": sum(p.numel() for p in trainable),
-                "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-                "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
-                "activation_bytes": int(saved.nbytes * scale)}
+        return step_info(self.model, lambda: self._loss(idx), self.batch_size, len(idx))
+
+
+def step_info(model: torch.nn.Module, loss_fn: Any, batch_size: int, measured: int) -> dict[str, Any]:
+    """What one training step of ``model`` costs: FLOPs (forward + backward of ``loss_fn()``, a batch
+    of ``measured`` samples, scaled to ``batch_size``), parameters and bytes, activation bytes.
+
+    The model may live on the meta device (a charged architecture: shapes only, no weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cloudedge.models.flops import _EXTRA_FORMULAS
+
+    model.train()
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    saved = _SavedTensorBytes(model)
+    with counter:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            loss = loss_fn()
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    scale = batch_size / max(1, measured)
+    flops = int(counter.get_total_flops()) * batch_size // max(1, measured)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {"train_step_flops": flops, "params": total, "trainable_params": sum(p.numel() for p in trainable),
+            "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
+            "activation_bytes": int(saved.nbytes * scale)}
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    """Identifies a tensor's storage: its address, or (meta tensors have none) the storage object's."""
+    storage = tensor.untyped_storage()
+    return storage._cdata if tensor.is_meta else storage.data_ptr()
 
 
 class _SavedTensorBytes:
@@ -175,16 +188,15 @@ class _SavedTensorBytes:
     weights). A measurement, not a formula: it is what this model really keeps on this batch."""
 
     def __init__(self, model: torch.nn.Module):
-        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._params = {_storage_key(p) for p in model.parameters()}
         self._seen: set[int] = set()
         self.nbytes = 0
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
+        ptr = _storage_key(tensor)
         if ptr not in self._params and ptr not in self._seen:
             self._seen.add(ptr)
-            self.nbytes += storage.nbytes()
+            self.nbytes += tensor.untyped_storage().nbytes()
         return tensor
 
     @staticmethod

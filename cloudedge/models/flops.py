@@ -33,6 +33,8 @@ from transformers import (
     CLIPModel,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -78,6 +80,28 @@ def gpt_forward_flops(
     stack = _Stack(config.n_embd, config.n_layer, config.n_inner or 4 * config.n_embd)
     lm_head = 2 * seq * config.n_embd * config.vocab_size
     return stack.flops(seq) + lm_head
+
+
+def llama_forward_flops(config: LlamaConfig, seq_len: int | None = None) -> int:
+    """Forward FLOPs of a ``LlamaForCausalLM`` on one sequence of ``seq_len`` tokens.
+
+    Grouped-query attention: the query and output projections are ``hidden x heads * head_dim``,
+    the key and value projections ``hidden x kv_heads * head_dim``; scores and ``A V`` run over all
+    query heads. SwiGLU MLP: three ``hidden x intermediate`` products (gate, up, down). The LM
+    head scores every position against the whole vocabulary, tied to the embeddings or not (a
+    tied head is the same product). ``seq_len`` defaults to ``max_position_embeddings``.
+    """
+    seq = config.max_position_embeddings if seq_len is None else seq_len
+    _check_positive("seq_len", seq)
+    h, s = config.hidden_size, seq
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q_width = config.num_attention_heads * head_dim
+    kv_width = (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    projections = 2 * s * h * (2 * q_width + 2 * kv_width)  # q, o (q_width) and k, v (kv_width)
+    attention = 2 * (2 * s * s * q_width)
+    mlp = 3 * (2 * s * h * config.intermediate_size)
+    lm_head = 2 * s * h * config.vocab_size
+    return config.num_hidden_layers * (projections + attention + mlp) + lm_head
 
 
 def vit_forward_flops(cfg: ModelConfig | ViTConfig, *, num_labels: int | None = None) -> int:
@@ -144,7 +168,7 @@ def flops_per_sample(
 
     Args:
         model_or_cfg: a ``ModelConfig`` (kinds gpt / vit / clip) or a built model. A built
-            ``GPT2LMHeadModel``, ``ViTForImageClassification`` or ``CLIPModel`` (also one loaded
+            ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``ViTForImageClassification`` or ``CLIPModel`` (also one loaded
             from a local checkpoint) uses the formula of its own config; any other model is
             measured on ``inputs``.
         kind: ``gpt`` / ``vit`` / ``clip``; defaults to the config's kind or the model's class.
@@ -175,6 +199,8 @@ def flops_per_sample(
         return vit_forward_flops(cfg, num_labels=num_labels)  # type: ignore[arg-type]
     if kind == "clip":
         return clip_forward_flops(cfg, seq_len, tower=tower)  # type: ignore[arg-type]
+    if kind == "llama" and isinstance(cfg, LlamaConfig):
+        return llama_forward_flops(cfg, seq_len)
     raise ValueError(f"no FLOP formula for kind {kind!r}: build the model and pass it with sample `inputs`")
 
 
@@ -227,6 +253,8 @@ def _formula_config(model: nn.Module) -> tuple[str | None, Any]:
         return "vit", model.config
     if type(model) is CLIPModel:
         return "clip", model.config
+    if type(model) is LlamaForCausalLM:
+        return "llama", model.config
     return None, None
 
 

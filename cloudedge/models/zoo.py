@@ -78,7 +78,7 @@ def build_model(
     """
     with _seeded(seed):
         if cfg.kind == "gpt":
-            return GPT2LMHeadModel(gpt_config(cfg, vocab_size=vocab_size))
+            return with_known_loss(GPT2LMHeadModel(gpt_config(cfg, vocab_size=vocab_size)))
         if cfg.kind == "vit":
             return ViTForImageClassification(vit_config(cfg, num_labels=num_labels))
         if cfg.kind == "clip":
@@ -212,13 +212,29 @@ def load_local(path: str | os.PathLike[str], *, num_labels: int | None = None) -
         shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
         raise InputError(f"{directory}: checkpoint lacks weights the {type(model).__name__} needs: {shown}")
     model.train()
+    return with_known_loss(model)
+
+
+def with_known_loss(model: nn.Module) -> nn.Module:
+    """Name a causal LM's loss, which transformers derives from the class name.
+
+    ``GPT2LMHeadModel`` matches none of transformers' loss names, so every first loss call warns
+    ``loss_type=None ... unrecognized`` before using the causal-LM loss anyway; naming that loss
+    here gives the same numbers without the warning.
+    """
+    if isinstance(model, PreTrainedModel) and model.can_generate() and getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
     return model
 
 
-def save_local(model: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Save ``model`` as a HF checkpoint directory (``config.json`` + ``model.safetensors``).
+def save_local(model: nn.Module, path: str | os.PathLike[str], tokenizer: object | None = None) -> Path:
+    """Save ``model`` as a HF checkpoint directory (``config.json`` + ``model.safetensors``), with
+    the tokenizer / image processor files that feed it (:mod:`cloudedge.models.export`).
 
-    The result loads back with ``build_model(ModelConfig(kind="hf", path=...))``.
+    The result loads back with ``build_model(ModelConfig(kind="hf", path=...))``, and with
+    ``AutoTokenizer`` + ``AutoModelForCausalLM`` (or ``AutoProcessor`` + ``CLIPModel``).
+    ``tokenizer``: the project tokenizer the model was trained with (default: the byte tokenizer
+    when the vocabulary is its size).
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"save_local needs a transformers PreTrainedModel, got {type(model).__name__}")
@@ -227,6 +243,9 @@ def save_local(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     # transformers 5 always writes safetensors; no pickle is ever produced.
     with _quiet():
         model.save_pretrained(directory)
+    from cloudedge.models.export import write_processing_files
+
+    write_processing_files(model, directory, tokenizer)  # type: ignore[arg-type]
     return directory
 
 

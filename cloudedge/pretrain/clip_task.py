@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cloudedge.models.inputs import fit_pixels, vision_spec
+
 DIGIT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
     "a photo of the digit {}.",
@@ -57,14 +59,12 @@ def captions_for(labels: Sequence[int] | torch.Tensor | np.ndarray, classes: Seq
 
 
 def fit_pixels_to_model(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Repeat grey images over the vision tower's channels and resize to its image size.
+    """Images in [0, 1] fitted to the vision tower (channels and size; ``cloudedge.models.inputs``).
 
     The bundled CLIP sees pixels in [0, 1] as they are (no mean/std normalisation); the
-    prompt-tuning stage feeds it the same way (``cloudedge.adapt.clip_model.fit_pixels``).
+    prompt-tuning stage feeds it the same way.
     """
-    from cloudedge.adapt.clip_model import bundled_image_spec, fit_pixels
-
-    return fit_pixels(pixel_values, bundled_image_spec(model))
+    return fit_pixels(pixel_values, vision_spec(model.config))
 
 
 def clip_logits(model: nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor,

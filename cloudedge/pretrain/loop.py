@@ -33,11 +33,12 @@ from cloudedge.device import PRECISIONS, resolve_device, to_device
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, Node, VirtualClock, available_nodes
-from cloudedge.models.zoo import param_count
+from cloudedge.models.charge import cost_model_summary, resolve_charge
+from cloudedge.models.inputs import ImageSpec, check_images, convert_channels
 from cloudedge.perf import stage_peak_size, utilization_fields
 from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerInfo, get_controller
-from cloudedge.pretrain.memory import activation_bytes_per_sample, max_micro_batch
-from cloudedge.pretrain.tasks import build_task_model, evaluate_loss, train_flops_per_sample
+from cloudedge.pretrain.costs import charged_costs, trained_costs
+from cloudedge.pretrain.tasks import build_task_model, evaluate_loss
 from cloudedge.pretrain.workers import PretrainWorker, build_optimizer, trainable
 from cloudedge.robust import UpdateGate
 from cloudedge.track.run import RunDir
@@ -116,9 +117,13 @@ def build_shards(cfg: RunConfig, pcfg: PretrainConfig, workers: list[Node], seq_
     if not hasattr(train, "x"):
         raise InputError(f"pretrain.task: '{pcfg.task}' needs image data, data.source is '{data_cfg.source}'")
     model_cfg = cfg.stage_model(STAGE)
-    if pcfg.task == "classify" and (train.x.shape[1] != model_cfg.channels or train.x.shape[-1] != model_cfg.image_size):
-        raise InputError(f"model: channels {model_cfg.channels} / image_size {model_cfg.image_size} do not match the "
-                         f"data's images ({train.x.shape[1]} x {train.x.shape[-1]} px)")
+    spec = ImageSpec(size=model_cfg.image_size, channels=model_cfg.channels)
+    # Up front, before any worker: channels convert (grey <-> RGB), sizes must match for classify
+    # (the clip task resizes each batch to its vision tower, cloudedge.models.inputs.fit_pixels).
+    check_images(train.x.shape, spec, f"{STAGE}.data ({data_cfg.source}) for {STAGE}.model",
+                 resize=pcfg.task == "clip")
+    if pcfg.task == "classify":
+        train.x, test.x = convert_channels(train.x, spec.channels), convert_channels(test.x, spec.channels)
     whole: Tensors = {"x": train.x, "y": train.y}
     val: Tensors = {"x": test.x[: pcfg.eval_samples], "y": test.y[: pcfg.eval_samples]}
     if pcfg.task == "clip":
@@ -312,26 +317,29 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                              seed=cfg.seed, objective=objective, base_dir=cfg.base_dir)
     model.to(device).train()  # the coordinator's copy: aggregation, optimizer step and evaluation run there
     params = trainable(model)
-    n_params = param_count(model)
+
+    # --- costs: the trained model's, or those of the model the clock charges (clock.charge_as) --
+    flops_factor = objective.train_flops_factor if objective is not None else 1.0  # e.g. pin trains two more models
+    trained_cost = trained_costs(pcfg.task, model, model_cfg, seq_len=seq_len, n_classes=data.n_classes,
+                                 encoder=encoder, flops_factor=flops_factor)
+    charge = resolve_charge(cfg.clock)
+    cost = trained_cost if charge is None else charged_costs(
+        pcfg.task, charge, seq_len=seq_len, n_classes=data.n_classes, encoder=pcfg.encoder, seed=cfg.seed,
+        objective=objective, base_dir=cfg.base_dir, flops_factor=flops_factor)
 
     # --- memory: the largest micro-batch each worker can hold --------------------------------
-    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-    per_sample = activation_bytes_per_sample(pcfg.task, model_cfg, seq_len=seq_len, vocab_size=vocab, encoder=encoder)
     caps: dict[str, int] = {}
     excluded = dict(data.excluded)
     for node in nodes:
-        cap = max_micro_batch(node.profile.memory_bytes, pcfg.memory_fraction, n_params, per_sample)
+        cap = cost.micro_batch_cap(node.profile.memory_bytes, pcfg.memory_fraction)
         if cap < 1:
-            excluded.setdefault(node.id, "the model and optimizer do not fit its memory")
+            excluded.setdefault(node.id, f"{cost.name}'s weights and optimizer do not fit its memory")
         elif node.id not in excluded:
             caps[node.id] = cap
     workers = [n for n in nodes if n.id in caps]
     if not workers:
         raise InputError(f"pretrain.workers: no node can train ({'; '.join(f'{k}: {v}' for k, v in excluded.items())})")
-    flops_per_sample = train_flops_per_sample(pcfg.task, model_cfg, seq_len=seq_len, n_classes=data.n_classes,
-                                              encoder=encoder)  # type: ignore[arg-type]
-    if objective is not None:  # e.g. pin also trains two private models on every sample
-        flops_per_sample = int(round(flops_per_sample * objective.train_flops_factor))
+    flops_per_sample = cost.train_flops_per_sample
 
     # --- workers behind the engine -----------------------------------------------------------
     for node in workers:
@@ -389,7 +397,8 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         # Killed before its first checkpoint: start over, without the rows logged before the crash.
         run_dir.truncate_metrics(lambda r: r.get("stage") != STAGE or r.get("method") != method)
 
-    param_nbytes = comm.compress({k: v.detach() for k, v in params.items()}, pcfg.compression).nbytes
+    param_nbytes = cost.message_bytes(pcfg.compression)
+    charged_update_bytes = None if charge is None else cost.message_bytes(pcfg.compression)
     val_loss: float | None = rows[-1].get("val_loss") if rows else None
 
     # --- rounds --------------------------------------------------------------------------------
@@ -455,6 +464,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         updates: list[Tensors] = []
         for wid, res in zip(ids, results, strict=True):
             arrived, nbytes = _roundtrip(res["update"], pcfg.compression)
+            nbytes = charged_update_bytes or nbytes  # an update has the charged model's layout
             updates.append(to_device(arrived, device))
             if wid != CLOUD_ID:
                 done[wid] = clock.transfer(wid, CLOUD_ID, nbytes, start=done[wid])
@@ -541,6 +551,8 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     if own_engine:
         engine.close()
     summary = _summary(pcfg, method, rows, clock, totals, val_loss, excluded, len(workers))
+    summary["cost_model"] = cost_model_summary(trained_cost.describe(pcfg.compression),
+                                               cost.describe(pcfg.compression) if charge else None, charge)
     if run_dir is not None:
         run_dir.update_summary(STAGE, summary)
     return PretrainResult(model, rows, summary, run_dir, excluded, client_states)

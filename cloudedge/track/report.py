@@ -19,6 +19,7 @@ from cloudedge.checkpoint import atomic_write_text
 from cloudedge.errors import InputError
 from cloudedge.track.plots import curve_plots, shift_bars
 from cloudedge.track.run import read_metrics
+from cloudedge.track.units import BEST_MARK, format_value, method_table
 
 
 @dataclass
@@ -28,14 +29,6 @@ class Block:
     level: int = 2
     rows: list[list[str]] = field(default_factory=list)
     path: Path | None = None
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
-    return str(v)
 
 
 def _fleet_rows(config: dict[str, Any], base_dir: Path) -> list[list[str]]:
@@ -87,9 +80,9 @@ def build_blocks(run_dir: Path) -> list[Block]:
         table = [["measure", "value", "how it was measured"]]
         for key, item in headline.items():
             if isinstance(item, dict):
-                table.append([key, _fmt(item.get("value")), str(item.get("how", ""))])
+                table.append([key, format_value(key, item.get("value")), str(item.get("how", ""))])
             else:
-                table.append([key, _fmt(item), ""])
+                table.append([key, format_value(key, item), ""])
         blocks.append(Block("table", rows=table))
 
     for stage in ("pretrain", "invariant", "finetune", "adapt"):
@@ -99,14 +92,15 @@ def build_blocks(run_dir: Path) -> list[Block]:
         blocks.append(Block("heading", f"Stage: {stage}"))
         methods = section.get("methods")
         if isinstance(methods, dict) and methods:
-            metrics = sorted({k for m in methods.values() if isinstance(m, dict) for k in m})
-            table = [["method", *metrics]]
-            for name, vals in methods.items():
-                table.append([name, *(_fmt(vals.get(k, "")) for k in metrics)])
-            blocks.append(Block("table", rows=table))
-        notes = {k: v for k, v in section.items() if k != "methods"}
+            blocks.append(Block("table", rows=method_table(methods)))
+            blocks.append(Block("text", f"Best first;{BEST_MARK} marks the best value of each column."))
+        if isinstance(section.get("cost_model"), dict):  # which model the clock charged (clock.charge_as)
+            from cloudedge.models.charge import cost_model_sentence
+
+            blocks.append(Block("text", cost_model_sentence(section["cost_model"])))
+        notes = {k: v for k, v in section.items() if k not in ("methods", "cost_model")}
         if notes:
-            blocks.append(Block("table", rows=[["key", "value"], *([k, _fmt(v)] for k, v in notes.items())]))
+            blocks.append(Block("table", rows=[["key", "value"], *([k, format_value(k, v)] for k, v in notes.items())]))
 
     plots = curve_plots(rows, run_dir / "plots")
     bars = shift_bars(rows, run_dir / "plots")

@@ -8,6 +8,7 @@
     RUN/checkpoints/STAGE/ safetensors checkpoints (cloudedge.checkpoint)
     RUN/plots/*.png        matplotlib figures
     RUN/report.md          rendered by cloudedge.track.report
+    RUN/tensorboard/, RUN/mlruns/   with a ``track`` config section (cloudedge.track.trackers)
 
 A directory whose summary.json lacks ``"complete": true`` is an interrupted run: `--resume`
 continues it; it is never mistaken for a finished one.
@@ -48,6 +49,7 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.summary_path = self.path / "summary.json"
         self._t0 = time.perf_counter()
+        self.trackers: list = []  # cloudedge.track.trackers.MetricLogger, fed by log()
 
     @classmethod
     def create(cls, out_dir: str | Path, config: Any = None, resume: bool = False,
@@ -84,6 +86,10 @@ class RunDir:
             run.metrics_path.write_text("")
         else:
             run.repair_metrics()
+        if config is not None:
+            from cloudedge.track.trackers import open_trackers
+
+            run.trackers = open_trackers(config, path, resume)
         return run
 
     def repair_metrics(self) -> None:
@@ -100,7 +106,19 @@ class RunDir:
         row = _jsonable({**row, "wall_s": round(time.perf_counter() - self._t0, 4)})
         with self.metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:
+            tracker.log_row(row)
         return row
+
+    def finish_tracking(self) -> None:
+        """Hand the run's report, summary and plots to the trackers and close them (call last)."""
+        from cloudedge.track.trackers import run_artifacts
+
+        artifacts = run_artifacts(self.path)
+        for tracker in self.trackers:
+            tracker.log_artifacts(artifacts)
+            tracker.close(complete=self.complete)
+        self.trackers = []
 
     def truncate_metrics(self, keep: callable) -> None:
         """Keep only rows for which ``keep(row)`` is true (resume drops rows past the checkpoint)."""

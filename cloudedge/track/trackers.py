@@ -1,0 +1,239 @@
+"""Experiment trackers (TensorBoard, MLflow) fed from the metric rows a run logs.
+
+Every stage and the demo log through :meth:`cloudedge.track.run.RunDir.log`; a run directory made
+with a config whose ``track`` section turns a tracker on hands each row to it as well, so all of
+them log the same way. One interface, :class:`MetricLogger`; one mapping of rows to scalars,
+:func:`row_scalars`:
+
+* a row's *series* is ``STAGE/METHOD`` (TensorBoard: one run folder per series, so methods are
+  compared as runs; MLflow: one child run per series under a parent run named after the run
+  directory, tagged ``stage`` and ``method``);
+* its step is ``round``;
+* its scalars are its numeric fields, nested dicts flattened with ``/`` (``clients/edge0/acc``),
+  prefixed by the row's ``edge`` when it has one (adaptation logs one row per edge and round).
+
+Both libraries are optional (``pip install 'cloudedge[tracking]'``) and imported only when the
+config asks for them; nothing is fetched: TensorBoard writes event files under
+``RUN/tensorboard/``, MLflow writes to ``track.mlflow_uri`` or a file store in ``RUN/mlruns``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from cloudedge.errors import InputError
+
+# Row fields that say which series a row belongs to, never plotted.
+_KEY_FIELDS = ("stage", "method", "round")
+# A string field that splits a series into named sub-series (one per edge).
+_SUB_SERIES_FIELD = "edge"
+_MLFLOW_PARAM_MAX = 6000  # MLflow's limit on a parameter value's length
+_MLFLOW_BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+class MetricLogger(Protocol):
+    """What a tracker does with a run: one call per metric row, artifacts at the end, close."""
+
+    def log_row(self, row: dict[str, Any]) -> None: ...
+
+    def log_artifacts(self, paths: list[Path]) -> None: ...
+
+    def close(self, complete: bool) -> None: ...
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int | float):
+        if math.isfinite(value):
+            out[prefix] = float(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
+
+
+def row_scalars(row: dict[str, Any]) -> tuple[str, int | None, dict[str, float]]:
+    """``(series, step, {tag: value})`` of one metric row (see the module docstring)."""
+    stage, method = str(row.get("stage", "run")), row.get("method")
+    series = f"{stage}/{method}" if method is not None else stage
+    step = row.get("round")
+    scalars: dict[str, float] = {}
+    for key, value in row.items():
+        if key not in _KEY_FIELDS and key != _SUB_SERIES_FIELD:
+            _flatten(key, value, scalars)
+    sub = row.get(_SUB_SERIES_FIELD)
+    if isinstance(sub, str):
+        scalars = {f"{sub}/{k}": v for k, v in scalars.items()}
+    return series, int(step) if isinstance(step, int | float) else None, scalars
+
+
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as ``{"pretrain.lr": "0.003", ...}`` (lists as JSON)."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_params(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+class _Steps:
+    """Rows without a ``round`` are numbered in order within their series."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def of(self, series: str, step: int | None) -> int:
+        if step is None:
+            step = self._next.get(series, 0)
+        self._next[series] = step + 1
+        return step
+
+
+class TensorBoardLogger:
+    """Event files in ``root/STAGE/METHOD/`` (one TensorBoard run per series), flushed every row."""
+
+    def __init__(self, root: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise InputError("track.tensorboard: the tensorboard package is not installed "
+                             "(pip install 'cloudedge[tracking]')") from None
+        self._writer_cls = SummaryWriter
+        self.root = root
+        self._writers: dict[str, Any] = {}
+        self._steps = _Steps()
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        series, step, scalars = row_scalars(row)
+        if not scalars:
+            return
+        writer = self._writers.get(series)
+        if writer is None:
+            writer = self._writers[series] = self._writer_cls(log_dir=str(self.root / series))
+        step = self._steps.of(series, step)
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, global_step=step)
+        writer.flush()  # a killed run keeps every row it logged, as metrics.jsonl does
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        """TensorBoard shows scalars only; the report stays in the run directory."""
+
+    def close(self, complete: bool) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+class MLflowLogger:
+    """A parent MLflow run per run directory (params, artifacts), a child run per series (metrics).
+
+    Run ids are kept in ``RUN/mlflow.json`` so ``--resume`` continues the same MLflow runs.
+    """
+
+    def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, str], state_file: Path,
+                 resume: bool):
+        if uri.startswith("file:") or "://" not in uri:
+            # MLflow 3 keeps its file store in maintenance mode and refuses it unless asked; a local
+            # store needs no server and no database, which is what tracking a run offline needs.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise InputError("track.mlflow: the mlflow package is not installed "
+                             "(pip install 'cloudedge[tracking]')") from None
+        self.client = MlflowClient(tracking_uri=uri)
+        self.state_file = state_file
+        self._steps = _Steps()
+        state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
+        if state:
+            self.experiment_id, self.parent_id = state["experiment_id"], state["parent_id"]
+            self.children: dict[str, str] = state.get("children", {})
+            return
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.parent_id = self.client.create_run(self.experiment_id, run_name=run_name,
+                                                tags={"cloudedge.run": run_name}).info.run_id
+        self.children = {}
+        self._log_params(params)
+        self._save_state()
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:_MLFLOW_PARAM_MAX]) for k, v in params.items()]
+        for i in range(0, len(items), _MLFLOW_BATCH):
+            self.client.log_batch(self.parent_id, params=items[i: i + _MLFLOW_BATCH])
+
+    def _save_state(self) -> None:
+        self.state_file.write_text(json.dumps({"experiment_id": self.experiment_id, "parent_id": self.parent_id,
+                                               "children": self.children}, indent=1))
+
+    def _child(self, series: str) -> str:
+        if series not in self.children:
+            stage, _, method = series.partition("/")
+            tags = {"mlflow.parentRunId": self.parent_id, "stage": stage, "method": method or stage}
+            self.children[series] = self.client.create_run(self.experiment_id, run_name=series, tags=tags).info.run_id
+            self._save_state()
+        return self.children[series]
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        series, step, scalars = row_scalars(row)
+        if not scalars:
+            return
+        step = self._steps.of(series, step)
+        now = int(time.time() * 1000)
+        metrics = [Metric(_mlflow_key(k), v, now, step) for k, v in scalars.items()]
+        run_id = self._child(series)
+        for i in range(0, len(metrics), 1000):  # MLflow's limit on metrics per batch
+            self.client.log_batch(run_id, metrics=metrics[i: i + 1000])
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        for path in paths:
+            sub = path.parent.name if path.parent.name == "plots" else None
+            self.client.log_artifact(self.parent_id, str(path), artifact_path=sub)
+
+    def close(self, complete: bool) -> None:
+        status = "FINISHED" if complete else "KILLED"
+        for run_id in [*self.children.values(), self.parent_id]:
+            self.client.set_terminated(run_id, status=status)
+
+
+def _mlflow_key(tag: str) -> str:
+    """MLflow allows letters, digits, ``_ - . / space`` in metric names; anything else becomes ``_``."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in tag)
+
+
+def open_trackers(config: Any, run_path: Path, resume: bool) -> list[MetricLogger]:
+    """The trackers ``config.track`` turns on, for the run in ``run_path`` (none by default)."""
+    track = getattr(config, "track", None)
+    if track is None or not track.enabled:
+        return []
+    loggers: list[MetricLogger] = []
+    if track.tensorboard:
+        loggers.append(TensorBoardLogger(run_path / "tensorboard"))
+    if track.mlflow:
+        import yaml
+
+        from cloudedge.config import dump_config
+
+        uri = track.mlflow_uri or (run_path / "mlruns").resolve().as_uri()
+        params = flat_params(yaml.safe_load(dump_config(config)))
+        loggers.append(MLflowLogger(uri, track.experiment or config.name, run_path.name, params,
+                                    run_path / "mlflow.json", resume))
+    return loggers
+
+
+def run_artifacts(run_path: Path) -> list[Path]:
+    """What a tracker keeps of a finished run: the report, the summary, the config and the plots."""
+    named = [run_path / n for n in ("report.md", "report.html", "summary.json", "config.yaml")]
+    return [p for p in named if p.is_file()] + sorted((run_path / "plots").glob("*.png"))

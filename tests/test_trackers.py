@@ -1,0 +1,120 @@
+"""TensorBoard and MLflow receive every metric row, read back with the libraries' own readers."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cloudedge.cli import main
+from cloudedge.config import config_from_dict, load_config
+from cloudedge.errors import InputError
+from cloudedge.track import RunDir
+from cloudedge.track.trackers import flat_params, row_scalars
+
+
+def _scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_row_scalars_names_series_steps_and_nested_values():
+    series, step, scalars = row_scalars({"stage": "pretrain", "method": "sync", "round": 3, "train_loss": 2.5,
+                                          "clients": {"edge0": {"acc": 0.5}}, "failures": {"d": "timeout"},
+                                          "val_loss": None, "note": "text", "ok": True})
+    assert (series, step) == ("pretrain/sync", 3)
+    assert scalars == {"train_loss": 2.5, "clients/edge0/acc": 0.5}
+    assert row_scalars({"stage": "adapt", "method": "tpt", "round": 1, "edge": "edge1", "acc": 0.25})[2] == \
+        {"edge1/acc": 0.25}
+    assert flat_params({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
+
+
+def _config(tmp_path: Path, **track) -> object:
+    return config_from_dict({"name": "tracked", "seed": 4, "track": track}, source="test", base_dir=tmp_path)
+
+
+def test_every_row_reaches_tensorboard_and_mlflow(tmp_path):
+    cfg = _config(tmp_path, tensorboard=True, mlflow=True, experiment="exp-a")
+    run = RunDir.create(tmp_path / "run", cfg)
+    for r in range(3):
+        run.log(stage="pretrain", method="sync", round=r, train_loss=3.0 - r, bytes_total=100 * r)
+        run.log(stage="pretrain", method="local", round=r, train_loss=4.0 - r)
+    run.log(stage="adapt", method="tpt", round=1, edge="edge0", acc=0.75)
+    run.write_summary({"pretrain": {"final_val_loss": 1.0}})
+    (run.path / "report.md").write_text("# report\n")
+    (run.path / "plots" / "curve.png").write_bytes(b"\x89PNG fake")
+    run.finish_tracking()
+
+    tb = run.path / "tensorboard"
+    assert _scalars(tb / "pretrain" / "sync", "train_loss") == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert _scalars(tb / "pretrain" / "local", "train_loss") == [(0, 4.0), (1, 3.0), (2, 2.0)]
+    assert _scalars(tb / "adapt" / "tpt", "edge0/acc") == [(1, 0.75)]
+
+    client = MlflowClient(tracking_uri=(run.path / "mlruns").as_uri())
+    exp = client.get_experiment_by_name("exp-a")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"run", "pretrain/sync", "pretrain/local", "adapt/tpt"}
+    parent = runs["run"]
+    assert parent.data.params["seed"] == "4" and parent.data.params["track.mlflow"] == "true"
+    child = runs["pretrain/sync"]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (child.data.tags["stage"], child.data.tags["method"]) == ("pretrain", "sync")
+    history = client.get_metric_history(child.info.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert [m.value for m in client.get_metric_history(runs["adapt/tpt"].info.run_id, "edge0/acc")] == [0.75]
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "summary.json", "config.yaml", "plots"} <= artifacts
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/curve.png"]
+
+
+def test_resume_continues_the_same_mlflow_runs(tmp_path):
+    cfg = _config(tmp_path, mlflow=True)
+    run = RunDir.create(tmp_path / "run", cfg)
+    run.log(stage="finetune", method="autonomous", round=1, acc=0.5)
+    again = RunDir.create(tmp_path / "run", cfg, resume=True)
+    again.log(stage="finetune", method="autonomous", round=2, acc=0.625)
+    client = MlflowClient(tracking_uri=(tmp_path / "run" / "mlruns").as_uri())
+    state = json.loads((tmp_path / "run" / "mlflow.json").read_text())
+    history = client.get_metric_history(state["children"]["finetune/autonomous"], "acc")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.625)]
+    assert len(client.search_runs([state["experiment_id"]])) == 2  # one parent, one child
+
+
+def test_tracking_is_off_by_default_and_a_bad_key_is_an_input_error(tmp_path):
+    run = RunDir.create(tmp_path / "run", _config(tmp_path))
+    run.log(stage="pretrain", method="m", round=0, train_loss=1.0)
+    assert run.trackers == [] and not (tmp_path / "run" / "tensorboard").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("track: {tensorbord: true}\n")
+    with pytest.raises(InputError, match="track.tensorbord"):
+        load_config(bad)
+
+
+@pytest.mark.slow
+def test_a_stage_command_logs_its_rows_to_tensorboard_and_prints_units(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"paragraph {i}: the quick brown fox." * 3 for i in range(40)))
+    config = tmp_path / "lm.yaml"
+    config.write_text("""
+name: tb
+engine: {threads: 1}
+fleet: {cloud: {profile: a100}, edges: [{count: 1, devices: [{count: 1, profile: jetson-orin}]}]}
+data: {source: text, path: corpus.txt}
+model: {kind: gpt, hidden: 16, layers: 1, heads: 2, context: 16}
+pretrain: {task: lm, workers: [cloud, edge], rounds: 4, global_batch: 4, eval_every: 2}
+track: {tensorboard: true}
+""")
+    assert main(["pretrain", str(config), "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    raw = json.loads((tmp_path / "run" / "summary.json").read_text())["pretrain"]
+    assert re.search(r"bytes_total\s+[\d.]+ [kMG]B\s", printed) and re.search(r"utilization\s+[\d.]+ %", printed)
+    assert isinstance(raw["bytes_total"], int)  # the summary keeps the raw number
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    method = rows[0]["method"]
+    logged = _scalars(tmp_path / "run" / "tensorboard" / "pretrain" / method, "train_loss")
+    assert logged == [(r["round"], pytest.approx(r["train_loss"])) for r in rows]
