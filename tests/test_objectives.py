@@ -350,6 +350,24 @@ def test_pin_global_loss_is_irm_and_reset_recopies_global_weights():
     assert torch.equal(state["personal"].head.weight, model.head.weight) and not state["reset_pending"]
 
 
+def test_pin_infonce_uses_the_first_nce_samples_rows_and_the_ablation_skips_it():
+    model, (x, y) = tiny_classifier(0), tiny_batch(8, n=12)
+    pin = get_objective("pin", lam=1.0, nce_samples=5)
+    state = pin.init_client(model, "c0", seed=0)
+    with torch.no_grad():
+        for p in state["local"].parameters():
+            p.add_(0.1)
+    loss, logs = pin.personal_loss(model, x, y, state)
+    z_p = state["personal"].features(x)
+    nce, _ = info_nce(z_p[:5], model.features(x)[:5], state["local"].features(x)[:5], tau=0.5)
+    assert logs["infonce"] == pytest.approx(float(nce), rel=1e-6)
+    assert float(loss) == pytest.approx(float(F.cross_entropy(state["personal"](x), y) + nce), rel=1e-6)
+    ablation = get_objective("pin", lam=0.0)
+    loss0, logs0 = ablation.personal_loss(model, x, y, ablation.init_client(model, "c0", seed=0))
+    assert set(logs0) == {"personal_ce"}
+    assert float(loss0) == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-6)  # personal == global copy
+
+
 def test_pin_warm_start_copies_the_trained_global_model_at_the_start_step():
     pin = get_objective("pin", personal_start_fraction=0.5, total_steps=10, anneal_steps=0)
     model, (x, y) = tiny_classifier(0), tiny_batch(12)
