@@ -86,7 +86,9 @@ class OODSetup:
     local_batch: int = 500
     tables: tuple[str, ...] = TABLES
     seeds: tuple[int, ...] = (0, 1, 2)
-    threads: int = 2  # torch threads while training (2 cores: the machine the budgets are set for)
+    # torch threads while training. One: these small matmuls gain little from a second thread,
+    # and on a loaded machine OpenMP threads waiting for each other made a run ~10x slower.
+    threads: int = 1
 
     @property
     def n_clients(self) -> int:
