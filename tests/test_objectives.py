@@ -130,6 +130,52 @@ def test_vrex_federated_gradient_equals_centralized_vrex_gradient():
     assert torch.allclose(federated, central, rtol=1e-9, atol=1e-12)
 
 
+def test_vrex_sync_server_combination_uses_this_steps_risks_exactly():
+    """sync: clients send plain risk gradients; the server combines them with the current R_bar."""
+    beta, weights, step = 7.0, [12.0, 12.0, 6.0], 5
+    vrex = get_objective("vrex", penalty_weight=beta, anneal_steps=0)
+    model = tiny_classifier().double()
+    envs = [tuple(t.double() if t.is_floating_point() else t for t in tiny_batch(20 + e, n=int(w)))
+            for e, w in enumerate(weights)]
+    model.zero_grad()
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    risks = torch.stack([F.cross_entropy(model(x), y) for x, y in envs])
+    r_bar = (w * risks).sum()
+    ((w * risks).sum() + beta * (w * (risks - r_bar) ** 2).sum()).div(beta).backward()
+    central = flat_grad(model)
+
+    stale = {"mean_risk": 123.0, "combine_at_server": True}  # a stale mean must play no part
+    grads, client_risks = [], []
+    for x, y in envs:
+        model.zero_grad()
+        loss, logs = vrex.local_loss(model, x, y, {}, stale, step=step)
+        assert "vrex_coef" not in logs  # the plain risk
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        client_risks.append(float(loss.detach()))
+    combined = vrex.combine_gradients(grads, weights, client_risks, step)
+    flat = torch.cat([combined[n].flatten() for n, _ in model.named_parameters()])
+    assert torch.allclose(flat, central, rtol=1e-9, atol=1e-12)
+
+
+def test_vrex_local_mode_states_staleness():
+    vrex = get_objective("vrex", anneal_steps=0, penalty_weight=10)
+    model, (x, y) = tiny_classifier(), tiny_batch(4)
+    assert vrex.local_loss(model, x, y, {}, {}, step=3)[1]["vrex_mean_age_rounds"] == 0.0
+    assert vrex.local_loss(model, x, y, {}, {"mean_risk": 1.0}, step=3)[1]["vrex_mean_age_rounds"] == 1.0
+
+
+def test_anneal_fraction_resolves_against_the_runs_objective_steps():
+    irm = get_objective("irm", anneal_fraction=0.38, total_steps=501)
+    assert irm.params["anneal_steps"] == 190.0
+    quick = get_objective("vrex", anneal_fraction=0.38, total_steps=120)
+    assert quick.params["anneal_steps"] == 46.0  # the penalty is on for most of a short run too
+    with pytest.raises(InputError, match="anneal_fraction.*length"):
+        get_objective("irm", anneal_fraction=0.5)
+    with pytest.raises(InputError, match="anneal_fraction: must be < 1"):
+        get_objective("irm", anneal_fraction=1.5, total_steps=10)
+
+
 def test_vrex_is_erm_before_first_broadcast():
     vrex = get_objective("vrex")
     model, (x, y) = tiny_classifier(), tiny_batch(4)
@@ -209,13 +255,36 @@ def test_fediir_penalty_matches_hand_computed_head_gradient():
     assert next(model.encoder.parameters()).grad.abs().sum() > 0
 
 
-def test_fediir_server_update_is_weighted_mean_then_ema():
+def test_fediir_server_update_is_ema_of_weighted_mean_from_zero():
+    """The authors' rule: g_bar starts at zero; each round ema * g_bar + (1 - ema) * mean."""
     fediir = get_objective("fediir", ema=0.9)
     reports = [{"head_grad": {"weight": torch.tensor([1.0, 3.0])}}, {"head_grad": {"weight": torch.tensor([4.0, 0.0])}}]
     first = fediir.server_update({}, reports, [1.0, 2.0])
-    assert torch.allclose(first["g_bar"]["weight"], torch.tensor([3.0, 1.0]))  # (1*r1 + 2*r2) / 3
+    mean = torch.tensor([3.0, 1.0])  # (1*r1 + 2*r2) / 3
+    assert torch.allclose(first["g_bar"]["weight"], 0.1 * mean)
     second = fediir.server_update(first, [{"head_grad": {"weight": torch.tensor([13.0, 11.0])}}], [5.0])
-    assert torch.allclose(second["g_bar"]["weight"], 0.9 * torch.tensor([3.0, 1.0]) + 0.1 * torch.tensor([13.0, 11.0]))
+    assert torch.allclose(second["g_bar"]["weight"], 0.9 * 0.1 * mean + 0.1 * torch.tensor([13.0, 11.0]))
+
+
+def test_fediir_reports_the_head_gradient_at_the_received_model():
+    """Training moves the head; the report is the gradient on the first batch before any update."""
+    fediir = get_objective("fediir", gamma=0.1)
+    model, (x, y) = tiny_classifier(), tiny_batch(9)
+    params = dict(model.head.named_parameters())
+    at_global = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+    state = fediir.init_client(model, "c0", 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        loss, logs = fediir.local_loss(model, x, y, state, {}, 0)
+        assert logs["iir_penalty"] > 0  # zero g_bar: the penalty is on from round 0
+        loss.backward()
+        opt.step()
+    report = fediir.client_report(model, x, y, state)
+    for (name, _), g in zip(params.items(), at_global, strict=True):
+        assert torch.allclose(report["head_grad"][name], g, atol=1e-6)
+    moved = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+    assert not torch.allclose(moved[0], at_global[0], atol=1e-4)
 
 
 # -- PIN ---------------------------------------------------------------------------------------
@@ -281,6 +350,48 @@ def test_pin_global_loss_is_irm_and_reset_recopies_global_weights():
     assert torch.equal(state["personal"].head.weight, model.head.weight) and not state["reset_pending"]
 
 
+def test_pin_infonce_uses_the_first_nce_samples_rows_and_the_ablation_skips_it():
+    model, (x, y) = tiny_classifier(0), tiny_batch(8, n=12)
+    pin = get_objective("pin", lam=1.0, nce_samples=5)
+    state = pin.init_client(model, "c0", seed=0)
+    with torch.no_grad():
+        for p in state["local"].parameters():
+            p.add_(0.1)
+    loss, logs = pin.personal_loss(model, x, y, state)
+    z_p = state["personal"].features(x)
+    nce, _ = info_nce(z_p[:5], model.features(x)[:5], state["local"].features(x)[:5], tau=0.5)
+    assert logs["infonce"] == pytest.approx(float(nce), rel=1e-6)
+    assert float(loss) == pytest.approx(float(F.cross_entropy(state["personal"](x), y) + nce), rel=1e-6)
+    ablation = get_objective("pin", lam=0.0)
+    loss0, logs0 = ablation.personal_loss(model, x, y, ablation.init_client(model, "c0", seed=0))
+    assert set(logs0) == {"personal_ce"}
+    assert float(loss0) == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-6)  # personal == global copy
+
+
+def test_pin_warm_start_copies_the_trained_global_model_at_the_start_step():
+    pin = get_objective("pin", personal_start_fraction=0.5, total_steps=10, anneal_steps=0)
+    model, (x, y) = tiny_classifier(0), tiny_batch(12)
+    state = pin.init_client(model, "c0", seed=0)
+    personal_before = state["personal"].head.weight.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(5):  # before the start: only the global and local models train
+        opt.zero_grad()
+        pin.local_loss(model, x, y, state, {}, step)[0].backward()
+        opt.step()
+        logs = pin.local_private_step(model, x, y, state, step)
+        assert set(logs) == {"local_ce"}
+    assert torch.equal(state["personal"].head.weight, personal_before)
+    assert torch.equal(pin.predict(model, x, state), model(x))  # the global model predicts meanwhile
+    pin.local_loss(model, x, y, state, {}, 5)  # start step: copy of the trained global model
+    assert torch.equal(state["personal"].head.weight, model.head.weight) and state["started"]
+    assert "infonce" in pin.local_private_step(model, x, y, state, 5)
+    restored = pin.init_client(tiny_classifier(3), "c0", seed=0)
+    pin.load_client_state_dict(restored, st_load(st_save(pin.client_state_dict(state))))
+    assert restored["started"]
+    with pytest.raises(InputError, match="personal_start_fraction"):
+        get_objective("pin", personal_start_fraction=0.5)
+
+
 def test_pin_client_state_round_trip_through_safetensors():
     pin = get_objective("pin")
     model, (x, y) = tiny_classifier(0), tiny_batch(11)
@@ -318,3 +429,24 @@ def test_pin_anchor_raises_information_about_global_features_and_leaves_the_loca
     assert stats[2.0]["mi_pg"] > stats[0.0]["mi_pg"] + 0.1
     assert stats[2.0]["cos_lg"] == pytest.approx(stats[0.0]["cos_lg"], abs=1e-6)  # same local model
     assert get_objective("erm").eval_stats(model, x, {}) == {}
+
+
+def test_l2_is_added_to_every_objective_and_scaled_like_irms_reference():
+    """IRM's code: (nll + l2 * |w|^2 + w_pen * penalty) / w_pen once w_pen > 1."""
+    model, (x, y) = tiny_classifier(0), tiny_batch(13)
+    norm = sum(p.pow(2).sum() for p in model.parameters())
+    erm = get_objective("erm", l2=0.01)
+    assert float(erm.loss(model, x, y, {}, {}, 0)[0]) == pytest.approx(
+        float(F.cross_entropy(model(x), y) + 0.01 * norm), rel=1e-6)
+    irm = get_objective("irm", l2=0.01, penalty_weight=100, anneal_steps=2)
+    logits = model(x)
+    ce, pen = F.cross_entropy(logits, y), irm_penalty(logits, y)
+    assert float(irm.loss(model, x, y, {}, {}, 0)[0]) == pytest.approx(float(ce + pen + 0.01 * norm), rel=1e-5)
+    assert float(irm.loss(model, x, y, {}, {}, 5)[0]) == pytest.approx(
+        float((ce + 100 * pen + 0.01 * norm) / 100), rel=1e-5)
+    vrex = get_objective("vrex", l2=0.01, penalty_weight=100, anneal_steps=0)
+    combined = vrex.loss(model, x, y, {}, {"combine_at_server": True}, 5)[0]  # the server divides it
+    assert float(combined) == pytest.approx(float(ce + 0.01 * norm), rel=1e-5)
+    with pytest.raises(InputError, match="unknown argument.*known: l2"):
+        get_objective("erm", l3=1.0)
+

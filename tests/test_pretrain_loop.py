@@ -268,3 +268,28 @@ def test_time_budget_stops_the_run_and_reweighted_logs_its_variance() -> None:
     assert [r["virtual_time_s"] for r in cut.metrics] == [r["virtual_time_s"] for r in full.metrics[:2]]
     assert [r["val_loss"] for r in cut.metrics] == [r["val_loss"] for r in full.metrics[:2]]
     assert all(r["ctl_variance_inflation"] >= 1 - 1e-9 and r["ctl_effective_batch"] > 0 for r in cut.metrics)
+
+
+def test_sync_vrex_step_is_the_centralized_vrex_step_at_this_steps_risks() -> None:
+    """Full batches, SGD, one round: the loop's V-REx update equals the centralized V-REx gradient
+    step (L2 included, divided by the penalty weight as IRM's code does), with the mean risk of
+    this very step (not a stale broadcast)."""
+    from cloudedge.config import with_overrides
+    from cloudedge.pretrain.tasks import build_classifier
+
+    cfg = _client_cfg("vrex", rounds=1)
+    cfg.pretrain = with_overrides(cfg.pretrain, {
+        "algorithm": "sync", "optimizer": "sgd", "grad_clip": None, "global_batch": 48, "lr": 0.1,
+        "objective_args": {"penalty_weight": 10.0, "anneal_steps": 0.0, "l2": 0.01}}, "pretrain")
+    shards, tests = _shards_and_tests()
+    res = pretrain(cfg, shards=shards, client_eval=tests)
+
+    start = build_classifier(cfg.model, 3, cfg.seed, kind="mlp")
+    start.zero_grad()
+    risks = torch.stack([torch.nn.functional.cross_entropy(start(shards[w]["x"]), shards[w]["y"]) for w in DEVICES])
+    r_bar = risks.mean()  # equal shards: equal weights
+    norm = sum(p.pow(2).sum() for p in start.parameters())
+    (risks.mean() + 10.0 * ((risks - r_bar) ** 2).mean() + 0.01 * norm).div(10.0).backward()
+    for name, p in start.named_parameters():
+        want = p.detach() - 0.1 * p.grad
+        assert torch.allclose(dict(res.model.named_parameters())[name].detach(), want, atol=1e-6), name

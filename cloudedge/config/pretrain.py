@@ -49,7 +49,9 @@ class PretrainConfig(StrictModel):
     rounds: int = Field(default=50, ge=1)
     time_budget_s: float | None = Field(
         default=None, gt=0, description="stop before a round that would start at or past this virtual time")
-    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="sync: the step; local: inner steps")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field(
+        default="adamw", description="sync: the step; local: inner steps. adamw: betas 0.9/0.95 (DiLoCo); "
+        "adam: torch's defaults, betas 0.9/0.999 (IRM's Colored-MNIST recipe)")
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_rounds: int = Field(default=0, ge=0)

@@ -40,7 +40,7 @@ from cloudedge.perf import stage_peak_size, utilization_fields
 from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerInfo, get_controller
 from cloudedge.pretrain.costs import charged_costs, trained_costs
 from cloudedge.pretrain.tasks import build_task_model, evaluate_loss
-from cloudedge.pretrain.workers import PretrainWorker, trainable
+from cloudedge.pretrain.workers import PretrainWorker, build_optimizer, trainable
 from cloudedge.robust import UpdateGate
 from cloudedge.track.run import RunDir
 from cloudedge.track.stage_run import run_stage_into
@@ -252,6 +252,12 @@ def _roundtrip(tensors: Tensors, mode: str) -> tuple[Tensors, int]:
 # ----------------------------------------------------------------------------------------- loop
 
 
+def objective_steps(pcfg: PretrainConfig) -> int:
+    """The objective's steps over the whole run: one per round in ``sync``, ``local_steps`` per
+    round in ``local`` (the unit of penalty schedules such as ``anneal_steps``)."""
+    return pcfg.rounds * (pcfg.local_steps if pcfg.algorithm == "local" else 1)
+
+
 def _lr_at(pcfg: PretrainConfig, round_idx: int) -> float:
     """Linear warm-up over ``warmup_rounds``, then constant (so controllers compare at one lr)."""
     if pcfg.warmup_rounds and round_idx < pcfg.warmup_rounds:
@@ -307,7 +313,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     if pcfg.task == "classify":
         from cloudedge.pretrain.objectives import get_objective
 
-        objective = get_objective(pcfg.objective, **pcfg.objective_args)
+        objective = get_objective(pcfg.objective, total_steps=objective_steps(pcfg), **pcfg.objective_args)
     model = build_task_model(pcfg.task, model_cfg, n_classes=data.n_classes, encoder=encoder,  # type: ignore[arg-type]
                              seed=cfg.seed, objective=objective, base_dir=cfg.base_dir)
     model.to(device).train()  # the coordinator's copy: aggregation, optimizer step and evaluation run there
@@ -342,7 +348,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
             "worker_id": node.id, "task": pcfg.task, "model_cfg": model_cfg.model_dump(mode="json"),
             "data": data.train[node.id], "seed": cfg.seed, "n_classes": data.n_classes, "encoder": encoder,
             "objective": pcfg.objective, "objective_args": dict(pcfg.objective_args),
-            "optimizer": pcfg.optimizer, "weight_decay": pcfg.weight_decay, "grad_clip": pcfg.grad_clip,
+            "objective_steps": objective_steps(pcfg), "optimizer": pcfg.optimizer, "weight_decay": pcfg.weight_decay, "grad_clip": pcfg.grad_clip,
             "base_dir": cfg.base_dir, "eval_data": client_eval.get(node.id), "device": pcfg.device,
             "precision": pcfg.precision}))
     eval_ids = [n.id for n in workers if client_eval.get(n.id)]
@@ -352,9 +358,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     # --- optimizers, controller, clock ---------------------------------------------------------
     weights = list(params.values())
     if pcfg.algorithm == "sync":
-        optimizer: torch.optim.Optimizer = (
-            torch.optim.AdamW(weights, lr=pcfg.lr, betas=(0.9, 0.95), weight_decay=pcfg.weight_decay)
-            if pcfg.optimizer == "adamw" else torch.optim.SGD(weights, lr=pcfg.lr, weight_decay=pcfg.weight_decay))
+        optimizer: torch.optim.Optimizer = build_optimizer(pcfg.optimizer, weights, pcfg.lr, pcfg.weight_decay)
     elif pcfg.outer_optimizer == "nesterov":  # DiLoCo: SGD with Nesterov momentum on the pseudo-gradient
         optimizer = torch.optim.SGD(weights, lr=pcfg.outer_lr, momentum=pcfg.outer_momentum, nesterov=True)
     else:  # FedAvg: theta <- theta + mean delta
@@ -425,10 +429,12 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
 
         # 2. work, through the engine
         sent = {k: v.detach() for k, v in params.items()}  # the engine copies what crosses it
+        combine = pcfg.algorithm == "sync" and objective is not None and objective.combines_in_sync
+        msg_out = {**server_msg, "combine_at_server": True} if combine else server_msg
         tasks = []
         for wid in ids:
             common = {"params": sent, "batch": plan.batches[wid], "micro_batch": min(plan.batches[wid], caps[wid]),
-                      "round_idx": r, "step": step_count, "server_msg": server_msg,
+                      "round_idx": r, "step": step_count, "server_msg": msg_out,
                       "client_state": client_states.get(wid)}
             # Devices hold no model between the rounds they are sampled in.
             release = fleet.nodes[wid].tier == "device"
@@ -495,7 +501,10 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         # The controller may weight each update by its own rule (reweighted: the worker's data
         # share), else by units: the gradient of the mean loss over the union of the batches.
         agg_w = ([float(plan.weights[w]) for w in ids] if plan.weights is not None else [float(u) for u in units])
-        if pcfg.algorithm == "sync":
+        if combine:  # the objective needs this step's risks from every client (V-REx)
+            grad = objective.combine_gradients(updates, agg_w,  # type: ignore[union-attr]
+                                               [float(res["loss"]) for res in results], step_count)
+        elif pcfg.algorithm == "sync":
             grad = weighted_mean(updates, agg_w) if plan.weights is not None else union_batch_gradient(updates, units)
         else:
             worker_steps = [int(res["steps"]) for res in results]

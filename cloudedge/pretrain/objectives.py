@@ -41,19 +41,58 @@ class Objective:
     # Training FLOPs of one sample on a client, in units of one forward + backward of the shared
     # model; the loop's virtual clock charges it. Penalties' extra backward passes are not counted.
     train_flops_factor: ClassVar[float] = 1.0
+    # True: in ``sync`` the server forms the step's gradient itself (:meth:`combine_gradients`)
+    # from every client's plain risk gradient and risk of this very step (V-REx needs the current
+    # mean risk, which only the server has). The loop then marks the message with
+    # ``combine_at_server`` so :meth:`local_loss` returns the plain risk.
+    combines_in_sync: ClassVar[bool] = False
 
-    def __init__(self, **params: float):
-        unknown = sorted(set(params) - set(self.defaults))
+    def __init__(self, total_steps: int | None = None, **params: float):
+        defaults = {**COMMON_DEFAULTS, **self.defaults}
+        unknown = sorted(set(params) - set(defaults))
         if unknown:
-            known = ", ".join(sorted(self.defaults)) or "none"
+            known = ", ".join(sorted(defaults))
             raise InputError(f"objective_args.{unknown[0]}: unknown argument for objective {self.name!r} (known: {known})")
         merged: dict[str, float] = {}
-        for key, default in self.defaults.items():
+        for key, default in defaults.items():
             value = params.get(key, default)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise InputError(f"objective_args.{key}: must be a finite number >= 0 (got {value!r})")
             merged[key] = float(value)
         self.params = merged
+        self.total_steps = total_steps
+        self._resolve_anneal_fraction()
+
+    def _resolve_anneal_fraction(self) -> None:
+        """``anneal_fraction`` > 0 sets ``anneal_steps`` to that fraction of the run's objective
+        steps (rounds x local steps), so a quick and a full run switch the penalty on at the same
+        point of training (IRM's reference: step 190 of 501, 0.38)."""
+        fraction = self.params.get("anneal_fraction", 0.0)
+        if fraction <= 0:
+            return
+        if fraction >= 1:
+            raise InputError(f"objective_args.anneal_fraction: must be < 1 (got {fraction})")
+        if self.total_steps is None:
+            raise InputError("objective_args.anneal_fraction: needs the run's length (pretrain passes it)")
+        self.params["anneal_steps"] = float(round(fraction * self.total_steps))
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_state: dict[str, Any],
+             server_msg: dict[str, Any], step: int) -> tuple[torch.Tensor, Logs]:
+        """What the shared model's gradient comes from: :meth:`local_loss` plus, with ``l2`` > 0,
+        ``l2 * sum |w|^2`` over the shared model's parameters, scaled by :meth:`penalty_scale` as
+        IRM's reference code scales it (its whole loss, L2 included, is divided by the penalty
+        weight). Unscaled under ``combine_at_server``: the server's combination scales it there."""
+        loss, logs = self.local_loss(model, x, y, client_state, server_msg, step)
+        l2 = self.params["l2"]
+        if l2 > 0:
+            scale = 1.0 if server_msg.get("combine_at_server") else self.penalty_scale(step)
+            norm = sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
+            loss = loss + l2 * scale * norm
+        return loss, logs
+
+    def penalty_scale(self, step: int) -> float:
+        """The factor this step's loss is divided by (1; ``1 / max(1, weight)`` for annealed penalties)."""
+        return 1.0
 
     # -- hooks -------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -84,6 +123,12 @@ class Objective:
         """Next round's broadcast from this round's reports and sample weights."""
         return server_msg
 
+    def combine_gradients(self, grads: list[dict[str, torch.Tensor]], weights: list[float],
+                          risks: list[float], step: int) -> dict[str, torch.Tensor]:
+        """``sync`` with :attr:`combines_in_sync`: the step's gradient from each client's plain risk
+        gradient, its risk and its sample weight (all of this step)."""
+        raise NotImplementedError(f"objective {self.name!r} does not combine gradients at the server")
+
     def predict(self, model: nn.Module, x: torch.Tensor, client_state: dict[str, Any]) -> torch.Tensor:
         """Logits used to evaluate on this client."""
         return model(x)
@@ -102,6 +147,11 @@ class Objective:
 
     def load_client_state_dict(self, client_state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`client_state_dict` saved into a fresh ``init_client`` state."""
+
+
+# Arguments every objective takes. ``l2``: coupled L2 regularization of the shared model (IRM's
+# Colored-MNIST recipe adds 1.1e-3 * sum |w|^2 to every method's loss).
+COMMON_DEFAULTS: dict[str, float] = {"l2": 0.0}
 
 
 def _normalized(weights: list[float], n: int) -> list[float]:
@@ -149,7 +199,10 @@ class IRM(Objective):
     """IRMv1, one environment per client: ``CE + lambda(step) * penalty`` (divided by lambda > 1)."""
 
     name = "irm"
-    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0}
+    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0, "anneal_fraction": 0.0}
+
+    def penalty_scale(self, step):
+        return 1.0 / max(1.0, annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"]))
 
     def local_loss(self, model, x, y, client_state, server_msg, step):
         logits = model(x)
@@ -168,22 +221,34 @@ class VREx(Objective):
     ``L = sum_e w_e R_e + beta * sum_e w_e (R_e - R_bar)^2``, ``R_bar = sum_e w_e R_e``, and
     ``grad L = sum_e w_e (1 + 2 beta (R_e - R_bar)) grad R_e`` (the ``grad R_bar`` term carries the
     factor ``sum_e w_e (R_e - R_bar) = 0``). So a sample-weighted FedAvg of these client
-    gradients is exactly the V-REx gradient when ``R_bar`` is current; here ``R_bar`` is the
-    server's broadcast from the previous round's reports (ERM until the first broadcast).
+    gradients is exactly the V-REx gradient when ``R_bar`` is current.
+
+    - ``sync``: the server has every client's risk of this step, so it combines the plain risk
+      gradients itself with the current ``R_bar`` (:meth:`combine_gradients`): exact.
+    - ``local``: clients take several steps between broadcasts, so ``R_bar`` is the previous
+      round's (the mean of the clients' end-of-round risks); each step logs ``vrex_mean_age_rounds``
+      (1 when that stale mean was used, 0 before the first broadcast, when the loss is plain ERM).
     """
 
     name = "vrex"
-    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0}
+    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0, "anneal_fraction": 0.0}
+    combines_in_sync = True
+
+    def penalty_scale(self, step):
+        return 1.0 / max(1.0, annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"]))
 
     def local_loss(self, model, x, y, client_state, server_msg, step):
         risk = F.cross_entropy(model(x), y)
+        if server_msg.get("combine_at_server"):
+            return risk, {"ce": float(risk.detach())}
         beta = annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"])
         mean_risk = server_msg.get("mean_risk")
         coef = 1.0 if mean_risk is None else 1.0 + 2.0 * beta * (float(risk.detach()) - float(mean_risk))
         loss = coef * risk
         if beta > 1.0:
             loss = loss / beta
-        return loss, {"ce": float(risk.detach()), "vrex_coef": coef, "penalty_weight": beta}
+        return loss, {"ce": float(risk.detach()), "vrex_coef": coef, "penalty_weight": beta,
+                      "vrex_mean_age_rounds": 0.0 if mean_risk is None else 1.0}
 
     def client_report(self, model, x, y, client_state):
         with torch.no_grad():
@@ -195,6 +260,13 @@ class VREx(Objective):
         mean = sum(wi * ri for wi, ri in zip(w, risks, strict=True))
         var = sum(wi * (ri - mean) ** 2 for wi, ri in zip(w, risks, strict=True))
         return {**server_msg, "mean_risk": mean, "risk_var": var}
+
+    def combine_gradients(self, grads, weights, risks, step):
+        w = _normalized(weights, len(grads))
+        beta = annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"])
+        mean = sum(wi * ri for wi, ri in zip(w, risks, strict=True))
+        coefs = [wi * (1.0 + 2.0 * beta * (ri - mean)) / max(1.0, beta) for wi, ri in zip(w, risks, strict=True)]
+        return {k: sum(c * g[k] for c, g in zip(coefs, grads, strict=True)) for k in grads[0]}
 
 
 # -- FedSR -------------------------------------------------------------------------------------
@@ -278,37 +350,49 @@ def head_params(model: nn.Module) -> dict[str, nn.Parameter]:
 class FedIIR(Objective):
     """FedIIR: ``CE + gamma * |grad_head CE - g_bar|^2``, g_bar = EMA of the mean head gradient.
 
-    Until the first broadcast of ``g_bar`` the loss is plain CE.
+    As its authors define it (Guo et al., ICML 2023, and their code): ``g_bar`` starts at zero and
+    every round ``g_bar <- ema * g_bar + (1 - ema) * mean_e grad_head CE_e(w_global)``, the mean over
+    clients of the head gradient *at the received global model* (not at the locally trained one).
+    Here each client measures that gradient on its round's first batch before its first update and
+    reports it, so the mean enters the EMA one round later than in the authors' centralized
+    simulation (which computes it before the round); round 0 uses the zero start, so the penalty
+    is on from the first step, as theirs is.
     """
 
     name = "fediir"
     defaults: ClassVar[dict[str, float]] = {"gamma": 1e-2, "ema": 0.95}
 
+    def init_client(self, model, client_id, seed):
+        return {"start_grad": None}
+
     def local_loss(self, model, x, y, client_state, server_msg, step):
         ce = F.cross_entropy(model(x), y)
-        g_bar = server_msg.get("g_bar")
-        if g_bar is None:
-            return ce, {"ce": float(ce.detach()), "iir_penalty": 0.0}
         params = head_params(model)
         grads = torch.autograd.grad(ce, list(params.values()), create_graph=True)
+        if client_state.get("start_grad", True) is None:  # first batch of this task: the global model
+            client_state["start_grad"] = {name: g.detach().clone() for name, g in zip(params, grads, strict=True)}
+        g_bar = server_msg.get("g_bar")
+        if g_bar is None:
+            g_bar = {name: torch.zeros_like(p) for name, p in params.items()}
         penalty = sum((g - g_bar[name].to(g)).pow(2).sum() for name, g in zip(params, grads, strict=True))
         loss = ce + self.params["gamma"] * penalty
         return loss, {"ce": float(ce.detach()), "iir_penalty": float(penalty.detach())}
 
     def client_report(self, model, x, y, client_state):
-        params = head_params(model)
-        ce = F.cross_entropy(model(x), y)
-        grads = torch.autograd.grad(ce, list(params.values()))
-        return {"head_grad": {name: g.detach() for name, g in zip(params, grads, strict=True)}}
+        start = client_state.get("start_grad")
+        if start is None:  # not trained through local_loss (e.g. called directly): measure now
+            params = head_params(model)
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+            start = {name: g.detach() for name, g in zip(params, grads, strict=True)}
+        return {"head_grad": start}
 
     def server_update(self, server_msg, reports, weights):
         w = _normalized(weights, len(reports))
         names = reports[0]["head_grad"].keys()
         mean = {n: sum(wi * r["head_grad"][n] for wi, r in zip(w, reports, strict=True)) for n in names}
-        prev = server_msg.get("g_bar")
+        prev = server_msg.get("g_bar") or {n: torch.zeros_like(mean[n]) for n in names}
         ema = self.params["ema"]
-        g_bar = mean if prev is None else {n: ema * prev[n] + (1.0 - ema) * mean[n] for n in names}
-        return {**server_msg, "g_bar": g_bar}
+        return {**server_msg, "g_bar": {n: ema * prev[n] + (1.0 - ema) * mean[n] for n in names}}
 
 
 # -- PIN (ours) --------------------------------------------------------------------------------
@@ -341,6 +425,9 @@ class PIN(IRM):
       sample; negatives: other samples' global features and the local ERM feature of the sample).
       It starts from the global weights at ``init_client`` and is kept across rounds
       (``personal_reset: 1`` re-copies the received global weights at every round's first step).
+      ``personal_start_fraction`` f > 0 warm-starts it instead: the personalized model is first
+      copied from the global invariant model at objective step ``round(f * total_steps)`` and
+      trained only from then on; until then the client predicts with the global model.
     """
 
     name = "pin"
@@ -351,12 +438,18 @@ class PIN(IRM):
     train_flops_factor = 11.0 / 3.0
     defaults: ClassVar[dict[str, float]] = {
         **IRM.defaults, "lam": 1.0, "tau": 0.5, "local_neg_weight": 1.0, "private_lr": 1e-3, "personal_reset": 0.0,
+        "personal_start_fraction": 0.0, "nce_samples": 512.0,
     }
 
     def __init__(self, **params: float):
         super().__init__(**params)
         if self.params["tau"] <= 0:
             raise InputError(f"objective_args.tau: must be > 0 (got {self.params['tau']})")
+        start = self.params["personal_start_fraction"]
+        if start >= 1 or (start > 0 and self.total_steps is None):
+            raise InputError("objective_args.personal_start_fraction: must be < 1 and needs the run's length "
+                             f"(got {start})")
+        self.personal_start_step = round(start * self.total_steps) if start > 0 else 0  # type: ignore[operator]
 
     def init_client(self, model, client_id, seed):
         local, personal = copy.deepcopy(model), copy.deepcopy(model)
@@ -365,10 +458,13 @@ class PIN(IRM):
             "local": local, "personal": personal,
             "opt_local": torch.optim.Adam(local.parameters(), lr=lr),
             "opt_personal": torch.optim.Adam(personal.parameters(), lr=lr),
-            "reset_pending": False,
+            "reset_pending": False, "started": self.personal_start_step == 0,
         }
 
     def local_loss(self, model, x, y, client_state, server_msg, step):
+        if not client_state.get("started", True) and step >= self.personal_start_step:
+            client_state["started"] = True  # warm start from the global invariant model, as received
+            client_state["reset_pending"] = True
         if client_state.get("reset_pending"):
             # First step of a new round: the shared model still holds the received global weights.
             client_state["personal"].load_state_dict(model.state_dict())
@@ -386,7 +482,12 @@ class PIN(IRM):
         personal = client_state["personal"]
         z_personal = personal.features(x)
         ce = F.cross_entropy(personal.head(z_personal), y)
-        nce, bound = info_nce(z_personal, z_global, z_local, tau=self.params["tau"],
+        if self.params["lam"] == 0:  # the ablation: no anchor, nothing to compute for it
+            return ce, {"personal_ce": float(ce.detach())}
+        # In-batch negatives cost O(B^2): the bound uses the batch's first `nce_samples` rows (a
+        # random subset: batches are drawn in random order), so full-batch training stays linear.
+        n = min(len(x), int(self.params["nce_samples"]))
+        nce, bound = info_nce(z_personal[:n], z_global[:n], z_local[:n], tau=self.params["tau"],
                               extra_weight=self.params["local_neg_weight"])
         loss = ce + self.params["lam"] * nce
         return loss, {"personal_ce": float(ce.detach()), "infonce": float(nce.detach()), "mi_bound": float(bound)}
@@ -398,6 +499,8 @@ class PIN(IRM):
         local_ce.backward()
         opt_local.step()
 
+        if not client_state.get("started", True):
+            return {"local_ce": float(local_ce.detach())}
         opt_personal = client_state["opt_personal"]
         opt_personal.zero_grad(set_to_none=True)
         loss, logs = self.personal_loss(model, x, y, client_state)
@@ -412,7 +515,7 @@ class PIN(IRM):
 
     def predict(self, model, x, client_state):
         personal = client_state.get("personal")
-        return model(x) if personal is None else personal(x)
+        return model(x) if personal is None or not client_state.get("started", True) else personal(x)
 
     def eval_logits(self, model, x, client_state):
         out = {"global": model(x)}
@@ -442,6 +545,7 @@ class PIN(IRM):
             out.update({f"{part}.{k}": v.detach().clone() for k, v in client_state[part].state_dict().items()})
             out.update(_optimizer_tensors(client_state[f"opt_{part}"], f"opt_{part}."))
         out["reset_pending"] = torch.tensor(int(bool(client_state["reset_pending"])))
+        out["started"] = torch.tensor(int(bool(client_state["started"])))
         return out
 
     def load_client_state_dict(self, client_state, tensors):
@@ -450,13 +554,15 @@ class PIN(IRM):
             client_state[part].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             _load_optimizer_tensors(client_state[f"opt_{part}"], tensors, f"opt_{part}.")
         client_state["reset_pending"] = bool(int(tensors["reset_pending"]))
+        client_state["started"] = bool(int(tensors["started"])) if "started" in tensors else True
 
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (ERM, IRM, VREx, FedSR, FedIIR, PIN)}
 
 
-def get_objective(name: str, **params: float) -> Objective:
-    """The objective called ``name`` with config ``objective_args`` ``params``.
+def get_objective(name: str, total_steps: int | None = None, **params: float) -> Objective:
+    """The objective called ``name`` with config ``objective_args`` ``params``; ``total_steps``
+    (the run's objective steps) resolves ``anneal_fraction``.
 
     Raises:
         InputError: unknown name (the message lists the known ones) or a bad argument.
@@ -464,4 +570,4 @@ def get_objective(name: str, **params: float) -> Objective:
     cls = OBJECTIVES.get(name)
     if cls is None:
         raise InputError(f"objective: unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
-    return cls(**params)
+    return cls(total_steps=total_steps, **params)

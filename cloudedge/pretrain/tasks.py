@@ -156,7 +156,7 @@ def batch_loss(task: str, model: nn.Module, batch: dict[str, torch.Tensor], *, o
     if task == "classify":
         if objective is None:
             return nn.functional.cross_entropy(model(batch["x"]), batch["y"]), {}
-        return objective.local_loss(model, batch["x"], batch["y"], client_state or {}, server_msg or {}, step)
+        return objective.loss(model, batch["x"], batch["y"], client_state or {}, server_msg or {}, step)
     from cloudedge.pretrain.clip_task import clip_contrastive_loss
 
     loss = clip_contrastive_loss(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])

@@ -42,6 +42,19 @@ def sample_batch(data: Tensors, batch: int, generator: torch.Generator) -> Tenso
     return {k: v[idx] for k, v in data.items()}
 
 
+def build_optimizer(name: str, weights: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``pretrain.optimizer``: the sync step's optimizer, or a worker's inner one in ``local``.
+
+    ``adamw``: decoupled decay, DiLoCo's betas 0.9/0.95; ``adam``: torch's defaults (betas
+    0.9/0.999, coupled L2 as ``weight_decay``), IRM's recipe; ``sgd``: plain SGD.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(weights, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(weights, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(weights, lr=lr, weight_decay=weight_decay)
+
+
 def micro_batches(data: Tensors, micro_batch: int) -> list[Tensors]:
     """Consecutive chunks of at most ``micro_batch`` samples."""
     n = int(next(iter(data.values())).shape[0])
@@ -82,7 +95,8 @@ class PretrainWorker:
 
     def __init__(self, worker_id: str, task: str, model_cfg: dict[str, Any], data: Tensors, seed: int,
                  n_classes: int = 0, encoder: str = "mlp", objective: str = "erm",
-                 objective_args: dict[str, float] | None = None, optimizer: str = "adamw",
+                 objective_args: dict[str, float] | None = None, objective_steps: int | None = None,
+                 optimizer: str = "adamw",
                  weight_decay: float = 0.1, grad_clip: float | None = 1.0, base_dir: str = ".",
                  eval_data: dict[str, Tensors] | None = None, device: str = "cpu", precision: str = "fp32"):
         self.worker_id, self.task, self.seed = worker_id, task, int(seed)
@@ -91,6 +105,7 @@ class PretrainWorker:
         self.eval_data = dict(eval_data or {})  # this client's own test sets; they never leave the node
         self.n_classes, self.encoder = int(n_classes), encoder
         self.objective_name, self.objective_args = objective, dict(objective_args or {})
+        self.objective_steps = objective_steps
         self.optimizer_name, self.weight_decay, self.grad_clip = optimizer, float(weight_decay), grad_clip
         self.base_dir = base_dir
         # The shard stays in host memory; each sampled batch moves to the device. Results return
@@ -107,7 +122,8 @@ class PretrainWorker:
         if self._objective is None and self.task == "classify":
             from cloudedge.pretrain.objectives import get_objective
 
-            self._objective = get_objective(self.objective_name, **self.objective_args)
+            self._objective = get_objective(self.objective_name, total_steps=self.objective_steps,
+                                            **self.objective_args)
         return self._objective
 
     @property
@@ -204,11 +220,7 @@ class PretrainWorker:
         load_params(self.model, params)
         state = self._client_state(client_state)
         weights = list(trainable(self.model).values())
-        if self.optimizer_name == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(weights, lr=lr, betas=(0.9, 0.95),
-                                                           weight_decay=self.weight_decay)
-        else:
-            opt = torch.optim.SGD(weights, lr=lr, weight_decay=self.weight_decay)
+        opt = build_optimizer(self.optimizer_name, weights, lr, self.weight_decay)
         losses, first_sq, units, logs_sum = [], None, 0, {}
         data: Tensors = {}
         compute_s = 0.0
