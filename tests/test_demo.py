@@ -18,7 +18,7 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
     assert summary["complete"] is True and summary["quick"] is True
     assert set(summary["pretrain"]["methods"]) == {"sync-uniform", "sync-reweighted", "local-H4"}
     assert summary["pretrain"]["charged_as"] == "clip-vit-b16" and summary["pretrain"]["budget_s"] > 0
-    assert set(summary["invariant"]["methods"]) == {"erm", "pin"}
+    assert set(summary["invariant"]["methods"]) == {"erm", "irm", "pin"}
     assert set(summary["finetune"]["methods"]) == {"fedavg2", "hierfavg", "autonomous"}
     assert set(summary["adapt"]["methods"]) == {"zeroshot", "tpt", "swapprompt"}
     for stage in ("finetune", "adapt"):
