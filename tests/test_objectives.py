@@ -102,20 +102,25 @@ def test_irm_annealing_schedule_and_loss_division():
 
 
 # -- V-REx -------------------------------------------------------------------------------------
-def test_vrex_federated_gradient_equals_centralized_vrex_gradient():
-    beta, weights = 7.0, [12.0, 12.0, 6.0]
+def _vrex_case(seed: int, beta: float = 7.0, weights: tuple[float, ...] = (12.0, 12.0, 6.0)):
+    """V-REx, three environments of sizes ``weights``: the objective, a double-precision model, the
+    environments, normalized weights, and the centralized V-REx gradient (divided by beta)."""
     vrex = get_objective("vrex", penalty_weight=beta, anneal_steps=0)
     model = tiny_classifier().double()
-    envs = [tuple(t.double() if t.is_floating_point() else t for t in tiny_batch(10 + e, n=int(w)))
+    envs = [tuple(t.double() if t.is_floating_point() else t for t in tiny_batch(seed + e, n=int(w)))
             for e, w in enumerate(weights)]
-
     # Centralized: L = sum w R + beta sum w (R - R_bar)^2 (weights normalized), divided by beta.
     model.zero_grad()
     w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
     risks = torch.stack([F.cross_entropy(model(x), y) for x, y in envs])
     r_bar = (w * risks).sum()
     ((w * risks).sum() + beta * (w * (risks - r_bar) ** 2).sum()).div(beta).backward()
-    central = flat_grad(model)
+    return vrex, model, envs, w, risks, r_bar, flat_grad(model)
+
+
+def test_vrex_federated_gradient_equals_centralized_vrex_gradient():
+    weights = [12.0, 12.0, 6.0]
+    vrex, model, envs, w, risks, r_bar, central = _vrex_case(10)
 
     # Federated: server broadcasts R_bar from the reports; sample-weighted mean of client grads.
     msg = vrex.server_update({}, [vrex.client_report(model, x, y, {}) for x, y in envs], weights)
@@ -132,17 +137,8 @@ def test_vrex_federated_gradient_equals_centralized_vrex_gradient():
 
 def test_vrex_sync_server_combination_uses_this_steps_risks_exactly():
     """sync: clients send plain risk gradients; the server combines them with the current R_bar."""
-    beta, weights, step = 7.0, [12.0, 12.0, 6.0], 5
-    vrex = get_objective("vrex", penalty_weight=beta, anneal_steps=0)
-    model = tiny_classifier().double()
-    envs = [tuple(t.double() if t.is_floating_point() else t for t in tiny_batch(20 + e, n=int(w)))
-            for e, w in enumerate(weights)]
-    model.zero_grad()
-    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
-    risks = torch.stack([F.cross_entropy(model(x), y) for x, y in envs])
-    r_bar = (w * risks).sum()
-    ((w * risks).sum() + beta * (w * (risks - r_bar) ** 2).sum()).div(beta).backward()
-    central = flat_grad(model)
+    weights, step = [12.0, 12.0, 6.0], 5
+    vrex, model, envs, _, _, _, central = _vrex_case(20)
 
     stale = {"mean_risk": 123.0, "combine_at_server": True}  # a stale mean must play no part
     grads, client_risks = [], []
