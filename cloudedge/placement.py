@@ -20,10 +20,13 @@ def place_data(fleet, labels: np.ndarray, partition_cfg: PartitionConfig, seed: 
     from cloudedge.data.partition import partition
 
     devices = fleet.devices
-    if not devices:
-        # A fleet without devices trains on its edge servers: each edge holds a shard.
+    if devices:
+        weights = np.array([getattr(d, "data_share", 1.0) for d in devices], dtype=float)
+    else:
+        # A fleet without devices trains on its edge servers: each edge holds an equal shard (an
+        # edge's own data_share is 0: it holds no device data).
         devices = fleet.edges
-    weights = np.array([getattr(d, "data_share", 1.0) for d in devices], dtype=float)
+        weights = np.ones(len(devices))
     if partition_cfg.edge_alpha is not None and fleet.devices:
         from cloudedge.data.partition import partition_by_edge
 

@@ -13,6 +13,13 @@ def test_fleet_table_prints(capsys):
     assert "edge0/dev0" in out and "jetson-orin" in out and "samples" in out
 
 
+def test_fleet_table_of_a_fleet_without_devices_deals_data_to_its_edges(capsys):
+    # configs/adapt-digits.yaml: four edge servers, no devices (each edge streams its own data).
+    assert main(["fleet", str(ROOT / "configs" / "adapt-digits.yaml")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "edge-server" in line]
+    assert len(rows) == 4 and all(" 22" in row for row in rows)  # 899 images: 225, 225, 225, 224
+
+
 def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("fleet:\n  cloud: {profile: abacus}\n")
