@@ -10,9 +10,8 @@ Python dicts serialized with ``pickle``:
   simulator takes ``computation`` as milliseconds per sample and ``communication`` as kbit/s.
 
 cloudedge never unpickles a file (a pickle can run any code when loaded). A user converts the
-pickle to JSON once, in an environment they trust, and this module reads the JSON:
-
-    python -c "import json, pickle; json.dump(pickle.load(open('client_behave_trace', 'rb')), open('behave.json', 'w'))"
+pickle to JSON once, in an environment they trust (docs/profiles.md, "FedScale traces", has the
+one-line command), and this module reads the JSON.
 
 Clients are mapped to the fleet's devices in order of their ids (numeric ids numerically): the k-th
 client becomes device number k; clients beyond the fleet's size are left out.
@@ -30,8 +29,8 @@ from typing import Any
 
 from cloudedge.errors import InputError
 
-_PICKLE_HINT = ("cloudedge does not unpickle files; convert it to JSON once in an environment you trust: "
-                "python -c \"import json, pickle; json.dump(pickle.load(open('IN', 'rb')), open('OUT.json', 'w'))\"")
+_PICKLE_HINT = ("cloudedge does not unpickle files; convert it to JSON once, in an environment you trust "
+                "(docs/profiles.md, \"FedScale traces\", has the one-line command)")
 
 
 def _load_json(path: Path) -> dict[str, Any]:
