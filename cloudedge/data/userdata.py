@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,22 @@ def load_text(path: str | Path) -> TextDataset:
     return TextDataset(texts=texts, labels=None, classes=[], domains=domains, ids=ids)
 
 
+def jsonl_objects(lines: Iterable[str], source: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank JSON line; anything else is an InputError naming
+    ``source:line``."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
+
+
 def load_jsonl(
     path: str | Path,
     text_field: str = "text",
@@ -118,16 +135,8 @@ def load_jsonl(
     raw_labels: list[str | int] = []
     domains: list[str] = []
     ids: list[str] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for lineno, record in jsonl_objects(lines, file):
         where = f"{file}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: bad JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
         texts.append(_str_field(record, text_field, where))
         if label_field is not None:
             if label_field not in record:

@@ -25,7 +25,6 @@ log-normal with median 1 (hashed from ``(seed, device number)``) or from a CSV f
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -217,16 +216,9 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     except OSError as err:
         raise InputError(f"{path}: cannot read the trace ({err.strerror})") from None
     if path.suffix.lower() in (".jsonl", ".json"):
-        for no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{no}: not a JSON object ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{no}: not a JSON object")
-            yield no, row
+        from cloudedge.data.userdata import jsonl_objects
+
+        yield from jsonl_objects(text.splitlines(), path)
         return
     reader = csv.DictReader(text.splitlines())
     for row in reader:
