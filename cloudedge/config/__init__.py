@@ -47,6 +47,16 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: st
     if not isinstance(raw, dict):
         raise InputError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     raw = {**raw, "base_dir": str(Path(base_dir).resolve())}
+    plugins = raw.get("plugins") or []
+    if not (isinstance(plugins, list) and all(isinstance(p, str) for p in plugins)):
+        raise InputError(f"{source}: plugins: expected a list of module names or .py files")
+    # Plug-ins register their names before any field that names them is validated.
+    from cloudedge.registry import load_plugins
+
+    try:
+        load_plugins(plugins, raw["base_dir"])
+    except InputError as err:
+        raise InputError(f"{source}: {err}") from None
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:

@@ -37,6 +37,10 @@ class RunConfig(StrictModel):
     finetune: FinetuneConfig | None = None
     adapt: AdaptConfig | None = None
     track: TrackConfig = Field(default_factory=TrackConfig, description="TensorBoard / MLflow (docs/tracking.md)")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules registering your own plug-ins, imported before the rest is validated: dotted "
+                    "names or .py files relative to this config (docs/extending.md)")
     # Directory that relative paths in this config are resolved against (set by load_config).
     base_dir: str = "."
 
