@@ -222,3 +222,21 @@ def test_pose_ranges_zero_give_upright_centred_glyphs():
         rows, cols = torch.nonzero(img.any(dim=1)).flatten(), torch.nonzero(img.any(dim=0)).flatten()
         assert abs((rows[0] + rows[-1]) / 2 - 13.5) <= 1.5 and abs((cols[0] + cols[-1]) / 2 - 13.5) <= 1.5
         assert 17 <= max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 <= 22
+
+
+def test_a_share_of_captions_names_only_the_class():
+    spec = glyph_specs(GlyphsConfig(classes="alnum", channels=3), 28)[0]
+    attrs = draw_attributes(0, "train", np.arange(2000), 36, spec.faces, spec.ranges, 3)
+    classes = glyph_split(spec, "test", 1, use_cache=False).classes
+    rich = glyph_captions(attrs["label"], classes, attrs, seed=0)
+    mixed = glyph_captions(attrs["label"], classes, attrs, seed=0, plain_fraction=0.75)
+    short = [c for c in mixed if c.count(" ") <= 5]
+    assert 0.70 < len(short) / len(mixed) < 0.80  # class-only: "a photo of a digit seven."
+    assert all(c.rstrip(".").endswith(("digit " + classes[int(y)], "letter " + classes[int(y)]))
+               for c, y in zip(mixed, attrs["label"], strict=True) if c in short)
+    assert all(r == m for r, m in zip(rich, mixed, strict=True) if m not in short)  # the rest unchanged
+    assert glyph_captions(attrs["label"], classes, attrs, seed=0, plain_fraction=0.0) == rich
+    # The config knob reaches the CLIP task's captions.
+    assert GlyphsConfig(plain_captions=0.75).plain_captions == 0.75
+    with pytest.raises(ValueError):
+        GlyphsConfig(plain_captions=1.5)

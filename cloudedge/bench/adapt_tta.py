@@ -120,6 +120,10 @@ def run(quick: bool, out_dir: Path, checkpoint: str | None = None, engine: str =
     ``checkpoint``: a CLIP directory (of the glyph CLIP's architecture) to adapt instead of the
     cached glyph CLIP; ``engine``: local or ray.
     """
+    from cloudedge.engine import configure_threads
+
+    # One torch thread on a 2-core host: a second one mostly spins (docs/performance.md).
+    configure_threads(None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:

@@ -38,6 +38,10 @@ class GlyphsConfig(StrictModel):
                            description="elastic warp: displacement std, fraction of the side")
     blur: float = Field(default=0.5, ge=0, le=1, description="largest blend towards a blurred copy")
     noise: float = Field(default=0.05, ge=0, le=0.5, description="largest Gaussian pixel noise std")
+    plain_captions: float = Field(
+        default=0.0, ge=0, le=1,
+        description="CLIP captions: share of images whose caption names only the class ('a photo of a digit "
+                    "seven.'), the rest name class and attributes (docs/prompt-tuning.md)")
     cache: bool = Field(default=True, description="keep generated images under $XDG_CACHE_HOME/cloudedge/glyphs")
 
     @field_validator("fonts", "held_out_fonts")

@@ -228,6 +228,8 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {look}{what} typeset in {face}{pose}{color}.",
     "a picture of a {look}{what} in {face}{pose}{color}.",
 )
+# Class-only captions (``plain_fraction`` of the images): the same openings without the attributes.
+PLAIN_TEMPLATES: tuple[str, ...] = ("a {what}.", "the {what}.", "a photo of a {what}.", "a picture of a {what}.")
 
 
 def has_glyph_attributes(meta: dict[str, torch.Tensor]) -> bool:
@@ -262,18 +264,30 @@ def _pose(rotation: float, shift_x: float, shift_y: float) -> str:
 
 def glyph_captions(labels: Sequence[int] | torch.Tensor | np.ndarray, classes: Sequence[str],
                    meta: dict[str, torch.Tensor], seed: int,
-                   templates: Sequence[str] = CAPTION_TEMPLATES) -> list[str]:
+                   templates: Sequence[str] = CAPTION_TEMPLATES, plain_fraction: float = 0.0) -> list[str]:
     """One caption per image naming its class and attributes (face, weight, slant, colour, size,
     stroke, pose), ``templates[k]`` with ``k`` drawn under ``seed`` as in ``digit_captions``.
 
     e.g. "a small thick digit seven in bold italic DejaVu Serif, tilted left, red on navy."
     The class comes early, so a caption cut to a short text context still names it.
+
+    ``plain_fraction`` of the images (drawn under ``seed``) get a class-only caption instead
+    (:data:`PLAIN_TEMPLATES`, "a photo of a digit seven."). Why: with attributes alone a small CLIP
+    matches captions by the easy attributes (colours, position) and learns the class last or never
+    (docs/prompt-tuning.md, "A CLIP worth adapting"); the class-only captions make the class word
+    the only thing to match in most pairs.
     """
     labels_list = [int(v) for v in np.asarray(labels).reshape(-1)]
     cols = {k: meta[k].tolist() for k in GLYPH_META_KEYS}
-    picks = np.random.default_rng(seed).integers(0, len(templates), size=len(labels_list))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(templates), size=len(labels_list))
+    plain = rng.random(len(labels_list)) < plain_fraction if plain_fraction > 0 else np.zeros(len(labels_list), bool)
+    plain_picks = rng.integers(0, len(PLAIN_TEMPLATES), size=len(labels_list))
     out = []
     for i, y in enumerate(labels_list):
+        if plain[i]:
+            out.append(PLAIN_TEMPLATES[int(plain_picks[i])].format(what=_class_phrase(classes[y])))
+            continue
         fg, bg = cols["fg"][i], cols["bg"][i]
         color = f", {FOREGROUNDS[fg][0]} on {BACKGROUNDS[bg][0]}" if fg >= 0 else ""
         out.append(templates[int(picks[i])].format(

@@ -48,13 +48,13 @@ def digit_captions(labels: Sequence[int] | torch.Tensor | np.ndarray, classes: S
 
 
 def captions_for(labels: Sequence[int] | torch.Tensor | np.ndarray, classes: Sequence[str], seed: int,
-                 meta: dict[str, torch.Tensor] | None = None) -> list[str]:
-    """One caption per image: from its attributes when ``meta`` has the glyph attributes, else
-    :func:`digit_captions`."""
+                 meta: dict[str, torch.Tensor] | None = None, plain_fraction: float = 0.0) -> list[str]:
+    """One caption per image: from its attributes when ``meta`` has the glyph attributes (class-only
+    for ``plain_fraction`` of them), else :func:`digit_captions`."""
     from cloudedge.data.glyph_attrs import glyph_captions, has_glyph_attributes
 
     if meta and has_glyph_attributes(meta):
-        return glyph_captions(labels, classes, meta, seed)
+        return glyph_captions(labels, classes, meta, seed, plain_fraction=plain_fraction)
     return digit_captions(labels, classes, seed)
 
 
@@ -87,12 +87,13 @@ def clip_contrastive_loss(model: nn.Module, pixel_values: torch.Tensor, input_id
 
 
 def clip_batch(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], seed: int,
-               max_len: int, meta: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+               max_len: int, meta: dict[str, torch.Tensor] | None = None,
+               plain_fraction: float = 0.0) -> dict[str, torch.Tensor]:
     """A ready batch for :func:`clip_contrastive_loss`: pixels and byte-tokenized captions
     (:func:`captions_for`: ``meta`` is the dataset's per-image attributes, if any)."""
     from cloudedge.data.tokenizer import ByteTokenizer
 
-    captions = captions_for(labels, classes, seed, meta)
+    captions = captions_for(labels, classes, seed, meta, plain_fraction)
     input_ids, attention_mask = ByteTokenizer().batch_encode(captions, max_len=max_len, pad_to="longest")
     return {"pixel_values": images, "input_ids": input_ids, "attention_mask": attention_mask}
 

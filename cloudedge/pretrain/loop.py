@@ -130,8 +130,9 @@ def build_shards(cfg: RunConfig, pcfg: PretrainConfig, workers: list[Node], seq_
     if pcfg.task == "clip":
         from cloudedge.pretrain.clip_task import clip_batch
 
-        whole = clip_batch(train.x, train.y, train.classes, cfg.seed, model_cfg.context, train.meta)
-        val = clip_batch(test.x, test.y, test.classes, cfg.seed + 1, model_cfg.context, test.meta)
+        plain = data_cfg.glyphs.plain_captions if data_cfg.source == "glyphs" else 0.0
+        whole = clip_batch(train.x, train.y, train.classes, cfg.seed, model_cfg.context, train.meta, plain)
+        val = clip_batch(test.x, test.y, test.classes, cfg.seed + 1, model_cfg.context, test.meta, plain)
         val = {k: v[: pcfg.eval_samples] for k, v in val.items()}
     domains = train.domains.numpy() if train.domains is not None else None
     parts = partition(train.y.numpy(), len(workers), part.kind, cfg.seed, alpha=part.alpha, domains=domains,
