@@ -142,8 +142,8 @@ def test_fine_tuning_charged_as_its_own_model_charges_what_it_trains(mode) -> No
     for key in ("train_step_flops", "params", "trainable_params", "model_bytes", "trainable_bytes",
                 "activation_bytes"):
         assert charged.charged[key] == plain.info[key], key
-    assert charged.memory_need == plain.memory_need
-    assert charged.update_bytes() == plain.update_bytes()
+    assert charged.safeguards.memory_need == plain.safeguards.memory_need
+    assert charged.messages.update_bytes() == plain.messages.update_bytes()
     a, b = plain.run(), charged.run()
     for key in ("virtual_time_s", "bytes_device_edge", "bytes_edge_cloud", "device_energy_j", "final_acc"):
         assert a[key] == b[key], key
@@ -182,10 +182,10 @@ def test_charged_lora_update_bytes_equal_a_real_peft_lora_on_that_architecture(p
     named = {"backbone." + k.removeprefix("base_model.model."): v for k, v in lora.items()}
     for mode in ("none", "fp16", "int8"):
         loop.s.compression = mode
-        assert loop.update_bytes() == comm.wire_nbytes({**named, **head}, mode)
+        assert loop.messages.update_bytes() == comm.wire_nbytes({**named, **head}, mode)
     loop.s.compression = "none"
     adapter_bytes = sum(v.numel() * 4 for v in lora.values())
-    assert adapter_bytes < loop.update_bytes() < adapter_bytes + 4 * 4 * 768 * 4 + 100_000
+    assert adapter_bytes < loop.messages.update_bytes() < adapter_bytes + 4 * 4 * 768 * 4 + 100_000
 
 
 def test_fine_tuning_charged_as_gpt2_is_refused_by_a_phone_too_small_for_it() -> None:

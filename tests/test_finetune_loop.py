@@ -59,7 +59,7 @@ def test_straggler_is_dropped_but_charged_and_autonomous_avoids_it():
     auto, fleet = _loop(_cfg("autonomous", slow_flops=2.5e7, availability=1.0, rounds=2))
     auto.run()
     assert all(auto.train_count.get(d, 0) > 0 for d in slow)  # it plans fewer steps and makes it
-    assert auto.dropped_total == 0 and loop.dropped_total > 0
+    assert auto.tally.dropped_total == 0 and loop.tally.dropped_total > 0
 
 
 def test_unavailable_device_never_trains():
@@ -177,12 +177,12 @@ def test_edges_train_together_in_one_engine_call_and_as_they_would_alone(case):
     # other runs beside it or not.
     together, _ = _loop_with(cfg, LocalEngine())
     pulled = dict(together.global_state)
-    both = together.edge_periods({"edge0": (pulled, 0.0), "edge1": (pulled, 0.0)})
+    both = together.rounds.edge_periods({"edge0": (pulled, 0.0), "edge1": (pulled, 0.0)})
     if case == "churn":  # the compared periods really drew from the churn streams
-        assert together.totals["dropped"] > 0 and together.totals["stale"] > 0
+        assert together.tally.totals["dropped"] > 0 and together.tally.totals["stale"] > 0
     for edge_id in ("edge0", "edge1"):
         alone_loop, _ = _loop_with(cfg, LocalEngine())
-        (state, t, obs), = alone_loop.edge_periods({edge_id: (dict(alone_loop.global_state), 0.0)}).values()
+        (state, t, obs), = alone_loop.rounds.edge_periods({edge_id: (dict(alone_loop.global_state), 0.0)}).values()
         assert t == both[edge_id][1] and obs.rounds_done == both[edge_id][2].rounds_done
         assert obs.round_energy_j == both[edge_id][2].round_energy_j
         for k, v in state.items():

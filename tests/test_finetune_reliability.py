@@ -64,7 +64,7 @@ class WrongShapeWorker(FinetuneWorker):
 def test_nan_and_wrong_shape_updates_are_rejected_logged_and_rounds_complete():
     raw = _raw(rounds=5, attack={"kind": "nan", "fraction": 0.1, "seed": 1})
     loop, task = _loop(raw)
-    (nan_dev,) = loop.attackers
+    (nan_dev,) = loop.safeguards.attackers
     bad = next(d for d in task.device_data if d != nan_dev)
     loop.engine.register(bad, WorkerSpec(WrongShapeWorker, dict(spec=loop.spec, data=task.device_data[bad],
                                                                  batch_size=16, lr=8e-2)))
@@ -93,7 +93,7 @@ def test_median_and_trimmed_mean_resist_a_scaled_attacker_where_mean_does_not():
     clean.run()
     mean, median = _attacked("mean", rounds=8), _attacked("median", rounds=8)
     trimmed = _attacked("trimmed_mean", rounds=8, beta=0.2)
-    assert len(mean.attackers) == 2 and mean.summary()["rejected_updates"] == 0
+    assert len(mean.safeguards.attackers) == 2 and mean.summary()["rejected_updates"] == 0
     clean_acc = clean.history[-1]["acc"]
     assert clean_acc > 0.45
     assert mean.history[-1]["acc"] < clean_acc - 0.3  # the boosted update dominates the mean
@@ -110,7 +110,7 @@ def test_default_gate_rejects_boosted_updates_even_under_the_mean():
     loop, _ = _loop(raw)
     s = loop.run()
     assert s["rejected_updates"] == 2 * 3  # two attackers, three rounds, none of them honest
-    assert {r["from"] for row in loop.history for r in row["rejections"]} == set(loop.attackers)
+    assert {r["from"] for row in loop.history for r in row["rejections"]} == set(loop.safeguards.attackers)
     assert all("norms per unit of work" in r["reason"] for row in loop.history for r in row["rejections"])
 
 
@@ -197,6 +197,6 @@ def test_model_too_large_for_a_device_is_an_error_naming_it():
     assert "edge0/dev0" in msg and "phone-mid" in msg and "activations of one batch of 16" in msg
     assert "memory_fraction 0.5" in msg and "9 more device" in msg
     loop, _ = _loop(_raw(memory=2e7))  # enough: no error, and the estimate is in the summary
-    need = loop.memory_need
+    need = loop.safeguards.memory_need
     assert need["total"] == need["weights"] + need["training_state"] + need["activations"]
     assert need["activations"] > 0 and need["training_state"] == 3 * loop.info["trainable_bytes"]

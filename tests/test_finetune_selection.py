@@ -61,7 +61,7 @@ def test_only_devices_online_at_the_round_start_are_drawn(tmp_path):
 def test_a_device_going_offline_mid_task_is_a_dropout_at_that_instant(tmp_path):
     overrides = {"flops": FLOPS, "latency_s": 0.0005}
     loop = _loop(_raw({"count": 2, "profile": "phone-mid", "overrides": overrides}))
-    train_s = 8 * loop.step_flops / FLOPS
+    train_s = 8 * loop.rounds.step_flops / FLOPS
     assert train_s > 0.05  # the setting this test needs: training is long against the transfers
     t_off = 0.5 * train_s
     _trace(loop, tmp_path, [("edge0/dev0", 0, t_off), ("edge0/dev1", 0, 1e6)])
@@ -90,7 +90,7 @@ def test_over_selection_keeps_the_first_updates_and_cancels_the_rest():
         assert 0 < loop.clock.flops_done[d] < max(loop.clock.flops_done[f] for f in fast)
     assert all(energy[d] > 0 for d in slow)
     # The round ended when the kept updates were in, not when the slow ones would have been.
-    slow_full = 8 * loop.step_flops / loop.fleet.nodes[next(iter(slow))].profile.flops
+    slow_full = 8 * loop.rounds.step_flops / loop.fleet.nodes[next(iter(slow))].profile.flops
     assert row["virtual_time_s"] < slow_full
 
 

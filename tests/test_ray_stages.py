@@ -189,7 +189,7 @@ def test_failing_worker_on_local_engine_is_skipped_and_workers_are_released(one_
         assert r["failed"] == 1
         assert r["failures"] == [{"at": "edge0", "from": "edge0/dev1",
                                   "reason": "injected fault: device process crashed"}]
-    assert loop.device_steps_total == FT_ROUNDS * 3 * 3  # three healthy devices x k1 steps per round
+    assert loop.tally.device_steps_total == FT_ROUNDS * 3 * 3  # three healthy devices x k1 steps per round
     assert engine.live_workers == 1  # the cloud's evaluator; every device's model was released
 
 

@@ -11,10 +11,11 @@ Every policy is a small class with the same verbs (pure: plain numbers in, decis
 - ``on_cloud_sync(reports)``: feedback at the cloud after a sync (Tempo, autonomous' reference).
 - ``state_dict()`` / ``load_state_dict()``: plain JSON-able state for resume.
 
-Class attributes tell the loop the topology: ``two_tier`` (devices talk to the cloud directly, no
-edge aggregation) and ``barrier`` (the cloud waits for every edge before it aggregates; when False,
-each edge merges into the global model on its own schedule). The exact rules, their inputs and why
-are in docs/finetuning.md ("Synchronization policies").
+The class attribute ``topology`` names how the cloud gets its updates (a class of
+:mod:`cloudedge.finetune.topologies`): ``barrier`` (the cloud waits for every edge before it
+aggregates), ``two_tier`` (devices talk to the cloud directly, no edge aggregation) or
+``autonomous`` (each edge merges into the global model on its own schedule). The exact rules,
+their inputs and why are in docs/finetuning.md ("Synchronization policies").
 """
 
 from __future__ import annotations
@@ -82,8 +83,7 @@ class SyncPolicy:
     """Base: fixed ``k1`` local steps, sync every ``k2`` edge rounds, deadline from config."""
 
     name: ClassVar[str] = "base"
-    two_tier: ClassVar[bool] = False
-    barrier: ClassVar[bool] = True
+    topology: ClassVar[str] = "barrier"  # a name in cloudedge.finetune.topologies.TOPOLOGIES
     needs_grad_stats: ClassVar[bool] = False
 
     def __init__(self, k1: int = 5, k2: int = 2, deadline_factor: float | None = 2.0,
@@ -126,7 +126,7 @@ class FedAvg2(SyncPolicy):
     """Two-tier FedAvg: devices run ``k1`` local steps and send to the cloud; no edge tier."""
 
     name = "fedavg2"
-    two_tier = True
+    topology = "two_tier"
 
     def should_sync(self, edge: EdgeObs) -> bool:
         return True
@@ -276,7 +276,7 @@ class Autonomous(SyncPolicy):
     """
 
     name = "autonomous"
-    barrier = False
+    topology = "autonomous"
 
     def __init__(self, alpha: float = 1.0, k2_max: int = 8, margin: float = 0.9,
                  sync_budget_bytes: float | None = None, time_budget_s: float = 100.0,

@@ -1,0 +1,99 @@
+"""What travels between devices, edges and the cloud during fine-tuning: payloads, bytes, link times.
+
+A payload is compressed as ``finetune.compression`` says; the receiver gets the decompressed
+tensors (the quantization error is real) and the clock is charged the wire bytes, or the bytes of
+the charged model's version of the message (``clock.charge_as``, :mod:`cloudedge.finetune.charge`).
+The fleet has no direct device <-> cloud link: such a message (two-tier policies) is relayed by the
+device's edge (access link, then the edge site's WAN uplink), so the WAN carries one copy per device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cloudedge.comm import compress
+from cloudedge.finetune.lora import A_SUFFIX, sent_keys
+from cloudedge.fleet import Fleet, VirtualClock, transfer_seconds
+from cloudedge.fleet.topology import Node
+
+Tensors = dict[str, torch.Tensor]
+CLOUD = "cloud"
+
+
+class Messages:
+    """Payloads and their cost on the clock for one run (``settings``: its ``FinetuneSettings``).
+
+    ``template``: the global adapter state (keys, shapes and dtypes of every message);
+    ``charged_layout``: the charged model's adapter layout (None: the clock charges the trained model).
+    """
+
+    def __init__(self, settings: Any, fleet: Fleet, clock: VirtualClock, template: Tensors,
+                 charged_layout: Tensors | None):
+        self.s, self.fleet, self.clock = settings, fleet, clock
+        self.template, self.charged_layout = template, charged_layout
+
+    def down_keys(self, state: Tensors) -> list[str]:
+        """What a receiver needs: every trained tensor (and base deltas); under ffa A never changes."""
+        if self.s.lora_mode == "ffa":
+            return [k for k in state if not k.endswith(A_SUFFIX)]
+        return list(state)
+
+    def ship(self, tensors: Tensors) -> tuple[Tensors, int]:
+        """The tensors as the receiver gets them (after compression) and the bytes on the wire."""
+        payload = compress(tensors, self.s.compression)
+        got = payload.decompress() if self.s.compression != "none" else tensors
+        return {k: got[k].to(tensors[k].dtype) for k in tensors}, self.charged_nbytes(tensors, int(payload.nbytes))
+
+    def charged_nbytes(self, tensors: Tensors, nbytes: int) -> int:
+        """``nbytes`` of a message, or the bytes of the charged model's version of it (clock.charge_as)."""
+        if self.charged_layout is None:
+            return nbytes
+        from cloudedge.finetune.charge import charged_message_bytes
+
+        return charged_message_bytes(self.charged_layout, tensors, self.s.compression)
+
+    def send_state(self, state: Tensors) -> tuple[Tensors, int]:
+        """A model sent down (cloud -> edge, edge -> device): what arrives, and its bytes."""
+        keys = self.down_keys(state)
+        got, nbytes = self.ship({k: state[k] for k in keys})
+        return {**state, **got}, nbytes
+
+    def edge_upload(self, state: Tensors, pulled: Tensors) -> tuple[Tensors, int]:
+        """An edge's state as the cloud receives it (the change since ``pulled``, compressed) and
+        its bytes. Under ffa A never changes; after a product/merge re-initialisation every tensor,
+        the dense base deltas included, has changed and is sent."""
+        merged = self.s.lora_mode == "product" and self.s.refactor == "merge"
+        keys = list(state) if merged else sent_keys(list(state), self.s.lora_mode)
+        got, nbytes = self.ship({k: state[k] - pulled[k] for k in keys})
+        return {**pulled, **{k: pulled[k] + v for k, v in got.items()}}, nbytes
+
+    def update_bytes(self) -> int:
+        """Bytes of one device update (uncompressed shape of what a device sends)."""
+        keys = sent_keys(list(self.template), self.s.lora_mode)
+        zeros = {k: torch.zeros_like(self.template[k]) for k in keys}
+        return self.charged_nbytes(zeros, int(compress(zeros, self.s.compression).nbytes))
+
+    def trained_update_bytes(self) -> int:
+        """Bytes of one device update of the model that learns (whatever the clock charges)."""
+        keys = sent_keys(list(self.template), self.s.lora_mode)
+        return int(compress({k: torch.zeros_like(self.template[k]) for k in keys}, self.s.compression).nbytes)
+
+    def link_s(self, src: Node, dst: Node, nbytes: int) -> float:
+        """Expected seconds of one message (device <-> cloud: two hops via the edge)."""
+        if {src.tier, dst.tier} == {"device", "cloud"}:
+            dev = src if src.tier == "device" else dst
+            edge = self.fleet.nodes[dev.parent]
+            return (transfer_seconds(src.profile, edge.profile, nbytes)
+                    + transfer_seconds(edge.profile, dst.profile, nbytes))
+        return transfer_seconds(src.profile, dst.profile, nbytes)
+
+    def transfer(self, src_id: str, dst_id: str, nbytes: int, start: float) -> float:
+        """A message on the clock; device <-> cloud messages are relayed by the edge. Returns its arrival."""
+        src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
+        if {src.tier, dst.tier} == {"device", "cloud"}:
+            dev = src if src.tier == "device" else dst
+            t = self.clock.transfer(src_id, dev.parent, nbytes, start=start)
+            return self.clock.transfer(dev.parent, dst_id, nbytes, start=t)
+        return self.clock.transfer(src_id, dst_id, nbytes, start=start)
