@@ -60,17 +60,16 @@ class DemoPlan:
         # The pretrain-hetero rules at demo size (docs/pretraining.md): sync-uniform first (it sets
         # the budget and the target); batches follow speed with data-share weights (`reweighted`),
         # micro-batches accumulate above a node's memory cap.
-        accumulate = {"memory_cap": 0.0}
+        reweighted = {"name": "reweighted", "memory_cap": False}
         methods: list[tuple[str, dict[str, Any]]] = [
             ("sync-uniform", {"algorithm": "sync", "controller": "uniform"}),
-            ("sync-reweighted", {"algorithm": "sync", "controller": "reweighted", "controller_args": accumulate}),
+            ("sync-reweighted", {"algorithm": "sync", "controller": reweighted}),
             # DiLoCo: 4 local AdamW steps per round, Nesterov outer step; reweighted batches.
-            ("local-H4", {"algorithm": "local", "controller": "reweighted", "local_steps": 4,
-                          "controller_args": accumulate}),
+            ("local-H4", {"algorithm": "local", "controller": reweighted, "local_steps": 4}),
         ]
         if not quick:
-            methods.append(("goodput", {"algorithm": "sync", "controller": "goodput",
-                                        "controller_args": {**accumulate, "lr_power": 0.5}}))
+            methods.append(("goodput", {"algorithm": "sync",
+                                        "controller": {"name": "goodput", "memory_cap": False, "lr_power": 0.5}}))
         return cls(
             pretrain_rounds=40 if quick else 120,
             pretrain_methods=tuple(methods),
