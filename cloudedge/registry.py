@@ -133,18 +133,22 @@ class Registry(Generic[T]):
             raise ValueError(f"expected a {self.family} name or a mapping with 'name', got {type(value).__name__}")
         if name not in self._entries:
             raise ValueError(f"unknown {self.family} {name!r} (known: {', '.join(self._entries)})")
-        model = self._entries[name][1]
+        return Choice(name=name, params=self.validate_params(name, raw))
+
+    def validate_params(self, name: str, raw: dict[str, Any]) -> Params:
+        """``raw`` validated by the parameter model of ``name``; a ValueError reads ``key: problem``
+        (an unknown key lists the known parameters)."""
+        model = self._entry(name)[1]
         try:
-            params = model.model_validate(raw)
+            return model.model_validate(raw)
         except ValidationError as err:
             first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"]) or "(parameters)"
-            msg = first["msg"]
+            key = ".".join(str(p) for p in first["loc"])
+            msg = first["msg"].removeprefix("Value error, ")
             if first["type"] == "extra_forbidden":
                 known = ", ".join(model.model_fields) or "none"
                 msg = f"not a parameter of {self.family} {name!r} (known: {known})"
-            raise ValueError(f"{key}: {msg}") from None
-        return Choice(name=name, params=params)
+            raise ValueError(f"{key}: {msg}" if key else msg) from None  # no key: a rule across knobs
 
     def build(self, choice: Choice | str | dict[str, Any], *args: Any, **context: Any) -> Any:
         """Instantiate: ``obj(*args, **context, **params)``; a bad choice is an InputError."""

@@ -118,7 +118,7 @@ def _ft_cfg(charge_as=None, mode: str = "fedavg", devices: str = "phone-mid", mo
         "fleet": {"edges": [{"count": 1, "devices": [{"count": 2, "profile": devices}]}]},
         "data": data or {"source": "digits", "partition": {"kind": "iid"}},
         "model": model,
-        "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": mode}, "sync": {"policy": "hierfavg", "k1": 2, "k2": 1},
+        "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": mode}, "sync": {"name": "hierfavg", "k1": 2, "k2": 1},
                      "batch_size": 8, "time_budget_s": 1e9, "max_cloud_rounds": 1, "eval_max": 32},
     }
     if charge_as is not None:

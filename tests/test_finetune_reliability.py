@@ -33,7 +33,7 @@ def _raw(rounds=4, devices=5, availability=1.0, memory=None, policy="hierfavg", 
         "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
                   "channels": 1},
         "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": "fedavg"},
-                     "sync": {"policy": policy, "k1": 8, "k2": 1, "deadline_factor": None},
+                     "sync": {"name": policy, "k1": 8, "k2": 1, "deadline_factor": None},
                      "batch_size": 16, "lr": 8e-2, "time_budget_s": 1e9, "max_cloud_rounds": rounds,
                      "eval_max": 200, **ft},
     }

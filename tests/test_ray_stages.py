@@ -48,7 +48,7 @@ def finetune_cfg(rounds: int = FT_ROUNDS):
         "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
                   "channels": 1},
         "finetune": {"lora": {"rank": 2, "alpha": 4.0}, "batch_size": 8, "lr": 1e-2, "time_budget_s": 1e9,
-                     "sync": {"policy": "hierfavg", "k1": 3, "k2": 1, "deadline_factor": 2.0},
+                     "sync": {"name": "hierfavg", "k1": 3, "k2": 1, "deadline_factor": 2.0},
                      "max_cloud_rounds": rounds, "eval_max": 64},
     })
 

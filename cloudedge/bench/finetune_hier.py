@@ -120,7 +120,7 @@ def regime_sections(budget_s: float, grid_points: int, devices_per_edge: int = 8
         "partition": {"kind": "dirichlet", "edge_alpha": [e["alpha"] for e in EDGES], "min_samples": 8},
         "finetune": {
             "lora": {"rank": 8, "alpha": 16.0, "mode": "ffa"},  # default targets: query/value
-            "sync": {"k1": 5, "k2": 2, "deadline_factor": 2.0, "max_steps": 20},
+            "sync": {"name": "autonomous", "k1": 5, "k2": 2, "deadline_factor": 2.0, "max_steps": 20},
             "batch_size": 8, "optimizer": "adamw", "lr": 1e-2,
             "time_budget_s": budget_s, "max_cloud_rounds": 1000, "eval_every_s": budget_s / grid_points,
         },

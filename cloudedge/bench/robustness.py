@@ -63,7 +63,7 @@ def bench_config(quick: bool, rounds: int | None = None) -> dict[str, Any]:
                   "channels": 1},
         "finetune": {
             "lora": {"rank": 2, "alpha": 4.0, "mode": "fedavg"},
-            "sync": {"policy": "hierfavg", "k1": 8, "k2": 1, "deadline_factor": None},
+            "sync": {"name": "hierfavg", "k1": 8, "k2": 1, "deadline_factor": None},
             "batch_size": 16, "optimizer": "adamw", "lr": 5e-2, "time_budget_s": 1e9,
             "max_cloud_rounds": rounds or (6 if quick else 10),
         },

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch import nn
 
 from cloudedge.errors import InputError
@@ -52,15 +52,10 @@ class Objective:
     combines_in_sync: ClassVar[bool] = False
 
     def __init__(self, total_steps: int | None = None, **params: float):
-        model = OBJECTIVES.params_model(self.name)
         try:
-            validated = model.model_validate(params)
-        except ValidationError as err:
-            first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            msg = (f"not a parameter of objective {self.name!r} (known: {', '.join(model.model_fields)})"
-                   if first["type"] == "extra_forbidden" else first["msg"])
-            raise InputError(f"objective.{key}: {msg}") from None
+            validated = OBJECTIVES.validate_params(self.name, params)
+        except ValueError as err:
+            raise InputError(f"objective.{err}") from None
         merged = {k: float(v) for k, v in validated.model_dump().items()}
         self.params = merged
         self.total_steps = total_steps
