@@ -218,7 +218,7 @@ def _adapt_summary(clip_dir, charge_as=None) -> dict:
     raw = {"seed": 0, "fleet": {"edges": [{"count": 2}]}, "data": {"source": "digits", "test_fraction": 0.5},
            "model": CLIP,
            "adapt": {"checkpoint": str(clip_dir), "stream_samples": 8, "batch_size": 4, "share_every": 1,
-                     "method": "swapprompt", "method_args": {"lr": 0.05},
+                     "method": {"name": "swapprompt", "lr": 0.05},
                      "streams": [{"corruption": "gaussian_noise", "severity": 3}]}}
     if charge_as is not None:
         raw["clock"] = {"charge_as": charge_as}

@@ -97,8 +97,7 @@ data: {{source: digits, test_fraction: 0.5}}
 model: {json.dumps(TINY_CLIP)}
 adapt:
   checkpoint: clip
-  method: swapprompt
-  method_args: {{lr: 0.05}}
+  method: {{name: swapprompt, lr: 0.05}}
   streams: [{{corruption: gaussian_noise, severity: 3}}, {{corruption: contrast, severity: 5}}]
   stream_samples: 48
   batch_size: 6

@@ -129,8 +129,8 @@ def test_adapt_same_on_ray(ray_engine, one_thread, tmp_path):
     cfg = config_from_dict({
         "seed": 0, "fleet": {"edges": [{"count": 2}]}, "data": {"source": "digits", "test_fraction": 0.5},
         "model": CLIP,
-        "adapt": {"checkpoint": str(clip_dir), "stream_samples": 8, "batch_size": 4, "method": "swapprompt",
-                  "method_args": {"lr": 0.05}, "share_every": 1,
+        "adapt": {"checkpoint": str(clip_dir), "stream_samples": 8, "batch_size": 4, "method": {"name": "swapprompt", "lr": 0.05},
+                  "share_every": 1,
                   "streams": [{"corruption": "gaussian_noise", "severity": 3}, {"corruption": "contrast", "severity": 5}]},
     })
     local = adapt(cfg, None, LocalEngine())
