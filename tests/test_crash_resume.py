@@ -78,7 +78,7 @@ data: {source: digits, partition: {kind: dirichlet, alpha: 0.5}}
 model: {kind: vit, hidden: 16, layers: 1, heads: 2, image_size: 8, patch_size: 4, channels: 1}
 finetune:
   lora: {rank: 2, alpha: 4.0}
-  sync: {policy: hierfavg, k1: 3, k2: 2, max_steps: 6}
+  sync: {name: hierfavg, k1: 3, k2: 2, max_steps: 6}
   batch_size: 8
   lr: 0.01
   time_budget_s: 1.0e9
