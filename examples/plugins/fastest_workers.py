@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from cloudedge.pretrain.batch import CONTROLLERS, BatchController, ControllerParams, Plan, WorkerInfo, split_integer
+from cloudedge.pretrain.batch import (
+    CONTROLLERS,
+    BatchController,
+    ControllerParams,
+    Plan,
+    WorkerInfo,
+    split_integer,
+)
 
 
 class FastestParams(ControllerParams):
