@@ -168,11 +168,18 @@ def _resolve(ref: str) -> Registry[Any]:
     return registry
 
 
-def plugin_choice(ref: str) -> Any:
+def plugin_choice(ref: str, optional: bool = False) -> Any:
     """A config field type: a plug-in of the registry at ``ref`` (``"module:ATTR"``), bare or with params.
 
     Validates into a :class:`Choice`; dumps back to what a config file says (:meth:`Choice.as_config`).
+    ``optional``: ``None`` is allowed too (and kept).
     """
+    if optional:
+        return Annotated[
+            Choice | None,
+            BeforeValidator(lambda v: None if v is None else _resolve(ref).choice(v)),
+            PlainSerializer(lambda c: None if c is None else c.as_config(), return_type=Any),
+        ]
     return Annotated[
         Choice,
         Field(validate_default=True),  # a default written as a bare name becomes a Choice too

@@ -80,9 +80,9 @@ def test_nan_and_wrong_shape_updates_are_rejected_logged_and_rounds_complete():
     assert _accs(loop)[-1] > _accs(loop)[0] + 0.1  # the honest devices still trained the model
 
 
-def _attacked(aggregator, rounds=5, **robust):
+def _attacked(aggregator, rounds=5, **knobs):
     raw = _raw(rounds=rounds, attack={"kind": "scaled", "fraction": 0.2, "scale": 50.0, "seed": 1},
-               robust={"aggregator": aggregator, "gate": NO_NORM_RULE, **robust})
+               robust={"aggregator": {"name": aggregator, **knobs}, "gate": NO_NORM_RULE})
     loop, _ = _loop(raw)
     loop.run()
     return loop

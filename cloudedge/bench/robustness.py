@@ -92,7 +92,8 @@ def pretrain_base(model_cfg: Any, train: dict[str, torch.Tensor], steps: int, se
 def _case(raw: dict[str, Any], aggregator: str, attack: str | None, fraction: float, gate: bool = False,
           privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     ft = dict(raw["finetune"])
-    ft["robust"] = {"aggregator": aggregator, **AGGREGATORS[aggregator], "gate": {} if gate else {"norm_rule": "none"}}
+    ft["robust"] = {"aggregator": {"name": aggregator, **AGGREGATORS[aggregator]},
+                    "gate": {} if gate else {"norm_rule": "none"}}
     if attack is not None:
         ft["attack"] = {**ATTACKS[attack], "fraction": fraction, "seed": ATTACKER_SEED}
     if privacy is not None:

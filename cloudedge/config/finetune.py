@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -37,13 +37,14 @@ class RobustSection(StrictModel):
     """Robust aggregation of device updates at the edge and edge updates at the cloud
     (docs/reliability.md, "Reliability in fine-tuning")."""
 
-    aggregator: Literal["mean", "trimmed_mean", "median", "krum", "multi_krum"] = Field(
-        default="mean", description="at the edge, over its devices' updates")
-    cloud_aggregator: Literal["mean", "trimmed_mean", "median", "krum", "multi_krum"] | None = Field(
+    moved_keys: ClassVar[dict[str, str]] = {
+        key: "give it with the aggregator, e.g. aggregator: {name: trimmed_mean, beta: 0.3}"
+        for key in ("beta", "n_byzantine", "m")}
+
+    aggregator: plugin_choice("cloudedge.aggregate:AGGREGATORS") = Field(  # type: ignore[valid-type]
+        default="mean", description="at the edge, over its devices' updates: a name or {name: ..., its knobs}")
+    cloud_aggregator: plugin_choice("cloudedge.aggregate:AGGREGATORS", optional=True) = Field(  # type: ignore[valid-type]
         default=None, description="at the cloud, over edge updates (barrier policies); null: same as aggregator")
-    beta: float = Field(default=0.1, ge=0, lt=0.5, description="trimmed_mean: share trimmed at each end")
-    n_byzantine: int = Field(default=1, ge=0, description="krum, multi_krum: f, the attackers tolerated")
-    m: int | None = Field(default=None, ge=1, description="multi_krum: updates averaged; null: n - f")
     gate: GateSection = Field(default_factory=GateSection)
 
 
@@ -143,11 +144,11 @@ class FinetuneConfig(StrictModel):
             # product modes refactor the adapters, so per-tensor medians/trims and noise on the factors
             # have no meaning there (docs/reliability.md).
             for name, agg in (("aggregator", self.robust.aggregator), ("cloud_aggregator", self.robust.cloud_aggregator)):
-                if agg not in (None, "mean"):
-                    raise ValueError(f"robust.{name} '{agg}' needs lora.mode 'fedavg' or 'ffa' (got 'product')")
+                if agg is not None and agg.name != "mean":
+                    raise ValueError(f"robust.{name} '{agg.name}' needs lora.mode 'fedavg' or 'ffa' (got 'product')")
             if self.privacy is not None:
                 raise ValueError("privacy needs lora.mode 'fedavg' or 'ffa' (got 'product')")
-        if self.privacy is not None and self.privacy.mode == "central" and self.robust.aggregator != "mean":
+        if self.privacy is not None and self.privacy.mode == "central" and self.robust.aggregator.name != "mean":
             raise ValueError("robust.aggregator must be 'mean' with central privacy (DP-FedAvg's noise is "
                              "calibrated to a clipped sum); use privacy.mode 'local' for robust aggregation")
         return self

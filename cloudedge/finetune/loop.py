@@ -59,6 +59,7 @@ from cloudedge.finetune.reliability import (
     check_memory,
     memory_need,
     robust_delta,
+    robust_settings,
     stale_weight,
 )
 from cloudedge.finetune.selection import keep_first, select_devices
@@ -130,8 +131,6 @@ class FinetuneSettings:
     goal: int | None = None
     over_selection: float = 1.0
 
-_ROBUST_DEFAULTS: dict[str, Any] = {"aggregator": "mean", "cloud_aggregator": None, "beta": 0.1, "n_byzantine": 1,
-                                    "m": None, "gate": {}}
 _CHURN_DEFAULTS: dict[str, Any] = {"dropout": 0.0, "stale_prob": 0.0, "max_staleness": 4, "stale_decay": 0.5}
 _COUNTS = ("timed_out", "dropped", "stale", "rejected", "failed", "surplus")
 _MAX_REJECTED_LISTED = 20  # per metric row; the count is always exact
@@ -278,9 +277,9 @@ class HierFinetune:
                         if k.endswith(BASE_DELTA_SUFFIX))
         self.memory_need = memory_need(self.charged, s.optimizer, extra)
         check_memory(self.fleet, self.memory_need, s.memory_fraction, s.batch_size)
-        self.robust = {**_ROBUST_DEFAULTS, **s.robust}
-        self.edge_aggregator = self.robust["aggregator"]
-        self.cloud_aggregator = self.robust["cloud_aggregator"] or self.edge_aggregator
+        self.robust = robust_settings(s.robust)
+        self.edge_aggregator = self.robust["aggregator"]["name"]
+        self.cloud_aggregator = self.robust["cloud_aggregator"]["name"]
         if s.lora_mode == "product" and {self.edge_aggregator, self.cloud_aggregator} != {"mean"}:
             raise InputError("finetune.robust.aggregator: robust aggregators need lora.mode 'fedavg' or 'ffa' "
                              "(product mode refactors the adapters)")
@@ -392,7 +391,7 @@ class HierFinetune:
             return aggregate_lora([_plus(received, accepted[i]) for i in ids], [weights[i] / total for i in ids],
                                   self.s.lora_mode, scaling=self.scaling, refactor=self.s.refactor,
                                   reinit_seed=self._edge_reinit_seed(agg_id, version))
-        out = robust_delta(self.device_guard, accepted, weights, self.edge_aggregator, self.robust)
+        out = robust_delta(self.device_guard, accepted, weights, self.robust["aggregator"])
         assert out.delta is not None
         return _plus(received, out.delta)
 
@@ -841,7 +840,7 @@ class HierFinetune:
             return aggregate_lora([states[i] for i in ok], [weights[i] / total for i in ok], self.s.lora_mode,
                                   scaling=self.scaling, refactor=self.s.refactor, reinit_seed=self._next_reinit_seed())
         out = robust_delta(self.cloud_guard, {edge_ids[i]: deltas[edge_ids[i]] for i in ok},
-                           {edge_ids[i]: weights[i] for i in ok}, self.cloud_aggregator, self.robust)
+                           {edge_ids[i]: weights[i] for i in ok}, self.robust["cloud_aggregator"])
         assert out.delta is not None
         return _plus(pulled, out.delta)
 
