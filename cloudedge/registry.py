@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,10 +59,20 @@ class Choice(BaseModel):
         """The parameters as keyword arguments (only the plug-in's own fields)."""
         return {k: getattr(self.params, k) for k in type(self.params).model_fields}
 
+    def changed(self) -> dict[str, Any]:
+        """The parameters set away from their defaults (NaN counts as equal to a NaN default)."""
+        out: dict[str, Any] = {}
+        for key, field in type(self.params).model_fields.items():
+            value, default = getattr(self.params, key), field.get_default(call_default_factory=True)
+            same = value == default or (isinstance(value, float) and isinstance(default, float)
+                                        and math.isnan(value) and math.isnan(default))
+            if not same:
+                out[key] = value
+        return out
+
     def as_config(self) -> str | dict[str, Any]:
         """What a config file would say: the bare name when every parameter is at its default."""
-        changed = self.params.model_dump(exclude_defaults=True)
-        return {"name": self.name, **self.params.model_dump()} if changed else self.name
+        return {"name": self.name, **self.params.model_dump()} if self.changed() else self.name
 
 
 class Registry(Generic[T]):

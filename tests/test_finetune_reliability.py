@@ -81,7 +81,7 @@ def test_nan_and_wrong_shape_updates_are_rejected_logged_and_rounds_complete():
 
 
 def _attacked(aggregator, rounds=5, **knobs):
-    raw = _raw(rounds=rounds, attack={"kind": "scaled", "fraction": 0.2, "scale": 50.0, "seed": 1},
+    raw = _raw(rounds=rounds, attack={"kind": {"name": "scaled", "scale": 50.0}, "fraction": 0.2, "seed": 1},
                robust={"aggregator": {"name": aggregator, **knobs}, "gate": NO_NORM_RULE})
     loop, _ = _loop(raw)
     loop.run()
@@ -106,7 +106,7 @@ def test_median_and_trimmed_mean_resist_a_scaled_attacker_where_mean_does_not():
 
 
 def test_default_gate_rejects_boosted_updates_even_under_the_mean():
-    raw = _raw(rounds=3, attack={"kind": "scaled", "fraction": 0.2, "scale": 50.0, "seed": 0})
+    raw = _raw(rounds=3, attack={"kind": {"name": "scaled", "scale": 50.0}, "fraction": 0.2, "seed": 0})
     loop, _ = _loop(raw)
     s = loop.run()
     assert s["rejected_updates"] == 2 * 3  # two attackers, three rounds, none of them honest

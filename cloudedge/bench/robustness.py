@@ -39,8 +39,8 @@ AGGREGATORS: dict[str, dict[str, Any]] = {
     "multi_krum": {"n_byzantine": 2},  # averages the n - 2 best-scored updates
 }
 ATTACKS: dict[str, dict[str, Any]] = {
-    "signflip": {"kind": "signflip", "scale": 4.0},
-    "scaled": {"kind": "scaled", "scale": 10.0},
+    "signflip": {"kind": {"name": "signflip", "scale": 4.0}},
+    "scaled": {"kind": {"name": "scaled", "scale": 10.0}},
     "random": {"kind": "random"},
 }
 FRACTIONS = (0.1, 0.2, 0.3)

@@ -51,10 +51,12 @@ class RobustSection(StrictModel):
 class AttackSection(StrictModel):
     """Simulated hostile devices, for experiments only (cloudedge.attacks)."""
 
-    kind: Literal["signflip", "scaled", "random", "nan"]
+    moved_keys: ClassVar[dict[str, str]] = {
+        key: "give it with the attack, e.g. kind: {name: scaled, scale: 10}" for key in ("scale", "std")}
+
+    kind: plugin_choice("cloudedge.attacks:ATTACKS") = Field(  # type: ignore[valid-type]
+        description="the attack: a name (signflip scaled random nan), or {name: ..., its knobs}")
     fraction: float = Field(default=0.2, ge=0, le=1, description="share of all devices that attack")
-    scale: float | None = Field(default=None, gt=0, description="signflip (1), scaled (10)")
-    std: float | None = Field(default=None, gt=0, description="random: entry std; null: the honest norm")
     seed: int = Field(default=0, ge=0, description="which devices attack")
 
 

@@ -294,7 +294,9 @@ class HierFinetune:
         self.attackers: list[str] = []
         if s.attack is not None:
             a = s.attack
-            self.attack_opts = {"kind": a["kind"], **{k: a[k] for k in ("scale", "std") if a.get(k) is not None}}
+            # The attack's own knobs: everything but who attacks (fraction, seed); unset ones keep their defaults.
+            self.attack_opts = {"kind": a["kind"], **{k: v for k, v in a.items()
+                                                      if k not in ("kind", "fraction", "seed") and v is not None}}
             apply_attack(a["kind"], {"x": torch.ones(1)}, seed=0,  # options checked now, not mid-run
                          **{k: v for k, v in self.attack_opts.items() if k != "kind"})
             self.attackers = [str(d) for d in choose_attackers([d.id for d in self.fleet.devices],

@@ -15,6 +15,7 @@ import torch
 
 from cloudedge.config import RunConfig
 from cloudedge.config.data import DataConfig
+from cloudedge.config.finetune import AttackSection
 from cloudedge.config.model import ModelConfig
 from cloudedge.device import resolve_device
 from cloudedge.errors import InputError
@@ -145,7 +146,7 @@ def settings_from_config(cfg: RunConfig, policy: str | dict[str, Any] | Choice |
         max_cloud_rounds=f.max_cloud_rounds, target_accuracy=f.target_accuracy, eval_max=f.eval_max,
         eval_every_s=f.eval_every_s,
         checkpoint_every=f.checkpoint_every, seed=cfg.seed,
-        robust=f.robust.model_dump(), attack=None if f.attack is None else f.attack.model_dump(),
+        robust=f.robust.model_dump(), attack=None if f.attack is None else attack_settings(f.attack),
         churn=f.churn.model_dump(), privacy=None if f.privacy is None else f.privacy.model_dump(),
         memory_fraction=f.memory_fraction, goal=f.selection.goal, over_selection=f.selection.over_selection)
 
@@ -156,6 +157,12 @@ class FinetuneResult:
     summary: dict[str, Any]
     history: list[dict[str, Any]]
     state: dict[str, torch.Tensor]  # the global adapter state
+
+
+def attack_settings(attack: AttackSection) -> dict[str, Any]:
+    """The loop's plain form of ``finetune.attack``: ``kind`` (the name), the knobs set away from their
+    defaults (the attack applies its own defaults, so a NaN default never travels as data), who attacks."""
+    return {"kind": attack.kind.name, **attack.kind.changed(), "fraction": attack.fraction, "seed": attack.seed}
 
 
 def switch_policy(sync: Choice, policy: str | dict[str, Any] | Choice) -> Choice:
