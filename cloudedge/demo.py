@@ -230,7 +230,7 @@ def _stage_finetune(cfg: RunConfig, run, engine, plan: DemoPlan, model_dir: Path
     f = ft_cfg.finetune
     assert f is not None
     task = prepare_task(ft_cfg, Fleet.from_config(ft_cfg.fleet, ft_cfg.seed))
-    reference = central_reference(task, f.lora.mode, f.batch_size, f.lr, plan.finetune_central_steps, ft_cfg.seed,
+    reference = central_reference(task, f.lora.mode.name, f.batch_size, f.lr, plan.finetune_central_steps, ft_cfg.seed,
                                   f.eval_max)
     f.target_accuracy = round(TARGET_FRACTION * reference, 4)
     methods = {}
@@ -241,7 +241,7 @@ def _stage_finetune(cfg: RunConfig, run, engine, plan: DemoPlan, model_dir: Path
         methods[policy] = {k: s.get(k) for k in ("final_acc", "best_acc", "time_to_target_s", "bytes_device_edge",
                                                  "bytes_edge_cloud", "device_energy_j", "payload_fraction")}
     return {"methods": methods, "target_accuracy": f.target_accuracy, "central_reference_acc": reference,
-            "central_steps": plan.finetune_central_steps, "lora_mode": f.lora.mode, "base": str(model_dir),
+            "central_steps": plan.finetune_central_steps, "lora_mode": f.lora.mode.name, "base": str(model_dir),
             "regime": "finetune-hier at demo size (docs/finetuning.md)", "charged_as": regime["clock"]["charge_as"]}
 
 

@@ -154,7 +154,7 @@ def _loop_with(cfg, engine):
 
 LOCKSTEP_CASES = {
     "fedavg": {},
-    "product-merge": {"lora": {"rank": 2, "alpha": 4.0, "mode": "product", "refactor": "merge"}},
+    "product-merge": {"lora": {"rank": 2, "alpha": 4.0, "mode": {"name": "product", "refactor": "merge"}}},
     "churn": {"churn": {"dropout": 0.4, "stale_prob": 0.6}},
     "dp": {"privacy": {"clip_norm": 0.5, "noise_multiplier": 0.5}},
 }

@@ -18,8 +18,11 @@ class LoraSection(StrictModel):
     rank: int = Field(default=4, ge=1)
     alpha: float = Field(default=8.0, gt=0, description="scaling = alpha / rank")
     targets: list[str] | None = Field(default=None, description="module names; default per architecture")
-    mode: Literal["fedavg", "ffa", "product"] = "fedavg"
-    refactor: Literal["svd", "merge"] = Field(default="svd", description="product mode: SVD refactor or merge")
+    moved_keys: ClassVar[dict[str, str]] = {
+        "refactor": "give it with the mode, e.g. mode: {name: product, refactor: merge}"}
+
+    mode: plugin_choice("cloudedge.finetune.lora:LORA_MODES") = Field(  # type: ignore[valid-type]
+        default="fedavg", description="fedavg | ffa | product (knob refactor: svd | merge): a name or {name: ...}")
 
 
 class GateSection(StrictModel):
@@ -140,9 +143,9 @@ class FinetuneConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
-        if self.lora.mode == "product" and self.server_optimizer != "fedavg":
+        if self.lora.mode.name == "product" and self.server_optimizer != "fedavg":
             raise ValueError("lora.mode 'product' needs server_optimizer 'fedavg' (adapters are refactored)")
-        if self.lora.mode == "product":
+        if self.lora.mode.name == "product":
             # product modes refactor the adapters, so per-tensor medians/trims and noise on the factors
             # have no meaning there (docs/reliability.md).
             for name, agg in (("aggregator", self.robust.aggregator), ("cloud_aggregator", self.robust.cloud_aggregator)):

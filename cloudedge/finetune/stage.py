@@ -102,7 +102,7 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         "pooling": feature_pooling(fcfg.pooling, model_cfg, base_tensors),
         "model": model_cfg.model_dump(), "base_dir": cfg.base_dir, "seed": cfg.seed,
         "n_classes": len(train.classes), "rank": fcfg.lora.rank, "alpha": fcfg.lora.alpha,
-        "targets": fcfg.lora.targets, "mode": fcfg.lora.mode, "base_tensors": base_tensors,
+        "targets": fcfg.lora.targets, "mode": fcfg.lora.mode.name, "base_tensors": base_tensors,
         "base_source": fcfg.init or "base model",
     }
     from cloudedge.models.charge import resolve_charge
@@ -139,7 +139,9 @@ def settings_from_config(cfg: RunConfig, policy: str | dict[str, Any] | Choice |
     sync = f.sync if policy is None else switch_policy(f.sync, policy)
     resolve_device(f.device, f"{STAGE}.device")  # fails here, at the coordinator; each worker's host resolves its own
     return FinetuneSettings(
-        policy=sync.name, policy_kwargs=sync.kwargs(), lora_mode=f.lora.mode, refactor=f.lora.refactor, batch_size=f.batch_size,
+        # The mode's knobs (product: refactor) are settings fields of the same names.
+        policy=sync.name, policy_kwargs=sync.kwargs(), lora_mode=f.lora.mode.name, **f.lora.mode.kwargs(),
+        batch_size=f.batch_size,
         optimizer=f.optimizer, lr=f.lr, server_optimizer=f.server_optimizer, server_lr=f.server_lr,
         compression=f.compression, participation=f.participation, time_budget_s=f.time_budget_s,
         device=f.device,
