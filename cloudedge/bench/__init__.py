@@ -17,11 +17,10 @@ import inspect
 import json
 import platform
 import time
-from pathlib import Path
-from typing import Any
-
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from cloudedge.errors import InputError
 from cloudedge.registry import Registry
