@@ -16,8 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from cloudedge.errors import InputError
+from cloudedge.registry import Choice, Params, Registry
 
 Tensors = dict[str, torch.Tensor]
 Aggregator = Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[float] | None], Tensors]
@@ -226,57 +228,62 @@ def validate_update(update: Mapping[str, torch.Tensor], reference_state: Mapping
 # Aggregator registry
 
 
+AGGREGATORS: Registry[Callable[..., Aggregator]] = Registry("aggregator")
+
+
+class TrimmedMeanParams(Params):
+    beta: float = Field(default=0.1, ge=0, lt=0.5, description="share trimmed at each end")
+
+
+class KrumParams(Params):
+    n_byzantine: int = Field(default=1, ge=0, description="f, the attackers tolerated")
+
+
+class MultiKrumParams(KrumParams):
+    m: int | None = Field(default=None, ge=1, description="updates averaged; null: n - f")
+
+
+@AGGREGATORS.register("mean")
 def _make_mean() -> Aggregator:
     return lambda updates, weights=None: weighted_mean(updates, weights)
 
 
-def _make_trimmed_mean(beta: float = 0.1) -> Aggregator:
-    if not 0.0 <= float(beta) < 0.5:
-        raise InputError(f"aggregator 'trimmed_mean': beta must be in [0, 0.5), got {beta}")
+@AGGREGATORS.register("trimmed_mean", TrimmedMeanParams)
+def _make_trimmed_mean(beta: float) -> Aggregator:
     return lambda updates, weights=None: trimmed_mean(updates, float(beta))
 
 
+@AGGREGATORS.register("median")
 def _make_median() -> Aggregator:
     return lambda updates, weights=None: coordinate_median(updates)
 
 
-def _make_krum(n_byzantine: int = 1) -> Aggregator:
-    if int(n_byzantine) < 0:
-        raise InputError(f"aggregator 'krum': n_byzantine must be >= 0, got {n_byzantine}")
+@AGGREGATORS.register("krum", KrumParams)
+def _make_krum(n_byzantine: int) -> Aggregator:
     return lambda updates, weights=None: krum(updates, int(n_byzantine))
 
 
-def _make_multi_krum(n_byzantine: int = 1, m: int = 1) -> Aggregator:
-    if int(n_byzantine) < 0 or int(m) < 1:
-        raise InputError(f"aggregator 'multi_krum': need n_byzantine >= 0 and m >= 1, got {n_byzantine}, {m}")
-    return lambda updates, weights=None: multi_krum(updates, int(n_byzantine), int(m), weights)
+@AGGREGATORS.register("multi_krum", MultiKrumParams)
+def _make_multi_krum(n_byzantine: int, m: int | None) -> Aggregator:
+    def aggregate(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None) -> Tensors:
+        # m unset: the n - f updates Krum keeps when it expects f attackers.
+        keep = m if m is not None else max(1, len(updates) - int(n_byzantine))
+        return multi_krum(updates, int(n_byzantine), int(keep), weights)
 
-
-AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
-    "mean": _make_mean,
-    "trimmed_mean": _make_trimmed_mean,
-    "median": _make_median,
-    "krum": _make_krum,
-    "multi_krum": _make_multi_krum,
-}
-
-
-def _options(factory: Callable[..., Any]) -> list[str]:
-    return list(factory.__code__.co_varnames[: factory.__code__.co_argcount])
+    return aggregate
 
 
 def get_aggregator(name: str, **kw: Any) -> Aggregator:
-    """``fn(updates, weights) -> dict`` for ``name`` in :data:`AGGREGATORS` with options ``kw``
-    (``trimmed_mean``: beta; ``krum``: n_byzantine; ``multi_krum``: n_byzantine, m). Robust
-    aggregators other than multi_krum ignore the weights."""
+    """``fn(updates, weights) -> dict`` for ``name`` in :data:`AGGREGATORS` with its knobs ``kw``
+    (``trimmed_mean``: beta; ``krum``: n_byzantine; ``multi_krum``: n_byzantine, m), validated by its
+    parameter model. Robust aggregators other than multi_krum ignore the weights."""
     if name not in AGGREGATORS:
         raise InputError(f"aggregator: unknown aggregator '{name}' (known: {', '.join(AGGREGATORS)})")
-    factory = AGGREGATORS[name]
-    allowed = _options(factory)
-    bad = [k for k in kw if k not in allowed]
-    if bad:
-        raise InputError(f"aggregator '{name}': unknown option '{bad[0]}' (known: {', '.join(allowed) or 'none'})")
-    return factory(**kw)
+    try:
+        params = AGGREGATORS.validate_params(name, kw)
+    except ValueError as err:
+        raise InputError(f"aggregator '{name}': {err}") from None
+    return AGGREGATORS.build(Choice(name=name, params=params))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -167,8 +167,8 @@ def bench(name: Annotated[str, typer.Argument(help="benchmark name (see --list)"
     from cloudedge.bench import BENCHMARKS, run_benchmark
 
     if list_ or not name:
-        for key, (_, doc) in BENCHMARKS.items():
-            console.print(f"[bold]{key}[/bold]  {doc}")
+        for key in BENCHMARKS:
+            console.print(f"[bold]{key}[/bold]  {BENCHMARKS.get(key).description}")
         return
     out_dir = out or Path("runs") / f"bench-{name}"
     extra = {}

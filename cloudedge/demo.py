@@ -65,17 +65,16 @@ class DemoPlan:
         # The pretrain-hetero rules at demo size (docs/pretraining.md): sync-uniform first (it sets
         # the budget and the target); batches follow speed with data-share weights (`reweighted`),
         # micro-batches accumulate above a node's memory cap.
-        accumulate = {"memory_cap": 0.0}
+        reweighted = {"name": "reweighted", "memory_cap": False}
         methods: list[tuple[str, dict[str, Any]]] = [
             ("sync-uniform", {"algorithm": "sync", "controller": "uniform"}),
-            ("sync-reweighted", {"algorithm": "sync", "controller": "reweighted", "controller_args": accumulate}),
+            ("sync-reweighted", {"algorithm": "sync", "controller": reweighted}),
             # DiLoCo: 4 local AdamW steps per round, Nesterov outer step; reweighted batches.
-            ("local-H4", {"algorithm": "local", "controller": "reweighted", "local_steps": 4,
-                          "controller_args": accumulate}),
+            ("local-H4", {"algorithm": "local", "controller": reweighted, "local_steps": 4}),
         ]
         if not quick:
-            methods.append(("goodput", {"algorithm": "sync", "controller": "goodput",
-                                        "controller_args": {**accumulate, "lr_power": 0.5}}))
+            methods.append(("goodput", {"algorithm": "sync",
+                                        "controller": {"name": "goodput", "memory_cap": False, "lr_power": 0.5}}))
         return cls(
             pretrain_rounds=40 if quick else 120,
             pretrain_methods=tuple(methods),
@@ -236,7 +235,7 @@ def _stage_finetune(cfg: RunConfig, run, engine, plan: DemoPlan, model_dir: Path
     f = ft_cfg.finetune
     assert f is not None
     task = prepare_task(ft_cfg, Fleet.from_config(ft_cfg.fleet, ft_cfg.seed))
-    reference = central_reference(task, f.lora.mode, f.batch_size, f.lr, plan.finetune_central_steps, ft_cfg.seed,
+    reference = central_reference(task, f.lora.mode.name, f.batch_size, f.lr, plan.finetune_central_steps, ft_cfg.seed,
                                   f.eval_max)
     f.target_accuracy = round(TARGET_FRACTION * reference, 4)
     methods = {}
@@ -247,7 +246,7 @@ def _stage_finetune(cfg: RunConfig, run, engine, plan: DemoPlan, model_dir: Path
         methods[policy] = {k: s.get(k) for k in ("final_acc", "best_acc", "time_to_target_s", "bytes_device_edge",
                                                  "bytes_edge_cloud", "device_energy_j", "payload_fraction")}
     return {"methods": methods, "target_accuracy": f.target_accuracy, "central_reference_acc": reference,
-            "central_steps": plan.finetune_central_steps, "lora_mode": f.lora.mode, "base": str(model_dir),
+            "central_steps": plan.finetune_central_steps, "lora_mode": f.lora.mode.name, "base": str(model_dir),
             "regime": "finetune-hier at demo size (docs/finetuning.md)", "charged_as": regime["clock"]["charge_as"]}
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,10 +59,20 @@ class Choice(BaseModel):
         """The parameters as keyword arguments (only the plug-in's own fields)."""
         return {k: getattr(self.params, k) for k in type(self.params).model_fields}
 
+    def changed(self) -> dict[str, Any]:
+        """The parameters set away from their defaults (NaN counts as equal to a NaN default)."""
+        out: dict[str, Any] = {}
+        for key, field in type(self.params).model_fields.items():
+            value, default = getattr(self.params, key), field.get_default(call_default_factory=True)
+            same = value == default or (isinstance(value, float) and isinstance(default, float)
+                                        and math.isnan(value) and math.isnan(default))
+            if not same:
+                out[key] = value
+        return out
+
     def as_config(self) -> str | dict[str, Any]:
         """What a config file would say: the bare name when every parameter is at its default."""
-        changed = self.params.model_dump(exclude_defaults=True)
-        return {"name": self.name, **self.params.model_dump()} if changed else self.name
+        return {"name": self.name, **self.params.model_dump()} if self.changed() else self.name
 
 
 class Registry(Generic[T]):
@@ -133,18 +144,22 @@ class Registry(Generic[T]):
             raise ValueError(f"expected a {self.family} name or a mapping with 'name', got {type(value).__name__}")
         if name not in self._entries:
             raise ValueError(f"unknown {self.family} {name!r} (known: {', '.join(self._entries)})")
-        model = self._entries[name][1]
+        return Choice(name=name, params=self.validate_params(name, raw))
+
+    def validate_params(self, name: str, raw: dict[str, Any]) -> Params:
+        """``raw`` validated by the parameter model of ``name``; a ValueError reads ``key: problem``
+        (an unknown key lists the known parameters)."""
+        model = self._entry(name)[1]
         try:
-            params = model.model_validate(raw)
+            return model.model_validate(raw)
         except ValidationError as err:
             first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"]) or "(parameters)"
-            msg = first["msg"]
+            key = ".".join(str(p) for p in first["loc"])
+            msg = first["msg"].removeprefix("Value error, ")
             if first["type"] == "extra_forbidden":
                 known = ", ".join(model.model_fields) or "none"
                 msg = f"not a parameter of {self.family} {name!r} (known: {known})"
-            raise ValueError(f"{key}: {msg}") from None
-        return Choice(name=name, params=params)
+            raise ValueError(f"{key}: {msg}" if key else msg) from None  # no key: a rule across knobs
 
     def build(self, choice: Choice | str | dict[str, Any], *args: Any, **context: Any) -> Any:
         """Instantiate: ``obj(*args, **context, **params)``; a bad choice is an InputError."""
@@ -164,11 +179,18 @@ def _resolve(ref: str) -> Registry[Any]:
     return registry
 
 
-def plugin_choice(ref: str) -> Any:
+def plugin_choice(ref: str, optional: bool = False) -> Any:
     """A config field type: a plug-in of the registry at ``ref`` (``"module:ATTR"``), bare or with params.
 
     Validates into a :class:`Choice`; dumps back to what a config file says (:meth:`Choice.as_config`).
+    ``optional``: ``None`` is allowed too (and kept).
     """
+    if optional:
+        return Annotated[
+            Choice | None,
+            BeforeValidator(lambda v: None if v is None else _resolve(ref).choice(v)),
+            PlainSerializer(lambda c: None if c is None else c.as_config(), return_type=Any),
+        ]
     return Annotated[
         Choice,
         Field(validate_default=True),  # a default written as a bare name becomes a Choice too

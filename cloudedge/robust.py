@@ -171,7 +171,7 @@ def robust_aggregate(updates: Mapping[Hashable, Any], weights: Mapping[Hashable,
     used, note = aggregator_name, None
     if aggregator_name in _KRUM_FAMILY:
         f = int(aggregator_kw.get("n_byzantine", 1))
-        m = int(aggregator_kw.get("m", 1))
+        m = int(aggregator_kw.get("m") or 1)  # unset: n - f, which never exceeds what was accepted
         if len(ids) < 2 * f + 3 or len(ids) < m:
             used = "median"
             note = (f"{aggregator_name} needs >= {max(2 * f + 3, m)} updates, {len(ids)} accepted; "

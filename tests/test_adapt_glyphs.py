@@ -116,8 +116,8 @@ def test_prompt_sharing_within_a_shift_averages_only_that_shift(clip_dir):
         del rows
         seen[r] = True
 
-    res = adapt(_adapt_cfg(clip_dir, 4, streams), None, method="swapprompt", share_every=1, share_groups="shift",
-                method_args={"lr": 0.05}, on_round=grab)
+    res = adapt(_adapt_cfg(clip_dir, 4, streams), None, method={"name": "swapprompt", "lr": 0.05}, share_every=1,
+                share_groups="shift", on_round=grab)
     assert res.summary["prompt_shares"] == 3 and set(res.summary["acc_per_shift"]) == {"inverted", "contrast@3"}
     # Check the grouping itself on the workers' prompts after a share.
     from cloudedge.adapt import loop as adapt_loop
@@ -186,7 +186,7 @@ def test_swapprompt_knobs_are_validated(clip_dir, bad):
     from cloudedge.adapt.clip_model import load_clip
     from cloudedge.adapt.methods import build_method
 
-    with pytest.raises(InputError, match="adapt.method_args"):
+    with pytest.raises(InputError, match="adapt.method"):
         build_method("swapprompt", load_clip(clip_dir), ["a", "b"], **bad)
 
 

@@ -27,7 +27,7 @@ def _cfg(clip_dir, **adapt_section):
         "seed": 0, "fleet": {"edges": [{"count": 2}]}, "data": {"source": "digits", "test_fraction": 0.5},
         "model": MODEL,
         "adapt": {"checkpoint": str(clip_dir), "stream_samples": 12, "batch_size": 4,
-                  "method_args": {"lr": 0.05},
+                  "method": {"name": "swapprompt", "lr": 0.05},
                   "streams": [{"corruption": "gaussian_noise", "severity": 3}, {"corruption": "contrast", "severity": 5}],
                   **adapt_section},
     })
@@ -69,7 +69,7 @@ def test_federated_prompt_average_is_sample_weighted(clip_dir):
 
 
 def test_stage_runs_every_edge_and_shares(clip_dir, tmp_path):
-    res = adapt(_cfg(clip_dir, share_every=1), tmp_path / "run", method="swapprompt")
+    res = adapt(_cfg(clip_dir, share_every=1), tmp_path / "run", method={"name": "swapprompt", "lr": 0.05})
     s = res.summary
     assert set(s["acc_per_shift"]) == {"gaussian_noise@3", "contrast@5"}
     assert all(e["images"] == 12 for e in s["acc_per_edge"].values())
@@ -77,7 +77,7 @@ def test_stage_runs_every_edge_and_shares(clip_dir, tmp_path):
     assert len(res.metrics) == 2 * 3  # two edges, three batches each
     # Both clocks time the same spans (every batch but the first, which measures memory).
     assert s["ms_per_image"] > 0 and s["cpu_ms_per_image"] > 0
-    z = adapt(_cfg(clip_dir, share_every=1, method_args={}), None, method="zeroshot").summary
+    z = adapt(_cfg(clip_dir, share_every=1), None, method="zeroshot").summary
     assert z["prompt_shares"] == 0 and z["prompt_bytes_up"] == 0  # nothing to share
 
 

@@ -173,9 +173,9 @@ def test_coop_fit_learns_labels(clip):
 
 
 def test_unknown_method_or_parameter_is_input_error(clip):
-    with pytest.raises(InputError, match="unknown method"):
+    with pytest.raises(InputError, match="unknown test-time method"):
         build_method("nope", clip, CLASSES)
-    with pytest.raises(InputError, match="no parameter 'lrr'"):
+    with pytest.raises(InputError, match="adapt.method.lrr: not a parameter of test-time method 'swapprompt'"):
         build_method("swapprompt", clip, CLASSES, lrr=1.0)
     with pytest.raises(InputError, match="predict_with"):
         build_method("swapprompt", clip, CLASSES, predict_with="best")

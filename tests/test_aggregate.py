@@ -165,8 +165,12 @@ def test_get_aggregator_registry() -> None:
                                agg.multi_krum(ups, 1, 3, w))
     with pytest.raises(InputError, match="unknown aggregator 'avg' .known: mean, trimmed_mean, median, krum, multi_krum"):
         agg.get_aggregator("avg")
-    with pytest.raises(InputError, match="unknown option 'f' .known: n_byzantine."):
+    with pytest.raises(InputError, match="aggregator 'krum': f: not a parameter of aggregator 'krum' .known: n_byzantine."):
         agg.get_aggregator("krum", f=1)
+    with pytest.raises(InputError, match="aggregator 'trimmed_mean': beta: Input should be less than 0.5"):
+        agg.get_aggregator("trimmed_mean", beta=0.5)
+    # multi_krum without m averages the n - f best-scored updates.
+    torch.testing.assert_close(agg.get_aggregator("multi_krum", n_byzantine=2)(ups, w), agg.multi_krum(ups, 2, 5, w))
 
 
 # ---- server optimizers ---------------------------------------------------------------------------

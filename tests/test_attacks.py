@@ -55,9 +55,9 @@ def test_bad_attack_names_and_options():
     d = delta()
     with pytest.raises(InputError, match="unknown attack 'flip'"):
         apply_attack("flip", d)
-    with pytest.raises(InputError, match="unknown option 'std'"):
+    with pytest.raises(InputError, match="attack 'scaled': std: not a parameter of attack 'scaled' .known: scale."):
         apply_attack("scaled", d, std=1.0)
-    with pytest.raises(InputError, match="scale must be"):
+    with pytest.raises(InputError, match="attack 'scaled': scale: Input should be greater than 0"):
         apply_attack("scaled", d, scale=-1.0)
     with pytest.raises(InputError, match="NaN or"):
         apply_attack("nan", d, value=1.0)
@@ -77,3 +77,20 @@ def test_choose_attackers():
     assert len(choose_attackers(list(range(5)), 0.5, seed=0)) == 3  # 2.5 rounds half up
     with pytest.raises(InputError, match="attack.fraction"):
         choose_attackers(ids, 1.5, seed=0)
+
+
+def test_the_config_names_the_attack_with_its_knobs() -> None:
+    from cloudedge.config import config_from_dict
+    from cloudedge.finetune.stage import attack_settings
+
+    def load(attack: dict) -> object:
+        return config_from_dict({"name": "x", "finetune": {"attack": attack}}, source="c.yaml")
+
+    cfg = load({"kind": {"name": "signflip", "scale": 4.0}, "fraction": 0.3})
+    assert attack_settings(cfg.finetune.attack) == {"kind": "signflip", "scale": 4.0, "fraction": 0.3, "seed": 0}
+    assert attack_settings(load({"kind": "nan"}).finetune.attack) == {"kind": "nan", "fraction": 0.2, "seed": 0}
+    with pytest.raises(InputError, match=r"c.yaml: finetune.attack.kind: std: not a parameter of attack 'scaled'"):
+        load({"kind": {"name": "scaled", "std": 1.0}})
+    with pytest.raises(InputError, match=r"c.yaml: finetune.attack: 'scale' is no longer a key here: give it with "
+                                         r"the attack, e.g. kind: \{name: scaled, scale: 10\}"):
+        load({"kind": "scaled", "scale": 10.0})

@@ -118,7 +118,7 @@ def _ft_cfg(charge_as=None, mode: str = "fedavg", devices: str = "phone-mid", mo
         "fleet": {"edges": [{"count": 1, "devices": [{"count": 2, "profile": devices}]}]},
         "data": data or {"source": "digits", "partition": {"kind": "iid"}},
         "model": model,
-        "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": mode}, "sync": {"policy": "hierfavg", "k1": 2, "k2": 1},
+        "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": mode}, "sync": {"name": "hierfavg", "k1": 2, "k2": 1},
                      "batch_size": 8, "time_budget_s": 1e9, "max_cloud_rounds": 1, "eval_max": 32},
     }
     if charge_as is not None:
@@ -218,7 +218,7 @@ def _adapt_summary(clip_dir, charge_as=None) -> dict:
     raw = {"seed": 0, "fleet": {"edges": [{"count": 2}]}, "data": {"source": "digits", "test_fraction": 0.5},
            "model": CLIP,
            "adapt": {"checkpoint": str(clip_dir), "stream_samples": 8, "batch_size": 4, "share_every": 1,
-                     "method": "swapprompt", "method_args": {"lr": 0.05},
+                     "method": {"name": "swapprompt", "lr": 0.05},
                      "streams": [{"corruption": "gaussian_noise", "severity": 3}]}}
     if charge_as is not None:
         raw["clock"] = {"charge_as": charge_as}

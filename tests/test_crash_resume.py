@@ -78,7 +78,7 @@ data: {source: digits, partition: {kind: dirichlet, alpha: 0.5}}
 model: {kind: vit, hidden: 16, layers: 1, heads: 2, image_size: 8, patch_size: 4, channels: 1}
 finetune:
   lora: {rank: 2, alpha: 4.0}
-  sync: {policy: hierfavg, k1: 3, k2: 2, max_steps: 6}
+  sync: {name: hierfavg, k1: 3, k2: 2, max_steps: 6}
   batch_size: 8
   lr: 0.01
   time_budget_s: 1.0e9
@@ -97,8 +97,7 @@ data: {{source: digits, test_fraction: 0.5}}
 model: {json.dumps(TINY_CLIP)}
 adapt:
   checkpoint: clip
-  method: swapprompt
-  method_args: {{lr: 0.05}}
+  method: {{name: swapprompt, lr: 0.05}}
   streams: [{{corruption: gaussian_noise, severity: 3}}, {{corruption: contrast, severity: 5}}]
   stream_samples: 48
   batch_size: 6

@@ -85,8 +85,8 @@ def _finetune_cfg(**finetune_fields: object) -> object:
         "data": {"source": "digits", "partition": {"kind": "dirichlet", "alpha": 1.0}},
         "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
                   "channels": 1},
-        "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": "product", "refactor": "merge"},
-                     "sync": {"policy": "hierfavg", "k1": 3, "k2": 1, "deadline_factor": None},
+        "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": {"name": "product", "refactor": "merge"}},
+                     "sync": {"name": "hierfavg", "k1": 3, "k2": 1, "deadline_factor": None},
                      "batch_size": 8, "lr": 2e-2, "time_budget_s": 1e9, "max_cloud_rounds": 2, "eval_max": 64,
                      **finetune_fields},
     })

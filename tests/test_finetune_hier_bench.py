@@ -23,7 +23,7 @@ def _cfg(edges: list[dict], budget: float, eval_every: float | None, alpha: list
         "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
                   "channels": 1},
         "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": "ffa"},
-                     "sync": {"k1": 3, "k2": 2, "max_steps": 6, "k2_max": 12},
+                     "sync": {"name": "autonomous", "k1": 3, "k2": 2, "max_steps": 6, "k2_max": 12},
                      "batch_size": 8, "lr": 1e-2, "time_budget_s": budget, "max_cloud_rounds": 200,
                      "eval_max": 64, "eval_every_s": eval_every},
     }

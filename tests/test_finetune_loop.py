@@ -30,7 +30,7 @@ def _cfg(policy="hierfavg", mode="fedavg", rounds=3, slow_flops=None, availabili
         "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
                   "channels": 1},
         "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": mode},
-                     "sync": {"policy": policy, "k1": 6, "k2": 2, "deadline_factor": 1.5, "max_steps": 12},
+                     "sync": {"name": policy, "k1": 6, "k2": 2, "deadline_factor": 1.5, "max_steps": 12},
                      "batch_size": 8, "lr": 1e-2, "time_budget_s": 1e9, "max_cloud_rounds": rounds,
                      "eval_max": 64, **ft},
     }
@@ -125,7 +125,7 @@ def test_autonomous_sync_budget_binds_in_the_loop(tmp_path):
     """A tight edge -> cloud byte budget makes every edge sync less often (the loop feeds real bytes)."""
     def k2s(budget):
         cfg = _cfg("autonomous", rounds=4)
-        cfg.finetune.sync.sync_budget_bytes = budget
+        cfg.finetune.sync = {"name": "autonomous", **cfg.finetune.sync.kwargs(), "sync_budget_bytes": budget}
         res = finetune(cfg, None, LocalEngine())
         return [r.get("k2") for r in res.history if r.get("k2") is not None]
 
@@ -154,7 +154,7 @@ def _loop_with(cfg, engine):
 
 LOCKSTEP_CASES = {
     "fedavg": {},
-    "product-merge": {"lora": {"rank": 2, "alpha": 4.0, "mode": "product", "refactor": "merge"}},
+    "product-merge": {"lora": {"rank": 2, "alpha": 4.0, "mode": {"name": "product", "refactor": "merge"}}},
     "churn": {"churn": {"dropout": 0.4, "stale_prob": 0.6}},
     "dp": {"privacy": {"clip_norm": 0.5, "noise_multiplier": 0.5}},
 }
@@ -190,7 +190,7 @@ def test_edges_train_together_in_one_engine_call_and_as_they_would_alone(case):
 
 
 def test_staleness_exponent_from_config_reaches_the_autonomous_merge():
-    loop, _ = _loop(_cfg("autonomous", sync={"policy": "autonomous", "staleness_exponent": 0.0}))
+    loop, _ = _loop(_cfg("autonomous", sync={"name": "autonomous", "staleness_exponent": 0.0}))
     assert loop.policy.staleness_exponent == 0.0
     assert loop.policy.merge_weight(0.25, 7, 2) == pytest.approx(0.25)  # no discount at all
     default, _ = _loop(_cfg("autonomous"))

@@ -106,3 +106,24 @@ def test_ffa_rejects_diverged_a_and_sends_only_b():
         aggregate_lora(states, [0.5, 0.5], "ffa", scaling=SCALING)
     keys = sent_keys(list(with_base_deltas(states[0])), "ffa")
     assert keys and not any(k.endswith(A_SUFFIX) or k.endswith(BASE_DELTA_SUFFIX) for k in keys)
+
+
+def test_the_config_names_the_mode_with_its_knobs():
+    from cloudedge.config import config_from_dict
+    from cloudedge.errors import InputError
+    from cloudedge.finetune.lora import LORA_MODES
+    from cloudedge.finetune.stage import settings_from_config
+
+    def load(lora):
+        return config_from_dict({"name": "x", "finetune": {"lora": lora}}, source="c.yaml")
+
+    assert list(LORA_MODES) == ["fedavg", "ffa", "product"]
+    merge = settings_from_config(load({"mode": {"name": "product", "refactor": "merge"}}))
+    assert (merge.lora_mode, merge.refactor) == ("product", "merge")
+    assert settings_from_config(load({"mode": "product"})).refactor == "svd"
+    assert settings_from_config(load({"mode": "ffa"})).lora_mode == "ffa"
+    with pytest.raises(InputError, match=r"c.yaml: finetune.lora.mode: refactor: not a parameter of LoRA aggregation "
+                                         r"mode 'ffa' \(known: none\)"):
+        load({"mode": {"name": "ffa", "refactor": "merge"}})
+    with pytest.raises(InputError, match=r"c.yaml: finetune.lora: 'refactor' is no longer a key here"):
+        load({"mode": "product", "refactor": "merge"})

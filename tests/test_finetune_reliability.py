@@ -33,7 +33,7 @@ def _raw(rounds=4, devices=5, availability=1.0, memory=None, policy="hierfavg", 
         "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
                   "channels": 1},
         "finetune": {"lora": {"rank": 2, "alpha": 4.0, "mode": "fedavg"},
-                     "sync": {"policy": policy, "k1": 8, "k2": 1, "deadline_factor": None},
+                     "sync": {"name": policy, "k1": 8, "k2": 1, "deadline_factor": None},
                      "batch_size": 16, "lr": 8e-2, "time_budget_s": 1e9, "max_cloud_rounds": rounds,
                      "eval_max": 200, **ft},
     }
@@ -80,9 +80,9 @@ def test_nan_and_wrong_shape_updates_are_rejected_logged_and_rounds_complete():
     assert _accs(loop)[-1] > _accs(loop)[0] + 0.1  # the honest devices still trained the model
 
 
-def _attacked(aggregator, rounds=5, **robust):
-    raw = _raw(rounds=rounds, attack={"kind": "scaled", "fraction": 0.2, "scale": 50.0, "seed": 1},
-               robust={"aggregator": aggregator, "gate": NO_NORM_RULE, **robust})
+def _attacked(aggregator, rounds=5, **knobs):
+    raw = _raw(rounds=rounds, attack={"kind": {"name": "scaled", "scale": 50.0}, "fraction": 0.2, "seed": 1},
+               robust={"aggregator": {"name": aggregator, **knobs}, "gate": NO_NORM_RULE})
     loop, _ = _loop(raw)
     loop.run()
     return loop
@@ -106,7 +106,7 @@ def test_median_and_trimmed_mean_resist_a_scaled_attacker_where_mean_does_not():
 
 
 def test_default_gate_rejects_boosted_updates_even_under_the_mean():
-    raw = _raw(rounds=3, attack={"kind": "scaled", "fraction": 0.2, "scale": 50.0, "seed": 0})
+    raw = _raw(rounds=3, attack={"kind": {"name": "scaled", "scale": 50.0}, "fraction": 0.2, "seed": 0})
     loop, _ = _loop(raw)
     s = loop.run()
     assert s["rejected_updates"] == 2 * 3  # two attackers, three rounds, none of them honest

@@ -24,7 +24,7 @@ def _raw(devices, rounds=1, fleet_extra=None, **ft):
         "data": {"source": "digits", "partition": {"kind": "iid"}},
         "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
                   "channels": 1},
-        "finetune": {"lora": {"rank": 2, "alpha": 4.0}, "sync": {"policy": "hierfavg", "k1": 8, "k2": 1,
+        "finetune": {"lora": {"rank": 2, "alpha": 4.0}, "sync": {"name": "hierfavg", "k1": 8, "k2": 1,
                                                                   "deadline_factor": None},
                      "batch_size": 16, "lr": 5e-2, "time_budget_s": 1e9, "max_cloud_rounds": rounds,
                      "eval_max": 100, **ft},

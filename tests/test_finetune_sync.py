@@ -141,16 +141,47 @@ def test_wang_tau_hand_case():
 
 
 def test_adaptive_interval_updates_tau_from_device_stats():
-    pol = AdaptiveInterval(k1=5, lr=0.1, time_budget_s=100.0)
+    pol = AdaptiveInterval(k1=5, max_steps=50, lr=0.1, time_budget_s=100.0)
     same = torch.ones(4)
     stats = [DeviceStats(10, same, 0.0, 0.0, 1.0), DeviceStats(10, same, 0.0, 0.0, 1.0)]
     pol.on_edge_round("e0", EdgeRoundStats(local_step_s=0.01, agg_s=1.0, devices=stats, now=0.0))
     assert pol.device_steps("e0", DeviceObs("d", 0.01, 0.0, 10), None) == 50  # no divergence: 10x tau_prev
 
 
-def test_make_policy_unknown_name():
-    with pytest.raises(InputError, match="finetune.sync: unknown policy 'nope'"):
+def test_make_policy_unknown_name_and_unknown_knob():
+    with pytest.raises(InputError, match="finetune.sync: unknown sync policy 'nope'"):
         make_policy("nope")
+    # No knob is swallowed: a misspelt one names the policy's own knobs.
+    with pytest.raises(InputError, match=r"finetune.sync: k2max: not a parameter of sync policy 'autonomous' "
+                                         r"\(known: k1, k2, deadline_factor, min_steps, max_steps, alpha, k2_max"):
+        make_policy("autonomous", k2max=3)
+    with pytest.raises(InputError, match="finetune.sync: phi: not a parameter of sync policy 'hierfavg'"):
+        make_policy("hierfavg", phi=0.1)
+
+
+def test_the_config_names_the_policy_with_its_knobs():
+    from cloudedge.config import config_from_dict
+    from cloudedge.finetune.stage import settings_from_config
+
+    def load(sync, **ft):
+        return config_from_dict({"name": "x", "finetune": {"sync": sync, **ft}}, source="c.yaml")
+
+    cfg = load({"name": "adaptive-interval", "k1": 3, "phi": 0.05}, lr=0.2, time_budget_s=50.0)
+    settings = settings_from_config(cfg)
+    assert settings.policy == "adaptive-interval"
+    assert settings.policy_kwargs == {"k1": 3, "k2": 2, "deadline_factor": 2.0, "min_steps": 1, "max_steps": 40,
+                                      "phi": 0.05}
+    assert load("tempo").finetune.sync.kwargs()["k2"] == 2
+    # A bare-name override keeps the config's shared schedule; the other policy's knobs stay behind.
+    switched = settings_from_config(cfg, policy="autonomous")
+    assert switched.policy_kwargs["k1"] == 3 and switched.policy_kwargs["alpha"] == 1.0
+    assert "phi" not in switched.policy_kwargs
+    with pytest.raises(InputError, match=r"c.yaml: finetune.sync: phi: not a parameter of sync policy 'tempo'"):
+        load({"name": "tempo", "phi": 0.1})
+    with pytest.raises(InputError, match=r"c.yaml: finetune.sync: min_steps must be <= max_steps"):
+        load({"name": "autonomous", "min_steps": 9, "max_steps": 3})
+    with pytest.raises(InputError, match=r"c.yaml: finetune: sync.policy is no longer a key: name the policy"):
+        load({"policy": "autonomous", "k1": 5})
 
 
 def test_autonomous_merge_weight_discounts_only_excess_staleness():

@@ -121,3 +121,22 @@ def test_custom_profile_cycle_and_shadowing_are_errors():
 def test_out_of_range_override_is_a_config_error():
     with pytest.raises(InputError, match=r"fleet\.cloud\.overrides\.availability"):
         config_from_dict(_fleet(cloud={"overrides": {"availability": 1.5}}))
+
+
+def test_the_config_package_does_not_import_the_fleet() -> None:
+    """Profiles are plain data in cloudedge.config.profiles: checking a config's profile names needs
+    no simulation code (fleet imports config, never the other way round)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cloudedge.config import config_from_dict; "
+            "config_from_dict({'fleet': {'cloud': {'profile': 'h100'}, 'profiles': {'slow': {'base': 'phone-low'}},"
+            " 'edges': [{'count': 1, 'devices': [{'count': 2, 'profile': 'slow'}]}]}}); "
+            "print(sorted(m for m in sys.modules if m.startswith('cloudedge.fleet')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+    from cloudedge.config import profiles as data
+    from cloudedge.fleet import profiles as fleet_profiles
+
+    assert fleet_profiles.PROFILES is data.PROFILES and fleet_profiles.resolve_profile is data.resolve_profile

@@ -49,13 +49,27 @@ def test_registry_names_and_unknown_name_lists_known():
 
 
 def test_bad_arguments_are_input_errors():
-    with pytest.raises(InputError, match="objective_args.beta: unknown argument.*penalty_weight"):
+    with pytest.raises(InputError, match=r"objective.beta: not a parameter of objective 'irm' \(known: l2, penalty_weight"):
         get_objective("irm", beta=1.0)
-    with pytest.raises(InputError, match="objective_args.gamma"):
+    with pytest.raises(InputError, match="objective.gamma: Input should be greater than or equal to 0"):
         get_objective("fediir", gamma=-1.0)
-    with pytest.raises(InputError, match="objective_args.tau"):
+    with pytest.raises(InputError, match="objective.tau: Input should be greater than 0"):
         get_objective("pin", tau=0.0)
     assert get_objective("irm", penalty_weight=10).params["penalty_weight"] == 10.0
+
+
+def test_the_config_names_an_objective_with_its_knobs_and_l2_is_shared():
+    from cloudedge.config import config_from_dict
+
+    cfg = config_from_dict({"name": "x", "pretrain": {"task": "classify",
+                                                      "objective": {"name": "fediir", "gamma": 0.5, "l2": 1e-3}}})
+    assert cfg.pretrain.objective.kwargs() == {"l2": 1e-3, "gamma": 0.5, "ema": 0.95}
+    for name in OBJECTIVES:  # l2 is one knob of the shared base, with one default
+        assert get_objective(name).params["l2"] == 0.0
+    with pytest.raises(InputError, match=r"c.yaml: pretrain.objective: beta: not a parameter of objective 'irm'"):
+        config_from_dict({"name": "x", "pretrain": {"objective": {"name": "irm", "beta": 1}}}, source="c.yaml")
+    with pytest.raises(InputError, match=r"c.yaml: pretrain: 'objective_args' is no longer a key here"):
+        config_from_dict({"name": "x", "pretrain": {"objective": "irm", "objective_args": {"l2": 1}}}, source="c.yaml")
 
 
 def test_erm_is_cross_entropy():
@@ -443,6 +457,6 @@ def test_l2_is_added_to_every_objective_and_scaled_like_irms_reference():
     vrex = get_objective("vrex", l2=0.01, penalty_weight=100, anneal_steps=0)
     combined = vrex.loss(model, x, y, {}, {"combine_at_server": True}, 5)[0]  # the server divides it
     assert float(combined) == pytest.approx(float(ce + 0.01 * norm), rel=1e-5)
-    with pytest.raises(InputError, match="unknown argument.*known: l2"):
+    with pytest.raises(InputError, match="not a parameter.*known: l2"):
         get_objective("erm", l3=1.0)
 

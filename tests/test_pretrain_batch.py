@@ -173,9 +173,10 @@ def test_controller_state_round_trips() -> None:
 
 def test_get_controller_rejects_unknown_names_and_arguments() -> None:
     assert isinstance(get_controller("proportional", 8, dead_band=0.2), ProportionalController)
-    with pytest.raises(InputError, match="unknown controller 'fastest'"):
-        get_controller("fastest", 8)
-    with pytest.raises(InputError, match="controller_args: 'deadband'"):
+    with pytest.raises(InputError, match="unknown batch controller 'no-such'"):
+        get_controller("no-such", 8)
+    with pytest.raises(InputError, match=r"pretrain.controller: deadband: not a parameter of batch controller "
+                                         r"'proportional' \(known: min_batch, dead_band, smoothing, memory_cap, data_floor\)"):
         get_controller("proportional", 8, deadband=0.2)
 
 
@@ -234,7 +235,7 @@ def test_reweighted_gradient_is_unbiased_for_the_full_objective_and_its_variance
 
 
 def test_reweighted_rejects_a_data_floor() -> None:
-    with pytest.raises(InputError, match="controller_args.data_floor"):
+    with pytest.raises(InputError, match="data_floor: not a parameter of batch controller 'reweighted'"):
         get_controller("reweighted", 8, data_floor=0.5)
 
 
@@ -257,13 +258,32 @@ def test_goodput_time_model_counts_the_floor_and_the_caps_it_applies() -> None:
 def test_controller_knobs_are_checked_when_the_config_loads() -> None:
     from cloudedge.config import config_from_dict
 
-    def load(controller: str, args: dict) -> None:
-        config_from_dict({"name": "x", "pretrain": {"controller": controller, "controller_args": args}}, source="c.yaml")
+    def load(controller: object, **extra: object) -> None:
+        config_from_dict({"name": "x", "pretrain": {"controller": controller, **extra}}, source="c.yaml")
 
-    load("reweighted", {"memory_cap": 0.0})
-    with pytest.raises(InputError, match=r"c.yaml.*controller_args.data_floor"):
-        load("reweighted", {"data_floor": 0.5})
-    with pytest.raises(InputError, match=r"c.yaml.*controller_args.*'episode'"):
-        load("learned", {"episode": 10})
-    with pytest.raises(InputError, match=r"c.yaml.*controller_args.episodes"):
-        load("learned", {"episodes": -1})
+    load({"name": "reweighted", "memory_cap": False})
+    load("goodput")
+    with pytest.raises(InputError, match=r"c.yaml: pretrain.controller: data_floor: not a parameter of batch "
+                                         r"controller 'reweighted' \(known: min_batch, dead_band, smoothing, memory_cap\)"):
+        load({"name": "reweighted", "data_floor": 0.5})
+    with pytest.raises(InputError, match=r"c.yaml: pretrain.controller: episode: not a parameter"):
+        load({"name": "learned", "episode": 10})
+    with pytest.raises(InputError, match=r"c.yaml: pretrain.controller: episodes: Input should be greater than or equal to 0"):
+        load({"name": "learned", "episodes": -1})
+    with pytest.raises(InputError, match=r"c.yaml: pretrain.controller: unknown batch controller 'no-such' "
+                                         r"\(known: uniform, proportional, reweighted, goodput, learned"):
+        load("no-such")
+    # The old key says where its knobs went.
+    with pytest.raises(InputError, match=r"c.yaml: pretrain: 'controller_args' is no longer a key here: give the "
+                                         r"parameters with the controller, e.g. controller: \{name: goodput"):
+        load("goodput", controller_args={"lr_power": 0.5})
+
+
+def test_a_controller_choice_builds_the_controller_with_its_knobs_and_dumps_back() -> None:
+    from cloudedge.config import config_from_dict, dump_config
+
+    cfg = config_from_dict({"name": "x", "pretrain": {"controller": {"name": "goodput", "lr_power": 0.5}}})
+    ctl = get_controller(cfg.pretrain.controller.name, 16, **cfg.pretrain.controller.kwargs())
+    assert isinstance(ctl, GoodputController) and ctl.lr_power == 0.5 and ctl.data_floor == 0.5
+    assert "lr_power: 0.5" in dump_config(cfg)
+    assert config_from_dict({"name": "x", "pretrain": {"controller": "uniform"}}).pretrain.controller.as_config() == "uniform"

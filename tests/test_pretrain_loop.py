@@ -280,7 +280,7 @@ def test_sync_vrex_step_is_the_centralized_vrex_step_at_this_steps_risks() -> No
     cfg = _client_cfg("vrex", rounds=1)
     cfg.pretrain = with_overrides(cfg.pretrain, {
         "algorithm": "sync", "optimizer": "sgd", "grad_clip": None, "global_batch": 48, "lr": 0.1,
-        "objective_args": {"penalty_weight": 10.0, "anneal_steps": 0.0, "l2": 0.01}}, "pretrain")
+        "objective": {"name": "vrex", "penalty_weight": 10.0, "anneal_steps": 0.0, "l2": 0.01}}, "pretrain")
     shards, tests = _shards_and_tests()
     res = pretrain(cfg, shards=shards, client_eval=tests)
 

@@ -147,6 +147,6 @@ def test_example_config_loads_and_names_a_valid_objective():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain-ood.yaml")
     assert cfg.pretrain is not None and cfg.pretrain.task == "classify"
-    objective = get_objective(cfg.pretrain.objective, total_steps=cfg.pretrain.rounds * cfg.pretrain.local_steps,
-                              **cfg.pretrain.objective_args)
+    objective = get_objective(cfg.pretrain.objective.name, total_steps=cfg.pretrain.rounds * cfg.pretrain.local_steps,
+                              **cfg.pretrain.objective.kwargs())
     assert objective.personalized

@@ -48,7 +48,7 @@ def finetune_cfg(rounds: int = FT_ROUNDS):
         "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
                   "channels": 1},
         "finetune": {"lora": {"rank": 2, "alpha": 4.0}, "batch_size": 8, "lr": 1e-2, "time_budget_s": 1e9,
-                     "sync": {"policy": "hierfavg", "k1": 3, "k2": 1, "deadline_factor": 2.0},
+                     "sync": {"name": "hierfavg", "k1": 3, "k2": 1, "deadline_factor": 2.0},
                      "max_cloud_rounds": rounds, "eval_max": 64},
     })
 
@@ -129,8 +129,8 @@ def test_adapt_same_on_ray(ray_engine, one_thread, tmp_path):
     cfg = config_from_dict({
         "seed": 0, "fleet": {"edges": [{"count": 2}]}, "data": {"source": "digits", "test_fraction": 0.5},
         "model": CLIP,
-        "adapt": {"checkpoint": str(clip_dir), "stream_samples": 8, "batch_size": 4, "method": "swapprompt",
-                  "method_args": {"lr": 0.05}, "share_every": 1,
+        "adapt": {"checkpoint": str(clip_dir), "stream_samples": 8, "batch_size": 4, "method": {"name": "swapprompt", "lr": 0.05},
+                  "share_every": 1,
                   "streams": [{"corruption": "gaussian_noise", "severity": 3}, {"corruption": "contrast", "severity": 5}]},
     })
     local = adapt(cfg, None, LocalEngine())

@@ -133,5 +133,5 @@ def test_robust_aggregate_nothing_accepted_and_bad_names():
     assert out.delta is None and "skipped" in out.note and "a" in out.gate.rejected
     with pytest.raises(InputError, match="unknown aggregator"):
         robust_aggregate(honest_round(3), None, "avg", reference_state=REF)
-    with pytest.raises(InputError, match="unknown option"):
+    with pytest.raises(InputError, match="beta: not a parameter of aggregator .median."):
         robust_aggregate(honest_round(3), None, "median", reference_state=REF, beta=0.1)

@@ -252,7 +252,7 @@ def build_streams(cfg: RunConfig, acfg: AdaptConfig, edge_ids: list[str]) -> tup
             raise InputError(f"adapt.stream_samples: stream {k} has {len(ds)} images, too few for "
                              f"{copies[k]} edges of {n}")
         labelled = None
-        if acfg.method == "coop" and acfg.coop_fit == "shift":
+        if acfg.method.name == "coop" and acfg.coop_fit == "shift":
             used = copies[k] * n
             fit = order[used:used + (acfg.coop_samples or n)]
             if len(fit) < (acfg.coop_samples or n):
@@ -304,8 +304,6 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
         on_round: called after each round with (round, {edge: row}).
     """
     acfg = with_overrides(cfg.adapt or AdaptConfig(), overrides, STAGE)
-    if acfg.method not in METHODS:
-        raise InputError(f"adapt.method: unknown method {acfg.method!r} (known: {', '.join(METHODS)})")
     if isinstance(run_dir, str | Path):
         run_dir = RunDir.create(run_dir, cfg, resume=resume)
     own_engine = engine is None
@@ -321,7 +319,8 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
     check_stream_images(source, streams, acfg.data or cfg.data)
     for s in streams:
         engine.register(s.edge_id, WorkerSpec(AdaptWorker, {
-            "edge_id": s.edge_id, "source": source, "method": acfg.method, "method_args": dict(acfg.method_args),
+            "edge_id": s.edge_id, "source": source, "method": acfg.method.name,
+            "method_args": acfg.method.params.model_dump(mode="json"),
             "classnames": classnames, "images": s.images, "labels": s.labels, "batch_size": acfg.batch_size,
             "seed": cfg.seed, "device": acfg.device}))
     n_rounds = max(math.ceil(len(s.images) / acfg.batch_size) for s in streams)
@@ -345,8 +344,8 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
     else:
         if resume and run_dir is not None:
             # Killed before its first checkpoint: start over, without the rows logged before the crash.
-            run_dir.truncate_metrics(lambda row: row.get("stage") != STAGE or row.get("method") != acfg.method)
-        if acfg.method == "coop":
+            run_dir.truncate_metrics(lambda row: row.get("stage") != STAGE or row.get("method") != acfg.method.name)
+        if acfg.method.name == "coop":
             _deploy_coop(cfg, acfg, source, device, source_split, classnames, streams, engine, clock, totals, wire)
 
     rows: list[dict[str, Any]] = []
@@ -371,12 +370,12 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
             last[s.edge_id] = res
             if res["batch_seen"] == 0:
                 continue
-            row = {"stage": STAGE, "method": acfg.method, "round": r + 1, "edge": s.edge_id, "shift": s.shift,
+            row = {"stage": STAGE, "method": acfg.method.name, "round": r + 1, "edge": s.edge_id, "shift": s.shift,
                    "batch_acc": res["batch_correct"] / res["batch_seen"], "acc": res["correct"] / res["seen"],
                    "seen": res["seen"]}
             round_rows[s.edge_id] = row
             rows.append(run_dir.log(**row) if run_dir is not None else row)
-        if acfg.share_every and METHODS[acfg.method].shares_prompt and (r + 1) % acfg.share_every == 0:
+        if acfg.share_every and METHODS.get(acfg.method.name).shares_prompt and (r + 1) % acfg.share_every == 0:
             _share_prompts(acfg, streams, last, engine, clock, totals, wire)
         if on_round is not None:
             on_round(r + 1, round_rows)
@@ -384,7 +383,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
             if n_rounds - planned >= planned:
                 raise WorkerError("adapt", f"round {r + 1}", f"edges keep failing: {'; '.join(failed.values())}")
             n_rounds += 1
-            fail_row = {"stage": STAGE, "method": acfg.method, "round": r + 1, "failed": len(failed),
+            fail_row = {"stage": STAGE, "method": acfg.method.name, "round": r + 1, "failed": len(failed),
                         "failures": failed}
             rows.append(run_dir.log(**fail_row) if run_dir is not None else fail_row)
         if ckpt_dir is not None and ((r + 1) % acfg.checkpoint_every == 0 or r + 1 == n_rounds):
@@ -408,7 +407,7 @@ def _deploy_coop(cfg: RunConfig, acfg: AdaptConfig, source: dict[str, Any], devi
     ``coop_fit: source``: one context fitted on the labelled clean source split (``coop_samples`` of
     it, a seeded subset), sent to every edge; ``shift`` (the oracle): one context per shift, fitted
     on labelled images of that shift that its edges never stream."""
-    args = {k: v for k, v in acfg.method_args.items() if k != "epochs"}
+    args = {k: v for k, v in acfg.method.kwargs().items() if k != "epochs"}
     clip = load_clip_source(source, device)
     if acfg.coop_fit == "source":
         x, y = source_split.x, source_split.y
@@ -490,7 +489,7 @@ def _summary(acfg: AdaptConfig, streams: list[Stream], final: dict[str, dict[str
     timed_images = sum(f["timed_images"] for f in final.values())
     c = clock.summary()
     return {
-        "method": acfg.method, "episodic": METHODS[acfg.method].episodic,
+        "method": acfg.method.name, "episodic": METHODS.get(acfg.method.name).episodic,
         "acc_mean": sum(acc_per_shift.values()) / len(acc_per_shift), "acc_per_shift": acc_per_shift,
         "acc_per_edge": per_edge,
         "ms_per_image": 1000.0 * timed_s / timed_images if timed_images else None,

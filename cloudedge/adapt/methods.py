@@ -24,15 +24,17 @@ tda         online    nothing learned: positive / negative caches of test featur
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from cloudedge.adapt.augment import AugmentSpec, augment, make_views
 from cloudedge.adapt.clip_model import ClipAdapter
 from cloudedge.adapt.prompts import DEFAULT_CTX_INIT, PromptLearner
 from cloudedge.errors import InputError
+from cloudedge.registry import Params, Registry
 
 ZEROSHOT_TEMPLATE = "a photo of a {}."
 
@@ -50,15 +52,26 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(mean_logp.exp() * mean_logp).sum()
 
 
+METHODS: Registry[type[TTAMethod]] = Registry("test-time method")
+
+
 class TTAMethod:
-    """Base class: holds the frozen CLIP, the class names and the method's seed."""
+    """Base class: holds the frozen CLIP, the class names, the method's seed and its knobs.
+
+    A method registers in :data:`METHODS` with its parameter model; ``__init__`` validates the
+    keyword knobs with it into ``self.params`` (an InputError naming ``adapt.method.<knob>``).
+    """
 
     name: ClassVar[str] = "base"
     episodic: ClassVar[bool] = False
     # Whether the prompt changes with the stream, so that sharing it between edges means anything.
     shares_prompt: ClassVar[bool] = False
 
-    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0):
+    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0, **knobs: Any):
+        try:
+            self.params: Any = METHODS.validate_params(self.name, knobs)
+        except ValueError as err:
+            raise InputError(f"adapt.method.{err}") from None
         self.clip = clip
         self.classnames = list(classnames)
         self.seed = int(seed)
@@ -92,14 +105,20 @@ class TTAMethod:
         return self.scale * image_feats @ text_feats.T
 
 
+class ZeroShotParams(Params):
+    templates: tuple[str, ...] = Field(default=(ZEROSHOT_TEMPLATE,), min_length=1,
+                                       description="prompt templates ('{}': the class name), averaged per class")
+
+
+@METHODS.register("zeroshot", ZeroShotParams)
 class ZeroShot(TTAMethod):
     """Zero-shot CLIP. ``templates``: one (default, no ensemble) or several, averaged per class."""
 
     name = "zeroshot"
 
-    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0,
-                 templates: tuple[str, ...] = (ZEROSHOT_TEMPLATE,)):
-        super().__init__(clip, classnames, seed)
+    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0, **knobs: Any):
+        super().__init__(clip, classnames, seed, **knobs)
+        templates = self.params.templates
         feats = torch.stack([clip.text_features([t.format(c) for c in self.classnames]) for t in templates])
         self.text_feats = F.normalize(feats.mean(dim=0), dim=-1)
 
@@ -107,19 +126,52 @@ class ZeroShot(TTAMethod):
         return self._logits(self.clip.image_features(images), self.text_feats)
 
 
+class PromptParams(Params):
+    """Knobs of every method with a learnable context."""
+
+    ctx_init: str | None = Field(default=DEFAULT_CTX_INIT, description="words the context starts from; null: random")
+    n_ctx: int = Field(default=4, ge=1, description="context tokens when ctx_init is null")
+    lr: float = Field(default=5e-3, gt=0, description="AdamW's learning rate on the context")
+
+
+class AugmentParams(PromptParams):
+    """Prompt methods that train on augmented views."""
+
+    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="ranges of the random views")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_augment(cls, data: Any) -> Any:
+        # AugmentSpec is a plain dataclass: name its unknown fields here rather than drop them.
+        aug = data.get("augment") if isinstance(data, dict) else None
+        if isinstance(aug, dict):
+            bad = sorted(set(aug) - set(AugmentSpec.__dataclass_fields__))
+            if bad:
+                raise ValueError(f"augment.{bad[0]}: unknown field (known: {', '.join(AugmentSpec.__dataclass_fields__)})")
+        return data
+
+
 class _PromptMethod(TTAMethod):
     """A method with one learnable context (initialised from ``ctx_init``)."""
 
-    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0,
-                 ctx_init: str | None = DEFAULT_CTX_INIT, n_ctx: int = 4):
-        super().__init__(clip, classnames, seed)
-        self.learner = PromptLearner(clip, self.classnames, ctx_init=ctx_init, n_ctx=n_ctx, seed=seed)
+    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0, **knobs: Any):
+        super().__init__(clip, classnames, seed, **knobs)
+        p = self.params
+        self.lr = p.lr
+        self.learner = PromptLearner(clip, self.classnames, ctx_init=p.ctx_init, n_ctx=p.n_ctx, seed=seed)
         self.ctx_init = self.learner.ctx.detach().clone()
 
     def _text(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         return self.learner.normalized_text_features(ctx)
 
 
+class CoOpParams(PromptParams):
+    epochs: int = Field(default=20, ge=1, description="epochs on the labelled split")
+    batch_size: int = Field(default=64, ge=1)
+    augment_train: bool = Field(default=False, description="train on augmented views")
+
+
+@METHODS.register("coop", CoOpParams)
 class CoOp(_PromptMethod):
     """CoOp: the context is learned with labels on source data (:meth:`fit`), then kept fixed.
 
@@ -130,11 +182,10 @@ class CoOp(_PromptMethod):
 
     name = "coop"
 
-    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0,
-                 ctx_init: str | None = DEFAULT_CTX_INIT, n_ctx: int = 4, lr: float = 5e-3,
-                 epochs: int = 20, batch_size: int = 64, augment_train: bool = False):
-        super().__init__(clip, classnames, seed, ctx_init, n_ctx)
-        self.lr, self.epochs, self.batch_size, self.augment_train = lr, epochs, batch_size, augment_train
+    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0, **knobs: Any):
+        super().__init__(clip, classnames, seed, **knobs)
+        p = self.params
+        self.epochs, self.batch_size, self.augment_train = p.epochs, p.batch_size, p.augment_train
         self.text_feats = self._text_now()
 
     def _text_now(self) -> torch.Tensor:
@@ -181,6 +232,13 @@ class CoOp(_PromptMethod):
     load_state_dict = load_prompt_state
 
 
+class TPTParams(AugmentParams):
+    n_views: int = Field(default=63, ge=1, description="augmented views per image (plus the original)")
+    select_frac: float = Field(default=0.1, gt=0, le=1, description="share of the views kept (lowest entropy)")
+    steps: int = Field(default=1, ge=1, description="AdamW steps per image")
+
+
+@METHODS.register("tpt", TPTParams)
 class TPT(_PromptMethod):
     """Test-time prompt tuning (Shu et al., NeurIPS 2022), episodic.
 
@@ -194,13 +252,11 @@ class TPT(_PromptMethod):
     name = "tpt"
     episodic = True
 
-    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0,
-                 ctx_init: str | None = DEFAULT_CTX_INIT, n_ctx: int = 4, n_views: int = 63,
-                 select_frac: float = 0.1, lr: float = 5e-3, steps: int = 1,
-                 augment: AugmentSpec | None = None):
-        super().__init__(clip, classnames, seed, ctx_init, n_ctx)
-        self.n_views, self.select_frac, self.lr, self.steps = n_views, select_frac, lr, steps
-        self.spec = augment or AugmentSpec()
+    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0, **knobs: Any):
+        super().__init__(clip, classnames, seed, **knobs)
+        p = self.params
+        self.n_views, self.select_frac, self.steps = p.n_views, p.select_frac, p.steps
+        self.spec = p.augment
         self.images_seen = 0
         self._new_optimizer()
 
@@ -258,6 +314,19 @@ def sinkhorn(logits: torch.Tensor, iters: int = 3) -> torch.Tensor:
     return (q * b).T
 
 
+class SwapPromptParams(AugmentParams):
+    momentum: float = Field(default=0.99, ge=0, le=1, description="EMA of the target prompt (0: none)")
+    temperature: float = Field(default=0.5, gt=0, description="< 1 sharpens the target assignment")
+    balance: Literal["none", "sinkhorn"] = Field(default="sinkhorn", description="balance assignments over the batch")
+    sinkhorn_iters: int = Field(default=3, ge=1)
+    swap: bool = Field(default=True, description="false: each view predicts its own target (ablation)")
+    steps: int = Field(default=1, ge=1, description="optimizer steps per batch")
+    entropy_weight: float = Field(default=0.0, ge=0, description="weight of the marginal entropy term")
+    confident_frac: float = Field(default=1.0, gt=0, le=1, description="share of the most confident samples used")
+    predict_with: Literal["online", "target", "both"] = "both"
+
+
+@METHODS.register("swapprompt", SwapPromptParams)
 class SwapPrompt(_PromptMethod):
     """SwapPrompt (Ma et al., NeurIPS 2023), reconstructed from the paper's abstract; online.
 
@@ -277,34 +346,13 @@ class SwapPrompt(_PromptMethod):
     name = "swapprompt"
     shares_prompt = True
 
-    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0,
-                 ctx_init: str | None = DEFAULT_CTX_INIT, n_ctx: int = 4, lr: float = 5e-3,
-                 momentum: float = 0.99, temperature: float = 0.5, balance: str = "sinkhorn",
-                 sinkhorn_iters: int = 3, swap: bool = True, steps: int = 1, entropy_weight: float = 0.0,
-                 confident_frac: float = 1.0, predict_with: str = "both",
-                 augment: AugmentSpec | None = None):
-        super().__init__(clip, classnames, seed, ctx_init, n_ctx)
-        field = "adapt.method_args"
-        if predict_with not in ("online", "target", "both"):
-            raise InputError(f"{field}.predict_with: must be online, target or both, got {predict_with!r}")
-        if balance not in ("none", "sinkhorn"):
-            raise InputError(f"{field}.balance: must be none or sinkhorn, got {balance!r}")
-        if not 0.0 <= momentum <= 1.0:
-            raise InputError(f"{field}.momentum: must be in [0, 1], got {momentum}")
-        if not lr > 0:
-            raise InputError(f"{field}.lr: must be > 0, got {lr}")
-        if not temperature > 0:
-            raise InputError(f"{field}.temperature: must be > 0, got {temperature}")
-        if not 0 < confident_frac <= 1:
-            raise InputError(f"{field}.confident_frac: must be in (0, 1], got {confident_frac}")
-        if int(steps) < 1 or int(sinkhorn_iters) < 1:
-            raise InputError(f"{field}: steps and sinkhorn_iters must be >= 1, got {steps} and {sinkhorn_iters}")
-        if entropy_weight < 0:
-            raise InputError(f"{field}.entropy_weight: must be >= 0, got {entropy_weight}")
-        self.lr, self.momentum, self.temperature = lr, momentum, temperature
-        self.balance, self.sinkhorn_iters, self.swap, self.steps = balance, int(sinkhorn_iters), bool(swap), int(steps)
-        self.entropy_weight, self.confident_frac, self.predict_with = entropy_weight, confident_frac, predict_with
-        self.spec = augment or AugmentSpec()
+    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0, **knobs: Any):
+        super().__init__(clip, classnames, seed, **knobs)
+        p = self.params
+        self.momentum, self.temperature = p.momentum, p.temperature
+        self.balance, self.sinkhorn_iters, self.swap, self.steps = p.balance, p.sinkhorn_iters, p.swap, p.steps
+        self.entropy_weight, self.confident_frac, self.predict_with = p.entropy_weight, p.confident_frac, p.predict_with
+        self.spec = p.augment
         self.reset()
 
     def reset(self) -> None:
@@ -400,6 +448,19 @@ class SwapPrompt(_PromptMethod):
         self.batches_seen = int(tensors["batches_seen"])
 
 
+class TDAParams(Params):
+    pos_capacity: int = Field(default=3, ge=0, description="positive cache entries per class")
+    pos_alpha: float = Field(default=2.0, ge=0)
+    pos_beta: float = Field(default=5.0, ge=0)
+    neg_capacity: int = Field(default=2, ge=0, description="negative cache entries per class")
+    neg_alpha: float = Field(default=0.117, ge=0)
+    neg_beta: float = Field(default=1.0, ge=0)
+    neg_entropy: tuple[float, float] = Field(default=(0.2, 0.5), description="normalised-entropy band of the "
+                                                                            "negative cache")
+    neg_mask: float = Field(default=0.03, ge=0, description="classes with zero-shot p below this are ruled out")
+
+
+@METHODS.register("tda", TDAParams)
 class TDA(TTAMethod):
     """Training-free dynamic adapter (Karmanov et al., CVPR 2024), online.
 
@@ -421,15 +482,13 @@ class TDA(TTAMethod):
 
     name = "tda"
 
-    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0,
-                 pos_capacity: int = 3, pos_alpha: float = 2.0, pos_beta: float = 5.0,
-                 neg_capacity: int = 2, neg_alpha: float = 0.117, neg_beta: float = 1.0,
-                 neg_entropy: tuple[float, float] = (0.2, 0.5), neg_mask: float = 0.03):
-        super().__init__(clip, classnames, seed)
+    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0, **knobs: Any):
+        super().__init__(clip, classnames, seed, **knobs)
+        p = self.params
         self.text_feats = ZeroShot(clip, classnames).text_feats
-        self.pos_capacity, self.pos_alpha, self.pos_beta = pos_capacity, pos_alpha, pos_beta
-        self.neg_capacity, self.neg_alpha, self.neg_beta = neg_capacity, neg_alpha, neg_beta
-        self.neg_entropy, self.neg_mask = tuple(neg_entropy), neg_mask
+        self.pos_capacity, self.pos_alpha, self.pos_beta = p.pos_capacity, p.pos_alpha, p.pos_beta
+        self.neg_capacity, self.neg_alpha, self.neg_beta = p.neg_capacity, p.neg_alpha, p.neg_beta
+        self.neg_entropy, self.neg_mask = p.neg_entropy, p.neg_mask
         self.reset()
 
     def reset(self) -> None:
@@ -508,29 +567,13 @@ class TDA(TTAMethod):
                 entries.sort(key=lambda e: e[0])
 
 
-METHODS: dict[str, type[TTAMethod]] = {m.name: m for m in (ZeroShot, CoOp, TPT, SwapPrompt, TDA)}
-
-
 def build_method(name: str, clip: ClipAdapter, classnames: list[str], seed: int = 0,
                  **params: Any) -> TTAMethod:
-    """The method called ``name`` with its ``params`` (config ``adapt.method_args``).
+    """The method called ``name`` with its knobs ``params`` (validated by its parameter model).
 
     Raises:
         InputError: unknown method or parameter.
     """
-    cls = METHODS.get(name)
-    if cls is None:
-        raise InputError(f"adapt.method: unknown method {name!r} (known: {', '.join(METHODS)})")
-    import inspect
-
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "clip", "classnames", "seed"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise InputError(f"adapt.method_args: {name} has no parameter {unknown[0]!r} (known: {', '.join(sorted(accepted))})")
-    if "augment" in params and isinstance(params["augment"], dict):
-        known = set(AugmentSpec.__dataclass_fields__)
-        bad = sorted(set(params["augment"]) - known)
-        if bad:
-            raise InputError(f"adapt.method_args.augment: unknown field {bad[0]!r} (known: {', '.join(sorted(known))})")
-        params = {**params, "augment": AugmentSpec(**params["augment"])}
-    return cls(clip, classnames, seed=seed, **params)
+    if name not in METHODS:
+        raise InputError(f"adapt.method: unknown test-time method {name!r} (known: {', '.join(METHODS)})")
+    return METHODS.get(name)(clip, classnames, seed=seed, **params)

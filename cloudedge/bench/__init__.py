@@ -3,6 +3,11 @@
 Each benchmark is a module here with ``run(quick: bool, out_dir: Path, **options) -> dict`` that
 returns ``{"benchmark": NAME, "config": {...}, "methods": {METHOD: {METRIC: value}}}``; it compares
 methods side by side in one run. Benchmarks measure; they are not tests.
+
+They register by name in :data:`BENCHMARKS` (the plug-in registry) as a :class:`Benchmark`: the
+module is imported only when the benchmark runs, so listing them stays cheap. A benchmark's options
+are the keyword parameters of its ``run`` (``cloudedge bench NAME --set KEY=VALUE``); an option
+``run`` does not take is an InputError naming the benchmark.
 """
 
 from __future__ import annotations
@@ -12,21 +17,46 @@ import inspect
 import json
 import platform
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cloudedge.errors import InputError
+from cloudedge.registry import Registry
 
-# name -> (module, one-line description)
-BENCHMARKS: dict[str, tuple[str, str]] = {
-    "pretrain-hetero": ("pretrain_hetero", "LM pre-training on pydocs over a heterogeneous fleet: batch controllers"),
-    "pretrain-ood": ("pretrain_ood", "colored/rotated digits: invariant objectives, in- and out-of-distribution accuracy"),
-    "finetune-hier": ("finetune_hier", "hierarchical LoRA fine-tuning: synchronization policies"),
-    "adapt-tta": ("adapt_tta", "test-time prompt adaptation of a cached glyph CLIP on label-preserving shifts"),
-    "robustness": ("robustness", "robust aggregators against sign-flip, scaled and random updates"),
-    "overhead": ("overhead", "one worker's throughput through cloudedge vs a plain PyTorch loop"),
-    "scale": ("scale", "seconds per round and peak memory for large simulated fleets"),
-}
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark: the module that holds its ``run`` (dotted, or relative to this package) and a
+    one-line description."""
+
+    module: str
+    description: str
+
+    def load(self) -> Callable[..., dict[str, Any]]:
+        """The benchmark's ``run`` function (imports its module)."""
+        name = self.module if "." in self.module else f"cloudedge.bench.{self.module}"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                raise InputError(f"benchmark: {self.module!r} is not available in this version") from None
+            raise
+        return module.run
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
+for _name, _module, _description in (
+    ("pretrain-hetero", "pretrain_hetero", "LM pre-training on pydocs over a heterogeneous fleet: batch controllers"),
+    ("pretrain-ood", "pretrain_ood", "colored/rotated digits: invariant objectives, in- and out-of-distribution accuracy"),
+    ("finetune-hier", "finetune_hier", "hierarchical LoRA fine-tuning: synchronization policies"),
+    ("adapt-tta", "adapt_tta", "test-time prompt adaptation of a cached glyph CLIP on label-preserving shifts"),
+    ("robustness", "robustness", "robust aggregators against sign-flip, scaled and random updates"),
+    ("overhead", "overhead", "one worker's throughput through cloudedge vs a plain PyTorch loop"),
+    ("scale", "scale", "seconds per round and peak memory for large simulated fleets"),
+):
+    BENCHMARKS.add(_name, Benchmark(_module, _description))
 
 
 def machine_info() -> dict[str, Any]:
@@ -66,14 +96,8 @@ def run_benchmark(name: str, out_dir: Path, quick: bool = False, **options: Any)
     """Run benchmark ``name`` and write ``out_dir/results.json``; returns its path."""
     if name not in BENCHMARKS:
         raise InputError(f"benchmark: unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
-    module_name, _ = BENCHMARKS[name]
-    try:
-        module = importlib.import_module(f"cloudedge.bench.{module_name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"cloudedge.bench.{module_name}":
-            raise InputError(f"benchmark: {name!r} is not available in this version") from None
-        raise
-    accepted = inspect.signature(module.run).parameters
+    run = BENCHMARKS.get(name).load()
+    accepted = inspect.signature(run).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     for option in options:
         if option not in accepted and not takes_any:
@@ -82,7 +106,7 @@ def run_benchmark(name: str, out_dir: Path, quick: bool = False, **options: Any)
     out_dir.mkdir(parents=True, exist_ok=True)
     load_at_start = _load_average()
     t0 = time.perf_counter()
-    result = module.run(quick=quick, out_dir=out_dir, **options)
+    result = run(quick=quick, out_dir=out_dir, **options)
     result.setdefault("benchmark", name)
     result["quick"] = quick
     result["wall_s"] = round(time.perf_counter() - t0, 2)

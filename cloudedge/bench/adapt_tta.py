@@ -46,21 +46,20 @@ SEVERE: list[dict[str, Any]] = [
 VIEWS = GLYPH_VIEWS
 # SwapPrompt at its defaults (lr 5e-3, momentum 0.99, temperature 0.5, Sinkhorn-balanced targets, one
 # step per batch), spelled out so the ablations below differ from it in one knob each.
-SWAPPROMPT = {"augment": VIEWS, "lr": 5e-3, "momentum": 0.99, "temperature": 0.5, "balance": "sinkhorn", "steps": 1}
+SWAPPROMPT = {"name": "swapprompt", "augment": VIEWS, "lr": 5e-3, "momentum": 0.99, "temperature": 0.5,
+              "balance": "sinkhorn", "steps": 1}
 METHODS: dict[str, dict[str, Any]] = {
     "zeroshot": {"method": "zeroshot"},
     "coop": {"method": "coop", "coop_fit": "source"},
-    "tpt": {"method": "tpt", "method_args": {"augment": VIEWS}},
-    "swapprompt": {"method": "swapprompt", "method_args": SWAPPROMPT},
+    "tpt": {"method": {"name": "tpt", "augment": VIEWS}},
+    "swapprompt": {"method": SWAPPROMPT},
     "tda": {"method": "tda"},
-    "swapprompt-no-ema": {"method": "swapprompt", "method_args": {**SWAPPROMPT, "momentum": 0.0}},
-    "swapprompt-no-swap": {"method": "swapprompt", "method_args": {**SWAPPROMPT, "swap": False}},
-    "swapprompt-no-sharpen": {"method": "swapprompt",
-                              "method_args": {**SWAPPROMPT, "temperature": 1.0, "balance": "none"}},
-    "swapprompt-shared-diff": {"method": "swapprompt", "method_args": SWAPPROMPT, "share_every": 1},
-    "swapprompt-halves": {"method": "swapprompt", "method_args": SWAPPROMPT, "edges_per_shift": 2},
-    "swapprompt-shared-same": {"method": "swapprompt", "method_args": SWAPPROMPT, "edges_per_shift": 2,
-                               "share_every": 1, "share_groups": "shift"},
+    "swapprompt-no-ema": {"method": {**SWAPPROMPT, "momentum": 0.0}},
+    "swapprompt-no-swap": {"method": {**SWAPPROMPT, "swap": False}},
+    "swapprompt-no-sharpen": {"method": {**SWAPPROMPT, "temperature": 1.0, "balance": "none"}},
+    "swapprompt-shared-diff": {"method": SWAPPROMPT, "share_every": 1},
+    "swapprompt-halves": {"method": SWAPPROMPT, "edges_per_shift": 2},
+    "swapprompt-shared-same": {"method": SWAPPROMPT, "edges_per_shift": 2, "share_every": 1, "share_groups": "shift"},
 }
 
 

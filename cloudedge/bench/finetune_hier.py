@@ -120,7 +120,7 @@ def regime_sections(budget_s: float, grid_points: int, devices_per_edge: int = 8
         "partition": {"kind": "dirichlet", "edge_alpha": [e["alpha"] for e in EDGES], "min_samples": 8},
         "finetune": {
             "lora": {"rank": 8, "alpha": 16.0, "mode": "ffa"},  # default targets: query/value
-            "sync": {"k1": 5, "k2": 2, "deadline_factor": 2.0, "max_steps": 20},
+            "sync": {"name": "autonomous", "k1": 5, "k2": 2, "deadline_factor": 2.0, "max_steps": 20},
             "batch_size": 8, "optimizer": "adamw", "lr": 1e-2,
             "time_budget_s": budget_s, "max_cloud_rounds": 1000, "eval_every_s": budget_s / grid_points,
         },
@@ -196,7 +196,7 @@ def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS, availabi
     ft = cfg.finetune
     assert ft is not None
     t1 = time.perf_counter()
-    central_acc = central_reference(task, ft.lora.mode, ft.batch_size, ft.lr, b["central_steps"], cfg.seed, ft.eval_max)
+    central_acc = central_reference(task, ft.lora.mode.name, ft.batch_size, ft.lr, b["central_steps"], cfg.seed, ft.eval_max)
     central_s = time.perf_counter() - t1
     target = round(b["target_fraction"] * central_acc, 4)
     low = round(b["low_fraction"] * central_acc, 4)
@@ -231,7 +231,7 @@ def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS, availabi
     return {
         "benchmark": "finetune-hier",
         "config": {**raw, **b, "quick": quick, "availability": availability, "devices": len(fleet.devices),
-                   "edges": len(fleet.edges), "edge_regime": list(EDGES), "lora_mode": ft.lora.mode,
+                   "edges": len(fleet.edges), "edge_regime": list(EDGES), "lora_mode": ft.lora.mode.name,
                    "hardware": "virtual clock; real work on this machine's CPU"},
         "charged_model": next(iter(results.values()))["cost_model"] if results else None,
         "pretrain": {"wall_s": round(pretrain_s, 2), "final_val_loss": pre_summary.get("final_val_loss"),

@@ -65,21 +65,20 @@ FAST_LINK = {"uplink_Bps": 5e10, "downlink_Bps": 5e10, "latency_s": 0.001}  # 40
 REGIMES = ("compute", "wan")
 
 # Batches above a worker's memory cap run as accumulated micro-batches (same FLOPs, same charged
-# time), so no controller here shrinks the global batch to what fits at once (``memory_cap: 0``).
-ACCUMULATE = {"memory_cap": 0.0}
+# time), so no controller here shrinks the global batch to what fits at once (``memory_cap: false``).
+ACCUMULATE = {"memory_cap": False}
 METHODS: dict[str, dict[str, Any]] = {
     "compute/sync-uniform": {"algorithm": "sync", "controller": "uniform"},
-    "compute/sync-proportional": {"algorithm": "sync", "controller": "proportional", "controller_args": ACCUMULATE},
-    "compute/sync-proportional-nofloor": {"algorithm": "sync", "controller": "proportional",
-                                          "controller_args": {**ACCUMULATE, "data_floor": 0.0}},
-    "compute/sync-reweighted": {"algorithm": "sync", "controller": "reweighted", "controller_args": ACCUMULATE},
-    "compute/goodput": {"algorithm": "sync", "controller": "goodput",
-                        "controller_args": {**ACCUMULATE, "lr_power": 0.5}},
+    "compute/sync-proportional": {"algorithm": "sync", "controller": {"name": "proportional", **ACCUMULATE}},
+    "compute/sync-proportional-nofloor": {"algorithm": "sync",
+                                          "controller": {"name": "proportional", **ACCUMULATE, "data_floor": 0.0}},
+    "compute/sync-reweighted": {"algorithm": "sync", "controller": {"name": "reweighted", **ACCUMULATE}},
+    "compute/goodput": {"algorithm": "sync", "controller": {"name": "goodput", **ACCUMULATE, "lr_power": 0.5}},
     "compute/learned": {"algorithm": "sync", "controller": "learned"},
     "wan/sync-uniform": {"algorithm": "sync", "controller": "uniform"},
-    "wan/sync-reweighted": {"algorithm": "sync", "controller": "reweighted", "controller_args": ACCUMULATE},
-    **{f"wan/local-H{h}": {"algorithm": "local", "controller": "reweighted", "local_steps": h,
-                           "controller_args": ACCUMULATE} for h in (1, 8, 32)},
+    "wan/sync-reweighted": {"algorithm": "sync", "controller": {"name": "reweighted", **ACCUMULATE}},
+    **{f"wan/local-H{h}": {"algorithm": "local", "controller": {"name": "reweighted", **ACCUMULATE}, "local_steps": h}
+       for h in (1, 8, 32)},
 }
 
 # Model sizes: the tiny CPU models (quick / full) and the ~100M-parameter accelerator run.

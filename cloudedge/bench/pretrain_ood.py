@@ -17,7 +17,7 @@ The protocol is fixed before any run (``docs/invariant-learning.md`` has the tab
   no image says which client it came from, so only a personalized model can use it.
 - **Grayscale oracle**: ERM on the same images with the colour removed (both channels equal).
 - **Model and recipe** (IRM's): MLP 392 -> hidden -> hidden -> 2, Adam (betas 0.9/0.999),
-  lr 4.9e-4, L2 1.1e-3 (``objective_args.l2``), full batches, 501 steps, penalty weight 91,257
+  lr 4.9e-4, L2 1.1e-3 (the objective's ``l2``), full batches, 501 steps, penalty weight 91,257
   from 38% of training (IRM's step 190 of 501, ``anneal_fraction``). The hidden width shrinks
   from 390 to 64 to fit the time budget (``hidden``); the results say which width ran.
 - **Two tables**: ``sync`` (each step the server averages every client's full-batch gradient: the
@@ -237,7 +237,7 @@ def run_config(setup: OODSetup, method: str, seed: int, table: str) -> RunConfig
         "pretrain": {
             "task": "classify", "encoder": "mlp", "workers": ["device"], "controller": "uniform",
             "optimizer": "adam", "lr": setup.lr, "weight_decay": 0.0, "grad_clip": None,
-            "objective": objective, "objective_args": {**args, "l2": setup.l2},
+            "objective": {"name": objective, **args, "l2": setup.l2},
             "eval_every": 10**9, "checkpoint_every": 10**9, **loop},
     })
 

@@ -39,8 +39,8 @@ AGGREGATORS: dict[str, dict[str, Any]] = {
     "multi_krum": {"n_byzantine": 2},  # averages the n - 2 best-scored updates
 }
 ATTACKS: dict[str, dict[str, Any]] = {
-    "signflip": {"kind": "signflip", "scale": 4.0},
-    "scaled": {"kind": "scaled", "scale": 10.0},
+    "signflip": {"kind": {"name": "signflip", "scale": 4.0}},
+    "scaled": {"kind": {"name": "scaled", "scale": 10.0}},
     "random": {"kind": "random"},
 }
 FRACTIONS = (0.1, 0.2, 0.3)
@@ -63,7 +63,7 @@ def bench_config(quick: bool, rounds: int | None = None) -> dict[str, Any]:
                   "channels": 1},
         "finetune": {
             "lora": {"rank": 2, "alpha": 4.0, "mode": "fedavg"},
-            "sync": {"policy": "hierfavg", "k1": 8, "k2": 1, "deadline_factor": None},
+            "sync": {"name": "hierfavg", "k1": 8, "k2": 1, "deadline_factor": None},
             "batch_size": 16, "optimizer": "adamw", "lr": 5e-2, "time_budget_s": 1e9,
             "max_cloud_rounds": rounds or (6 if quick else 10),
         },
@@ -92,7 +92,8 @@ def pretrain_base(model_cfg: Any, train: dict[str, torch.Tensor], steps: int, se
 def _case(raw: dict[str, Any], aggregator: str, attack: str | None, fraction: float, gate: bool = False,
           privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     ft = dict(raw["finetune"])
-    ft["robust"] = {"aggregator": aggregator, **AGGREGATORS[aggregator], "gate": {} if gate else {"norm_rule": "none"}}
+    ft["robust"] = {"aggregator": {"name": aggregator, **AGGREGATORS[aggregator]},
+                    "gate": {} if gate else {"norm_rule": "none"}}
     if attack is not None:
         ft["attack"] = {**ATTACKS[attack], "fraction": fraction, "seed": ATTACKER_SEED}
     if privacy is not None:

@@ -18,6 +18,7 @@ from cloudedge.config.finetune import FinetuneConfig
 from cloudedge.config.fleet import DeviceGroup, EdgeSpec, FleetConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.config.pretrain import PretrainConfig
+from cloudedge.config.profiles import check_fleet_profiles
 from cloudedge.config.run import EngineConfig, RunConfig
 from cloudedge.config.track import TrackConfig
 from cloudedge.errors import InputError
@@ -74,9 +75,7 @@ def _resolve_fleet_files(cfg: RunConfig) -> None:
 
 
 def _check_names(cfg: RunConfig, source: str) -> None:
-    """Names that only the registries know (profiles); checked here so the error names the field."""
-    from cloudedge.fleet.profiles import check_fleet_profiles
-
+    """Names that only the profile table knows; checked here so the error names the field."""
     check_fleet_profiles(cfg.fleet, source)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from cloudedge.config.base import StrictModel
 from cloudedge.config.data import DataConfig
 from cloudedge.config.model import ModelConfig
+from cloudedge.registry import plugin_choice
 
 
 class StreamSpec(StrictModel):
@@ -24,6 +25,9 @@ class StreamSpec(StrictModel):
 class AdaptConfig(StrictModel):
     """One adaptation run: which CLIP, which method, which stream on which edge, prompt sharing."""
 
+    moved_keys: ClassVar[dict[str, str]] = {
+        "method_args": "give the knobs with the method, e.g. method: {name: swapprompt, lr: 0.05}"}
+
     data: DataConfig | None = None
     model: ModelConfig | None = None
     checkpoint: str | None = Field(
@@ -31,8 +35,8 @@ class AdaptConfig(StrictModel):
         description="CLIP to adapt: a HF checkpoint dir (e.g. a downloaded ViT-B/16, or a pretrain run's "
                     "'model' dir), a pretrain run dir, or a .safetensors file of a kind-clip model; "
                     "default: model.path")
-    method: str = Field(default="swapprompt", description="zeroshot coop tpt swapprompt tda")
-    method_args: dict[str, Any] = Field(default_factory=dict, description="the method's keyword parameters")
+    method: plugin_choice("cloudedge.adapt.methods:METHODS") = Field(  # type: ignore[valid-type]
+        default="swapprompt", description="a name (zeroshot coop tpt swapprompt tda), or {name: ..., its knobs}")
     streams: list[StreamSpec] = Field(
         default_factory=lambda: [StreamSpec(corruption="gaussian_noise", severity=3)],
         description="edge i streams streams[i % len(streams)]")

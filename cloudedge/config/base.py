@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class StrictModel(BaseModel):
@@ -10,3 +12,16 @@ class StrictModel(BaseModel):
 
     # inf/nan are never a meaningful setting: reject them at the field that holds them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    # Keys a section no longer has -> where their setting went (an old config gets told, not just
+    # "extra inputs are not permitted").
+    moved_keys: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, where in cls.moved_keys.items():
+                if key in data:
+                    raise ValueError(f"'{key}' is no longer a key here: {where}")
+        return data

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from cloudedge.config.base import StrictModel
 from cloudedge.config.data import DataConfig
 from cloudedge.config.model import ModelConfig
-
-SyncName = Literal["fedavg2", "hierfavg", "tempo", "adaptive-interval", "autonomous"]
+from cloudedge.registry import plugin_choice
 
 
 class LoraSection(StrictModel):
@@ -19,28 +18,11 @@ class LoraSection(StrictModel):
     rank: int = Field(default=4, ge=1)
     alpha: float = Field(default=8.0, gt=0, description="scaling = alpha / rank")
     targets: list[str] | None = Field(default=None, description="module names; default per architecture")
-    mode: Literal["fedavg", "ffa", "product"] = "fedavg"
-    refactor: Literal["svd", "merge"] = Field(default="svd", description="product mode: SVD refactor or merge")
+    moved_keys: ClassVar[dict[str, str]] = {
+        "refactor": "give it with the mode, e.g. mode: {name: product, refactor: merge}"}
 
-
-class SyncSection(StrictModel):
-    """Synchronization policy and its knobs (docs/finetuning.md, "Synchronization policies")."""
-
-    policy: SyncName = "autonomous"
-    k1: int = Field(default=5, ge=1, description="local steps per edge round (fixed policies; autonomous: the median device's)")
-    k2: int = Field(default=2, ge=1, description="edge rounds per cloud sync (hierfavg, tempo base, adaptive-interval)")
-    deadline_factor: float | None = Field(
-        default=2.0, gt=0, description="edge-round deadline = factor x median device's k1-step time; null: none"
-    )
-    min_steps: int = Field(default=1, ge=1)
-    max_steps: int = Field(default=40, ge=1)
-    alpha: float = Field(default=1.0, gt=0, description="autonomous: weight of divergence against sync cost")
-    k2_max: int = Field(default=8, ge=1, description="autonomous: most edge rounds between cloud syncs")
-    margin: float = Field(default=0.9, gt=0, le=1, description="autonomous: share of the deadline a device plans to use")
-    sync_budget_bytes: float | None = Field(default=None, gt=0, description="autonomous: edge->cloud bytes per edge")
-    staleness_exponent: float = Field(
-        default=0.5, ge=0, description="autonomous: a in the merge weight w_e (1 + excess staleness)^-a (0: no discount)")
-    phi: float = Field(default=0.025, gt=0, description="adaptive-interval: Wang's control parameter")
+    mode: plugin_choice("cloudedge.finetune.lora:LORA_MODES") = Field(  # type: ignore[valid-type]
+        default="fedavg", description="fedavg | ffa | product (knob refactor: svd | merge): a name or {name: ...}")
 
 
 class GateSection(StrictModel):
@@ -58,23 +40,26 @@ class RobustSection(StrictModel):
     """Robust aggregation of device updates at the edge and edge updates at the cloud
     (docs/reliability.md, "Reliability in fine-tuning")."""
 
-    aggregator: Literal["mean", "trimmed_mean", "median", "krum", "multi_krum"] = Field(
-        default="mean", description="at the edge, over its devices' updates")
-    cloud_aggregator: Literal["mean", "trimmed_mean", "median", "krum", "multi_krum"] | None = Field(
+    moved_keys: ClassVar[dict[str, str]] = {
+        key: "give it with the aggregator, e.g. aggregator: {name: trimmed_mean, beta: 0.3}"
+        for key in ("beta", "n_byzantine", "m")}
+
+    aggregator: plugin_choice("cloudedge.aggregate:AGGREGATORS") = Field(  # type: ignore[valid-type]
+        default="mean", description="at the edge, over its devices' updates: a name or {name: ..., its knobs}")
+    cloud_aggregator: plugin_choice("cloudedge.aggregate:AGGREGATORS", optional=True) = Field(  # type: ignore[valid-type]
         default=None, description="at the cloud, over edge updates (barrier policies); null: same as aggregator")
-    beta: float = Field(default=0.1, ge=0, lt=0.5, description="trimmed_mean: share trimmed at each end")
-    n_byzantine: int = Field(default=1, ge=0, description="krum, multi_krum: f, the attackers tolerated")
-    m: int | None = Field(default=None, ge=1, description="multi_krum: updates averaged; null: n - f")
     gate: GateSection = Field(default_factory=GateSection)
 
 
 class AttackSection(StrictModel):
     """Simulated hostile devices, for experiments only (cloudedge.attacks)."""
 
-    kind: Literal["signflip", "scaled", "random", "nan"]
+    moved_keys: ClassVar[dict[str, str]] = {
+        key: "give it with the attack, e.g. kind: {name: scaled, scale: 10}" for key in ("scale", "std")}
+
+    kind: plugin_choice("cloudedge.attacks:ATTACKS") = Field(  # type: ignore[valid-type]
+        description="the attack: a name (signflip scaled random nan), or {name: ..., its knobs}")
     fraction: float = Field(default=0.2, ge=0, le=1, description="share of all devices that attack")
-    scale: float | None = Field(default=None, gt=0, description="signflip (1), scaled (10)")
-    std: float | None = Field(default=None, gt=0, description="random: entry std; null: the honest norm")
     seed: int = Field(default=0, ge=0, description="which devices attack")
 
 
@@ -107,6 +92,8 @@ class PrivacySection(StrictModel):
 
 
 class FinetuneConfig(StrictModel):
+    """One fine-tuning run: LoRA, sync policy, robustness, privacy, schedule."""
+
     data: DataConfig | None = None
     model: ModelConfig | None = None
     init: str | None = Field(
@@ -117,7 +104,9 @@ class FinetuneConfig(StrictModel):
         default="auto", description="ViT feature: the final CLS token, or the mean of all tokens; auto: mean for a "
                                     "cloudedge pre-training Classifier (pre-trained that way), else cls")
     lora: LoraSection = Field(default_factory=LoraSection)
-    sync: SyncSection = Field(default_factory=SyncSection)
+    sync: plugin_choice("cloudedge.finetune.sync:POLICIES") = Field(  # type: ignore[valid-type]
+        default="autonomous", description="synchronization policy: a name, or {name: ..., its knobs} "
+                                          "(docs/finetuning.md, \"Synchronization policies\")")
     participation: float = Field(default=1.0, gt=0, le=1, description="share of available devices per edge round")
     selection: SelectionSection = Field(default_factory=SelectionSection)
     batch_size: int = Field(default=16, ge=1)
@@ -143,21 +132,28 @@ class FinetuneConfig(StrictModel):
     memory_fraction: float = Field(default=0.5, gt=0, le=1,
                                    description="share of a device's memory fine-tuning may use")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_sync_policy_key(cls, data: Any) -> Any:
+        sync = data.get("sync") if isinstance(data, dict) else None
+        if isinstance(sync, dict) and "policy" in sync:
+            raise ValueError("sync.policy is no longer a key: name the policy with its knobs, e.g. "
+                             "sync: {name: autonomous, k1: 5, max_steps: 20}")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
-        if self.lora.mode == "product" and self.server_optimizer != "fedavg":
+        if self.lora.mode.name == "product" and self.server_optimizer != "fedavg":
             raise ValueError("lora.mode 'product' needs server_optimizer 'fedavg' (adapters are refactored)")
-        if self.sync.min_steps > self.sync.max_steps:
-            raise ValueError("sync.min_steps must be <= sync.max_steps")
-        if self.lora.mode == "product":
+        if self.lora.mode.name == "product":
             # product modes refactor the adapters, so per-tensor medians/trims and noise on the factors
             # have no meaning there (docs/reliability.md).
             for name, agg in (("aggregator", self.robust.aggregator), ("cloud_aggregator", self.robust.cloud_aggregator)):
-                if agg not in (None, "mean"):
-                    raise ValueError(f"robust.{name} '{agg}' needs lora.mode 'fedavg' or 'ffa' (got 'product')")
+                if agg is not None and agg.name != "mean":
+                    raise ValueError(f"robust.{name} '{agg.name}' needs lora.mode 'fedavg' or 'ffa' (got 'product')")
             if self.privacy is not None:
                 raise ValueError("privacy needs lora.mode 'fedavg' or 'ffa' (got 'product')")
-        if self.privacy is not None and self.privacy.mode == "central" and self.robust.aggregator != "mean":
+        if self.privacy is not None and self.privacy.mode == "central" and self.robust.aggregator.name != "mean":
             raise ValueError("robust.aggregator must be 'mean' with central privacy (DP-FedAvg's noise is "
                              "calibrated to a clipped sum); use privacy.mode 'local' for robust aggregation")
         return self

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from cloudedge.config.base import StrictModel
 from cloudedge.config.data import DataConfig
 from cloudedge.config.model import ModelConfig
+from cloudedge.registry import plugin_choice
 
 TierName = Literal["cloud", "edge", "device"]
 
 
 class PretrainConfig(StrictModel):
     """One pre-training run: task, algorithm, batch controller, objective, schedule, outputs."""
+
+    moved_keys: ClassVar[dict[str, str]] = {
+        "controller_args": "give the parameters with the controller, e.g. controller: {name: goodput, lr_power: 0.5}",
+        "objective_args": "give the parameters with the objective, e.g. objective: {name: irm, penalty_weight: 100}",
+    }
 
     data: DataConfig | None = None
     model: ModelConfig | None = None
@@ -39,8 +45,8 @@ class PretrainConfig(StrictModel):
     fednova: bool = Field(default=True, description="local: normalize updates by local steps when they differ")
 
     # Batches.
-    controller: Literal["uniform", "proportional", "reweighted", "goodput", "learned"] = "uniform"
-    controller_args: dict[str, float] = Field(default_factory=dict)
+    controller: plugin_choice("cloudedge.pretrain.batch:CONTROLLERS") = Field(  # type: ignore[valid-type]
+        default="uniform", description="batch controller: a name, or {name: ..., its parameters} (docs/pretraining.md)")
     global_batch: int = Field(default=32, ge=1, description="samples per step over all workers (sequences for lm)")
     memory_fraction: float = Field(
         default=0.5, gt=0, le=1, description="share of a node's memory that training may use")
@@ -56,8 +62,8 @@ class PretrainConfig(StrictModel):
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_rounds: int = Field(default=0, ge=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
-    objective: str = Field(default="erm", description="classify: erm irm vrex fedsr fediir pin")
-    objective_args: dict[str, float] = Field(default_factory=dict)
+    objective: plugin_choice("cloudedge.pretrain.objectives:OBJECTIVES") = Field(  # type: ignore[valid-type]
+        default="erm", description="classify: a name (erm irm vrex fedsr fediir pin), or {name: ..., its parameters}")
 
     # Where the math runs.
     device: Literal["cpu", "cuda", "auto"] = Field(
@@ -83,12 +89,4 @@ class PretrainConfig(StrictModel):
             raise ValueError("workers: name at least one tier")
         if len(set(self.workers)) != len(self.workers):
             raise ValueError("workers: a tier is named twice")
-        # The controller's knobs are checked when the config loads (names and ranges), not mid-run.
-        from cloudedge.errors import InputError
-        from cloudedge.pretrain.batch import get_controller
-
-        try:
-            get_controller(self.controller, self.global_batch, **self.controller_args)
-        except InputError as err:
-            raise ValueError(str(err).removeprefix("pretrain.")) from None
         return self

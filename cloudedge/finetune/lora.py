@@ -5,7 +5,9 @@ a linear task head; the frozen base never leaves it. The effective weight of an 
 ``W + s * B @ A`` with ``s = lora_alpha / r``.
 
 Averaging A and B separately is not the average of the products ``B @ A``: ``mean(B) mean(A) !=
-mean(B A)``. :func:`aggregate_lora` offers three modes (docs/finetuning.md, "LoRA aggregation"):
+mean(B A)``. :func:`aggregate_lora` offers three modes, registered in :data:`LORA_MODES` (a config
+says ``lora.mode: ffa`` or ``lora.mode: {name: product, refactor: merge}``; docs/finetuning.md,
+"LoRA aggregation"):
 
 - ``fedavg``: per-tensor weighted mean of A and of B (the common, inexact practice).
 - ``ffa``: A is frozen at its shared initialisation and only B is trained and averaged; then
@@ -23,13 +25,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
+
+from cloudedge.registry import Params, Registry
 
 Tensors = dict[str, torch.Tensor]
 
-LORA_MODES = ("fedavg", "ffa", "product")
-REFACTORS = ("svd", "merge")
+LORA_MODES: Registry[type[LoraMode]] = Registry("LoRA aggregation mode")
 A_SUFFIX = ".lora_A.default.weight"
 B_SUFFIX = ".lora_B.default.weight"
 BASE_DELTA_SUFFIX = ".base_delta"
@@ -74,6 +79,80 @@ def init_lora_a(shape: torch.Size | tuple[int, ...], generator: torch.Generator)
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).float()
 
 
+class LoraMode:
+    """How one LoRA layer's factors from several states combine (a config's ``lora.mode``)."""
+
+    name: ClassVar[str] = "base"
+    merges: bool = False  # True: the product goes into a dense ``base_delta`` and the factors restart
+
+    def combine(self, layer: str, a_list: list[torch.Tensor], b_list: list[torch.Tensor], w: list[float],
+                states: Sequence[Mapping[str, torch.Tensor]], keys: list[str], scaling: float,
+                gen: torch.Generator) -> Tensors:
+        """The layer's new tensors (its A and B keys; merge: also its ``base_delta``)."""
+        raise NotImplementedError
+
+
+@LORA_MODES.register("fedavg")
+class FedAvgMode(LoraMode):
+    """Per-tensor weighted mean of A and of B (the common, inexact practice)."""
+
+    name = "fedavg"
+
+    def combine(self, layer, a_list, b_list, w, states, keys, scaling, gen):  # noqa: D102
+        return {layer + A_SUFFIX: _wsum(a_list, w), layer + B_SUFFIX: _wsum(b_list, w)}
+
+
+@LORA_MODES.register("ffa")
+class FFAMode(LoraMode):
+    """A frozen at its shared initialisation, only B averaged: exact, half the bytes up."""
+
+    name = "ffa"
+
+    def combine(self, layer, a_list, b_list, w, states, keys, scaling, gen):  # noqa: D102
+        ka = layer + A_SUFFIX
+        for a in a_list[1:]:
+            if not torch.equal(a, a_list[0]):
+                raise ValueError(f"ffa: {ka} differs between states (A must stay frozen)")
+        return {ka: a_list[0].clone(), layer + B_SUFFIX: _wsum(b_list, w)}
+
+
+class ProductParams(Params):
+    refactor: Literal["svd", "merge"] = Field(
+        default="svd", description="svd: best rank-r factors of the mean product; merge: into a dense base_delta")
+
+
+@LORA_MODES.register("product", ProductParams)
+class ProductMode(LoraMode):
+    """The exact weighted mean of the products ``B_i A_i``, refactored (svd) or merged."""
+
+    name = "product"
+
+    def __init__(self, refactor: str):
+        self.refactor = ProductParams(refactor=refactor).refactor  # a ValueError names the known ones
+        self.merges = refactor == "merge"
+
+    def combine(self, layer, a_list, b_list, w, states, keys, scaling, gen):  # noqa: D102
+        ka, kb = layer + A_SUFFIX, layer + B_SUFFIX
+        prod = sum(wi * (b.double() @ a.double()) for wi, a, b in zip(w, a_list, b_list, strict=True))
+        rank = a_list[0].shape[0]
+        if self.refactor == "svd":
+            u, s, vh = torch.linalg.svd(prod, full_matrices=False)
+            root = s[:rank].sqrt()
+            return {kb: (u[:, :rank] * root).to(b_list[0].dtype), ka: (root[:, None] * vh[:rank]).to(a_list[0].dtype)}
+        kd = layer + BASE_DELTA_SUFFIX
+        old = sum(wi * s[kd].double() for wi, s in zip(w, states, strict=True)) if kd in keys else 0.0
+        return {kd: (old + scaling * prod).float(), ka: init_lora_a(a_list[0].shape, gen).to(a_list[0].dtype),
+                kb: torch.zeros_like(b_list[0])}
+
+
+def lora_mode(name: str, refactor: str = "svd") -> LoraMode:
+    """The mode called ``name``; ``refactor`` applies to the modes that take it (``product``)."""
+    if name not in LORA_MODES:
+        raise ValueError(f"unknown LoRA aggregation mode {name!r} (known: {tuple(LORA_MODES)})")
+    takes_refactor = "refactor" in LORA_MODES.params_model(name).model_fields
+    return LORA_MODES.get(name)(**({"refactor": refactor} if takes_refactor else {}))
+
+
 def aggregate_lora(
     states: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
@@ -90,10 +169,7 @@ def aggregate_lora(
     Non-LoRA tensors (the head, ``base_delta``) are always weighted sums. ``reinit_seed`` seeds
     the fresh A of ``product``/``merge`` so every node re-initialises identically.
     """
-    if mode not in LORA_MODES:
-        raise ValueError(f"unknown LoRA aggregation mode {mode!r} (known: {LORA_MODES})")
-    if refactor not in REFACTORS:
-        raise ValueError(f"unknown refactor {refactor!r} (known: {REFACTORS})")
+    how = lora_mode(mode, refactor)
     if len(states) != len(weights) or not states:
         raise ValueError("aggregate_lora: need one weight per state and at least one state")
     keys = list(states[0])
@@ -104,39 +180,17 @@ def aggregate_lora(
     w = [float(x) for x in weights]
     out: Tensors = {}
     lora_keys = {layer + sfx for layer in layers for sfx in (A_SUFFIX, B_SUFFIX)}
-    merged = mode == "product" and refactor == "merge"
     for k in keys:
         if k in lora_keys:
             continue
-        if merged and k.endswith(BASE_DELTA_SUFFIX):
+        if how.merges and k.endswith(BASE_DELTA_SUFFIX):
             continue  # filled below, together with the new products
         out[k] = _wsum([s[k] for s in states], w)
     gen = torch.Generator().manual_seed(int(reinit_seed))
     for layer in layers:
-        ka, kb = layer + A_SUFFIX, layer + B_SUFFIX
-        a_list, b_list = [s[ka] for s in states], [s[kb] for s in states]
-        if mode == "fedavg":
-            out[ka], out[kb] = _wsum(a_list, w), _wsum(b_list, w)
-        elif mode == "ffa":
-            for a in a_list[1:]:
-                if not torch.equal(a, a_list[0]):
-                    raise ValueError(f"ffa: {ka} differs between states (A must stay frozen)")
-            out[ka], out[kb] = a_list[0].clone(), _wsum(b_list, w)
-        else:
-            prod = sum(wi * (b.double() @ a.double()) for wi, a, b in zip(w, a_list, b_list, strict=True))
-            rank = a_list[0].shape[0]
-            if refactor == "svd":
-                u, s, vh = torch.linalg.svd(prod, full_matrices=False)
-                root = s[:rank].sqrt()
-                out[kb] = (u[:, :rank] * root).to(b_list[0].dtype)
-                out[ka] = (root[:, None] * vh[:rank]).to(a_list[0].dtype)
-            else:
-                kd = layer + BASE_DELTA_SUFFIX
-                old = sum(wi * s[kd].double() for wi, s in zip(w, states, strict=True)) if kd in keys else 0.0
-                out[kd] = (old + scaling * prod).float()
-                out[ka] = init_lora_a(a_list[0].shape, gen).to(a_list[0].dtype)
-                out[kb] = torch.zeros_like(b_list[0])
-    return {k: out[k] for k in _ordered_keys(keys, layers, merged)}
+        a_list, b_list = [s[layer + A_SUFFIX] for s in states], [s[layer + B_SUFFIX] for s in states]
+        out.update(how.combine(layer, a_list, b_list, w, states, keys, scaling, gen))
+    return {k: out[k] for k in _ordered_keys(keys, layers, how.merges)}
 
 
 def _ordered_keys(keys: list[str], layers: list[str], merged: bool) -> list[str]:

@@ -24,22 +24,18 @@ from typing import Any
 
 import torch
 
+from cloudedge.config.finetune import GateSection, RobustSection
 from cloudedge.errors import InputError
 from cloudedge.robust import GateResult, RobustAggregate, UpdateGate, robust_aggregate
 
 Tensors = dict[str, torch.Tensor]
 
-# Options each aggregator takes from the `finetune.robust` section.
-_AGG_OPTIONS: dict[str, tuple[str, ...]] = {
-    "mean": (), "trimmed_mean": ("beta",), "median": (), "krum": ("n_byzantine",),
-    "multi_krum": ("n_byzantine", "m"),
-}
 _GATE_KEYS = ("norm_rule", "max_norm_ratio", "max_norm", "min_updates", "mad_floor")
 # Fine-tuning's gate defaults (the config's): honest per-step norms of one round are tightly spread
 # (max / median <= 1.21 measured over 12 rounds), so MAD is tiny and `med + 5 MAD` with the shared
 # default floor (0.01 med) rejected honest updates 1.15x the median; a floor of 0.1 med puts the
 # bound at >= 1.5x the median, still far below a boosted update.
-GATE_DEFAULTS: dict[str, Any] = {"norm_rule": "mad", "max_norm_ratio": 5.0, "min_updates": 3, "mad_floor": 0.1}
+GATE_DEFAULTS: dict[str, Any] = {k: v for k, v in GateSection().model_dump().items() if v is not None}
 
 
 class UpdateGuard:
@@ -81,21 +77,27 @@ class UpdateGuard:
         return result
 
 
-def aggregator_options(name: str, robust_cfg: Mapping[str, Any], n_accepted: int) -> dict[str, Any]:
-    """The keyword options of aggregator ``name`` from the ``robust`` section (multi_krum's ``m``
-    defaults to ``n - f``, the updates Krum keeps when it expects ``f`` attackers)."""
-    opts: dict[str, Any] = {k: robust_cfg[k] for k in _AGG_OPTIONS[name] if robust_cfg.get(k) is not None}
-    if name == "multi_krum" and "m" not in opts:
-        opts["m"] = max(1, n_accepted - int(robust_cfg.get("n_byzantine", 1)))
-    return opts
+def robust_settings(robust: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The loop's plain form of the ``finetune.robust`` section (its dump; empty: the defaults):
+    ``aggregator`` and ``cloud_aggregator`` as ``{"name": ..., **knobs}`` (the cloud's is the
+    edge's when unset) and ``gate``."""
+    try:
+        section = RobustSection.model_validate(dict(robust or {}))
+    except ValueError as err:
+        raise InputError(f"finetune.robust: {err}") from None
+    edge = section.aggregator
+    cloud = section.cloud_aggregator or edge
+    return {"aggregator": {"name": edge.name, **edge.kwargs()}, "cloud_aggregator": {"name": cloud.name, **cloud.kwargs()},
+            "gate": section.gate.model_dump()}
 
 
 def robust_delta(guard: UpdateGuard, accepted: Mapping[Hashable, Tensors], weights: Mapping[Hashable, float],
-                 name: str, robust_cfg: Mapping[str, Any]) -> RobustAggregate:
-    """Aggregate already-gated ``accepted`` deltas with aggregator ``name`` (weights: only the mean
-    and multi_krum use them). Krum rules with too few updates fall back to the median (``note``)."""
-    opts = aggregator_options(name, robust_cfg, len(accepted))
-    return robust_aggregate(accepted, weights, name, gate=guard.structural, **opts)
+                 aggregator: Mapping[str, Any]) -> RobustAggregate:
+    """Aggregate already-gated ``accepted`` deltas with ``aggregator`` (``{"name": ..., **knobs}``;
+    weights: only the mean and multi_krum use them). Krum rules with too few updates fall back to
+    the median (``note``)."""
+    knobs = {k: v for k, v in aggregator.items() if k != "name"}
+    return robust_aggregate(accepted, weights, aggregator["name"], gate=guard.structural, **knobs)
 
 
 def stale_weight(staleness: int, decay: float) -> float:

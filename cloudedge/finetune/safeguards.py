@@ -19,14 +19,19 @@ from cloudedge.errors import InputError
 from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, aggregate_lora, sent_keys
 from cloudedge.finetune.messages import CLOUD
 from cloudedge.finetune.metrics import Tally
-from cloudedge.finetune.reliability import PrivacyLedger, UpdateGuard, check_memory, memory_need, robust_delta
+from cloudedge.finetune.reliability import (
+    PrivacyLedger,
+    UpdateGuard,
+    check_memory,
+    memory_need,
+    robust_delta,
+    robust_settings,
+)
 from cloudedge.finetune.streams import stable_index
 from cloudedge.fleet import Fleet
 from cloudedge.fleet.topology import Node
 
 Tensors = dict[str, torch.Tensor]
-ROBUST_DEFAULTS: dict[str, Any] = {"aggregator": "mean", "cloud_aggregator": None, "beta": 0.1, "n_byzantine": 1,
-                                   "m": None, "gate": {}}
 
 
 class Safeguards:
@@ -46,9 +51,9 @@ class Safeguards:
         extra = sum(v.numel() * v.element_size() for k, v in layout.items() if k.endswith(BASE_DELTA_SUFFIX))
         self.memory_need = memory_need(charged, s.optimizer, extra)
         check_memory(fleet, self.memory_need, s.memory_fraction, s.batch_size)
-        self.robust = {**ROBUST_DEFAULTS, **s.robust}
-        self.edge_aggregator = self.robust["aggregator"]
-        self.cloud_aggregator = self.robust["cloud_aggregator"] or self.edge_aggregator
+        self.robust = robust_settings(s.robust)
+        self.edge_aggregator = self.robust["aggregator"]["name"]
+        self.cloud_aggregator = self.robust["cloud_aggregator"]["name"]
         if s.lora_mode == "product" and {self.edge_aggregator, self.cloud_aggregator} != {"mean"}:
             raise InputError("finetune.robust.aggregator: robust aggregators need lora.mode 'fedavg' or 'ffa' "
                              "(product mode refactors the adapters)")
@@ -62,7 +67,9 @@ class Safeguards:
         self.attackers: list[str] = []
         if s.attack is not None:
             a = s.attack
-            self.attack_opts = {"kind": a["kind"], **{k: a[k] for k in ("scale", "std") if a.get(k) is not None}}
+            # The attack's own knobs: everything but who attacks (fraction, seed); unset ones keep their defaults.
+            self.attack_opts = {"kind": a["kind"], **{k: v for k, v in a.items()
+                                                      if k not in ("kind", "fraction", "seed") and v is not None}}
             apply_attack(a["kind"], {"x": torch.ones(1)}, seed=0,  # options checked now, not mid-run
                          **{k: v for k, v in self.attack_opts.items() if k != "kind"})
             self.attackers = [str(d) for d in choose_attackers([d.id for d in fleet.devices],
@@ -127,7 +134,7 @@ class Safeguards:
             reinit_seed = (s.seed * 100_003 + stable_index(agg_id) * 7_919 + version * 31) % (2**31)
             return aggregate_lora([plus(received, accepted[i]) for i in ids], [weights[i] / total for i in ids],
                                   s.lora_mode, scaling=self.scaling, refactor=s.refactor, reinit_seed=reinit_seed)
-        out = robust_delta(self.device_guard, accepted, weights, self.edge_aggregator, self.robust)
+        out = robust_delta(self.device_guard, accepted, weights, self.robust["aggregator"])
         assert out.delta is not None
         return plus(received, out.delta)
 
@@ -146,7 +153,7 @@ class Safeguards:
             return aggregate_lora([states[i] for i in ok], [weights[i] / total for i in ok], self.s.lora_mode,
                                   scaling=self.scaling, refactor=self.s.refactor, reinit_seed=reinit_seed())
         out = robust_delta(self.cloud_guard, {edge_ids[i]: deltas[edge_ids[i]] for i in ok},
-                           {edge_ids[i]: weights[i] for i in ok}, self.cloud_aggregator, self.robust)
+                           {edge_ids[i]: weights[i] for i in ok}, self.robust["cloud_aggregator"])
         assert out.delta is not None
         return plus(pulled, out.delta)
 

@@ -15,13 +15,16 @@ import torch
 
 from cloudedge.config import RunConfig
 from cloudedge.config.data import DataConfig
+from cloudedge.config.finetune import AttackSection
 from cloudedge.config.model import ModelConfig
 from cloudedge.device import resolve_device
 from cloudedge.errors import InputError
 from cloudedge.finetune.loop import FinetuneSettings, HierFinetune, TaskData
 from cloudedge.finetune.model import LoraClassifier, build_lora_classifier, load_base_tensors
+from cloudedge.finetune.sync import POLICIES
 from cloudedge.fleet import Fleet
 from cloudedge.models.inputs import ImageSpec, check_images, config_image_spec, convert_channels
+from cloudedge.registry import Choice
 from cloudedge.track.stage_run import run_stage_into
 
 STAGE = "finetune"
@@ -99,7 +102,7 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         "pooling": feature_pooling(fcfg.pooling, model_cfg, base_tensors),
         "model": model_cfg.model_dump(), "base_dir": cfg.base_dir, "seed": cfg.seed,
         "n_classes": len(train.classes), "rank": fcfg.lora.rank, "alpha": fcfg.lora.alpha,
-        "targets": fcfg.lora.targets, "mode": fcfg.lora.mode, "base_tensors": base_tensors,
+        "targets": fcfg.lora.targets, "mode": fcfg.lora.mode.name, "base_tensors": base_tensors,
         "base_source": fcfg.init or "base model",
     }
     from cloudedge.models.charge import resolve_charge
@@ -124,29 +127,28 @@ def feature_pooling(pooling: str, model_cfg: ModelConfig, base_tensors: dict[str
     return "cls"
 
 
-def settings_from_config(cfg: RunConfig, policy: str | None = None) -> FinetuneSettings:
-    """The loop's settings from the ``finetune`` section (``policy`` overrides ``sync.policy``)."""
+def settings_from_config(cfg: RunConfig, policy: str | dict[str, Any] | Choice | None = None) -> FinetuneSettings:
+    """The loop's settings from the ``finetune`` section.
+
+    ``policy`` overrides ``sync``: a mapping or :class:`Choice` as is; a bare name keeps the
+    config's values of the knobs that policy takes (so one schedule, ``k1``/``k2``/deadline,
+    compares several policies), its other knobs at their defaults.
+    """
     f = cfg.finetune
     assert f is not None
-    sync = f.sync
-    kw = {"k1": sync.k1, "k2": sync.k2, "deadline_factor": sync.deadline_factor, "min_steps": sync.min_steps,
-          "max_steps": sync.max_steps}
-    name = policy or sync.policy
-    if name == "autonomous":
-        kw.update(alpha=sync.alpha, k2_max=sync.k2_max, margin=sync.margin, sync_budget_bytes=sync.sync_budget_bytes,
-                  staleness_exponent=sync.staleness_exponent)
-    if name == "adaptive-interval":
-        kw.update(phi=sync.phi)
+    sync = f.sync if policy is None else switch_policy(f.sync, policy)
     resolve_device(f.device, f"{STAGE}.device")  # fails here, at the coordinator; each worker's host resolves its own
     return FinetuneSettings(
-        policy=name, policy_kwargs=kw, lora_mode=f.lora.mode, refactor=f.lora.refactor, batch_size=f.batch_size,
+        # The mode's knobs (product: refactor) are settings fields of the same names.
+        policy=sync.name, policy_kwargs=sync.kwargs(), lora_mode=f.lora.mode.name, **f.lora.mode.kwargs(),
+        batch_size=f.batch_size,
         optimizer=f.optimizer, lr=f.lr, server_optimizer=f.server_optimizer, server_lr=f.server_lr,
         compression=f.compression, participation=f.participation, time_budget_s=f.time_budget_s,
         device=f.device,
         max_cloud_rounds=f.max_cloud_rounds, target_accuracy=f.target_accuracy, eval_max=f.eval_max,
         eval_every_s=f.eval_every_s,
         checkpoint_every=f.checkpoint_every, seed=cfg.seed,
-        robust=f.robust.model_dump(), attack=None if f.attack is None else f.attack.model_dump(),
+        robust=f.robust.model_dump(), attack=None if f.attack is None else attack_settings(f.attack),
         churn=f.churn.model_dump(), privacy=None if f.privacy is None else f.privacy.model_dump(),
         memory_fraction=f.memory_fraction, goal=f.selection.goal, over_selection=f.selection.over_selection)
 
@@ -159,7 +161,27 @@ class FinetuneResult:
     state: dict[str, torch.Tensor]  # the global adapter state
 
 
-def finetune(cfg: RunConfig, run_dir: Any, engine: Any, resume: bool = False, policy: str | None = None,
+def attack_settings(attack: AttackSection) -> dict[str, Any]:
+    """The loop's plain form of ``finetune.attack``: ``kind`` (the name), the knobs set away from their
+    defaults (the attack applies its own defaults, so a NaN default never travels as data), who attacks."""
+    return {"kind": attack.kind.name, **attack.kind.changed(), "fraction": attack.fraction, "seed": attack.seed}
+
+
+def switch_policy(sync: Choice, policy: str | dict[str, Any] | Choice) -> Choice:
+    """The sync choice ``policy`` names (see :func:`settings_from_config`); an InputError when bad."""
+    try:
+        if isinstance(policy, str):
+            if policy not in POLICIES:
+                return POLICIES.choice(policy)  # raises: the unknown name and the known ones
+            fields = POLICIES.params_model(policy).model_fields
+            return POLICIES.choice({"name": policy, **{k: v for k, v in sync.kwargs().items() if k in fields}})
+        return POLICIES.choice(policy)
+    except ValueError as err:
+        raise InputError(f"{STAGE}.sync: {err}") from None
+
+
+def finetune(cfg: RunConfig, run_dir: Any, engine: Any, resume: bool = False,
+             policy: str | dict[str, Any] | Choice | None = None,
              base_tensors: dict[str, torch.Tensor] | None = None, progress: Any = None) -> FinetuneResult:
     """Fine-tune as ``cfg.finetune`` says; logs to ``run_dir`` (a RunDir or None) and checkpoints there."""
     if cfg.finetune is None:

@@ -16,6 +16,12 @@ The class attribute ``topology`` names how the cloud gets its updates (a class o
 aggregates), ``two_tier`` (devices talk to the cloud directly, no edge aggregation) or
 ``autonomous`` (each edge merges into the global model on its own schedule). The exact rules,
 their inputs and why are in docs/finetuning.md ("Synchronization policies").
+
+Policies register by name in :data:`POLICIES`, each with its parameter model (a subclass of
+:class:`SyncParams`: the knobs, their defaults and ranges). A config names one as
+``sync: autonomous`` or ``sync: {name: autonomous, k1: 5, max_steps: 20}``. Besides its knobs a
+policy gets the run's context: ``time_budget_s`` (virtual seconds of the run) and ``lr`` (the
+devices' learning rate).
 """
 
 from __future__ import annotations
@@ -24,7 +30,43 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import Field, model_validator
+
 from cloudedge.errors import InputError
+from cloudedge.registry import Params, Registry
+
+POLICIES: Registry[type[SyncPolicy]] = Registry("sync policy")
+
+
+class SyncParams(Params):
+    """Knobs every policy takes: the fixed schedule and the straggler rule."""
+
+    k1: int = Field(default=5, ge=1, description="local steps per edge round (fixed policies; autonomous: the "
+                                                 "median device's)")
+    k2: int = Field(default=2, ge=1, description="edge rounds per cloud sync (hierfavg, tempo base, adaptive-interval)")
+    deadline_factor: float | None = Field(
+        default=2.0, gt=0, description="edge-round deadline = factor x median device's k1-step time; null: none")
+    min_steps: int = Field(default=1, ge=1, description="fewest local steps a device runs (autonomous: else it sits out)")
+    max_steps: int = Field(default=40, ge=1, description="most local steps a device runs (adaptive policies)")
+
+    @model_validator(mode="after")
+    def _steps_ordered(self) -> SyncParams:
+        if self.min_steps > self.max_steps:
+            raise ValueError("min_steps must be <= max_steps")
+        return self
+
+
+class AdaptiveIntervalParams(SyncParams):
+    phi: float = Field(default=0.025, gt=0, description="Wang's control parameter")
+
+
+class AutonomousParams(SyncParams):
+    alpha: float = Field(default=1.0, gt=0, description="weight of divergence against sync cost")
+    k2_max: int = Field(default=8, ge=1, description="most edge rounds between cloud syncs")
+    margin: float = Field(default=0.9, gt=0, le=1, description="share of the deadline a device plans to use")
+    sync_budget_bytes: float | None = Field(default=None, gt=0, description="edge->cloud bytes per edge over the run")
+    staleness_exponent: float = Field(
+        default=0.5, ge=0, description="a in the merge weight w_e (1 + excess staleness)^-a (0: no discount)")
 
 
 @dataclass(frozen=True)
@@ -85,12 +127,23 @@ class SyncPolicy:
     name: ClassVar[str] = "base"
     topology: ClassVar[str] = "barrier"  # a name in cloudedge.finetune.topologies.TOPOLOGIES
     needs_grad_stats: ClassVar[bool] = False
+    # The knobs of SyncParams (subclasses annotate their own), set from the validated parameters.
+    k1: int
+    k2: int
+    deadline_factor: float | None
+    min_steps: int
+    max_steps: int
 
-    def __init__(self, k1: int = 5, k2: int = 2, deadline_factor: float | None = 2.0,
-                 min_steps: int = 1, max_steps: int = 50, **_: Any):
-        self.k1, self.k2 = int(k1), int(k2)
-        self.deadline_factor = deadline_factor
-        self.min_steps, self.max_steps = int(min_steps), int(max_steps)
+    def __init__(self, *, time_budget_s: float = 100.0, lr: float = 0.01, **knobs: Any):
+        """``knobs`` are validated by the policy's registered parameter model (unknown ones are an
+        InputError naming ``finetune.sync``) and become attributes of the same names."""
+        try:
+            params = POLICIES.validate_params(self.name, knobs)
+        except ValueError as err:
+            raise InputError(f"finetune.sync: {err}") from None
+        for key in type(params).model_fields:
+            setattr(self, key, getattr(params, key))
+        self.time_budget_s, self.lr = float(time_budget_s), float(lr)
 
     def deadline(self, edge: EdgeObs) -> float | None:
         """``deadline_factor`` x the median device's expected round time for ``k1`` steps (None:
@@ -122,6 +175,7 @@ class SyncPolicy:
         """Restore :meth:`state_dict` output."""
 
 
+@POLICIES.register("fedavg2", SyncParams)
 class FedAvg2(SyncPolicy):
     """Two-tier FedAvg: devices run ``k1`` local steps and send to the cloud; no edge tier."""
 
@@ -132,12 +186,14 @@ class FedAvg2(SyncPolicy):
         return True
 
 
+@POLICIES.register("hierfavg", SyncParams)
 class HierFAVG(SyncPolicy):
     """HierFAVG (Liu et al. 2020): ``k1`` local steps per edge round, ``k2`` edge rounds per cloud sync."""
 
     name = "hierfavg"
 
 
+@POLICIES.register("tempo", SyncParams)
 class Tempo(SyncPolicy):
     """Tempo-style: the cloud gives each edge its number of edge rounds from the log of its divergence.
 
@@ -198,6 +254,7 @@ def wang_tau(*, beta: float, rho: float, delta: float, eta: float, phi: float, c
     return best_tau
 
 
+@POLICIES.register("adaptive-interval", AdaptiveIntervalParams)
 class AdaptiveInterval(SyncPolicy):
     """Wang et al.'s budgeted adaptive interval, applied per edge to the local-step count ``tau``.
 
@@ -210,9 +267,10 @@ class AdaptiveInterval(SyncPolicy):
     name = "adaptive-interval"
     needs_grad_stats = True
 
-    def __init__(self, lr: float = 0.01, phi: float = 0.025, time_budget_s: float = 100.0, **kw: Any):
+    phi: float
+
+    def __init__(self, **kw: Any):
         super().__init__(**kw)
-        self.eta, self.phi, self.budget = float(lr), float(phi), float(time_budget_s)
         self.tau_of: dict[str, int] = {}
 
     def device_steps(self, edge_id: str, device: DeviceObs, deadline_s: float | None) -> int:
@@ -235,9 +293,9 @@ class AdaptiveInterval(SyncPolicy):
         mean_grad = sum(pi * d.grad_start for pi, d in zip(p, devs, strict=True))
         delta = sum(pi * float((d.grad_start - mean_grad).norm()) for pi, d in zip(p, devs, strict=True))
         prev = self.tau_of.get(edge_id, self.k1)
-        self.tau_of[edge_id] = wang_tau(beta=beta, rho=rho, delta=delta, eta=self.eta, phi=self.phi,
+        self.tau_of[edge_id] = wang_tau(beta=beta, rho=rho, delta=delta, eta=self.lr, phi=self.phi,
                                         c=stats.local_step_s, b=stats.agg_s,
-                                        remaining_s=self.budget - stats.now, tau_prev=prev,
+                                        remaining_s=self.time_budget_s - stats.now, tau_prev=prev,
                                         tau_cap=min(100, self.max_steps))
 
     def state_dict(self) -> dict[str, Any]:
@@ -247,6 +305,7 @@ class AdaptiveInterval(SyncPolicy):
         self.tau_of = {str(k): int(v) for k, v in state.get("tau_of", {}).items()}
 
 
+@POLICIES.register("autonomous", AutonomousParams)
 class Autonomous(SyncPolicy):
     """Ours (after Tomtit): every device and every edge sets its own schedule; no global k1, k2.
 
@@ -278,13 +337,14 @@ class Autonomous(SyncPolicy):
     name = "autonomous"
     topology = "autonomous"
 
-    def __init__(self, alpha: float = 1.0, k2_max: int = 8, margin: float = 0.9,
-                 sync_budget_bytes: float | None = None, time_budget_s: float = 100.0,
-                 staleness_exponent: float = 0.5, **kw: Any):
+    alpha: float
+    k2_max: int
+    margin: float
+    sync_budget_bytes: float | None
+    staleness_exponent: float
+
+    def __init__(self, **kw: Any):
         super().__init__(**kw)
-        self.alpha, self.k2_max, self.margin = float(alpha), int(k2_max), float(margin)
-        self.staleness_exponent = float(staleness_exponent)
-        self.sync_budget_bytes, self.time_budget_s = sync_budget_bytes, float(time_budget_s)
         self.disagreement_of: dict[str, float] = {}  # the cloud's last nu_e, per edge
         self.rounds_of: dict[str, int] = {}  # the k_e that nu_e was measured over
         self.k2_of: dict[str, int] = {}
@@ -381,18 +441,12 @@ def disagreement(change: dict[str, Any], others: dict[str, Any]) -> float | None
     return 1.0 - dot / math.sqrt(na * nb)
 
 
-POLICIES: dict[str, type[SyncPolicy]] = {
-    p.name: p for p in (FedAvg2, HierFAVG, Tempo, AdaptiveInterval, Autonomous)
-}
-
-
 def make_policy(name: str, **kw: Any) -> SyncPolicy:
-    """The policy called ``name`` (``finetune.sync``), built with the options it uses."""
-    try:
-        cls = POLICIES[name]
-    except KeyError:
-        raise InputError(f"finetune.sync: unknown policy '{name}' (known: {', '.join(POLICIES)})") from None
-    return cls(**kw)
+    """The policy called ``name`` (``finetune.sync``), built with its knobs and the run's context
+    (``time_budget_s``, ``lr``)."""
+    if name not in POLICIES:
+        raise InputError(f"finetune.sync: unknown sync policy {name!r} (known: {', '.join(POLICIES)})")
+    return POLICIES.get(name)(**kw)
 
 
 def _median(xs: list[float]) -> float:

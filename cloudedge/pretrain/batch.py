@@ -8,23 +8,33 @@ Every controller has the same two verbs, called by the loop each round:
   and communication seconds, batch, squared gradient norm), to adapt the next plan.
 
 ``get_state()/set_state()`` hand the controller's memory to checkpoints (tensors + JSON), so a
-resumed run decides exactly as an uninterrupted one. Controllers by name (``get_controller``):
-``uniform``, ``proportional``, ``reweighted``, ``goodput``, ``learned``. The exact rules are in
-docs/pretraining.md.
+resumed run decides exactly as an uninterrupted one. Controllers register by name in
+:data:`CONTROLLERS` with their parameter model (``uniform``, ``proportional``, ``reweighted``,
+``goodput``, ``learned``); a config names one as ``controller: goodput`` or
+``controller: {name: goodput, lr_power: 0.5}``. The exact rules are in docs/pretraining.md.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from cloudedge.errors import InputError
+from cloudedge.registry import Params, Registry
+
+CONTROLLERS: Registry[type[BatchController]] = Registry("batch controller")
+
+
+class ControllerParams(Params):
+    """Knobs every controller takes."""
+
+    min_batch: int = Field(default=1, ge=1, description="smallest batch a participant gets")
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,7 @@ class BatchController:
         """Restore what :meth:`get_state` returned."""
 
 
+@CONTROLLERS.register("uniform", ControllerParams)
 class UniformController(BatchController):
     """Every available worker gets the same batch: global_batch / n (the DDP default)."""
 
@@ -238,6 +249,20 @@ def cap_by_memory(batches: dict[str, float], caps: dict[str, int], total: float)
     return out
 
 
+class ThroughputShareParams(ControllerParams):
+    """Knobs of the controllers that deal batches by measured throughput (``reweighted``'s own)."""
+
+    dead_band: float = Field(default=0.1, ge=0, description="relative change below which a worker keeps its batch")
+    smoothing: float = Field(default=0.5, ge=0, lt=1, description="EMA weight of the old throughput estimate")
+    memory_cap: bool = Field(default=True, description="cap batches at what fits in memory (false: accumulate)")
+
+
+class ProportionalParams(ThroughputShareParams):
+    data_floor: float = Field(default=0.5, ge=0, le=1,
+                              description="share of the global batch dealt by shard size before water-filling")
+
+
+@CONTROLLERS.register("proportional", ProportionalParams)
 class ProportionalController(BatchController):
     """b_i from measured throughput so all workers finish a step together, capped by memory.
 
@@ -255,10 +280,10 @@ class ProportionalController(BatchController):
     name = "proportional"
 
     def __init__(self, global_batch: int, min_batch: int = 1, dead_band: float = 0.1,
-                 smoothing: float = 0.5, memory_cap: bool = True, data_floor: float = 0.5, **kw: Any):
-        super().__init__(global_batch, min_batch, **kw)
+                 smoothing: float = 0.5, memory_cap: bool = True, data_floor: float = 0.5):
+        super().__init__(global_batch, min_batch)
         if not 0.0 <= float(data_floor) <= 1.0:
-            raise InputError(f"pretrain.controller_args.data_floor: must be in [0, 1], got {data_floor}")
+            raise InputError(f"pretrain.controller.data_floor: must be in [0, 1], got {data_floor}")
         self.data_floor = float(data_floor)
         self.dead_band = float(dead_band)
         self.memory_cap = bool(memory_cap)
@@ -310,6 +335,8 @@ class ProportionalController(BatchController):
         self.previous = {k: int(v) for k, v in state.get("previous", {}).items()}
 
 
+# No data floor: every shard keeps its weight by reweighting.
+@CONTROLLERS.register("reweighted", ThroughputShareParams)
 class ReweightedController(ProportionalController):
     """Batches follow speed; each worker's gradient is weighted by its data share, not its batch.
 
@@ -327,12 +354,10 @@ class ReweightedController(ProportionalController):
 
     name = "reweighted"
 
-    def __init__(self, global_batch: int, min_batch: int = 1, **kw: Any):
-        kw.setdefault("data_floor", 0.0)
-        super().__init__(global_batch, min_batch, **kw)
-        if self.data_floor > 0:
-            raise InputError("pretrain.controller_args.data_floor: 'reweighted' keeps every shard by its weights; "
-                             "it takes no data floor")
+    def __init__(self, global_batch: int, min_batch: int = 1, dead_band: float = 0.1, smoothing: float = 0.5,
+                 memory_cap: bool = True):
+        super().__init__(global_batch, min_batch, dead_band=dead_band, smoothing=smoothing,
+                         memory_cap=memory_cap, data_floor=0.0)
 
     def real_split(self, total: float, workers: list[WorkerInfo]) -> dict[str, float]:
         real = super().real_split(total, workers)
@@ -372,6 +397,14 @@ def noise_regression(batches: list[int], sq_norms: list[float]) -> tuple[float, 
     return float(intercept), float(slope)
 
 
+class GoodputParams(ProportionalParams):
+    max_global_batch: int | None = Field(default=None, ge=1, description="largest global batch (default 8 B)")
+    min_global_batch: int | None = Field(default=None, ge=1, description="smallest global batch (default B / 4)")
+    ema: float = Field(default=0.8, ge=0, lt=1, description="EMA weight of the old noise-scale estimates")
+    lr_power: float = Field(default=1.0, ge=0, description="exponent on AdaScale's gain (1: SGD; 0.5 suits Adam)")
+
+
+@CONTROLLERS.register("goodput", GoodputParams)
 class GoodputController(ProportionalController):
     """Global batch M from the gradient noise scale (Pollux goodput), split proportionally.
 
@@ -387,8 +420,8 @@ class GoodputController(ProportionalController):
 
     def __init__(self, global_batch: int, min_batch: int = 1, max_global_batch: int | None = None,
                  min_global_batch: int | None = None, ema: float = 0.8, lr_power: float = 1.0,
-                 **kw: Any):
-        super().__init__(global_batch, min_batch, **kw)
+                 **proportional: Any):
+        super().__init__(global_batch, min_batch, **proportional)
         self.base_batch = int(global_batch)  # M0: the batch the base lr was tuned for
         self.max_global = int(max_global_batch or 8 * global_batch)
         self.min_global = int(min_global_batch or max(1, global_batch // 4))
@@ -478,6 +511,19 @@ class _PolicyNet(nn.Module):
         return self.net(feats)
 
 
+class LearnedParams(ControllerParams):
+    levels: tuple[float, ...] = Field(default=(0.0, 0.25, 0.5, 1.0, 2.0, 4.0), min_length=2,
+                                      description="batch levels, times the uniform share B/n (0: sit out)")
+    lr: float = Field(default=0.02, gt=0, description="Adam's learning rate for the policy")
+    horizon: int = Field(default=20, ge=1, description="rounds per simulated episode")
+    seed: int | None = Field(default=None, ge=0, description="policy init and simulator draws (default: the run's seed)")
+    hidden: int = Field(default=16, ge=1, description="policy MLP width")
+    episodes: int = Field(default=1000, ge=0, description="offline training episodes")
+    noise_scale: float | None = Field(default=None, ge=0, description="B_noise of the reward (default: B)")
+    cache: bool = Field(default=True, description="reuse the policy trained for the same setup")
+
+
+@CONTROLLERS.register("learned", LearnedParams)
 class LearnedController(BatchController):
     """A policy-gradient agent that picks participants and per-worker batches; trained offline.
 
@@ -503,13 +549,10 @@ class LearnedController(BatchController):
 
     def __init__(self, global_batch: int, min_batch: int = 1,
                  levels: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0), lr: float = 0.02,
-                 horizon: int = 20, seed: int = 0, hidden: int = 16, episodes: int = 1000,
-                 noise_scale: float | None = None, cache: bool = True, **kw: Any):
-        super().__init__(global_batch, min_batch, **kw)
-        if int(episodes) < 0:
-            raise InputError(f"pretrain.controller_args.episodes: must be >= 0, got {episodes}")
-        if noise_scale is not None and float(noise_scale) < 0:
-            raise InputError(f"pretrain.controller_args.noise_scale: must be >= 0, got {noise_scale}")
+                 horizon: int = 20, seed: int | None = 0, hidden: int = 16, episodes: int = 1000,
+                 noise_scale: float | None = None, cache: bool = True):
+        super().__init__(global_batch, min_batch)
+        seed = 0 if seed is None else seed
         self.levels = tuple(float(x) for x in levels)
         self.sim_horizon = max(1, int(horizon))
         self.episodes = int(episodes)
@@ -593,34 +636,11 @@ class LearnedController(BatchController):
         self.curve = [float(x) for x in state.get("curve", [])]
 
 
-CONTROLLERS: dict[str, type[BatchController]] = {
-    c.name: c for c in (UniformController, ProportionalController, ReweightedController, GoodputController,
-                         LearnedController)
-}
-
-
 def get_controller(name: str, global_batch: int, **params: Any) -> BatchController:
-    """A controller by name; unknown names are an InputError listing the known ones."""
+    """A controller by name with ``params`` validated by its parameter model (an InputError naming
+    ``pretrain.controller`` and the known names or parameters)."""
     try:
-        cls = CONTROLLERS[name]
-    except KeyError:
-        raise InputError(f"pretrain.controller: unknown controller {name!r} (known: {', '.join(CONTROLLERS)})") from None
-    known = _accepted_params(cls)
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise InputError(f"pretrain.controller_args: {unknown[0]!r} is not a parameter of controller {name!r} "
-                         f"(known: {', '.join(sorted(known))})")
-    return cls(global_batch, **params)
-
-
-def _accepted_params(cls: type) -> set[str]:
-    """Keyword parameters of ``cls`` and its bases' constructors (they pass ``**kw`` upward)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None or klass is object:
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD:
-                names.add(p.name)
-    return names - {"self", "global_batch"}
+        choice = CONTROLLERS.choice({"name": name, **params})
+    except ValueError as err:
+        raise InputError(f"pretrain.controller: {err}") from None
+    return CONTROLLERS.build(choice, global_batch)

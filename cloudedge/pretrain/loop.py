@@ -37,7 +37,7 @@ from cloudedge.fleet.clock import transfer_seconds
 from cloudedge.models.charge import cost_model_summary, resolve_charge
 from cloudedge.models.inputs import ImageSpec, check_images, convert_channels
 from cloudedge.perf import stage_peak_size, utilization_fields
-from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerInfo, get_controller
+from cloudedge.pretrain.batch import CONTROLLERS, BatchController, Observation, Plan, WorkerInfo
 from cloudedge.pretrain.costs import charged_costs, trained_costs
 from cloudedge.pretrain.tasks import build_task_model, evaluate_loss
 from cloudedge.pretrain.workers import PretrainWorker, build_optimizer, trainable
@@ -293,7 +293,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     """
     pcfg = with_overrides(cfg.pretrain or PretrainConfig(), overrides, STAGE)
     model_cfg = cfg.stage_model(STAGE)
-    method = method or f"{pcfg.algorithm}-{pcfg.controller}"
+    method = method or f"{pcfg.algorithm}-{pcfg.controller.name}"
     seq_len = pcfg.seq_len or model_cfg.context
     if pcfg.task == "lm" and seq_len > model_cfg.context:
         raise InputError(f"pretrain.seq_len: {seq_len} exceeds model.context ({model_cfg.context})")
@@ -314,7 +314,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     if pcfg.task == "classify":
         from cloudedge.pretrain.objectives import get_objective
 
-        objective = get_objective(pcfg.objective, total_steps=objective_steps(pcfg), **pcfg.objective_args)
+        objective = get_objective(pcfg.objective.name, total_steps=objective_steps(pcfg), **pcfg.objective.kwargs())
     model = build_task_model(pcfg.task, model_cfg, n_classes=data.n_classes, encoder=encoder,  # type: ignore[arg-type]
                              seed=cfg.seed, objective=objective, base_dir=cfg.base_dir)
     model.to(device).train()  # the coordinator's copy: aggregation, optimizer step and evaluation run there
@@ -348,7 +348,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         engine.register(node.id, WorkerSpec(PretrainWorker, {
             "worker_id": node.id, "task": pcfg.task, "model_cfg": model_cfg.model_dump(mode="json"),
             "data": data.train[node.id], "seed": cfg.seed, "n_classes": data.n_classes, "encoder": encoder,
-            "objective": pcfg.objective, "objective_args": dict(pcfg.objective_args),
+            "objective": pcfg.objective.name, "objective_args": pcfg.objective.kwargs(),
             "objective_steps": objective_steps(pcfg), "optimizer": pcfg.optimizer, "weight_decay": pcfg.weight_decay, "grad_clip": pcfg.grad_clip,
             "base_dir": cfg.base_dir, "eval_data": client_eval.get(node.id), "device": pcfg.device,
             "precision": pcfg.precision}))
@@ -364,10 +364,10 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
         optimizer = torch.optim.SGD(weights, lr=pcfg.outer_lr, momentum=pcfg.outer_momentum, nesterov=True)
     else:  # FedAvg: theta <- theta + mean delta
         optimizer = torch.optim.SGD(weights, lr=1.0)
-    ctl_args: dict[str, Any] = dict(pcfg.controller_args)
-    if pcfg.controller == "learned":
-        ctl_args.setdefault("seed", cfg.seed)
-    controller: BatchController = get_controller(pcfg.controller, pcfg.global_batch, **ctl_args)
+    ctl_args: dict[str, Any] = pcfg.controller.kwargs()
+    if "seed" in ctl_args and ctl_args["seed"] is None:  # a controller's seed defaults to the run's
+        ctl_args["seed"] = cfg.seed
+    controller: BatchController = CONTROLLERS.get(pcfg.controller.name)(pcfg.global_batch, **ctl_args)
     clock = VirtualClock(fleet)
     client_states: dict[str, Tensors] = {}
     server_msg: dict[str, Any] = {}

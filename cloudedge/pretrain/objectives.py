@@ -20,10 +20,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from cloudedge.errors import InputError
 from cloudedge.pretrain.mi import info_nce
+from cloudedge.registry import Params, Registry
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
 Logs = dict[str, float]
 
@@ -31,13 +35,13 @@ Logs = dict[str, float]
 class Objective:
     """The interface, with ERM-like defaults for every hook.
 
-    Subclasses declare their arguments and defaults in ``defaults``; ``__init__`` rejects unknown
-    or non-finite/negative values with an :class:`InputError` naming ``objective_args.<name>``.
+    Subclasses register in :data:`OBJECTIVES` with their parameter model (a subclass of
+    :class:`ObjectiveParams`: knobs, defaults, ranges); ``__init__`` validates ``params`` with it
+    (an :class:`InputError` naming ``objective.<knob>``) and keeps them as ``self.params`` (floats).
     """
 
     name: ClassVar[str] = "objective"
     personalized: ClassVar[bool] = False  # True: private models, evaluated on their own client
-    defaults: ClassVar[dict[str, float]] = {}
     # Training FLOPs of one sample on a client, in units of one forward + backward of the shared
     # model; the loop's virtual clock charges it. Penalties' extra backward passes are not counted.
     train_flops_factor: ClassVar[float] = 1.0
@@ -48,17 +52,11 @@ class Objective:
     combines_in_sync: ClassVar[bool] = False
 
     def __init__(self, total_steps: int | None = None, **params: float):
-        defaults = {**COMMON_DEFAULTS, **self.defaults}
-        unknown = sorted(set(params) - set(defaults))
-        if unknown:
-            known = ", ".join(sorted(defaults))
-            raise InputError(f"objective_args.{unknown[0]}: unknown argument for objective {self.name!r} (known: {known})")
-        merged: dict[str, float] = {}
-        for key, default in defaults.items():
-            value = params.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise InputError(f"objective_args.{key}: must be a finite number >= 0 (got {value!r})")
-            merged[key] = float(value)
+        try:
+            validated = OBJECTIVES.validate_params(self.name, params)
+        except ValueError as err:
+            raise InputError(f"objective.{err}") from None
+        merged = {k: float(v) for k, v in validated.model_dump().items()}
         self.params = merged
         self.total_steps = total_steps
         self._resolve_anneal_fraction()
@@ -71,9 +69,9 @@ class Objective:
         if fraction <= 0:
             return
         if fraction >= 1:
-            raise InputError(f"objective_args.anneal_fraction: must be < 1 (got {fraction})")
+            raise InputError(f"objective.anneal_fraction: must be < 1 (got {fraction})")
         if self.total_steps is None:
-            raise InputError("objective_args.anneal_fraction: needs the run's length (pretrain passes it)")
+            raise InputError("objective.anneal_fraction: needs the run's length (pretrain passes it)")
         self.params["anneal_steps"] = float(round(fraction * self.total_steps))
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, client_state: dict[str, Any],
@@ -149,9 +147,21 @@ class Objective:
         """Restore what :meth:`client_state_dict` saved into a fresh ``init_client`` state."""
 
 
-# Arguments every objective takes. ``l2``: coupled L2 regularization of the shared model (IRM's
-# Colored-MNIST recipe adds 1.1e-3 * sum |w|^2 to every method's loss).
-COMMON_DEFAULTS: dict[str, float] = {"l2": 0.0}
+class ObjectiveParams(Params):
+    """Knobs every objective takes; each objective's model extends this one."""
+
+    # Coupled L2 regularization of the shared model (IRM's Colored-MNIST recipe adds
+    # 1.1e-3 * sum |w|^2 to every method's loss).
+    l2: float = Field(default=0.0, ge=0, description="coupled L2 weight on the shared model")
+
+
+class PenaltyParams(ObjectiveParams):
+    """IRM and V-REx: a penalty switched on after a warm-up (IRM's annealing)."""
+
+    penalty_weight: float = Field(default=1e3, ge=0, description="penalty weight after the warm-up")
+    anneal_steps: float = Field(default=100.0, ge=0, description="warm-up steps at penalty weight 1")
+    anneal_fraction: float = Field(
+        default=0.0, ge=0, description="> 0: anneal_steps = this share of the run's objective steps")
 
 
 def _normalized(weights: list[float], n: int) -> list[float]:
@@ -176,6 +186,7 @@ def combine_penalty(risk: torch.Tensor, penalty: torch.Tensor, weight: float) ->
 
 
 # -- ERM ---------------------------------------------------------------------------------------
+@OBJECTIVES.register("erm", ObjectiveParams)
 class ERM(Objective):
     """Cross-entropy (FedAvg)."""
 
@@ -195,11 +206,11 @@ def irm_penalty(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return grad.pow(2)
 
 
+@OBJECTIVES.register("irm", PenaltyParams)
 class IRM(Objective):
     """IRMv1, one environment per client: ``CE + lambda(step) * penalty`` (divided by lambda > 1)."""
 
     name = "irm"
-    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0, "anneal_fraction": 0.0}
 
     def penalty_scale(self, step):
         return 1.0 / max(1.0, annealed_weight(step, self.params["anneal_steps"], self.params["penalty_weight"]))
@@ -214,6 +225,7 @@ class IRM(Objective):
 
 
 # -- V-REx -------------------------------------------------------------------------------------
+@OBJECTIVES.register("vrex", PenaltyParams)
 class VREx(Objective):
     """V-REx, federated: client loss ``sg[1 + 2 beta (R_e - R_bar)] * R_e`` (divided by beta > 1).
 
@@ -231,7 +243,6 @@ class VREx(Objective):
     """
 
     name = "vrex"
-    defaults: ClassVar[dict[str, float]] = {"penalty_weight": 1e3, "anneal_steps": 100.0, "anneal_fraction": 0.0}
     combines_in_sync = True
 
     def penalty_scale(self, step):
@@ -305,6 +316,12 @@ class FedSRHead(nn.Module):
         return kl.sum(dim=1).mean()
 
 
+class FedSRParams(ObjectiveParams):
+    l2r: float = Field(default=1e-2, ge=0, description="L2 weight on the representation")
+    cmi: float = Field(default=5e-4, ge=0, description="weight of the conditional mutual information bound")
+
+
+@OBJECTIVES.register("fedsr", FedSRParams)
 class FedSR(Objective):
     """FedSR: ``CE(head(z)) + a_l2r * E|z|^2 + a_cmi * KL(N(mu, sigma^2) || r(z|y))``, z sampled.
 
@@ -312,7 +329,6 @@ class FedSR(Objective):
     """
 
     name = "fedsr"
-    defaults: ClassVar[dict[str, float]] = {"l2r": 1e-2, "cmi": 5e-4}
 
     def prepare_model(self, model):
         if not hasattr(model, "fedsr"):
@@ -347,6 +363,12 @@ def head_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.head.named_parameters())
 
 
+class FedIIRParams(ObjectiveParams):
+    gamma: float = Field(default=1e-2, ge=0, description="weight of the gradient-alignment penalty")
+    ema: float = Field(default=0.95, ge=0, description="EMA weight of the old mean classifier gradient")
+
+
+@OBJECTIVES.register("fediir", FedIIRParams)
 class FedIIR(Objective):
     """FedIIR: ``CE + gamma * |grad_head CE - g_bar|^2``, g_bar = EMA of the mean head gradient.
 
@@ -360,7 +382,6 @@ class FedIIR(Objective):
     """
 
     name = "fediir"
-    defaults: ClassVar[dict[str, float]] = {"gamma": 1e-2, "ema": 0.95}
 
     def init_client(self, model, client_id, seed):
         return {"start_grad": None}
@@ -414,6 +435,18 @@ def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
     opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
+class PINParams(PenaltyParams):
+    lam: float = Field(default=1.0, ge=0, description="weight of the InfoNCE anchor")
+    tau: float = Field(default=0.5, gt=0, description="InfoNCE temperature")
+    local_neg_weight: float = Field(default=1.0, ge=0, description="weight of the local model's negatives")
+    private_lr: float = Field(default=1e-3, ge=0, description="Adam lr of the private (local, personal) models")
+    personal_reset: float = Field(default=0.0, ge=0, description="1: reset the personal model when the penalty starts")
+    personal_start_fraction: float = Field(default=0.0, ge=0, description="share of the run before the personal "
+                                                                          "model trains")
+    nce_samples: float = Field(default=512.0, ge=0, description="samples per InfoNCE estimate")
+
+
+@OBJECTIVES.register("pin", PINParams)
 class PIN(IRM):
     """Personalized invariant learning with a shortcut-averse MI term (after FedPIN / Per-InvFL).
 
@@ -436,18 +469,12 @@ class PIN(IRM):
     # the personalized model's (3) and the forward features of the global and local models (2):
     # 11 forward units = 11/3 of the shared model's training cost.
     train_flops_factor = 11.0 / 3.0
-    defaults: ClassVar[dict[str, float]] = {
-        **IRM.defaults, "lam": 1.0, "tau": 0.5, "local_neg_weight": 1.0, "private_lr": 1e-3, "personal_reset": 0.0,
-        "personal_start_fraction": 0.0, "nce_samples": 512.0,
-    }
 
     def __init__(self, **params: float):
         super().__init__(**params)
-        if self.params["tau"] <= 0:
-            raise InputError(f"objective_args.tau: must be > 0 (got {self.params['tau']})")
         start = self.params["personal_start_fraction"]
         if start >= 1 or (start > 0 and self.total_steps is None):
-            raise InputError("objective_args.personal_start_fraction: must be < 1 and needs the run's length "
+            raise InputError("objective.personal_start_fraction: must be < 1 and needs the run's length "
                              f"(got {start})")
         self.personal_start_step = round(start * self.total_steps) if start > 0 else 0  # type: ignore[operator]
 
@@ -557,17 +584,13 @@ class PIN(IRM):
         client_state["started"] = bool(int(tensors["started"])) if "started" in tensors else True
 
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (ERM, IRM, VREx, FedSR, FedIIR, PIN)}
-
-
 def get_objective(name: str, total_steps: int | None = None, **params: float) -> Objective:
-    """The objective called ``name`` with config ``objective_args`` ``params``; ``total_steps``
-    (the run's objective steps) resolves ``anneal_fraction``.
+    """The objective called ``name`` with its knobs ``params``; ``total_steps`` (the run's objective
+    steps) resolves ``anneal_fraction``.
 
     Raises:
-        InputError: unknown name (the message lists the known ones) or a bad argument.
+        InputError: unknown name (the message lists the known ones) or a bad parameter.
     """
-    cls = OBJECTIVES.get(name)
-    if cls is None:
+    if name not in OBJECTIVES:
         raise InputError(f"objective: unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
-    return cls(total_steps=total_steps, **params)
+    return OBJECTIVES.get(name)(total_steps=total_steps, **params)
