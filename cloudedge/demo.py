@@ -169,7 +169,7 @@ def _stage_pretrain(cfg: RunConfig, run, engine, plan: DemoPlan, console: Consol
                        **limit, **overrides)
         budget = budget or res.summary["virtual_time_s"]
         cost_model = cost_model or res.summary.get("cost_model")
-        grids[name] = grid_losses(res.metrics, budget)
+        grids[name] = grid_losses(res.rows, budget)
         methods[name] = {k: res.summary.get(k) for k in ("virtual_time_s", "bytes_total", "energy_j", "utilization",
                                                           "mean_batch_per_step", "rounds")}
         methods[name]["final_val_loss"] = grids[name][-1]  # at the budget

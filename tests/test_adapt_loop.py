@@ -74,7 +74,7 @@ def test_stage_runs_every_edge_and_shares(clip_dir, tmp_path):
     assert set(s["acc_per_shift"]) == {"gaussian_noise@3", "contrast@5"}
     assert all(e["images"] == 12 for e in s["acc_per_edge"].values())
     assert s["prompt_shares"] == 3 and s["prompt_bytes_up"] > 0 and s["peak_mem_mb"] > 0
-    assert len(res.metrics) == 2 * 3  # two edges, three batches each
+    assert len(res.rows) == 2 * 3  # two edges, three batches each
     # Both clocks time the same spans (every batch but the first, which measures memory).
     assert s["ms_per_image"] > 0 and s["cpu_ms_per_image"] > 0
     z = adapt(_cfg(clip_dir, share_every=1, method_args={}), None, method="zeroshot").summary
@@ -147,9 +147,9 @@ def test_a_failed_edge_is_restored_and_finishes_its_stream(clip_dir, tmp_path):
             engine.register("edge1", WorkerSpec(_FailsOnce, engine._specs["edge1"].kwargs))
 
     res = adapt(cfg, tmp_path / "run", engine, on_round=break_edge1)
-    failures = [row for row in res.metrics if row.get("failed")]
+    failures = [row for row in res.rows if row.get("failed")]
     assert len(failures) == 1 and "edge server rebooted" in failures[0]["failures"]["edge1"]
     # Every image of both streams was still adapted on and counted, from the restored state.
     assert all(e["images"] == 12 for e in res.summary["acc_per_edge"].values())
     assert res.summary["acc_per_edge"]["edge0"] == full["acc_per_edge"]["edge0"]
-    assert max(row["round"] for row in res.metrics) == 4  # one extra round for the skipped batch
+    assert max(row["round"] for row in res.rows) == 4  # one extra round for the skipped batch

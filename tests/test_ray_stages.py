@@ -98,7 +98,7 @@ def test_finetune_same_on_ray(ray_engine, local_finetune):
 
 
 def test_pretrain_same_on_ray(ray_engine, one_thread):
-    from cloudedge.pretrain.loop import pretrain
+    from cloudedge.pretrain.stage import pretrain
 
     cfg = config_from_dict({
         "seed": 3,
@@ -110,9 +110,9 @@ def test_pretrain_same_on_ray(ray_engine, one_thread):
     })
     local = pretrain(cfg, None, LocalEngine())
     on_ray = pretrain(cfg, None, ray_engine)
-    assert len(local.metrics) == 2 and local.metrics[-1]["val_loss"] is not None
+    assert len(local.rows) == 2 and local.rows[-1]["val_loss"] is not None
     keys = ("round", "virtual_time_s", "train_loss", "val_loss", "bytes_total")
-    assert_rows_close(on_ray.metrics, local.metrics, keys)
+    assert_rows_close(on_ray.rows, local.rows, keys)
     for (name, p), q in zip(local.model.named_parameters(), on_ray.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -135,9 +135,9 @@ def test_adapt_same_on_ray(ray_engine, one_thread, tmp_path):
     })
     local = adapt(cfg, None, LocalEngine())
     on_ray = adapt(cfg, None, ray_engine)
-    assert len(on_ray.metrics) == len(local.metrics) == 4  # two edges, two batches each
-    assert_rows_close(on_ray.metrics, local.metrics, ("round", "batch_acc", "acc", "seen"))
-    assert [r["edge"] for r in on_ray.metrics] == [r["edge"] for r in local.metrics]
+    assert len(on_ray.rows) == len(local.rows) == 4  # two edges, two batches each
+    assert_rows_close(on_ray.rows, local.rows, ("round", "batch_acc", "acc", "seen"))
+    assert [r["edge"] for r in on_ray.rows] == [r["edge"] for r in local.rows]
     for key in ("acc_per_edge", "prompt_bytes_up", "prompt_shares"):
         assert on_ray.summary[key] == local.summary[key], key
 

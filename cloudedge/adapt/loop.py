@@ -46,7 +46,7 @@ from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
 from cloudedge.models.charge import resolve_charge
 from cloudedge.models.inputs import check_images, config_image_spec
 from cloudedge.track.run import RunDir
-from cloudedge.track.stage_run import run_stage_into
+from cloudedge.stage import run_stage_into
 
 STAGE = "adapt"
 Tensors = dict[str, torch.Tensor]

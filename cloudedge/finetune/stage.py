@@ -22,7 +22,7 @@ from cloudedge.finetune.loop import FinetuneSettings, HierFinetune, TaskData
 from cloudedge.finetune.model import LoraClassifier, build_lora_classifier, load_base_tensors
 from cloudedge.fleet import Fleet
 from cloudedge.models.inputs import ImageSpec, check_images, config_image_spec, convert_channels
-from cloudedge.track.stage_run import run_stage_into
+from cloudedge.stage import run_stage_into
 
 STAGE = "finetune"
 
