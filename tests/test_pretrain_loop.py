@@ -7,8 +7,8 @@ import torch
 
 from cloudedge.config import ModelConfig, config_from_dict
 from cloudedge.pretrain.algorithms import fednova_delta, union_batch_gradient
-from cloudedge.pretrain.stage import pretrain
 from cloudedge.pretrain.memory import activation_bytes_per_sample, max_micro_batch, static_bytes
+from cloudedge.pretrain.stage import pretrain
 from cloudedge.pretrain.tasks import batch_loss, build_task_model
 from cloudedge.pretrain.workers import PretrainWorker
 

@@ -45,8 +45,8 @@ from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
 from cloudedge.models.charge import resolve_charge
 from cloudedge.models.inputs import check_images, config_image_spec
-from cloudedge.track.run import RunDir
 from cloudedge.stage import run_stage_into
+from cloudedge.track.run import RunDir
 
 STAGE = "adapt"
 Tensors = dict[str, torch.Tensor]

@@ -49,8 +49,8 @@ from cloudedge.config.glyphs import GlyphsConfig
 from cloudedge.data.glyph_attrs import FACES
 from cloudedge.data.glyphs import glyph_specs, glyph_split
 from cloudedge.errors import InputError
-from cloudedge.pretrain.stage import pretrain
 from cloudedge.pretrain.objectives import get_objective
+from cloudedge.pretrain.stage import pretrain
 
 METHODS: tuple[str, ...] = ("grayscale", "erm", "irm", "vrex", "fedsr", "fediir", "pin", "pin-lam0")
 TABLES: tuple[str, ...] = ("sync", "local")
