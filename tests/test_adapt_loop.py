@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloudedge.adapt.loop import AdaptWorker, adapt, clip_source
+from cloudedge.adapt.edges import AdaptWorker, Stream, clip_source
+from cloudedge.adapt.stage import _share_prompts, adapt
 from cloudedge.aggregate import weighted_mean
 from cloudedge.config import config_from_dict
 from cloudedge.config.model import ModelConfig
@@ -42,14 +43,13 @@ def _worker_spec(clip_dir, n_images: int, seed: int) -> WorkerSpec:
 
 
 def test_federated_prompt_average_is_sample_weighted(clip_dir):
-    from cloudedge.adapt import loop as adapt_loop
     from cloudedge.config.adapt import AdaptConfig
     from cloudedge.fleet import Fleet, VirtualClock
 
     cfg = _cfg(clip_dir)
     engine = LocalEngine()
-    streams = [adapt_loop.Stream("edge0", "a", torch.zeros(1), torch.zeros(1)),
-               adapt_loop.Stream("edge1", "b", torch.zeros(1), torch.zeros(1))]
+    streams = [Stream("edge0", "a", torch.zeros(1), torch.zeros(1)),
+               Stream("edge1", "b", torch.zeros(1), torch.zeros(1))]
     engine.register("edge0", _worker_spec(clip_dir, 8, 0))
     engine.register("edge1", _worker_spec(clip_dir, 4, 1))
     engine.run([Task("edge0", "step"), Task("edge0", "step"), Task("edge1", "step")])  # 8 vs 4 images seen
@@ -58,7 +58,7 @@ def test_federated_prompt_average_is_sample_weighted(clip_dir):
     clock = VirtualClock(Fleet.from_config(cfg.fleet, 0))
     totals = {"prompt_bytes_up": 0, "prompt_bytes_down": 0, "shares": 0}
     last = {"edge0": {"seen": 8}, "edge1": {"seen": 4}}
-    adapt_loop._share_prompts(AdaptConfig(), streams, last, engine, clock, totals)
+    _share_prompts(AdaptConfig(), streams, last, engine, clock, totals)
     after = engine.run([Task("edge0", "get_prompt"), Task("edge1", "get_prompt")])
     want = weighted_mean(before, [8.0, 4.0])
     for prompt in after:

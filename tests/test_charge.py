@@ -213,7 +213,7 @@ def clip_dir(tmp_path_factory):
 
 
 def _adapt_summary(clip_dir, charge_as=None) -> dict:
-    from cloudedge.adapt.loop import adapt
+    from cloudedge.adapt.stage import adapt
 
     raw = {"seed": 0, "fleet": {"edges": [{"count": 2}]}, "data": {"source": "digits", "test_fraction": 0.5},
            "model": CLIP,

@@ -122,7 +122,7 @@ CLIP = {"kind": "clip", "hidden": 32, "layers": 1, "heads": 4, "context": 32, "i
 
 
 def test_adapt_same_on_ray(ray_engine, one_thread, tmp_path):
-    from cloudedge.adapt.loop import adapt
+    from cloudedge.adapt.stage import adapt
     from cloudedge.models import build_model, save_local
 
     clip_dir = save_local(build_model(ModelConfig(**CLIP), seed=0), tmp_path / "clip")
