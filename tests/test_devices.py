@@ -104,8 +104,8 @@ def test_finetune_on_cuda_without_one_names_the_field() -> None:
 def test_finetune_on_cuda_matches_the_cpu_run() -> None:
     from cloudedge.finetune import finetune
 
-    cpu = finetune(_finetune_cfg(), None, LocalEngine()).history
-    gpu = finetune(_finetune_cfg(device="cuda"), None, LocalEngine()).history
+    cpu = finetune(_finetune_cfg(), None, LocalEngine()).rows
+    gpu = finetune(_finetune_cfg(device="cuda"), None, LocalEngine()).rows
     assert [r["round"] for r in gpu] == [r["round"] for r in cpu]
     for a, b in zip(cpu, gpu, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-3) and b["virtual_time_s"] == pytest.approx(a["virtual_time_s"])
