@@ -80,72 +80,22 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
     run = StageRun.open(STAGE, run_dir, cfg, acfg.method, resume=resume)
     own_engine = engine is None
     engine = engine or make_engine("local")
-    device = resolve_device(acfg.device, "adapt.device")
-    source = clip_source(acfg, cfg, checkpoint)
-
-    # --- fleet, streams, edges ------------------------------------------------------------------
-    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
-    clock = VirtualClock(fleet)
-    wire = PromptWire(resolve_charge(cfg.clock), acfg.compression)  # prompt bytes as clock.charge_as's
-    streams, source_split, classnames = build_streams(cfg, acfg, [e.id for e in fleet.edges])
-    check_stream_images(source, streams, acfg.data or cfg.data)
-    for s in streams:
-        engine.register(s.edge_id, WorkerSpec(AdaptWorker, {
-            "edge_id": s.edge_id, "source": source, "method": acfg.method, "method_args": dict(acfg.method_args),
-            "classnames": classnames, "images": s.images, "labels": s.labels, "batch_size": acfg.batch_size,
-            "seed": cfg.seed, "device": acfg.device}))
-    n_rounds = max(math.ceil(len(s.images) / acfg.batch_size) for s in streams)
-    totals = {"prompt_bytes_up": 0, "prompt_bytes_down": 0, "shares": 0}
-
-    # --- resume, or the method's cloud phase ----------------------------------------------------
-    start_round = 0
-    snapshots: dict[str, dict[str, Any]] = {}  # each edge's state after its last good step
+    stage = AdaptRun(cfg, acfg, engine, checkpoint)
     state, _ = run.resume() if resume else (None, [])
     if state is not None:
-        start_round = int(state["round"])
-        clock.load_state_dict(state["clock"])
-        totals = state["totals"]
-        for s in streams:
-            snapshots[s.edge_id] = dict(state["edges"][s.edge_id])
-            engine.call(s.edge_id, "set_state", **snapshots[s.edge_id])
+        stage.load_state_dict(state)
     else:
-        context = CloudContext(load_clip=lambda: load_clip_source(source, device), classnames=classnames,
-                               seed=cfg.seed, adapt=acfg, source=(source_split.x, source_split.y),
-                               labelled={s.shift: s.labelled for s in streams})
-        prompts = METHODS[acfg.method].cloud_phase(context)
-        if prompts:
-            _send_down(prompts, acfg, streams, engine, clock, totals, wire)
+        stage.cloud_phase()
 
-    # --- rounds ---------------------------------------------------------------------------------
     rows: list[dict[str, Any]] = []
-    last: dict[str, dict[str, Any]] = {}
     # An edge whose worker fails (a crashed actor, an exception) skips the round and is logged; its
     # replacement is restored to the edge's last good step and streams the skipped batch one round
     # later, so the run gets one more round per failure (at most as many extra rounds as planned).
-    planned, r = n_rounds, start_round
+    planned = n_rounds = stage.n_rounds
+    r = stage.start_round
     while r < n_rounds:
-        results = engine.run_tolerant([Task(s.edge_id, "step") for s in streams])
-        round_rows = {}
-        failed = {}
-        for s, res in zip(streams, results, strict=True):
-            if isinstance(res, WorkerError):
-                failed[s.edge_id] = str(res)
-                if s.edge_id in snapshots:
-                    engine.call(s.edge_id, "set_state", **snapshots[s.edge_id])
-                continue
-            snapshot = res.pop("snapshot", None)
-            if snapshot is not None:
-                snapshots[s.edge_id] = snapshot
-            last[s.edge_id] = res
-            if res["batch_seen"] == 0:
-                continue
-            row = MetricRow(STAGE, acfg.method, r + 1, values={
-                "edge": s.edge_id, "shift": s.shift, "batch_acc": res["batch_correct"] / res["batch_seen"],
-                "acc": res["correct"] / res["seen"], "seen": res["seen"]}).as_dict()
-            round_rows[s.edge_id] = row
-            rows.append(run.log(row))
-        if acfg.share_every and METHODS[acfg.method].shares_prompt and (r + 1) % acfg.share_every == 0:
-            _share_prompts(acfg, streams, last, engine, clock, totals, wire)
+        round_rows, failed = stage.round(r)
+        rows.extend(run.log(row) for row in round_rows.values())
         if on_round is not None:
             on_round(r + 1, round_rows)
         if failed:
@@ -154,21 +104,104 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
             n_rounds += 1
             rows.append(run.log(MetricRow(STAGE, acfg.method, r + 1, failures=failed)))
         if run.ckpt_dir is not None and ((r + 1) % acfg.checkpoint_every == 0 or r + 1 == n_rounds):
-            states = engine.run([Task(s.edge_id, "get_state") for s in streams])
-            run.checkpoint(r + 1, {"clock": clock.state_dict(), "totals": totals, "edges": {
-                s.edge_id: {"tensors": st["tensors"], "counters": st["counters"]}
-                for s, st in zip(streams, states, strict=True)}})
+            run.checkpoint(r + 1, stage.state_dict())
         r += 1
 
-    # --- summary ----------------------------------------------------------------------------------
-    final = {s.edge_id: engine.call(s.edge_id, "stats") for s in streams}
-    summary = _summary(acfg, streams, final, clock, totals)
-    summary["cost_model"] = wire.cost_model(str(source["path"]), engine.call(streams[0].edge_id, "params"),
-                                            engine.call(streams[0].edge_id, "get_prompt"))
-    prompts_now = {s.edge_id: engine.call(s.edge_id, "get_prompt") for s in streams}
+    summary = stage.summary()
+    prompts = stage.prompts()
     if own_engine:
         engine.close()
-    return StageResult(rows, summary, {"prompts": prompts_now}, run.run_dir)
+    return StageResult(rows, summary, {"prompts": prompts}, run.run_dir)
+
+
+class AdaptRun:
+    """One prompt-tuning run: edges and streams built from the config (:meth:`__init__`), the
+    method's :meth:`cloud_phase`, then one :meth:`round` at a time."""
+
+    def __init__(self, cfg: RunConfig, acfg: AdaptConfig, engine: Engine, checkpoint: str | Path | None):
+        self.cfg, self.acfg, self.engine = cfg, acfg, engine
+        self.device = resolve_device(acfg.device, "adapt.device")
+        self.source = clip_source(acfg, cfg, checkpoint)
+        fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+        self.clock = VirtualClock(fleet)
+        self.wire = PromptWire(resolve_charge(cfg.clock), acfg.compression)  # prompt bytes as clock.charge_as's
+        self.streams, self.source_split, self.classnames = build_streams(cfg, acfg, [e.id for e in fleet.edges])
+        check_stream_images(self.source, self.streams, acfg.data or cfg.data)
+        for s in self.streams:
+            engine.register(s.edge_id, WorkerSpec(AdaptWorker, {
+                "edge_id": s.edge_id, "source": self.source, "method": acfg.method,
+                "method_args": dict(acfg.method_args), "classnames": self.classnames, "images": s.images,
+                "labels": s.labels, "batch_size": acfg.batch_size, "seed": cfg.seed, "device": acfg.device}))
+        self.n_rounds = max(math.ceil(len(s.images) / acfg.batch_size) for s in self.streams)
+        self.totals: dict[str, Any] = {"prompt_bytes_up": 0, "prompt_bytes_down": 0, "shares": 0}
+        self.start_round = 0
+        self.snapshots: dict[str, dict[str, Any]] = {}  # each edge's state after its last good step
+        self.last: dict[str, dict[str, Any]] = {}  # each edge's last figures (images seen weigh the share)
+
+    def cloud_phase(self) -> None:
+        """The method's work at the cloud before streaming (CoOp: fit the context), sent down."""
+        context = CloudContext(load_clip=lambda: load_clip_source(self.source, self.device),
+                               classnames=self.classnames, seed=self.cfg.seed, adapt=self.acfg,
+                               source=(self.source_split.x, self.source_split.y),
+                               labelled={s.shift: s.labelled for s in self.streams})
+        prompts = METHODS[self.acfg.method].cloud_phase(context)
+        if prompts:
+            _send_down(prompts, self.acfg, self.streams, self.engine, self.clock, self.totals, self.wire)
+
+    def round(self, r: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Every edge adapts on its next batch, then (when due) the prompts are shared.
+
+        Returns this round's row of each edge that streamed, and ``{edge: reason}`` of those whose
+        worker failed (restored to their last good step)."""
+        acfg, engine = self.acfg, self.engine
+        results = engine.run_tolerant([Task(s.edge_id, "step") for s in self.streams])
+        round_rows: dict[str, dict[str, Any]] = {}
+        failed: dict[str, str] = {}
+        for s, res in zip(self.streams, results, strict=True):
+            if isinstance(res, WorkerError):
+                failed[s.edge_id] = str(res)
+                if s.edge_id in self.snapshots:
+                    engine.call(s.edge_id, "set_state", **self.snapshots[s.edge_id])
+                continue
+            snapshot = res.pop("snapshot", None)
+            if snapshot is not None:
+                self.snapshots[s.edge_id] = snapshot
+            self.last[s.edge_id] = res
+            if res["batch_seen"] == 0:
+                continue
+            round_rows[s.edge_id] = MetricRow(STAGE, acfg.method, r + 1, values={
+                "edge": s.edge_id, "shift": s.shift, "batch_acc": res["batch_correct"] / res["batch_seen"],
+                "acc": res["correct"] / res["seen"], "seen": res["seen"]}).as_dict()
+        if acfg.share_every and METHODS[acfg.method].shares_prompt and (r + 1) % acfg.share_every == 0:
+            _share_prompts(acfg, self.streams, self.last, engine, self.clock, self.totals, self.wire)
+        return round_rows, failed
+
+    def state_dict(self) -> dict[str, Any]:
+        """The clock, totals and every edge's state (method tensors + counters), as one nested state."""
+        states = self.engine.run([Task(s.edge_id, "get_state") for s in self.streams])
+        return {"clock": self.clock.state_dict(), "totals": self.totals, "edges": {
+            s.edge_id: {"tensors": st["tensors"], "counters": st["counters"]}
+            for s, st in zip(self.streams, states, strict=True)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start_round = int(state["round"])
+        self.clock.load_state_dict(state["clock"])
+        self.totals = state["totals"]
+        for s in self.streams:
+            self.snapshots[s.edge_id] = dict(state["edges"][s.edge_id])
+            self.engine.call(s.edge_id, "set_state", **self.snapshots[s.edge_id])
+
+    def summary(self) -> dict[str, Any]:
+        first = self.streams[0].edge_id
+        final = {s.edge_id: self.engine.call(s.edge_id, "stats") for s in self.streams}
+        summary = _summary(self.acfg, self.streams, final, self.clock, self.totals)
+        summary["cost_model"] = self.wire.cost_model(str(self.source["path"]), self.engine.call(first, "params"),
+                                                     self.engine.call(first, "get_prompt"))
+        return summary
+
+    def prompts(self) -> dict[str, Tensors]:
+        """Every edge's prompt tensors now."""
+        return {s.edge_id: self.engine.call(s.edge_id, "get_prompt") for s in self.streams}
 
 
 def _send_down(prompts: dict[str, Tensors], acfg: AdaptConfig, streams: list[Stream], engine: Engine,
