@@ -7,7 +7,7 @@ this module owns what they share:
 - :class:`StageRun`: one stage's view of its run directory: the metric log (:class:`MetricRow`,
   in memory when there is no directory), checkpoints in one nested state format
   (:func:`cloudedge.checkpoint.save_state`: tensors anywhere in a tree of plain data) and the one
-  resume rule (:meth:`StageRun.resume`).
+  resume rule (:meth:`StageRun.resume`), and a progress bar over the rounds on a terminal.
 - :func:`drop_failed`: workers that failed this round leave it; the round goes on without them.
 - :func:`run_stage_into`: the CLI's way to run a stage into a directory, mark it complete and
   write the report.
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cloudedge.checkpoint import load_latest_state, save_state
+from cloudedge.track.progress import progress_bar
 from cloudedge.track.run import RunDir
 
 
@@ -121,6 +123,15 @@ class StageRun:
         done = int(state["round"])
         self.run_dir.truncate_metrics(lambda r: r.get("stage") != self.stage or r.get("round", -1) <= done)
         return state, [r for r in self.run_dir.read_metrics() if r.get("stage") == self.stage]
+
+    @contextmanager
+    def progress(self, total: int, done: int = 0) -> Iterator[Any]:
+        """A progress bar over the stage's rounds on a terminal (``bar.advance()`` per round);
+        silent when stderr is not a terminal or ``CLOUDEDGE_QUIET`` is set."""
+        with progress_bar(f"{self.stage} {self.method}", total) as bar:
+            if done:
+                bar.advance(done)
+            yield bar
 
     def update_summary(self, summary: dict[str, Any]) -> None:
         """This stage's headline numbers into summary.json (not marking the run complete)."""

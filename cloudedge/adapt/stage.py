@@ -93,19 +93,21 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
     # later, so the run gets one more round per failure (at most as many extra rounds as planned).
     planned = n_rounds = stage.n_rounds
     r = stage.start_round
-    while r < n_rounds:
-        round_rows, failed = stage.round(r)
-        rows.extend(run.log(row) for row in round_rows.values())
-        if on_round is not None:
-            on_round(r + 1, round_rows)
-        if failed:
-            if n_rounds - planned >= planned:
-                raise WorkerError("adapt", f"round {r + 1}", f"edges keep failing: {'; '.join(failed.values())}")
-            n_rounds += 1
-            rows.append(run.log(MetricRow(STAGE, acfg.method, r + 1, failures=failed)))
-        if run.ckpt_dir is not None and ((r + 1) % acfg.checkpoint_every == 0 or r + 1 == n_rounds):
-            run.checkpoint(r + 1, stage.state_dict())
-        r += 1
+    with run.progress(n_rounds, r) as bar:
+        while r < n_rounds:
+            round_rows, failed = stage.round(r)
+            rows.extend(run.log(row) for row in round_rows.values())
+            if on_round is not None:
+                on_round(r + 1, round_rows)
+            if failed:
+                if n_rounds - planned >= planned:
+                    raise WorkerError("adapt", f"round {r + 1}", f"edges keep failing: {'; '.join(failed.values())}")
+                n_rounds += 1
+                rows.append(run.log(MetricRow(STAGE, acfg.method, r + 1, failures=failed)))
+            if run.ckpt_dir is not None and ((r + 1) % acfg.checkpoint_every == 0 or r + 1 == n_rounds):
+                run.checkpoint(r + 1, stage.state_dict())
+            r += 1
+            bar.advance()
 
     summary = stage.summary()
     prompts = stage.prompts()
