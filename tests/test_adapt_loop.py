@@ -153,3 +153,23 @@ def test_a_failed_edge_is_restored_and_finishes_its_stream(clip_dir, tmp_path):
     assert all(e["images"] == 12 for e in res.summary["acc_per_edge"].values())
     assert res.summary["acc_per_edge"]["edge0"] == full["acc_per_edge"]["edge0"]
     assert max(row["round"] for row in res.rows) == 4  # one extra round for the skipped batch
+
+
+def test_coops_cloud_phase_fits_once_and_every_edge_streams_with_that_context(clip_dir):
+    from cloudedge.adapt.methods import CoOp
+
+    res = adapt(_cfg(clip_dir, coop_epochs=1, coop_samples=10), None, method="coop")
+    prompts = res.artefacts["prompts"]
+    assert set(prompts) == {"edge0", "edge1"}
+    for k, v in prompts["edge0"].items():
+        assert torch.equal(v, prompts["edge1"][k])  # one context, fitted on the source split, sent to both
+    unfitted = CoOp(adapt_clip(clip_dir), ["x"] * 10, seed=0, lr=0.05).prompt_state()
+    assert any(not torch.equal(v, unfitted[k]) for k, v in prompts["edge0"].items())  # it was fitted
+    assert res.summary["prompt_bytes_down"] > 0 and res.summary["prompt_bytes_up"] == 0
+    assert res.summary["bytes_total"] == res.summary["prompt_bytes_down"]
+
+
+def adapt_clip(clip_dir):
+    from cloudedge.adapt.clip_model import load_clip
+
+    return load_clip(str(clip_dir))
