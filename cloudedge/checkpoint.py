@@ -130,3 +130,68 @@ def check_state_dict(tensors: dict[str, torch.Tensor], model: torch.nn.Module, s
             raise InputError(f"{source}: checkpoint does not fit the model: '{prefix}{k}' has shape "
                              f"{tuple(got[k].shape)}, the model needs {tuple(v.shape)}")
     return got
+
+
+# --------------------------------------------------------------------------- nested stage state
+
+STATE_FORMAT = "nested-1"
+TENSOR_REF = "$tensor"
+
+
+def flatten_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A nested state (dicts and lists of tensors and plain data) -> (flat tensors, JSON-able tree).
+
+    Each tensor goes to the safetensors file under its dotted path (``model.head.weight``,
+    ``optimizer.state.0.exp_avg``) and is replaced in the tree by ``{"$tensor": PATH}``. Dict keys
+    become strings (JSON's only key type); the reader converts them back where it needs ints.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: tuple[str, ...]) -> Any:
+        if torch.is_tensor(value):
+            key = ".".join(path)
+            if key in tensors:
+                raise ValueError(f"state: two tensors at the path '{key}'")
+            tensors[key] = value.detach()
+            return {TENSOR_REF: key}
+        if isinstance(value, dict):
+            return {str(k): walk(v, (*path, str(k))) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [walk(v, (*path, str(i))) for i, v in enumerate(value)]
+        return value
+
+    return tensors, walk(state, ())
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], tree: Any, source: str) -> Any:
+    """Inverse of :func:`flatten_state`; a tensor the tree names but the file lacks is an InputError."""
+    if isinstance(tree, dict):
+        if set(tree) == {TENSOR_REF}:
+            try:
+                return tensors[tree[TENSOR_REF]]
+            except KeyError:
+                raise InputError(f"{source}: checkpoint lacks the tensor '{tree[TENSOR_REF]}'") from None
+        return {k: unflatten_state(tensors, v, source) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [unflatten_state(tensors, v, source) for v in tree]
+    return tree
+
+
+def save_state(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Save a nested stage state (tensors anywhere in it) as one checkpoint (:func:`save_checkpoint`)."""
+    tensors, tree = flatten_state(state)
+    return save_checkpoint(ckpt_dir, step, tensors, {"format": STATE_FORMAT, "state": tree}, keep=keep)
+
+
+def load_latest_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """The nested state of the last complete checkpoint in ``ckpt_dir`` (None when there is none).
+
+    A checkpoint in another layout (e.g. written before stages shared this format) is an InputError."""
+    found = load_latest(ckpt_dir)
+    if found is None:
+        return None
+    tensors, saved = found
+    if saved.get("format") != STATE_FORMAT or not isinstance(saved.get("state"), dict):
+        raise InputError(f"{ckpt_dir}: checkpoint is not a stage state of format {STATE_FORMAT} "
+                         "(written by another version of cloudedge?); start the run again without --resume")
+    return unflatten_state(tensors, saved["state"], str(ckpt_dir))

@@ -71,7 +71,7 @@ def _stage(stage: str, config: Path, out: Path | None, resume: bool, overwrite: 
            engine: str | None, address: str | None) -> None:
     cfg = _load(config, engine, address)
     _need(cfg, stage, config)
-    module = importlib.import_module(f"cloudedge.{stage}")
+    module = importlib.import_module(f"cloudedge.{stage}.stage")  # every stage's entry module
     runner = getattr(module, f"run_{stage}")
     out_dir = _out(out, cfg, stage)
     if overwrite and not resume:

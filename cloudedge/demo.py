@@ -173,7 +173,7 @@ def _stage_pretrain(cfg: RunConfig, run, engine, plan: DemoPlan, console: Consol
                        **limit, **overrides)
         budget = budget or res.summary["virtual_time_s"]
         cost_model = cost_model or res.summary.get("cost_model")
-        grids[name] = grid_losses(res.metrics, budget)
+        grids[name] = grid_losses(res.rows, budget)
         methods[name] = {k: res.summary.get(k) for k in ("virtual_time_s", "bytes_total", "energy_j", "utilization",
                                                           "mean_batch_per_step", "rounds")}
         methods[name]["final_val_loss"] = grids[name][-1]  # at the budget
@@ -262,9 +262,10 @@ def _stage_adapt(cfg: RunConfig, run, engine, plan: DemoPlan, console: Console) 
     methods = {}
     for method in plan.adapt_methods:
         console.print(f"[bold]adapt[/bold] {method} ...")
-        args = {**views, **cfg.adapt.method_args} if method in ("tpt", "swapprompt") else {}
-        res = adapt(cfg, run, engine, checkpoint=clip_dir, method=method, method_args=args,
-                    stream_samples=plan.adapt_samples)
+        # The config's knobs for the method it names, the glyph views for both augmenting methods.
+        own = cfg.adapt.method.kwargs() if cfg.adapt.method.name == method else {}
+        spec = {"name": method, **own, **(views if method in ("tpt", "swapprompt") else {})}
+        res = adapt(cfg, run, engine, checkpoint=clip_dir, method=spec, stream_samples=plan.adapt_samples)
         s = res.summary
         methods[method] = {k: s.get(k) for k in ("acc_mean", "acc_per_shift", "ms_per_image", "peak_mem_mb",
                                                  "prompt_bytes_up")}

@@ -79,7 +79,7 @@ def clip_dir(tmp_path_factory):
 
 
 def test_streams_of_one_shift_are_disjoint_and_the_oracle_fits_on_other_images(clip_dir):
-    from cloudedge.adapt.loop import build_streams
+    from cloudedge.adapt.edges import build_streams
 
     cfg = _adapt_cfg(clip_dir, 4, [{"shift": "held_out_font"}, {"shift": "palette"}], method="coop",
                      coop_fit="shift")
@@ -97,7 +97,7 @@ def test_streams_of_one_shift_are_disjoint_and_the_oracle_fits_on_other_images(c
 
 
 def test_held_out_font_needs_held_out_fonts(clip_dir):
-    from cloudedge.adapt.loop import build_streams
+    from cloudedge.adapt.edges import build_streams
 
     cfg = _adapt_cfg(clip_dir, 1, [{"shift": "held_out_font"}])
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
@@ -107,7 +107,7 @@ def test_held_out_font_needs_held_out_fonts(clip_dir):
 
 
 def test_prompt_sharing_within_a_shift_averages_only_that_shift(clip_dir):
-    from cloudedge.adapt.loop import adapt
+    from cloudedge.adapt.stage import adapt
 
     streams = [{"shift": "inverted"}, {"corruption": "contrast", "severity": 3}]
     seen = {}
@@ -120,23 +120,24 @@ def test_prompt_sharing_within_a_shift_averages_only_that_shift(clip_dir):
                 share_groups="shift", on_round=grab)
     assert res.summary["prompt_shares"] == 3 and set(res.summary["acc_per_shift"]) == {"inverted", "contrast@3"}
     # Check the grouping itself on the workers' prompts after a share.
-    from cloudedge.adapt import loop as adapt_loop
+    from cloudedge.adapt import edges as adapt_edges
+    from cloudedge.adapt.stage import _share_prompts
     from cloudedge.engine import LocalEngine, Task, WorkerSpec
     from cloudedge.fleet import Fleet, VirtualClock
 
     cfg = _adapt_cfg(clip_dir, 4, streams, share_groups="shift")
     engine = LocalEngine()
-    stream_objs, _, classes = adapt_loop.build_streams(cfg, cfg.adapt, [f"edge{i}" for i in range(4)])
+    stream_objs, _, classes = adapt_edges.build_streams(cfg, cfg.adapt, [f"edge{i}" for i in range(4)])
     source = {"path": str(clip_dir), "model_cfg": None}
     for i, s in enumerate(stream_objs):
-        engine.register(s.edge_id, WorkerSpec(adapt_loop.AdaptWorker, {
+        engine.register(s.edge_id, WorkerSpec(adapt_edges.AdaptWorker, {
             "edge_id": s.edge_id, "source": source, "method": "swapprompt", "method_args": {"lr": 0.05},
             "classnames": classes, "images": s.images, "labels": s.labels, "batch_size": 8, "seed": i}))
     engine.run([Task(s.edge_id, "step") for s in stream_objs])
     before = engine.run([Task(s.edge_id, "get_prompt") for s in stream_objs])
     last = {s.edge_id: {"seen": 8} for s in stream_objs}
     clock = VirtualClock(Fleet.from_config(cfg.fleet, 0))
-    adapt_loop._share_prompts(cfg.adapt, stream_objs, last, engine, clock, {"prompt_bytes_up": 0,
+    _share_prompts(cfg.adapt, stream_objs, last, engine, clock, {"prompt_bytes_up": 0,
                                                                             "prompt_bytes_down": 0, "shares": 0})
     after = engine.run([Task(s.edge_id, "get_prompt") for s in stream_objs])
     for group in ((0, 2), (1, 3)):

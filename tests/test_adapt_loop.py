@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloudedge.adapt.loop import AdaptWorker, adapt, clip_source
+from cloudedge.adapt.edges import AdaptWorker, Stream, clip_source
+from cloudedge.adapt.stage import _share_prompts, adapt
 from cloudedge.aggregate import weighted_mean
 from cloudedge.config import config_from_dict
 from cloudedge.config.model import ModelConfig
@@ -42,14 +43,13 @@ def _worker_spec(clip_dir, n_images: int, seed: int) -> WorkerSpec:
 
 
 def test_federated_prompt_average_is_sample_weighted(clip_dir):
-    from cloudedge.adapt import loop as adapt_loop
     from cloudedge.config.adapt import AdaptConfig
     from cloudedge.fleet import Fleet, VirtualClock
 
     cfg = _cfg(clip_dir)
     engine = LocalEngine()
-    streams = [adapt_loop.Stream("edge0", "a", torch.zeros(1), torch.zeros(1)),
-               adapt_loop.Stream("edge1", "b", torch.zeros(1), torch.zeros(1))]
+    streams = [Stream("edge0", "a", torch.zeros(1), torch.zeros(1)),
+               Stream("edge1", "b", torch.zeros(1), torch.zeros(1))]
     engine.register("edge0", _worker_spec(clip_dir, 8, 0))
     engine.register("edge1", _worker_spec(clip_dir, 4, 1))
     engine.run([Task("edge0", "step"), Task("edge0", "step"), Task("edge1", "step")])  # 8 vs 4 images seen
@@ -58,7 +58,7 @@ def test_federated_prompt_average_is_sample_weighted(clip_dir):
     clock = VirtualClock(Fleet.from_config(cfg.fleet, 0))
     totals = {"prompt_bytes_up": 0, "prompt_bytes_down": 0, "shares": 0}
     last = {"edge0": {"seen": 8}, "edge1": {"seen": 4}}
-    adapt_loop._share_prompts(AdaptConfig(), streams, last, engine, clock, totals)
+    _share_prompts(AdaptConfig(), streams, last, engine, clock, totals)
     after = engine.run([Task("edge0", "get_prompt"), Task("edge1", "get_prompt")])
     want = weighted_mean(before, [8.0, 4.0])
     for prompt in after:
@@ -74,7 +74,7 @@ def test_stage_runs_every_edge_and_shares(clip_dir, tmp_path):
     assert set(s["acc_per_shift"]) == {"gaussian_noise@3", "contrast@5"}
     assert all(e["images"] == 12 for e in s["acc_per_edge"].values())
     assert s["prompt_shares"] == 3 and s["prompt_bytes_up"] > 0 and s["peak_mem_mb"] > 0
-    assert len(res.metrics) == 2 * 3  # two edges, three batches each
+    assert len(res.rows) == 2 * 3  # two edges, three batches each
     # Both clocks time the same spans (every batch but the first, which measures memory).
     assert s["ms_per_image"] > 0 and s["cpu_ms_per_image"] > 0
     z = adapt(_cfg(clip_dir, share_every=1), None, method="zeroshot").summary
@@ -147,9 +147,29 @@ def test_a_failed_edge_is_restored_and_finishes_its_stream(clip_dir, tmp_path):
             engine.register("edge1", WorkerSpec(_FailsOnce, engine._specs["edge1"].kwargs))
 
     res = adapt(cfg, tmp_path / "run", engine, on_round=break_edge1)
-    failures = [row for row in res.metrics if row.get("failed")]
+    failures = [row for row in res.rows if row.get("failed")]
     assert len(failures) == 1 and "edge server rebooted" in failures[0]["failures"]["edge1"]
     # Every image of both streams was still adapted on and counted, from the restored state.
     assert all(e["images"] == 12 for e in res.summary["acc_per_edge"].values())
     assert res.summary["acc_per_edge"]["edge0"] == full["acc_per_edge"]["edge0"]
-    assert max(row["round"] for row in res.metrics) == 4  # one extra round for the skipped batch
+    assert max(row["round"] for row in res.rows) == 4  # one extra round for the skipped batch
+
+
+def test_coops_cloud_phase_fits_once_and_every_edge_streams_with_that_context(clip_dir):
+    from cloudedge.adapt.methods import CoOp
+
+    res = adapt(_cfg(clip_dir, coop_epochs=1, coop_samples=10), None, method="coop")
+    prompts = res.artefacts["prompts"]
+    assert set(prompts) == {"edge0", "edge1"}
+    for k, v in prompts["edge0"].items():
+        assert torch.equal(v, prompts["edge1"][k])  # one context, fitted on the source split, sent to both
+    unfitted = CoOp(adapt_clip(clip_dir), ["x"] * 10, seed=0, lr=0.05).prompt_state()
+    assert any(not torch.equal(v, unfitted[k]) for k, v in prompts["edge0"].items())  # it was fitted
+    assert res.summary["prompt_bytes_down"] > 0 and res.summary["prompt_bytes_up"] == 0
+    assert res.summary["bytes_total"] == res.summary["prompt_bytes_down"]
+
+
+def adapt_clip(clip_dir):
+    from cloudedge.adapt.clip_model import load_clip
+
+    return load_clip(str(clip_dir))

@@ -11,7 +11,7 @@ from cloudedge.errors import InputError
 from cloudedge.models.charge import resolve_charge
 from cloudedge.models.presets import PRESETS
 from cloudedge.pretrain.costs import charged_costs, trained_costs
-from cloudedge.pretrain.loop import pretrain
+from cloudedge.pretrain.stage import pretrain
 from cloudedge.pretrain.tasks import build_task_model
 
 GPT = {"kind": "gpt", "hidden": 16, "layers": 1, "heads": 2, "context": 16}
@@ -64,7 +64,7 @@ def test_a_run_charged_as_its_own_model_is_identical_to_an_uncharged_run() -> No
     a = pretrain(plain, shards=_lm_shards(plain))
     b = pretrain(charged, shards=_lm_shards(charged))
     keys = ("virtual_time_s", "bytes_total", "energy_j", "accumulating", "participants", "train_loss")
-    assert [[r[k] for k in keys] for r in a.metrics] == [[r[k] for k in keys] for r in b.metrics]
+    assert [[r[k] for k in keys] for r in a.rows] == [[r[k] for k in keys] for r in b.rows]
     assert a.summary["cost_model"]["charged_as"] is None
     assert b.summary["cost_model"]["charged"]["update_bytes"] == a.summary["cost_model"]["trained"]["update_bytes"]
 
@@ -72,12 +72,12 @@ def test_a_run_charged_as_its_own_model_is_identical_to_an_uncharged_run() -> No
 def test_gpt2_124m_excludes_a_phone_that_cannot_hold_it_and_makes_another_accumulate() -> None:
     plain, charged = _lm_cfg(), _lm_cfg(charge_as="gpt2-124m")
     a = pretrain(plain, shards=_lm_shards(plain))
-    assert a.excluded == {} and all(r["accumulating"] == 0 for r in a.metrics)
+    assert a.summary["excluded"] == {} and all(r["accumulating"] == 0 for r in a.rows)
     b = pretrain(charged, shards=_lm_shards(charged))
     # phone-low: 3 GiB x 0.5 usable < 16 bytes x 124M (weights, gradients, AdamW moments).
-    assert set(b.excluded) == {"edge0/dev1"} and "do not fit" in b.excluded["edge0/dev1"]
+    assert set(b.summary["excluded"]) == {"edge0/dev1"} and "do not fit" in b.summary["excluded"]["edge0/dev1"]
     # phone-mid holds the model and a few dozen 16-token sequences: 200 samples take micro-batches.
-    assert all(r["participants"] == 2 and r["accumulating"] == 1 for r in b.metrics)
+    assert all(r["participants"] == 2 and r["accumulating"] == 1 for r in b.rows)
     cost = b.summary["cost_model"]
     assert cost["charged_as"] == "gpt2-124m" and cost["charged"]["params"] == 124_439_808
     assert cost["trained"]["params"] == a.summary["cost_model"]["trained"]["params"]
@@ -89,7 +89,7 @@ def test_gpt2_124m_excludes_a_phone_that_cannot_hold_it_and_makes_another_accumu
 def test_llama_1b_fits_no_phone() -> None:
     cfg = _lm_cfg(charge_as="llama-3.2-1b")
     res = pretrain(cfg, shards=_lm_shards(cfg))
-    assert set(res.excluded) == {"edge0/dev0", "edge0/dev1"}
+    assert set(res.summary["excluded"]) == {"edge0/dev0", "edge0/dev1"}
     assert res.summary["cost_model"]["charged"]["params"] == 1_235_814_400  # tied embeddings counted once
 
 
@@ -213,7 +213,7 @@ def clip_dir(tmp_path_factory):
 
 
 def _adapt_summary(clip_dir, charge_as=None) -> dict:
-    from cloudedge.adapt.loop import adapt
+    from cloudedge.adapt.stage import adapt
 
     raw = {"seed": 0, "fleet": {"edges": [{"count": 2}]}, "data": {"source": "digits", "test_fraction": 0.5},
            "model": CLIP,

@@ -390,7 +390,7 @@ _TINY_PRETRAIN = CONFIGS["pretrain"].replace("rounds: 8", "rounds: 4")
 
 
 def test_kill_before_the_first_checkpoint_does_not_duplicate_rows(tmp_path: Path) -> None:
-    from cloudedge.pretrain.loop import pretrain, run_pretrain
+    from cloudedge.pretrain.stage import pretrain, run_pretrain
 
     config = tmp_path / "pretrain.yaml"
     _write_corpus(tmp_path / "corpus.txt")
@@ -412,7 +412,7 @@ def test_kill_before_the_first_checkpoint_does_not_duplicate_rows(tmp_path: Path
 
 
 def test_kill_while_appending_a_metrics_row_can_be_resumed(tmp_path: Path) -> None:
-    from cloudedge.pretrain.loop import pretrain, run_pretrain
+    from cloudedge.pretrain.stage import pretrain, run_pretrain
 
     config = tmp_path / "pretrain.yaml"
     _write_corpus(tmp_path / "corpus.txt")

@@ -201,7 +201,7 @@ def test_corruptions_work_at_glyph_sizes(size, channels):
 
 def test_example_config_pretrains_clip_on_glyphs(tmp_path):
     from cloudedge.config import load_config
-    from cloudedge.pretrain.loop import pretrain
+    from cloudedge.pretrain.stage import pretrain
 
     cfg = load_config(ROOT / "configs" / "pretrain-glyphs.yaml")
     data = cfg.data.model_dump()

@@ -144,4 +144,4 @@ def test_adapt_stage_on_hf_images(stored, tmp_path):
     }, source="test", base_dir=tmp_path)
     result = adapt(cfg, tmp_path / "run")
     assert 0.0 <= result.summary["acc_mean"] <= 1.0
-    assert result.metrics and all(r["stage"] == "adapt" for r in result.metrics)
+    assert result.rows and all(r["stage"] == "adapt" for r in result.rows)

@@ -13,7 +13,7 @@ from cloudedge.cli import main
 from cloudedge.config import config_from_dict
 from cloudedge.engine import LocalEngine
 from cloudedge.errors import InputError
-from cloudedge.pretrain.loop import pretrain
+from cloudedge.pretrain.stage import pretrain
 
 CUDA = torch.cuda.is_available()
 
@@ -39,14 +39,14 @@ def test_bf16_autocast_trains_float32_weights_close_to_fp32() -> None:
     fp32 = pretrain(_cfg(precision="fp32"))
     bf16 = pretrain(_cfg(precision="bf16"))
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # mixed precision, not bf16 weights
-    losses = [(a["val_loss"], b["val_loss"]) for a, b in zip(fp32.metrics, bf16.metrics, strict=True)]
+    losses = [(a["val_loss"], b["val_loss"]) for a, b in zip(fp32.rows, bf16.rows, strict=True)]
     assert all(b == pytest.approx(a, abs=0.05) for a, b in losses)
     assert any(a != b for a, b in losses)  # the forward really ran in bfloat16
-    assert bf16.metrics[-1]["val_loss"] < bf16.metrics[0]["train_loss"]
+    assert bf16.rows[-1]["val_loss"] < bf16.rows[0]["train_loss"]
 
 
 def test_rows_separate_compute_time_from_engine_time() -> None:
-    rows = pretrain(_cfg(algorithm="local", local_steps=2)).metrics
+    rows = pretrain(_cfg(algorithm="local", local_steps=2)).rows
     for row in rows:
         # Workers run one after another inside the engine call: their own compute fits in it.
         assert 0 < row["compute_wall_s"] <= row["work_wall_s"]
@@ -71,10 +71,10 @@ def test_cuda_run_matches_the_cpu_run_and_resumes(tmp_path) -> None:
     cpu = pretrain(_cfg())
     gpu = pretrain(_cfg(device="cuda"), tmp_path / "gpu")
     assert next(gpu.model.parameters()).device.type == "cuda"
-    for a, b in zip(cpu.metrics, gpu.metrics, strict=True):
+    for a, b in zip(cpu.rows, gpu.rows, strict=True):
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3)
     resumed = pretrain(_cfg(device="cuda", rounds=4), tmp_path / "gpu", resume=True)
-    assert [r["round"] for r in resumed.metrics] == [0, 1, 2, 3]
+    assert [r["round"] for r in resumed.rows] == [0, 1, 2, 3]
 
 
 def _finetune_cfg(**finetune_fields: object) -> object:
@@ -104,8 +104,8 @@ def test_finetune_on_cuda_without_one_names_the_field() -> None:
 def test_finetune_on_cuda_matches_the_cpu_run() -> None:
     from cloudedge.finetune import finetune
 
-    cpu = finetune(_finetune_cfg(), None, LocalEngine()).history
-    gpu = finetune(_finetune_cfg(device="cuda"), None, LocalEngine()).history
+    cpu = finetune(_finetune_cfg(), None, LocalEngine()).rows
+    gpu = finetune(_finetune_cfg(device="cuda"), None, LocalEngine()).rows
     assert [r["round"] for r in gpu] == [r["round"] for r in cpu]
     for a, b in zip(cpu, gpu, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-3) and b["virtual_time_s"] == pytest.approx(a["virtual_time_s"])

@@ -29,16 +29,16 @@ def _load(name: str, **section_overrides: dict) -> object:
 
 
 def test_the_batch_controller_plugin_deals_the_batch_to_the_fastest_workers() -> None:
-    from cloudedge.pretrain.loop import pretrain
+    from cloudedge.pretrain import pretrain
 
     cfg = load_config(EXAMPLES / "pretrain-fastest.yaml")
     assert cfg.pretrain.controller.name == "fastest" and cfg.pretrain.controller.kwargs() == {"min_batch": 1, "top_k": 2}
     res = pretrain(cfg)
     # Five always-available workers could train (cloud, edge, three phones); the plug-in lets two.
-    assert [row["participants"] for row in res.metrics] == [2, 2, 2]
-    assert all(row["batch_per_step"] == 40 and row["method"] == "sync-fastest" for row in res.metrics)
+    assert [row["participants"] for row in res.rows] == [2, 2, 2]
+    assert all(row["batch_per_step"] == 40 and row["method"] == "sync-fastest" for row in res.rows)
     uniform = pretrain(cfg, controller="uniform", rounds=1)
-    assert uniform.metrics[0]["participants"] == 5
+    assert uniform.rows[0]["participants"] == 5
 
 
 def test_the_controller_plugin_knobs_are_checked_when_the_config_loads() -> None:
@@ -61,8 +61,8 @@ def test_the_sync_policy_plugin_sets_every_devices_local_steps(budget_s, steps) 
     assert res.summary["policy"] == "timebox"
     # 2 cloud syncs x k2 = 2 edge rounds x 4 always-available devices: 16 device rounds, each of
     # min_steps (a budget nobody fits a step in) or max_steps (a budget with room for any number).
-    assert res.history[-1]["round"] == 2
-    assert res.history[-1]["device_steps_total"] == 16 * steps
+    assert res.rows[-1]["round"] == 2
+    assert res.rows[-1]["device_steps_total"] == 16 * steps
 
 
 def test_the_sync_policy_plugin_yaml_as_shipped_runs() -> None:
@@ -72,7 +72,7 @@ def test_the_sync_policy_plugin_yaml_as_shipped_runs() -> None:
     cfg = load_config(EXAMPLES / "finetune-timebox.yaml")
     assert cfg.finetune.sync.kwargs()["step_budget_s"] == 0.05
     res = finetune(cfg, None, LocalEngine())
-    assert 16 <= res.history[-1]["device_steps_total"] <= 16 * 6
+    assert 16 <= res.rows[-1]["device_steps_total"] <= 16 * 6
     assert math.isfinite(res.summary["final_acc"])
 
 
@@ -86,14 +86,14 @@ def clip_dir(tmp_path_factory):
 
 
 def test_the_test_time_method_plugin_divides_out_its_streams_prior(clip_dir) -> None:
-    from cloudedge.adapt.loop import adapt
+    from cloudedge.adapt import adapt
     from cloudedge.engine import LocalEngine
 
     cfg = load_config(EXAMPLES / "adapt-balanced.yaml")
     assert cfg.adapt.method.name == "balanced-zeroshot"
     engine = LocalEngine()
     res = adapt(cfg, None, engine, checkpoint=clip_dir)
-    assert {row["method"] for row in res.metrics} == {"balanced-zeroshot"}
+    assert {row["method"] for row in res.rows} == {"balanced-zeroshot"}
     # Each edge's method learned a prior from its own stream (state travels with checkpoints).
     for edge in ("edge0", "edge1"):
         prior = engine.call(edge, "get_state")["tensors"]["prior"]

@@ -98,12 +98,12 @@ def test_resume_gives_the_same_result(tmp_path, policy):
     full = finetune(_cfg(policy, rounds=4), RunDir.create(full_dir), LocalEngine())
     finetune(_cfg(policy, rounds=2), RunDir.create(part_dir), LocalEngine())  # "interrupted" after 2
     resumed = finetune(_cfg(policy, rounds=4), RunDir.create(part_dir, resume=True), LocalEngine(), resume=True)
-    assert [r["acc"] for r in resumed.history] == [r["acc"] for r in full.history]
-    assert [r["virtual_time_s"] for r in resumed.history] == [r["virtual_time_s"] for r in full.history]
-    for k, v in full.state.items():
-        assert torch.equal(v, resumed.state[k]), k
+    assert [r["acc"] for r in resumed.rows] == [r["acc"] for r in full.rows]
+    assert [r["virtual_time_s"] for r in resumed.rows] == [r["virtual_time_s"] for r in full.rows]
+    for k, v in full.artefacts["adapters"].items():
+        assert torch.equal(v, resumed.artefacts["adapters"][k]), k
     rows = [r for r in RunDir(part_dir).read_metrics() if r.get("stage") == "finetune"]
-    assert [r["round"] for r in rows] == [r["round"] for r in full.history]
+    assert [r["round"] for r in rows] == [r["round"] for r in full.rows]
 
 
 def test_a_checkpoint_from_before_per_edge_streams_is_refused_by_name(tmp_path):
@@ -127,7 +127,7 @@ def test_autonomous_sync_budget_binds_in_the_loop(tmp_path):
         cfg = _cfg("autonomous", rounds=4)
         cfg.finetune.sync = {"name": "autonomous", **cfg.finetune.sync.kwargs(), "sync_budget_bytes": budget}
         res = finetune(cfg, None, LocalEngine())
-        return [r.get("k2") for r in res.history if r.get("k2") is not None]
+        return [r.get("k2") for r in res.rows if r.get("k2") is not None]
 
     free, tight = k2s(None), k2s(1.0)
     assert free and tight and min(tight) > max(free)

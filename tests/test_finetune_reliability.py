@@ -184,10 +184,10 @@ def test_resume_with_dp_churn_and_attack_gives_the_same_result(tmp_path, policy)
     finetune(cfg(2), RunDir.create(tmp_path / "part"), LocalEngine())
     resumed = finetune(cfg(4), RunDir.create(tmp_path / "part", resume=True), LocalEngine(), resume=True)
     keys = ("acc", "virtual_time_s", "epsilon", "dropped", "stale", "rejected", "rejections")
-    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]
+    assert [[r[k] for k in keys] for r in resumed.rows] == [[r[k] for k in keys] for r in full.rows]
     assert resumed.summary["epsilon"] == full.summary["epsilon"]
-    for k, v in full.state.items():
-        assert torch.equal(v, resumed.state[k]), k
+    for k, v in full.artefacts["adapters"].items():
+        assert torch.equal(v, resumed.artefacts["adapters"][k]), k
 
 
 def test_model_too_large_for_a_device_is_an_error_naming_it():

@@ -96,7 +96,7 @@ def test_pretrain_clip_batches_fit_the_vision_tower():
 
 
 def test_pretrain_classify_takes_an_rgb_folder_with_a_grey_model(tmp_path):
-    from cloudedge.pretrain.loop import build_shards
+    from cloudedge.pretrain.shards import build_shards
 
     _folder(tmp_path / "pics", "RGB")
     cfg = config_from_dict({

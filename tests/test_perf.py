@@ -108,6 +108,6 @@ def test_training_stages_log_model_flops_utilization():
         "data": {"source": "pydocs", "max_docs": 60},
         "pretrain": {"task": "lm", "rounds": 2, "global_batch": 8, "eval_every": 2},
     })
-    row = pretrain(cfg).metrics[-1]
+    row = pretrain(cfg).rows[-1]
     assert 0 < row["mfu_measured"] < 1.5 and row["achieved_flops"] > 0
     assert 0 < row["mfu_profile"] < row["mfu_measured"]  # the profile's A100-class peak is far above this host

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from cloudedge.config import ModelConfig, config_from_dict
-from cloudedge.pretrain.loop import fednova_delta, pretrain, union_batch_gradient
+from cloudedge.pretrain.algorithms import fednova_delta, union_batch_gradient
 from cloudedge.pretrain.memory import activation_bytes_per_sample, max_micro_batch, static_bytes
+from cloudedge.pretrain.stage import pretrain
 from cloudedge.pretrain.tasks import batch_loss, build_task_model
 from cloudedge.pretrain.workers import PretrainWorker
 
@@ -85,9 +86,9 @@ def _cfg(tmp_algorithm: str, controller: str, rounds: int = 4) -> object:
 
 def test_small_memory_devices_train_by_accumulation(tmp_path) -> None:
     res = pretrain(_cfg("sync", "uniform", rounds=2))
-    assert res.excluded == {}
-    assert all(row["accumulating"] >= 1 for row in res.metrics)  # phones capped at a few samples
-    assert res.metrics[-1]["val_loss"] < res.metrics[0]["train_loss"] + 0.5
+    assert res.summary["excluded"] == {}
+    assert all(row["accumulating"] >= 1 for row in res.rows)  # phones capped at a few samples
+    assert res.rows[-1]["val_loss"] < res.rows[0]["train_loss"] + 0.5
 
 
 @pytest.mark.parametrize(("algorithm", "controller"), [("sync", "learned"), ("local", "goodput")])
@@ -106,7 +107,7 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, alg
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
     keys = ("round", "virtual_time_s", "train_loss", "val_loss", "batch_per_step", "bytes_total", "lr")
-    assert [[r[k] for k in keys] for r in resumed.metrics] == [[r[k] for k in keys] for r in full.metrics]
+    assert [[r[k] for k in keys] for r in resumed.rows] == [[r[k] for k in keys] for r in full.rows]
     assert resumed.summary["utilization"] == pytest.approx(full.summary["utilization"], rel=1e-12)
 
 
@@ -149,12 +150,12 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 def test_per_client_shards_train_only_their_nodes_and_each_client_is_scored_on_its_own_tests() -> None:
     shards, tests = _shards_and_tests()
     res = pretrain(_client_cfg("erm"), shards=shards, client_eval=tests)
-    assert res.excluded == {"edge0/dev2": "no shard was given for it"}
-    assert all(row["participants"] == 2 for row in res.metrics)
+    assert res.summary["excluded"] == {"edge0/dev2": "no shard was given for it"}
+    assert all(row["participants"] == 2 for row in res.rows)
     assert res.model.head.out_features == 3  # classes from the labels given
     # Evaluated at round 1 (eval_every 2) and at the last round only; plain ERM predicts with the global model.
-    assert [("clients" in r) for r in res.metrics] == [False, True, True]
-    assert res.metrics[-1]["val_loss"] is None
+    assert [("clients" in r) for r in res.rows] == [False, True, True]
+    assert res.rows[-1]["val_loss"] is None
     for wid in DEVICES:
         for split in ("id", "ood"):
             want = _accuracy(res.model(tests[wid][split]["x"]), tests[wid][split]["y"])
@@ -174,7 +175,7 @@ def test_personalized_objective_is_scored_with_each_clients_private_model_and_ch
     objective = get_objective("pin")
     for wid in DEVICES:
         state = objective.init_client(pin.model, wid, 5)
-        objective.load_client_state_dict(state, pin.client_states[wid])
+        objective.load_client_state_dict(state, pin.artefacts["client_states"][wid])
         metrics = pin.summary["clients"][wid]
         x, y = tests[wid]["ood"]["x"], tests[wid]["ood"]["y"]
         with torch.no_grad():
@@ -221,9 +222,9 @@ def test_a_failing_worker_is_skipped_and_logged(tmp_path) -> None:
             engine.register(broken, WorkerSpec(_BrokenWorker, {}))
 
     res = pretrain(_cfg("sync", "uniform", rounds=3), tmp_path / "run", engine, on_round=break_it)
-    assert [row["failed"] for row in res.metrics] == [0, 1, 1]
-    assert "device rebooted" in res.metrics[1]["failures"][broken]
-    assert len(res.metrics) == 3 and res.metrics[-1]["val_loss"] is not None
+    assert [row["failed"] for row in res.rows] == [0, 1, 1]
+    assert "device rebooted" in res.rows[1]["failures"][broken]
+    assert len(res.rows) == 3 and res.rows[-1]["val_loss"] is not None
 
 
 def test_a_nan_update_is_rejected_before_aggregation(tmp_path) -> None:
@@ -244,8 +245,8 @@ def test_a_nan_update_is_rejected_before_aggregation(tmp_path) -> None:
             engine.register(target, WorkerSpec(_NaNWorker, engine._specs[target].kwargs))
 
     res = pretrain(_cfg("sync", "uniform", rounds=3), tmp_path / "run", engine, on_round=poison)
-    assert [row["rejected"] for row in res.metrics][0] == 0
-    poisoned = [row for row in res.metrics[1:] if row["rejected"]]
+    assert [row["rejected"] for row in res.rows][0] == 0
+    poisoned = [row for row in res.rows[1:] if row["rejected"]]
     assert poisoned and "non-finite" in next(iter(poisoned[0]["rejections"].values())).lower()
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
 
@@ -255,19 +256,19 @@ def test_devices_hold_no_model_between_rounds() -> None:
 
     engine = LocalEngine()
     res = pretrain(_cfg("local", "uniform", rounds=2), engine=engine)
-    assert res.metrics[-1]["participants"] == 5  # the cloud, the edge and its three phones trained
+    assert res.rows[-1]["participants"] == 5  # the cloud, the edge and its three phones trained
     assert engine.live_workers == 2  # only the cloud's and the edge's workers are still built
 
 
 def test_time_budget_stops_the_run_and_reweighted_logs_its_variance() -> None:
     cfg = _cfg("sync", "reweighted")
     full = pretrain(cfg, rounds=3)
-    budget = full.metrics[1]["virtual_time_s"]  # the end of round 1
+    budget = full.rows[1]["virtual_time_s"]  # the end of round 1
     cut = pretrain(cfg, rounds=50, time_budget_s=budget)
     # Round 2 would start at the budget: it does not run, and what ran is the same as before.
-    assert [r["virtual_time_s"] for r in cut.metrics] == [r["virtual_time_s"] for r in full.metrics[:2]]
-    assert [r["val_loss"] for r in cut.metrics] == [r["val_loss"] for r in full.metrics[:2]]
-    assert all(r["ctl_variance_inflation"] >= 1 - 1e-9 and r["ctl_effective_batch"] > 0 for r in cut.metrics)
+    assert [r["virtual_time_s"] for r in cut.rows] == [r["virtual_time_s"] for r in full.rows[:2]]
+    assert [r["val_loss"] for r in cut.rows] == [r["val_loss"] for r in full.rows[:2]]
+    assert all(r["ctl_variance_inflation"] >= 1 - 1e-9 and r["ctl_effective_batch"] > 0 for r in cut.rows)
 
 
 def test_sync_vrex_step_is_the_centralized_vrex_step_at_this_steps_risks() -> None:

@@ -90,15 +90,15 @@ def local_finetune(one_thread):
 
 def test_finetune_same_on_ray(ray_engine, local_finetune):
     got = finetune(finetune_cfg(), None, ray_engine)
-    assert len(got.history) == FT_ROUNDS + 1
-    assert_rows_close(got.history, local_finetune.history)
-    for k, v in local_finetune.state.items():
-        torch.testing.assert_close(got.state[k], v, rtol=1e-5, atol=1e-6, msg=k)
-    assert all(r.get("failed", 0) == 0 for r in got.history)
+    assert len(got.rows) == FT_ROUNDS + 1
+    assert_rows_close(got.rows, local_finetune.rows)
+    for k, v in local_finetune.artefacts["adapters"].items():
+        torch.testing.assert_close(got.artefacts["adapters"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert all(r.get("failed", 0) == 0 for r in got.rows)
 
 
 def test_pretrain_same_on_ray(ray_engine, one_thread):
-    from cloudedge.pretrain.loop import pretrain
+    from cloudedge.pretrain.stage import pretrain
 
     cfg = config_from_dict({
         "seed": 3,
@@ -110,9 +110,9 @@ def test_pretrain_same_on_ray(ray_engine, one_thread):
     })
     local = pretrain(cfg, None, LocalEngine())
     on_ray = pretrain(cfg, None, ray_engine)
-    assert len(local.metrics) == 2 and local.metrics[-1]["val_loss"] is not None
+    assert len(local.rows) == 2 and local.rows[-1]["val_loss"] is not None
     keys = ("round", "virtual_time_s", "train_loss", "val_loss", "bytes_total")
-    assert_rows_close(on_ray.metrics, local.metrics, keys)
+    assert_rows_close(on_ray.rows, local.rows, keys)
     for (name, p), q in zip(local.model.named_parameters(), on_ray.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -122,7 +122,7 @@ CLIP = {"kind": "clip", "hidden": 32, "layers": 1, "heads": 4, "context": 32, "i
 
 
 def test_adapt_same_on_ray(ray_engine, one_thread, tmp_path):
-    from cloudedge.adapt.loop import adapt
+    from cloudedge.adapt.stage import adapt
     from cloudedge.models import build_model, save_local
 
     clip_dir = save_local(build_model(ModelConfig(**CLIP), seed=0), tmp_path / "clip")
@@ -135,9 +135,9 @@ def test_adapt_same_on_ray(ray_engine, one_thread, tmp_path):
     })
     local = adapt(cfg, None, LocalEngine())
     on_ray = adapt(cfg, None, ray_engine)
-    assert len(on_ray.metrics) == len(local.metrics) == 4  # two edges, two batches each
-    assert_rows_close(on_ray.metrics, local.metrics, ("round", "batch_acc", "acc", "seen"))
-    assert [r["edge"] for r in on_ray.metrics] == [r["edge"] for r in local.metrics]
+    assert len(on_ray.rows) == len(local.rows) == 4  # two edges, two batches each
+    assert_rows_close(on_ray.rows, local.rows, ("round", "batch_acc", "acc", "seen"))
+    assert [r["edge"] for r in on_ray.rows] == [r["edge"] for r in local.rows]
     for key in ("acc_per_edge", "prompt_bytes_up", "prompt_shares"):
         assert on_ray.summary[key] == local.summary[key], key
 
@@ -152,9 +152,9 @@ def test_killed_edge_host_is_skipped_logged_and_the_run_completes(ray_engine, lo
 
     restarts = ray_engine.restarts["edge1"]
     got = finetune(finetune_cfg(), None, ray_engine, progress=kill_after_round_1)
-    rows = got.history
+    rows = got.rows
     assert [r["round"] for r in rows] == list(range(FT_ROUNDS + 1))  # every round completed
-    assert_rows_close(rows[:2], local_finetune.history[:2])  # identical until the fault
+    assert_rows_close(rows[:2], local_finetune.rows[:2])  # identical until the fault
     # Round 2: both devices of edge1 were tasked on the dead actor: skipped, counted, explained.
     assert rows[2]["failed"] == 2
     assert {f["from"] for f in rows[2]["failures"]} == {"edge1/dev0", "edge1/dev1"}
@@ -204,9 +204,9 @@ def test_resume_on_ray_after_the_coordinator_dies(ray_engine, local_finetune, tm
     with pytest.raises(CoordinatorDied):
         finetune(finetune_cfg(), RunDir.create(tmp_path), ray_engine, progress=die_after_round_2)
     resumed = finetune(finetune_cfg(), RunDir.create(tmp_path, resume=True), ray_engine, resume=True)
-    assert_rows_close(resumed.history, local_finetune.history)
-    for k, v in local_finetune.state.items():
-        torch.testing.assert_close(resumed.state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert_rows_close(resumed.rows, local_finetune.rows)
+    for k, v in local_finetune.artefacts["adapters"].items():
+        torch.testing.assert_close(resumed.artefacts["adapters"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     logged = [r["round"] for r in RunDir(tmp_path).read_metrics() if r.get("stage") == "finetune"]
     assert logged == list(range(FT_ROUNDS + 1))  # round 2's row from the dead run was replaced
 
@@ -226,7 +226,7 @@ DRIVER = textwrap.dedent(
     eng = RayEngine(address={address!r})
     res = finetune(finetune_cfg(rounds=1), None, eng)
     nodes = {{n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}}
-    print(json.dumps({{"history": res.history, "edge_nodes": [nodes[eng.host_node(e)].get("edge", 0) for e in
+    print(json.dumps({{"history": res.rows, "edge_nodes": [nodes[eng.host_node(e)].get("edge", 0) for e in
                                                              ("edge0", "edge1")],
                       "cloud_node": nodes[eng.host_node("cloud")].get("cloud", 0)}}))
     eng.close()
@@ -278,4 +278,4 @@ def test_finetune_on_a_two_node_cluster(two_node_run, local_finetune):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(e > 0 for e in got["edge_nodes"]) and got["cloud_node"] > 0  # edges on the edge node
-    assert_rows_close(got["history"], local_finetune.history[:2])  # one round: the reference's first
+    assert_rows_close(got["history"], local_finetune.rows[:2])  # one round: the reference's first

@@ -1,6 +1,6 @@
 """cloudedge.adapt: test-time prompt adaptation of a frozen CLIP on every edge's unlabeled stream.
 
-``adapt(cfg, run_dir, engine, **overrides) -> AdaptResult`` is the API; ``adapt_checkpoint(path)``
+``adapt(cfg, run_dir, engine, **overrides) -> StageResult`` (:mod:`cloudedge.adapt.stage`) is the API; ``adapt_checkpoint(path)``
 the demo's shortcut; ``run_adapt(cfg, out_dir, resume, engine_kind)`` what ``cloudedge adapt`` calls.
 Methods (zeroshot, coop, tpt, swapprompt, tda) are in :mod:`cloudedge.adapt.methods`, the prompt
 learner in :mod:`cloudedge.adapt.prompts`, model loading in :mod:`cloudedge.adapt.clip_model`.
@@ -13,7 +13,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "AdaptResult": "loop", "adapt": "loop", "adapt_checkpoint": "loop", "run_adapt": "loop",
+    "adapt": "stage", "adapt_checkpoint": "stage", "run_adapt": "stage",
+    "AdaptWorker": "edges", "build_streams": "edges", "CloudContext": "methods",
     "METHODS": "methods", "TTAMethod": "methods", "build_method": "methods",
     "PromptLearner": "prompts",
     "ClipAdapter": "clip_model", "load_clip": "clip_model",

@@ -24,6 +24,8 @@ tda         online    nothing learned: positive / negative caches of test featur
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -55,6 +57,24 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
 METHODS: Registry[type[TTAMethod]] = Registry("test-time method")
 
 
+@dataclass
+class CloudContext:
+    """What the cloud holds before the edges stream (:meth:`TTAMethod.cloud_phase`).
+
+    ``load_clip()`` loads the frozen CLIP at the cloud (only a method that needs it pays);
+    ``adapt`` is the config's ``adapt`` section; ``source`` the labelled clean source split
+    ``(images, labels)``; ``labelled`` per shift (in stream order) the labelled images of that shift
+    that no edge streams (None unless the config asks for them: CoOp's ``coop_fit: shift``).
+    """
+
+    load_clip: Callable[[], ClipAdapter]
+    classnames: list[str]
+    seed: int
+    adapt: Any
+    source: tuple[torch.Tensor, torch.Tensor]
+    labelled: dict[str, tuple[torch.Tensor, torch.Tensor] | None]
+
+
 class TTAMethod:
     """Base class: holds the frozen CLIP, the class names, the method's seed and its knobs.
 
@@ -80,6 +100,13 @@ class TTAMethod:
     @property
     def n_classes(self) -> int:
         return len(self.classnames)
+
+    @classmethod
+    def cloud_phase(cls, context: CloudContext) -> dict[str, dict[str, torch.Tensor]] | None:
+        """Work the cloud does before the edges stream (once, not again on resume): the prompt to
+        send down to the edges of each shift, by shift name; None (the default): nothing to send.
+        The stage charges the transfers to the virtual clock and loads the prompts on the edges."""
+        return None
 
     def reset(self) -> None:
         """Forget everything learned from test data."""
@@ -191,6 +218,34 @@ class CoOp(_PromptMethod):
     def _text_now(self) -> torch.Tensor:
         with torch.no_grad():
             return self._text()
+
+    @classmethod
+    def cloud_phase(cls, context: CloudContext) -> dict[str, dict[str, torch.Tensor]]:
+        """The cloud learns the context with labels; every edge gets it before streaming.
+
+        ``coop_fit: source``: one context fitted on the labelled clean source split
+        (``coop_samples`` of it, a seeded subset), sent to every edge; ``shift`` (the oracle): one
+        context per shift, fitted on labelled images of that shift that its edges never stream."""
+        acfg = context.adapt
+        args = {k: v for k, v in acfg.method.kwargs().items() if k != "epochs"}
+        clip = context.load_clip()
+        if acfg.coop_fit == "source":
+            x, y = context.source
+            if acfg.coop_samples is not None and acfg.coop_samples < len(x):
+                pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(context.seed))[: acfg.coop_samples]
+                x, y = x[pick], y[pick]
+            fits = {shift: (x, y) for shift in context.labelled}
+        else:
+            fits = {shift: data for shift, data in context.labelled.items() if data is not None}
+        fitted: dict[int, dict[str, torch.Tensor]] = {}  # by the fitted tensor's identity: the source is fitted once
+        prompts: dict[str, dict[str, torch.Tensor]] = {}
+        for shift, (x, y) in fits.items():
+            if id(x) not in fitted:
+                coop = cls(clip, context.classnames, seed=context.seed, epochs=acfg.coop_epochs, **args)
+                coop.fit(x, y)
+                fitted[id(x)] = coop.prompt_state()
+            prompts[shift] = fitted[id(x)]
+        return prompts
 
     def fit(self, images: torch.Tensor, labels: torch.Tensor) -> list[float]:
         """Learn the context on labelled source images; returns the mean loss of each epoch."""

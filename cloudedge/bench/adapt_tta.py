@@ -87,7 +87,7 @@ def _config(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, edges_
 
 def _run_method(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, spec: dict[str, Any],
                 engine: str) -> dict[str, Any]:
-    from cloudedge.adapt.loop import adapt
+    from cloudedge.adapt.stage import adapt
     from cloudedge.engine import make_engine
 
     overrides = {k: v for k, v in spec.items() if k != "edges_per_shift"}

@@ -2,7 +2,7 @@
 
 What is compared (docs/performance.md has the numbers):
 
-- ``cloudedge``: the real pre-training stage, :func:`cloudedge.pretrain.loop.pretrain`, on a fleet
+- ``cloudedge``: the real pre-training stage, :func:`cloudedge.pretrain.stage.pretrain`, on a fleet
   whose only worker is the cloud (``pretrain.workers: [cloud]``), with the default algorithm
   (``sync``), controller, batch and LM size of ``PretrainConfig`` / ``ModelConfig``. So each round
   is everything the loop does: plan, a ``gradient`` Task through a ``LocalEngine`` to a
@@ -58,7 +58,7 @@ class PlainLoop:
     """The textbook PyTorch training loop over the stage's model, data and optimizer settings."""
 
     def __init__(self, cfg: Any, seed: int):
-        from cloudedge.pretrain.loop import build_shards
+        from cloudedge.pretrain.shards import build_shards
         from cloudedge.pretrain.tasks import build_task_model
 
         pcfg: PretrainConfig = cfg.pretrain
@@ -90,7 +90,7 @@ class PlainLoop:
 
 def _one_run(cfg: Any, warmup: int, steps: int, seed: int) -> dict[str, list[float]]:
     """One stage run with a plain step after each round; per-step wall and CPU seconds of both."""
-    from cloudedge.pretrain.loop import pretrain
+    from cloudedge.pretrain.stage import pretrain
 
     plain = PlainLoop(cfg, seed)
     last_round = warmup + steps
@@ -183,7 +183,7 @@ def _run(quick: bool, steps: int | None, warmup: int, repetitions: int | None, b
     return {
         "benchmark": "overhead",
         "config": {"model": model_fields, "batch": batch, "seq_len": seq_len, "steps": steps, "warmup": warmup,
-                   "repetitions": repetitions, "algorithm": cfg.pretrain.algorithm, "optimizer": cfg.pretrain.optimizer,
+                   "repetitions": repetitions, "algorithm": cfg.pretrain.algorithm.name, "optimizer": cfg.pretrain.optimizer,
                    "train_flops_per_sample": flops_per_sample, "torch_threads": torch.get_num_threads(),
                    "peak_size": peak_size},
         "methods": methods,

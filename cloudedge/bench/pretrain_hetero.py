@@ -52,7 +52,7 @@ from cloudedge.config import config_from_dict
 from cloudedge.errors import InputError
 from cloudedge.fleet import Fleet
 from cloudedge.perf import peak_gpu_mb
-from cloudedge.pretrain.loop import pretrain
+from cloudedge.pretrain.stage import pretrain
 
 CHARGE_AS = "gpt2-124m"  # the tiny model's costs are charged as GPT-2 small (clock.charge_as)
 CHARGED_SEQ_LEN = 512  # tokens per charged sequence: one trained 32-byte sequence stands for one of these
@@ -270,7 +270,7 @@ def _run_method(cfg: Any, name: str, overrides: dict[str, Any]) -> dict[str, Any
     t0 = time.perf_counter()
     result = pretrain(cfg, None, method=name, **overrides)
     wall_s = time.perf_counter() - t0
-    s, rows = result.summary, result.metrics
+    s, rows = result.summary, result.rows
     budget = overrides.get("time_budget_s") or s["virtual_time_s"]
     within = [r for r in rows if r["virtual_time_s"] <= budget * (1 + 1e-12)] or rows[:1]
     inflation = [r["ctl_variance_inflation"] for r in rows if r.get("ctl_variance_inflation") is not None]

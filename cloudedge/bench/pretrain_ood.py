@@ -24,7 +24,7 @@ The protocol is fixed before any run (``docs/invariant-learning.md`` has the tab
   centralized objective exactly) and ``local`` (FedAvg: ``local_steps`` Adam steps per client on
   batches of ``local_batch``, what a real fleet does; rows prefixed ``local/``).
 
-Everything trains in the one pre-training loop (:func:`cloudedge.pretrain.loop.pretrain`, the
+Everything trains in the one pre-training loop (:func:`cloudedge.pretrain.stage.pretrain`, the
 clients' data as ``shards`` and their tests as ``client_eval``); each client scores its own ID
 and OOD tests with the objective's ``predict`` (``pin``: its personalized model).
 
@@ -49,8 +49,8 @@ from cloudedge.config.glyphs import GlyphsConfig
 from cloudedge.data.glyph_attrs import FACES
 from cloudedge.data.glyphs import glyph_specs, glyph_split
 from cloudedge.errors import InputError
-from cloudedge.pretrain.loop import pretrain
 from cloudedge.pretrain.objectives import get_objective
+from cloudedge.pretrain.stage import pretrain
 
 METHODS: tuple[str, ...] = ("grayscale", "erm", "irm", "vrex", "fedsr", "fediir", "pin", "pin-lam0")
 TABLES: tuple[str, ...] = ("sync", "local")
@@ -341,7 +341,7 @@ def run(quick: bool, out_dir: Path, methods: str | None = None, setup: OODSetup 
     config.update(penalty_weight=PENALTY_WEIGHT, anneal_fraction=ANNEAL_FRACTION, pin_start_fraction=PIN_START_FRACTION,
                   optimizer="adam", image="glyph digits, 28 px downsampled to 2 x 14 x 14",
                   objective_args={m: resolve(m)[1] for m in chosen},
-                  loop="cloudedge.pretrain.loop.pretrain (shards + client_eval)",
+                  loop="cloudedge.pretrain.stage.pretrain (shards + client_eval)",
                   test_images_per_client=setup.test_images // setup.n_clients)
     sync_rows = {m: v for m, v in table.items() if not m.startswith("local/")}
     return {"benchmark": "pretrain-ood", "config": config, "gate": reproduction_gate(sync_rows),

@@ -35,7 +35,7 @@ class PretrainConfig(StrictModel):
         default_factory=lambda: ["cloud", "edge", "device"], description="tiers whose nodes train (each holds data)")
 
     # How workers combine.
-    algorithm: Literal["sync", "local"] = Field(
+    algorithm: plugin_choice("cloudedge.pretrain.algorithms:ALGORITHMS") = Field(  # type: ignore[valid-type]
         default="sync", description="sync: one aggregated gradient step per round; local: H local steps then an outer step")
     local_steps: int = Field(default=8, ge=1, description="local: inner steps per round (H)")
     outer_optimizer: Literal["nesterov", "fedavg"] = Field(

@@ -6,7 +6,6 @@ See docs/finetuning.md. Entry points: :func:`run_finetune` (CLI), :func:`finetun
 from cloudedge.finetune.loop import FinetuneSettings, HierFinetune, TaskData
 from cloudedge.finetune.lora import LORA_MODES, aggregate_lora
 from cloudedge.finetune.stage import (
-    FinetuneResult,
     finetune,
     prepare_task,
     run_finetune,
@@ -15,6 +14,6 @@ from cloudedge.finetune.stage import (
 from cloudedge.finetune.sync import POLICIES, SyncPolicy, make_policy
 
 __all__ = [
-    "LORA_MODES", "POLICIES", "FinetuneResult", "FinetuneSettings", "HierFinetune", "SyncPolicy", "TaskData",
+    "LORA_MODES", "POLICIES", "FinetuneSettings", "HierFinetune", "SyncPolicy", "TaskData",
     "aggregate_lora", "finetune", "make_policy", "prepare_task", "run_finetune", "settings_from_config",
 ]

@@ -1,12 +1,11 @@
 """The fine-tuning stage from a config: data per device, the base model, the run directory.
 
 ``run_finetune(cfg, out_dir, resume, engine_kind)`` is the CLI's entry; ``finetune(cfg, run_dir,
-engine)`` is the API the demo uses (it returns the fine-tuned model too).
+engine)`` is the API the demo uses (a :class:`cloudedge.stage.StageResult` with the fine-tuned model).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,12 @@ from cloudedge.config.model import ModelConfig
 from cloudedge.device import resolve_device
 from cloudedge.errors import InputError
 from cloudedge.finetune.loop import FinetuneSettings, HierFinetune, TaskData
-from cloudedge.finetune.model import LoraClassifier, build_lora_classifier, load_base_tensors
+from cloudedge.finetune.model import build_lora_classifier, load_base_tensors
 from cloudedge.finetune.sync import POLICIES
 from cloudedge.fleet import Fleet
 from cloudedge.models.inputs import ImageSpec, check_images, config_image_spec, convert_channels
 from cloudedge.registry import Choice
-from cloudedge.track.stage_run import run_stage_into
+from cloudedge.stage import StageResult, run_stage_into
 
 STAGE = "finetune"
 
@@ -153,14 +152,6 @@ def settings_from_config(cfg: RunConfig, policy: str | dict[str, Any] | Choice |
         memory_fraction=f.memory_fraction, goal=f.selection.goal, over_selection=f.selection.over_selection)
 
 
-@dataclass
-class FinetuneResult:
-    model: LoraClassifier  # the fine-tuned classifier (base + global adapters + head)
-    summary: dict[str, Any]
-    history: list[dict[str, Any]]
-    state: dict[str, torch.Tensor]  # the global adapter state
-
-
 def attack_settings(attack: AttackSection) -> dict[str, Any]:
     """The loop's plain form of ``finetune.attack``: ``kind`` (the name), the knobs set away from their
     defaults (the attack applies its own defaults, so a NaN default never travels as data), who attacks."""
@@ -182,8 +173,13 @@ def switch_policy(sync: Choice, policy: str | dict[str, Any] | Choice) -> Choice
 
 def finetune(cfg: RunConfig, run_dir: Any, engine: Any, resume: bool = False,
              policy: str | dict[str, Any] | Choice | None = None,
-             base_tensors: dict[str, torch.Tensor] | None = None, progress: Any = None) -> FinetuneResult:
-    """Fine-tune as ``cfg.finetune`` says; logs to ``run_dir`` (a RunDir or None) and checkpoints there."""
+             base_tensors: dict[str, torch.Tensor] | None = None, progress: Any = None) -> StageResult:
+    """Fine-tune as ``cfg.finetune`` says; logs to ``run_dir`` (a RunDir or None) and checkpoints there.
+
+    Returns a :class:`StageResult`: the rows (the loop's history), the summary, and the artefacts
+    ``model`` (the fine-tuned classifier: base + global adapters + head) and ``adapters`` (the
+    global adapter state).
+    """
     if cfg.finetune is None:
         raise InputError("finetune: the config has no 'finetune' section")
     fleet = Fleet.from_config(cfg.fleet, cfg.seed)
@@ -198,15 +194,16 @@ def finetune(cfg: RunConfig, run_dir: Any, engine: Any, resume: bool = False,
 
     AdapterSlot(model).load(loop.global_state)
     model.eval()
-    return FinetuneResult(model=model, summary=summary, history=loop.history, state=loop.global_state)
+    return StageResult(loop.history, summary, {"model": model, "adapters": loop.global_state}, run_dir)
 
 
 def run_finetune(cfg: RunConfig, out_dir: str | Path, resume: bool = False, engine_kind: str = "local") -> dict[str, Any]:
     """The CLI's entry: run the stage into ``out_dir`` (the global adapters in ``adapters.safetensors``)."""
 
-    def save_adapters(result: FinetuneResult, path: Path) -> None:
+    def save_adapters(result: StageResult, path: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in result.state.items()}, str(path / "adapters.safetensors"))
+        adapters = result.artefacts["adapters"]
+        save_file({k: v.contiguous() for k, v in adapters.items()}, str(path / "adapters.safetensors"))
 
     return run_stage_into(STAGE, cfg, out_dir, resume, engine_kind, finetune, save_adapters)

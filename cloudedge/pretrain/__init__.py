@@ -1,8 +1,9 @@
 """cloudedge.pretrain: collaborative pre-training across cloud, edge and device workers.
 
-``pretrain(cfg, run_dir, engine, **overrides) -> PretrainResult`` is the API;
+``pretrain(cfg, run_dir, engine, **overrides) -> StageResult`` (:mod:`cloudedge.pretrain.stage`) is the API;
 ``run_pretrain(cfg, out_dir, resume, engine_kind)`` is what ``cloudedge pretrain`` calls.
-Batch controllers are in :mod:`cloudedge.pretrain.batch`, objectives in
+Algorithms (sync, local) are in :mod:`cloudedge.pretrain.algorithms`, batch controllers in
+:mod:`cloudedge.pretrain.batch`, objectives in
 :mod:`cloudedge.pretrain.objectives`, the worker in :mod:`cloudedge.pretrain.workers`.
 Names are imported on first use, so importing a submodule (e.g. objectives) stays light.
 """
@@ -15,8 +16,8 @@ from typing import Any
 _EXPORTS = {
     "CONTROLLERS": "batch", "BatchController": "batch", "Observation": "batch", "Plan": "batch",
     "WorkerInfo": "batch", "get_controller": "batch",
-    "PretrainResult": "loop", "fednova_delta": "loop", "pretrain": "loop", "run_pretrain": "loop",
-    "union_batch_gradient": "loop",
+    "ALGORITHMS": "algorithms", "PretrainAlgorithm": "algorithms", "fednova_delta": "algorithms",
+    "union_batch_gradient": "algorithms", "pretrain": "stage", "run_pretrain": "stage",
     "Classifier": "tasks", "build_classifier": "tasks",
 }
 
