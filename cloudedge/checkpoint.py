@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -143,7 +144,8 @@ def flatten_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
 
     Each tensor goes to the safetensors file under its dotted path (``model.head.weight``,
     ``optimizer.state.0.exp_avg``) and is replaced in the tree by ``{"$tensor": PATH}``. Dict keys
-    become strings (JSON's only key type); the reader converts them back where it needs ints.
+    become strings (JSON's only key type); the reader converts them back where it needs ints. NumPy
+    scalars (a random stream's state, a policy's estimates) become Python numbers.
     """
     tensors: dict[str, torch.Tensor] = {}
 
@@ -158,6 +160,8 @@ def flatten_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
             return {str(k): walk(v, (*path, str(k))) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [walk(v, (*path, str(i))) for i, v in enumerate(value)]
+        if isinstance(value, np.generic):
+            return value.item()
         return value
 
     return tensors, walk(state, ())

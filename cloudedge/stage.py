@@ -12,8 +12,8 @@ this module owns what they share:
 - :func:`run_stage_into`: the CLI's way to run a stage into a directory, mark it complete and
   write the report.
 
-Fine-tuning's loop (:mod:`cloudedge.finetune.loop`) still keeps its own checkpoint keys and resume
-rule (rows whose round is in the checkpoint's history); docs/architecture.md, "Stage skeleton".
+Pre-training (:mod:`cloudedge.pretrain.stage`), fine-tuning (:mod:`cloudedge.finetune.loop`) and
+adaptation (:mod:`cloudedge.adapt.stage`) all run on it; docs/architecture.md, "Stage skeleton".
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class StageRun:
     def __init__(self, stage: str, run_dir: RunDir | None, method: str):
         self.stage, self.run_dir, self.method = stage, run_dir, method
         self.ckpt_dir = run_dir.checkpoint_dir(stage) if run_dir is not None else None
+        self.logged = 0  # rows of this stage and method in the run directory (a checkpoint records it)
 
     @classmethod
     def open(cls, stage: str, run_dir: RunDir | str | Path | None, cfg: Any, method: str,
@@ -100,29 +101,50 @@ class StageRun:
     def log(self, row: MetricRow | dict[str, Any]) -> dict[str, Any]:
         """Append a row to metrics.jsonl (when there is a directory); returns the row as logged."""
         values = row.as_dict() if isinstance(row, MetricRow) else row
-        return self.run_dir.log(**values) if self.run_dir is not None else values
+        if self.run_dir is None:
+            return values
+        self.logged += 1
+        return self.run_dir.log(**values)
 
     def checkpoint(self, round_label: int, state: dict[str, Any]) -> None:
-        """Save ``state`` (nested; tensors anywhere) as the checkpoint after the row ``round_label``."""
+        """Save ``state`` (nested; tensors anywhere) as the checkpoint after the row ``round_label``,
+        with the number of rows logged so far (``rows``: what :meth:`resume` keeps)."""
         if self.ckpt_dir is not None:
-            save_state(self.ckpt_dir, round_label, {"round": round_label, **state})
+            save_state(self.ckpt_dir, round_label, {"round": round_label, "rows": self.logged, **state})
+
+    def _mine(self, row: dict[str, Any]) -> bool:
+        return row.get("stage") == self.stage and row.get("method") == self.method
 
     def resume(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """The last checkpoint's state (None: start over) and this stage's rows it covers.
 
-        The one rule: rows of this stage whose ``round`` is past the checkpoint's ``round`` were
-        logged after it and are dropped (they will be logged again); rows of other stages stay.
-        Without a checkpoint (killed before the first one) the rows of this stage and method go.
+        The one rule: the rows of this stage and method that were logged before the checkpoint
+        (the first ``rows`` of them) stay; those logged after it are dropped (they will be logged
+        again), whatever their ``round`` (fine-tuning's grid rows logged after checkpoint N carry
+        round N). Rows of other stages and methods stay. Without a checkpoint (killed before the
+        first one) the rows of this stage and method go. A checkpoint that predates the count keeps
+        the rows whose ``round`` is not past its ``round``.
         """
         if self.run_dir is None or self.ckpt_dir is None:
             return None, []
         state = load_latest_state(self.ckpt_dir)
         if state is None:
-            self.run_dir.truncate_metrics(lambda r: r.get("stage") != self.stage or r.get("method") != self.method)
+            self.run_dir.truncate_metrics(lambda r: not self._mine(r))
             return None, []
-        done = int(state["round"])
-        self.run_dir.truncate_metrics(lambda r: r.get("stage") != self.stage or r.get("round", -1) <= done)
-        return state, [r for r in self.run_dir.read_metrics() if r.get("stage") == self.stage]
+        done, count = int(state["round"]), state.get("rows")
+        seen = 0
+
+        def keep(row: dict[str, Any]) -> bool:
+            nonlocal seen
+            if not self._mine(row):
+                return True
+            seen += 1
+            return seen <= count if count is not None else row.get("round", -1) <= done
+
+        self.run_dir.truncate_metrics(keep)
+        rows = [r for r in self.run_dir.read_metrics() if self._mine(r)]
+        self.logged = len(rows)
+        return state, rows
 
     @contextmanager
     def progress(self, total: int, done: int = 0) -> Iterator[Any]:

@@ -106,19 +106,57 @@ def test_resume_gives_the_same_result(tmp_path, policy):
     assert [r["round"] for r in rows] == [r["round"] for r in full.rows]
 
 
-def test_a_checkpoint_from_before_per_edge_streams_is_refused_by_name(tmp_path):
-    import json
-
+def test_a_checkpoint_from_before_the_shared_stage_format_is_refused_by_name(tmp_path):
+    from cloudedge.checkpoint import load_latest, save_checkpoint
     from cloudedge.errors import InputError
 
     finetune(_cfg("hierfavg", rounds=1), RunDir.create(tmp_path), LocalEngine())
     ckpt = tmp_path / "checkpoints" / "finetune"
-    state_file = ckpt / ((ckpt / "latest").read_text().strip() + ".json")
-    state = json.loads(state_file.read_text())
-    state["rng"] = state.pop("rngs")  # what the older loop wrote: one stream for every edge
-    state_file.write_text(json.dumps(state))
-    with pytest.raises(InputError, match="older cloudedge"):
+    tensors, state = load_latest(ckpt)
+    assert state["format"] == "nested-1" and state["state"]["round"] == 1 and state["state"]["rows"] == 2
+    assert "global." + next(iter(state["state"]["global"])) in tensors  # readable nested keys
+    # What fine-tuning wrote before it shared the stage skeleton: flat keys, its own plain state.
+    save_checkpoint(ckpt, 1, {"global/" + k[len("global."):]: v for k, v in tensors.items() if k.startswith("global.")},
+                    {"cloud_round": 1, "rngs": {}, "history": []})
+    with pytest.raises(InputError, match="not a stage state of format nested-1"):
         finetune(_cfg("hierfavg", rounds=2), RunDir.create(tmp_path, resume=True), LocalEngine(), resume=True)
+
+
+def test_resume_keeps_the_rows_logged_before_the_checkpoint_and_no_later_grid_row(tmp_path):
+    """Grid rows logged after checkpoint N carry round N: the resume rule counts rows, so they go
+    (and are logged again once), and every row matches the uninterrupted run's."""
+    torch.set_num_threads(1)
+
+    def cfg(rounds):
+        c = _cfg("hierfavg", rounds=rounds)
+        c.finetune.eval_every_s, c.finetune.time_budget_s = 0.02, 1.0
+        return c
+
+    wall = {"wall_s", "mfu_measured", "mfu_profile", "achieved_flops"}  # wall-clock measures
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in wall} for r in rows]
+
+    def logged(path):
+        return strip(RunDir(path).read_metrics())
+
+    class Killed(Exception):
+        pass
+
+    def die_at_update_3(cloud_round, row):
+        if cloud_round == 3:  # after the grid rows logged before update 3 (round 2); last checkpoint: 2
+            raise Killed
+
+    full = finetune(cfg(4), tmp_path / "full", LocalEngine())
+    with pytest.raises(Killed):
+        finetune(cfg(4), tmp_path / "part", LocalEngine(), on_round=die_at_update_3)
+    cut = logged(tmp_path / "part")
+    assert any(r["round"] == 2 and r.get("eval") == "grid" for r in cut[cut.index(next(
+        r for r in cut if r["round"] == 2 and "syncs" in r)) + 1:])  # grid rows logged after checkpoint 2
+    resumed = finetune(cfg(4), RunDir.create(tmp_path / "part", resume=True), LocalEngine(), resume=True)
+    assert logged(tmp_path / "part") == logged(tmp_path / "full")
+    assert [r["stage"] for r in resumed.rows] == ["finetune"] * len(full.rows)
+    assert strip(resumed.rows) == strip(full.rows) and resumed.summary == full.summary
 
 
 def test_autonomous_sync_budget_binds_in_the_loop(tmp_path):

@@ -146,12 +146,12 @@ def test_adapt_same_on_ray(ray_engine, one_thread, tmp_path):
 
 
 def test_killed_edge_host_is_skipped_logged_and_the_run_completes(ray_engine, local_finetune):
-    def kill_after_round_1(row: dict) -> None:
-        if row["round"] == 1:
+    def kill_after_round_1(cloud_round: int, row: dict) -> None:
+        if cloud_round == 1:
             ray_engine.kill_host("edge1")  # the edge server's process dies between cloud rounds
 
     restarts = ray_engine.restarts["edge1"]
-    got = finetune(finetune_cfg(), None, ray_engine, progress=kill_after_round_1)
+    got = finetune(finetune_cfg(), None, ray_engine, on_round=kill_after_round_1)
     rows = got.rows
     assert [r["round"] for r in rows] == list(range(FT_ROUNDS + 1))  # every round completed
     assert_rows_close(rows[:2], local_finetune.rows[:2])  # identical until the fault
@@ -197,12 +197,12 @@ def test_resume_on_ray_after_the_coordinator_dies(ray_engine, local_finetune, tm
     class CoordinatorDied(Exception):
         pass
 
-    def die_after_round_2(row: dict) -> None:
-        if row["round"] == 2:
+    def die_after_round_2(cloud_round: int, row: dict) -> None:
+        if cloud_round == 2:
             raise CoordinatorDied
 
     with pytest.raises(CoordinatorDied):
-        finetune(finetune_cfg(), RunDir.create(tmp_path), ray_engine, progress=die_after_round_2)
+        finetune(finetune_cfg(), RunDir.create(tmp_path), ray_engine, on_round=die_after_round_2)
     resumed = finetune(finetune_cfg(), RunDir.create(tmp_path, resume=True), ray_engine, resume=True)
     assert_rows_close(resumed.rows, local_finetune.rows)
     for k, v in local_finetune.artefacts["adapters"].items():

@@ -55,6 +55,24 @@ def test_resume_keeps_rows_up_to_the_checkpoint_and_other_stages(tmp_path):
                                                                               ("pretrain", 1)]
 
 
+def test_resume_keeps_the_rows_logged_before_the_checkpoint_whatever_their_round(tmp_path):
+    run = StageRun.open("finetune", tmp_path / "run", None, "autonomous")
+    run.log(MetricRow("finetune", "autonomous", 0, 0.0))
+    run.log(MetricRow("finetune", "autonomous", 1, 1.0))
+    run.checkpoint(1, {"w": torch.ones(1)})
+    run.log(MetricRow("finetune", "autonomous", 1, 1.5, values={"eval": "grid"}))  # after the checkpoint, round 1
+    run.run_dir.log(stage="finetune", method="hierfavg", round=5)  # another method's row stays
+    run.log(MetricRow("finetune", "autonomous", 2, 2.0))
+    again = StageRun.open("finetune", RunDir.create(tmp_path / "run", resume=True), None, "autonomous")
+    state, rows = again.resume()
+    assert state["rows"] == 2 and [(r["round"], r["virtual_time_s"]) for r in rows] == [(0, 0.0), (1, 1.0)]
+    assert [(r["method"], r["round"]) for r in again.run_dir.read_metrics()] == [
+        ("autonomous", 0), ("autonomous", 1), ("hierfavg", 5)]
+    again.log(MetricRow("finetune", "autonomous", 2, 2.0))
+    again.checkpoint(2, {"w": torch.ones(1)})
+    assert load_latest_state(again.ckpt_dir)["rows"] == 3  # counted on from the rows kept
+
+
 def test_resume_without_a_checkpoint_drops_this_methods_rows(tmp_path):
     run = StageRun.open("adapt", tmp_path / "run", None, "tpt")
     run.log({"stage": "adapt", "method": "tpt", "round": 1})

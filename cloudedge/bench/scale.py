@@ -114,13 +114,13 @@ def measure(n_devices: int, rounds: int = 3, participation: float = 0.1, samples
     registered: list[int] = []
     rows: list[dict[str, Any]] = []
 
-    def on_row(row: dict[str, Any]) -> None:
+    def on_round(cloud_round: int, row: dict[str, Any]) -> None:
         stamps.append(time.perf_counter())
         live.append(getattr(workers, "live_workers", 0))  # RayEngine's workers live in its actors
         registered.append(getattr(workers, "registered_workers", 0))
         rows.append(row)
 
-    loop = HierFinetune(fleet, task, settings, workers, progress=on_row)
+    loop = HierFinetune(fleet, task, settings, workers, on_round=on_round)
     loop.run()
     per_round = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]  # stamps[0]: the initial evaluation
     timed = per_round[warmup_rounds:]

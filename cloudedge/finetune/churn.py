@@ -62,19 +62,14 @@ class Churn:
             return "stale: product mode refactors the adapters every round, so an older update does not apply"
         return None
 
-    def state_dict(self) -> tuple[dict[str, Any], Tensors]:
-        """Plain state (streams, cache versions) and the cached models' tensors (``cache/<device>/<key>``)."""
-        plain = {"churn_rngs": {k: g.bit_generator.state for k, g in self.rngs.items()},
-                 "cache_versions": {d: v for d, (v, _) in self.device_cache.items()}}
-        tensors = {f"cache/{dev_id}/{k}": v for dev_id, (_, cached) in self.device_cache.items()
-                   for k, v in cached.items()}
-        return plain, tensors
+    def state_dict(self) -> dict[str, Any]:
+        """The streams and each device's cached model (its version and tensors), as a nested state."""
+        return {"rngs": {k: g.bit_generator.state for k, g in self.rngs.items()},
+                "cache": {d: {"version": v, "state": cached} for d, (v, cached) in self.device_cache.items()}}
 
-    def load_state_dict(self, plain: dict[str, Any], tensors: Tensors, key_order: list[str]) -> None:
-        for agg_id, rng_state in plain["churn_rngs"].items():
+    def load_state_dict(self, state: dict[str, Any], key_order: list[str]) -> None:
+        """Restore :meth:`state_dict` output; ``key_order``: the adapter state's keys (a checkpoint sorts them)."""
+        for agg_id, rng_state in state["rngs"].items():
             self.rng(agg_id).bit_generator.state = rng_state
-        self.device_cache = {}
-        for dev_id, version in plain["cache_versions"].items():
-            prefix = f"cache/{dev_id}/"
-            got = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            self.device_cache[dev_id] = (int(version), {k: got[k] for k in key_order})
+        self.device_cache = {d: (int(c["version"]), {k: c["state"][k] for k in key_order})
+                             for d, c in state["cache"].items()}

@@ -24,15 +24,16 @@ one copy per device.
 The parts, each in its own module: :mod:`~cloudedge.finetune.edge_round` (step 2, shared by every
 topology), :mod:`~cloudedge.finetune.topologies` (step 3: two-tier, barrier, autonomous merges, chosen
 by the policy's ``topology``), :mod:`~cloudedge.finetune.messages` (payloads, bytes, link times),
-:mod:`~cloudedge.finetune.safeguards` and :mod:`~cloudedge.finetune.churn` (reliability and privacy),
-:mod:`~cloudedge.finetune.metrics` (metric rows) and :mod:`~cloudedge.finetune.resume` (checkpoints).
-:class:`HierFinetune` builds them and runs the cloud updates.
+:mod:`~cloudedge.finetune.safeguards` and :mod:`~cloudedge.finetune.churn` (reliability and privacy)
+and :mod:`~cloudedge.finetune.metrics` (metric rows). :class:`HierFinetune` builds them and runs the
+cloud updates; the run directory, metric rows, checkpoints (:meth:`HierFinetune.state_dict`) and the
+resume rule are the shared stage skeleton (:class:`cloudedge.stage.StageRun`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,13 +47,14 @@ from cloudedge.finetune.edge_round import EdgeRounds
 from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, lora_layers, with_base_deltas
 from cloudedge.finetune.messages import CLOUD, Messages
 from cloudedge.finetune.metrics import MetricLog, Tally
-from cloudedge.finetune.resume import restore_run, save_run
 from cloudedge.finetune.safeguards import Safeguards
 from cloudedge.finetune.sync import SyncPolicy, make_policy
 from cloudedge.finetune.topologies import TOPOLOGIES, Topology
 from cloudedge.finetune.workers import FinetuneWorker
 from cloudedge.fleet import Fleet, VirtualClock
+from cloudedge.stage import StageRun
 
+STAGE = "finetune"
 Tensors = dict[str, torch.Tensor]
 
 
@@ -112,13 +114,19 @@ def server_optimizer(name: str, lr: float) -> ServerOptimizer:
 
 class HierFinetune:
     """One fine-tuning run of one sync policy over a fleet: the cloud's state, and the parts that
-    move it (see the module docstring). ``run()`` returns the summary."""
+    move it (see the module docstring). ``run()`` returns the summary.
+
+    ``stage_run``: where rows and checkpoints go (default: in memory, labelled ``method`` or the
+    policy's name); ``on_round(round, row)`` is called after each cloud update's row is logged
+    (before its checkpoint: an exception it raises interrupts the run like a crash would).
+    """
 
     def __init__(self, fleet: Fleet, task: TaskData, settings: FinetuneSettings, engine: Engine,
-                 run_dir: Any = None, method: str | None = None, progress: Any = None):
+                 stage_run: StageRun | None = None, method: str | None = None,
+                 on_round: Callable[[int, dict[str, Any]], None] | None = None):
         self.fleet, self.task, self.s, self.engine = fleet, task, settings, engine
-        self.run_dir = run_dir
-        self.method = method or settings.policy
+        self.stage_run = stage_run or StageRun(STAGE, None, method or settings.policy)
+        self.method = self.stage_run.method
         self.clock = VirtualClock(fleet)
         device = resolve_device(settings.device, "finetune.device")  # this host's, for its MFU peak
         kw = dict(settings.policy_kwargs)
@@ -150,7 +158,7 @@ class HierFinetune:
                                  self.safeguards, self.churn, self.tally, float(self.charged["train_step_flops"]),
                                  device_kwargs)
         self.log = MetricLog(settings, fleet, self.clock, self.tally, self._evaluate, self.safeguards.epsilon,
-                             device, self.method, run_dir, progress)
+                             device, self.stage_run, on_round)
         self.log.in_effect = self.global_state
 
     def initial_state(self) -> Tensors:
@@ -209,21 +217,59 @@ class HierFinetune:
         """Rounds each device trained in whose update was planned to arrive."""
         return self.rounds.train_count
 
-    def run(self, ckpt_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
-        """Fine-tune until the virtual time budget or the round limit; returns the summary."""
-        restored = resume and ckpt_dir is not None and restore_run(self, ckpt_dir)
-        if resume:
-            # Keep the rows of the restored rounds (none, when killed before the first checkpoint).
-            self.log.drop_rows_after_restart(restored)
-        if not restored:
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Fine-tune until the virtual time budget or the round limit; returns the summary.
+
+        ``resume``: continue from the last checkpoint of the stage run (the shared rule,
+        :meth:`StageRun.resume`: the rows logged before it are this run's rows so far)."""
+        run = self.stage_run
+        state, rows = run.resume() if resume else (None, [])
+        if state is not None:
+            self.load_state_dict(state, rows, str(run.ckpt_dir))
+        else:
             self.log_update(0.0, {"syncs": 0})
             self.topology.start()
-        while not self.topology.step():
-            if ckpt_dir is not None and self.cloud_round % self.s.checkpoint_every == 0:
-                save_run(self, ckpt_dir)
+        with run.progress(self.s.max_cloud_rounds, self.cloud_round) as bar:
+            while not self.topology.step():
+                bar.advance()
+                if run.ckpt_dir is not None and self.cloud_round % self.s.checkpoint_every == 0:
+                    run.checkpoint(self.cloud_round, self.state_dict())
         if self.s.eval_every_s:
             self.log.score_grid(self.s.time_budget_s, inclusive=True)
         return self.summary()
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restart needs after cloud update ``cloud_round``, as one nested state
+        (:func:`cloudedge.checkpoint.save_state`): the global adapters, the server optimizer, the
+        topology's edges waiting to merge, the devices' cached models (churn), and as plain data
+        the clock, every random stream, the policy's state and the counts. The rows are the run
+        directory's (the resume rule keeps those logged before the checkpoint)."""
+        return {
+            "global": self.global_state, "server_optimizer": self.opt.state_dict(),
+            "topology": self.topology.state_dict(), "t_cloud": self.t_cloud, "merge_count": self.merge_count,
+            "edge_rounds": self.rounds.state_dict(), "clock": self.clock.state_dict(),
+            "policy": self.policy.state_dict(), "tally": self.tally.state_dict(), "churn": self.churn.state_dict(),
+            "privacy": self.safeguards.privacy_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], rows: list[dict[str, Any]], source: str) -> None:
+        """Restore :meth:`state_dict` output (``state["round"]``: its cloud update) and the rows so far."""
+        keys = list(self.global_state)  # the model's order (a checkpoint sorts keys; sums over keys follow it)
+        self.global_state = {k: state["global"][k] for k in keys}
+        self.opt.load_state_dict(state["server_optimizer"], source=source)
+        self.cloud_round, self.t_cloud = int(state["round"]), float(state["t_cloud"])
+        self.merge_count = int(state["merge_count"])
+        self.rounds.load_state_dict(state["edge_rounds"])
+        self.clock.load_state_dict(state["clock"])
+        self.policy.load_state_dict(state["policy"])
+        self.log.history = list(rows)
+        self.log.in_effect = self.global_state
+        self.tally.load_state_dict(state["tally"])
+        self.churn.load_state_dict(state["churn"], keys)
+        self.safeguards.load_privacy_state(state["privacy"], source)
+        self.topology.load_state_dict(state["topology"])
 
     # --- results --------------------------------------------------------------------------------
 

@@ -1,11 +1,17 @@
 """Fine-tuning's metric rows: what is counted between rows (:class:`Tally`) and the rows (:class:`MetricLog`).
 
-A row is logged after every cloud update (``round`` = cloud updates so far) with the virtual time,
+Rows are :class:`cloudedge.stage.MetricRow` (``stage``, ``method``, ``round``, ``virtual_time_s``,
+then the values), logged through the run's :class:`cloudedge.stage.StageRun`. A row is logged
+after every cloud update (``round`` = cloud updates so far) with the virtual time,
 the accuracy and loss of the global model (unless scoring is on a grid), the bytes per link tier,
 the devices' energy, the counts since the last row (timed out, dropped, stale, rejected, failed,
 surplus) and what the topology adds (``syncs``, ``k2``, the merged ``edge``...). With
 ``eval_every_s`` the global model in effect at each instant ``0, e, 2e, ...`` gets its own row
 (``eval: grid``), so every method is scored at the same instants.
+
+Failed and rejected updates are counted per row (``failed``, ``rejected``) and listed as
+``{at, from, reason}`` items (``failures``, ``rejections``), not as MetricRow's ``{worker: reason}``:
+a device can fail or be rejected at several aggregation points between two rows.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ from typing import Any
 from cloudedge.fleet import Fleet, VirtualClock
 from cloudedge.fleet.traces import online_count
 from cloudedge.perf import stage_peak_size, utilization_fields
+from cloudedge.stage import MetricRow, StageRun
 
 COUNTS = ("timed_out", "dropped", "stale", "rejected", "failed", "surplus")
 _MAX_REJECTED_LISTED = 20  # per metric row; the count is always exact
-STAGE = "finetune"
 
 
 class Tally:
@@ -51,18 +57,20 @@ class Tally:
 
     def state_dict(self) -> dict[str, Any]:
         return {"counts": self.counts, "totals": self.totals, "rejected_log": self.rejected_log,
-                "failures_log": self.failures_log}
+                "failures_log": self.failures_log, "dropped_total": self.dropped_total,
+                "device_steps_total": self.device_steps_total}
 
-    def load_state_dict(self, rel: dict[str, Any]) -> None:
-        # .get: checkpoints written before `failed` was counted still load.
-        self.counts = {k: int(rel["counts"].get(k, 0)) for k in COUNTS}
-        self.totals = {k: int(rel["totals"].get(k, 0)) for k in COUNTS}
-        self.rejected_log = list(rel["rejected_log"])
-        self.failures_log = list(rel.get("failures_log", []))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = {k: int(state["counts"][k]) for k in COUNTS}
+        self.totals = {k: int(state["totals"][k]) for k in COUNTS}
+        self.rejected_log = list(state["rejected_log"])
+        self.failures_log = list(state["failures_log"])
+        self.dropped_total, self.device_steps_total = int(state["dropped_total"]), int(state["device_steps_total"])
 
 
 class MetricLog:
-    """The run's metric rows (``history``), also written to ``run_dir`` and passed to ``progress``.
+    """The run's metric rows (``history``: each as :meth:`StageRun.log` returned it), logged through
+    ``run``; after each cloud update's row, ``on_round(round, row)``.
 
     ``evaluate(state)`` scores a global state on the cloud's test set; ``epsilon()`` is DP's epsilon
     so far (None without DP); ``device`` is this host's, for its MFU peak.
@@ -70,10 +78,10 @@ class MetricLog:
 
     def __init__(self, settings: Any, fleet: Fleet, clock: VirtualClock, tally: Tally,
                  evaluate: Callable[[Any], dict[str, float]], epsilon: Callable[[], float | None],
-                 device: Any, method: str, run_dir: Any = None, progress: Any = None):
+                 device: Any, run: StageRun, on_round: Callable[[int, dict[str, Any]], None] | None = None):
         self.s, self.fleet, self.clock, self.tally = settings, fleet, clock, tally
         self.evaluate, self.epsilon, self.device = evaluate, epsilon, device
-        self.method, self.run_dir, self.progress = method, run_dir, progress
+        self.run, self.on_round = run, on_round
         self.fastest_flops = max((p.flops for p, _, _ in fleet.device_profile_set()), default=1.0)
         self.history: list[dict[str, Any]] = []
         self.in_effect: Any = None  # grid mode: the global model since the last cloud update
@@ -88,7 +96,7 @@ class MetricLog:
             ev = self.evaluate(global_state)
         links = self.clock.bytes_by_link
         row = {
-            "round": cloud_round, "virtual_time_s": t, **{k: ev[k] for k in ("acc", "loss") if k in ev},
+            **{k: ev[k] for k in ("acc", "loss") if k in ev},
             "bytes_device_edge": int(links.get(("device", "edge"), 0)),
             "bytes_edge_cloud": int(links.get(("edge", "cloud"), 0)),
             "bytes_device_cloud": int(links.get(("device", "cloud"), 0)),
@@ -112,12 +120,11 @@ class MetricLog:
         tally.counts = dict.fromkeys(COUNTS, 0)
         tally.rejected_log = []
         tally.failures_log = []
-        self.history.append(row)
+        logged = self._log(cloud_round, t, row)
         self.in_effect = global_state
-        self._write(row)
-        if self.progress is not None:
-            self.progress(row)
-        return row
+        if self.on_round is not None:
+            self.on_round(cloud_round, logged)
+        return logged
 
     def score_grid(self, until: float, inclusive: bool = False) -> None:
         """Grid mode: a row (``eval: grid``) for each instant of the grid before ``until`` (up to it
@@ -127,21 +134,11 @@ class MetricLog:
         last_round = self.history[-1]["round"] if self.history else 0
         while k * step <= self.s.time_budget_s + 1e-9 and (k * step < until or (inclusive and k * step <= until + 1e-9)):
             ev = self.evaluate(self.in_effect)
-            row = {"round": last_round, "virtual_time_s": k * step, "acc": ev["acc"], "loss": ev["loss"],
-                   "eval": "grid"}
-            self.history.append(row)
-            self._write(row)
+            self._log(last_round, k * step, {"acc": ev["acc"], "loss": ev["loss"], "eval": "grid"})
             k += 1
 
-    def _write(self, row: dict[str, Any]) -> None:
-        if self.run_dir is not None:
-            self.run_dir.log(stage=STAGE, method=self.method, **row)
-
-    def drop_rows_after_restart(self, restored: bool) -> None:
-        """Resume: keep the run directory's rows of the rounds in ``history`` (all of them are
-        dropped when the run was killed before its first checkpoint, ``restored`` False)."""
-        if self.run_dir is None:
-            return
-        rounds = {r["round"] for r in self.history} if restored else set()
-        self.run_dir.truncate_metrics(lambda r: r.get("stage") != STAGE or r.get("method") != self.method
-                                      or r.get("round") in rounds)
+    def _log(self, cloud_round: int, t: float, values: dict[str, Any]) -> dict[str, Any]:
+        run = self.run
+        logged = run.log(MetricRow(run.stage, run.method, cloud_round, t, values))
+        self.history.append(logged)
+        return logged

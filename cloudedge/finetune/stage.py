@@ -6,6 +6,7 @@ engine)`` is the API the demo uses (a :class:`cloudedge.stage.StageResult` with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,14 @@ from cloudedge.config.finetune import AttackSection
 from cloudedge.config.model import ModelConfig
 from cloudedge.device import resolve_device
 from cloudedge.errors import InputError
-from cloudedge.finetune.loop import FinetuneSettings, HierFinetune, TaskData
+from cloudedge.finetune.loop import STAGE, FinetuneSettings, HierFinetune, TaskData
 from cloudedge.finetune.model import build_lora_classifier, load_base_tensors
 from cloudedge.finetune.sync import POLICIES
 from cloudedge.fleet import Fleet
 from cloudedge.models.inputs import ImageSpec, check_images, config_image_spec, convert_channels
 from cloudedge.registry import Choice
-from cloudedge.stage import StageResult, run_stage_into
-
-STAGE = "finetune"
+from cloudedge.stage import StageResult, StageRun, run_stage_into
+from cloudedge.track.run import RunDir
 
 
 def _image_tensors(ds: Any, spec: ImageSpec | None, source: str) -> dict[str, torch.Tensor]:
@@ -171,30 +171,35 @@ def switch_policy(sync: Choice, policy: str | dict[str, Any] | Choice) -> Choice
         raise InputError(f"{STAGE}.sync: {err}") from None
 
 
-def finetune(cfg: RunConfig, run_dir: Any, engine: Any, resume: bool = False,
+def finetune(cfg: RunConfig, run_dir: RunDir | str | Path | None, engine: Any, resume: bool = False,
              policy: str | dict[str, Any] | Choice | None = None,
-             base_tensors: dict[str, torch.Tensor] | None = None, progress: Any = None) -> StageResult:
-    """Fine-tune as ``cfg.finetune`` says; logs to ``run_dir`` (a RunDir or None) and checkpoints there.
+             base_tensors: dict[str, torch.Tensor] | None = None,
+             on_round: Callable[[int, dict[str, Any]], None] | None = None) -> StageResult:
+    """Fine-tune as ``cfg.finetune`` says; logs to ``run_dir`` (a RunDir, a path, or None: in
+    memory) and checkpoints there; ``resume`` continues from its last checkpoint.
 
-    Returns a :class:`StageResult`: the rows (the loop's history), the summary, and the artefacts
-    ``model`` (the fine-tuned classifier: base + global adapters + head) and ``adapters`` (the
-    global adapter state).
+    ``on_round(round, row)`` is called after each cloud update's row (an exception it raises
+    interrupts the run like a crash would; the checkpoints before it stay).
+
+    Returns a :class:`StageResult`: every row of the run (after a resume, those logged before the
+    checkpoint too), the summary, and the artefacts ``model`` (the fine-tuned classifier: base +
+    global adapters + head) and ``adapters`` (the global adapter state).
     """
     if cfg.finetune is None:
         raise InputError("finetune: the config has no 'finetune' section")
     fleet = Fleet.from_config(cfg.fleet, cfg.seed)
     task = prepare_task(cfg, fleet, base_tensors)
     settings = settings_from_config(cfg, policy)
-    loop = HierFinetune(fleet, task, settings, engine, run_dir=run_dir, progress=progress)
-    ckpt = run_dir.checkpoint_dir(STAGE) if run_dir is not None else None
-    summary = loop.run(ckpt_dir=ckpt, resume=resume)
+    run = StageRun.open(STAGE, run_dir, cfg, settings.policy, resume=resume)
+    loop = HierFinetune(fleet, task, settings, engine, stage_run=run, on_round=on_round)
+    summary = loop.run(resume=resume)
     summary["clock"] = loop.clock.summary()
     model = build_lora_classifier(loop.spec)
     from cloudedge.finetune.model import AdapterSlot
 
     AdapterSlot(model).load(loop.global_state)
     model.eval()
-    return StageResult(loop.history, summary, {"model": model, "adapters": loop.global_state}, run_dir)
+    return StageResult(loop.history, summary, {"model": model, "adapters": loop.global_state}, run.run_dir)
 
 
 def run_finetune(cfg: RunConfig, out_dir: str | Path, resume: bool = False, engine_kind: str = "local") -> dict[str, Any]:

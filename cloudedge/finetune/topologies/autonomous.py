@@ -83,22 +83,18 @@ class AutonomousMerges(Topology):
         self._start_periods([item.edge_id], t)
         return False
 
-    def state_dict(self) -> tuple[list[dict[str, Any]], Tensors]:
-        items, tensors = [], {}
-        for i, p in enumerate(self.pending):
-            tensors.update({f"pending/{i}/state/{k}": v for k, v in p.state.items()})
-            tensors.update({f"pending/{i}/pulled/{k}": v for k, v in p.pulled.items()})
+    def state_dict(self) -> list[dict[str, Any]]:
+        items = []
+        for p in self.pending:
             obs = dataclasses.asdict(p.obs)
             obs["devices"] = [dataclasses.asdict(o) for o in p.obs.devices]
-            items.append({"t_ready": p.t_ready, "edge_id": p.edge_id, "obs": obs})
-        return items, tensors
+            items.append({"t_ready": p.t_ready, "edge_id": p.edge_id, "obs": obs, "state": p.state, "pulled": p.pulled})
+        return items
 
-    def load_state_dict(self, items: list[dict[str, Any]], tensors: Tensors) -> None:
-        keys = list(self.run.global_state)
+    def load_state_dict(self, items: list[dict[str, Any]]) -> None:
+        keys = list(self.run.global_state)  # a checkpoint sorts the keys; the run's order is the model's
         self.pending = []
-        for i, p in enumerate(items):
-            st = {k[len(f"pending/{i}/state/"):]: v for k, v in tensors.items() if k.startswith(f"pending/{i}/state/")}
-            pl = {k[len(f"pending/{i}/pulled/"):]: v for k, v in tensors.items() if k.startswith(f"pending/{i}/pulled/")}
+        for p in items:
             obs = EdgeObs(**{**p["obs"], "devices": tuple(DeviceObs(**o) for o in p["obs"]["devices"])})
-            heapq.heappush(self.pending, Pending(float(p["t_ready"]), p["edge_id"], {k: st[k] for k in keys},
-                                                 {k: pl[k] for k in keys}, obs))
+            heapq.heappush(self.pending, Pending(float(p["t_ready"]), p["edge_id"], {k: p["state"][k] for k in keys},
+                                                 {k: p["pulled"][k] for k in keys}, obs))

@@ -43,9 +43,9 @@ class Topology:
         """One cloud update (its metric row logged); True, doing nothing, when the run is over."""
         raise NotImplementedError
 
-    def state_dict(self) -> tuple[list[dict[str, Any]], Tensors]:
-        """What a checkpoint keeps between cloud updates: plain items and their tensors."""
-        return [], {}
+    def state_dict(self) -> list[dict[str, Any]]:
+        """What a checkpoint keeps between cloud updates (nested: tensors anywhere in plain data)."""
+        return []
 
-    def load_state_dict(self, items: list[dict[str, Any]], tensors: Tensors) -> None:
-        """Restore :meth:`state_dict` output."""
+    def load_state_dict(self, items: list[dict[str, Any]]) -> None:
+        """Restore :meth:`state_dict` output (called after the run's global state is restored)."""
