@@ -173,3 +173,25 @@ def adapt_clip(clip_dir):
     from cloudedge.adapt.clip_model import load_clip
 
     return load_clip(str(clip_dir))
+
+
+def test_a_resume_keeps_the_round_a_failure_added_and_shares_with_a_failed_edge(clip_dir, tmp_path):
+    cfg = _cfg(clip_dir, checkpoint_every=1, share_every=1)
+    engine = LocalEngine()
+
+    class Stop(Exception):
+        pass
+
+    def break_then_stop(r, rows):
+        if r == 1:  # edge1's next step crashes: the share of round 2 runs without its figures of that round
+            _FailsOnce.crashed = False
+            engine.register("edge1", WorkerSpec(_FailsOnce, engine._specs["edge1"].kwargs))
+        if r == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        adapt(cfg, tmp_path / "run", engine, on_round=break_then_stop)
+    resumed = adapt(cfg, tmp_path / "run", resume=True)
+    # The failure's extra round survives the restart: every image of both streams is adapted on.
+    assert all(e["images"] == 12 for e in resumed.summary["acc_per_edge"].values())
+    assert max(r["round"] for r in resumed.run_dir.read_metrics()) == 4

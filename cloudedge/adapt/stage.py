@@ -88,7 +88,8 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
     # An edge whose worker fails (a crashed actor, an exception) skips the round and is logged; its
     # replacement is restored to the edge's last good step and streams the skipped batch one round
     # later, so the run gets one more round per failure (at most as many extra rounds as planned).
-    planned = n_rounds = stage.n_rounds
+    planned = stage.n_rounds
+    n_rounds = planned + stage.extra_rounds  # a resumed run keeps the rounds its failures added
     r = stage.start_round
     with run.progress(n_rounds, r) as bar:
         while r < n_rounds:
@@ -100,6 +101,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
                 if n_rounds - planned >= planned:
                     raise WorkerError("adapt", f"round {r + 1}", f"edges keep failing: {'; '.join(failed.values())}")
                 n_rounds += 1
+                stage.extra_rounds += 1
                 rows.append(run.log(MetricRow(STAGE, acfg.method.name, r + 1, failures=failed)))
             if run.ckpt_dir is not None and ((r + 1) % acfg.checkpoint_every == 0 or r + 1 == n_rounds):
                 run.checkpoint(r + 1, stage.state_dict())
@@ -134,6 +136,7 @@ class AdaptRun:
         self.n_rounds = max(math.ceil(len(s.images) / acfg.batch_size) for s in self.streams)
         self.totals: dict[str, Any] = {"prompt_bytes_up": 0, "prompt_bytes_down": 0, "shares": 0}
         self.start_round = 0
+        self.extra_rounds = 0  # one per failed edge-round: its batch is streamed one round later
         self.snapshots: dict[str, dict[str, Any]] = {}  # each edge's state after its last good step
         self.last: dict[str, dict[str, Any]] = {}  # each edge's last figures (images seen weigh the share)
 
@@ -178,7 +181,7 @@ class AdaptRun:
     def state_dict(self) -> dict[str, Any]:
         """The clock, totals and every edge's state (method tensors + counters), as one nested state."""
         states = self.engine.run([Task(s.edge_id, "get_state") for s in self.streams])
-        return {"clock": self.clock.state_dict(), "totals": self.totals, "edges": {
+        return {"clock": self.clock.state_dict(), "totals": self.totals, "extra_rounds": self.extra_rounds, "edges": {
             s.edge_id: {"tensors": st["tensors"], "counters": st["counters"]}
             for s, st in zip(self.streams, states, strict=True)}}
 
@@ -186,8 +189,11 @@ class AdaptRun:
         self.start_round = int(state["round"])
         self.clock.load_state_dict(state["clock"])
         self.totals = state["totals"]
+        self.extra_rounds = int(state.get("extra_rounds", 0))
         for s in self.streams:
             self.snapshots[s.edge_id] = dict(state["edges"][s.edge_id])
+            # Images seen weigh the prompt share; an edge that fails the first round after a resume keeps its count.
+            self.last[s.edge_id] = {"seen": int(self.snapshots[s.edge_id]["counters"]["position"])}
             self.engine.call(s.edge_id, "set_state", **self.snapshots[s.edge_id])
 
     def summary(self) -> dict[str, Any]:
@@ -233,7 +239,8 @@ def _share_prompts(acfg: AdaptConfig, streams: list[Stream], last: dict[str, dic
         clock.transfer(s.edge_id, CLOUD_ID, nbytes)
         totals["prompt_bytes_up"] += nbytes
         received.setdefault(group_of[s.edge_id], []).append(payload.decompress())
-        weights.setdefault(group_of[s.edge_id], []).append(float(max(last[s.edge_id]["seen"], 1)))
+        # An edge that has not streamed a batch yet (it failed so far) weighs as one image.
+        weights.setdefault(group_of[s.edge_id], []).append(float(max(last.get(s.edge_id, {}).get("seen", 0), 1)))
     downs = {g: comm.compress(weighted_mean(received[g], weights[g]), acfg.compression) for g in received}
     tasks = []
     for s in streams:
