@@ -91,6 +91,10 @@ class Registry(Generic[T]):
             if name in self._entries and self._entries[name][0] is not obj:
                 raise ValueError(f"{self.family} {name!r} is already registered")
             self._entries[name] = (obj, params)
+            if isinstance(obj, type):
+                # A class knows the name it is registered under (a subclass of a built-in would
+                # otherwise look up its knobs, and label its rows, under its parent's name).
+                obj.name = name  # type: ignore[attr-defined]
             return obj
 
         return add

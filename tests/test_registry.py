@@ -72,3 +72,30 @@ def test_config_plugins_import_a_file_relative_to_the_config(tmp_path) -> None:
     (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
     with pytest.raises(InputError, match=r"plugins: broken.py: could not import \(RuntimeError: boom\)"):
         config_from_dict({"plugins": ["broken.py"]}, base_dir=tmp_path)
+
+
+def test_a_registered_class_carries_the_name_it_is_registered_under():
+    class Base:
+        name = "base"
+
+    class Child(Base):
+        pass
+
+    reg: Registry = Registry("thing")
+    reg.add("base", Base)
+    reg.add("child", Child)
+    assert Child.name == "child" and Base.name == "base"
+
+
+def test_the_dumped_config_of_a_run_with_a_plugin_file_loads_from_elsewhere(tmp_path):
+    from cloudedge.config import dump_config, load_config
+
+    plug = tmp_path / "cfg" / "plug2.py"
+    plug.parent.mkdir()
+    plug.write_text("import tests.test_registry as t\nt.SHAPES.add('pentagon', lambda scale: scale)\n")
+    cfg = config_from_dict({"plugins": ["plug2.py"]}, base_dir=plug.parent)
+    assert cfg.plugins == [str(plug)]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    assert load_config(run_dir / "config.yaml").plugins == [str(plug)]

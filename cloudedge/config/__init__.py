@@ -58,6 +58,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: st
         load_plugins(plugins, raw["base_dir"])
     except InputError as err:
         raise InputError(f"{source}: {err}") from None
+    # Plug-in files as absolute paths, so the config a run directory keeps loads from anywhere.
+    raw["plugins"] = [str(Path(raw["base_dir"]) / p) if p.endswith(".py") and not Path(p).is_absolute() else p
+                      for p in plugins]
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
