@@ -77,41 +77,43 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
     run = StageRun.open(STAGE, run_dir, cfg, acfg.method.name, resume=resume)
     own_engine = engine is None
     engine = engine or make_engine("local")
-    stage = AdaptRun(cfg, acfg, engine, checkpoint)
-    state, _ = run.resume() if resume else (None, [])
-    if state is not None:
-        stage.load_state_dict(state)
-    else:
-        stage.cloud_phase()
+    try:
+        stage = AdaptRun(cfg, acfg, engine, checkpoint)
+        state, _ = run.resume() if resume else (None, [])
+        if state is not None:
+            stage.load_state_dict(state)
+        else:
+            stage.cloud_phase()
 
-    rows: list[dict[str, Any]] = []
-    # An edge whose worker fails (a crashed actor, an exception) skips the round and is logged; its
-    # replacement is restored to the edge's last good step and streams the skipped batch one round
-    # later, so the run gets one more round per failure (at most as many extra rounds as planned).
-    planned = stage.n_rounds
-    n_rounds = planned + stage.extra_rounds  # a resumed run keeps the rounds its failures added
-    r = stage.start_round
-    with run.progress(n_rounds, r) as bar:
-        while r < n_rounds:
-            round_rows, failed = stage.round(r)
-            rows.extend(run.log(row) for row in round_rows.values())
-            if on_round is not None:
-                on_round(r + 1, round_rows)
-            if failed:
-                if n_rounds - planned >= planned:
-                    raise WorkerError("adapt", f"round {r + 1}", f"edges keep failing: {'; '.join(failed.values())}")
-                n_rounds += 1
-                stage.extra_rounds += 1
-                rows.append(run.log(MetricRow(STAGE, acfg.method.name, r + 1, failures=failed)))
-            if run.ckpt_dir is not None and ((r + 1) % acfg.checkpoint_every == 0 or r + 1 == n_rounds):
-                run.checkpoint(r + 1, stage.state_dict())
-            r += 1
-            bar.advance()
+        rows: list[dict[str, Any]] = []
+        # An edge whose worker fails (a crashed actor, an exception) skips the round and is logged; its
+        # replacement is restored to the edge's last good step and streams the skipped batch one round
+        # later, so the run gets one more round per failure (at most as many extra rounds as planned).
+        planned = stage.n_rounds
+        n_rounds = planned + stage.extra_rounds  # a resumed run keeps the rounds its failures added
+        r = stage.start_round
+        with run.progress(n_rounds, r) as bar:
+            while r < n_rounds:
+                round_rows, failed = stage.round(r)
+                rows.extend(run.log(row) for row in round_rows.values())
+                if on_round is not None:
+                    on_round(r + 1, round_rows)
+                if failed:
+                    if n_rounds - planned >= planned:
+                        raise WorkerError("adapt", f"round {r + 1}", f"edges keep failing: {'; '.join(failed.values())}")
+                    n_rounds += 1
+                    stage.extra_rounds += 1
+                    rows.append(run.log(MetricRow(STAGE, acfg.method.name, r + 1, failures=failed)))
+                if run.ckpt_dir is not None and ((r + 1) % acfg.checkpoint_every == 0 or r + 1 == n_rounds):
+                    run.checkpoint(r + 1, stage.state_dict())
+                r += 1
+                bar.advance()
 
-    summary = stage.summary()
-    prompts = stage.prompts()
-    if own_engine:
-        engine.close()
+        summary = stage.summary()
+        prompts = stage.prompts()
+    finally:
+        if own_engine:  # an engine this call made is closed whatever happens (Ray actors hold processes)
+            engine.close()
     return StageResult(rows, summary, {"prompts": prompts}, run.run_dir)
 
 

@@ -87,25 +87,27 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     run = StageRun.open(STAGE, run_dir, cfg, method, resume=resume)
     own_engine = engine is None
     engine = engine or make_engine("local")
-    stage = PretrainRun(cfg, pcfg, method, engine, shards, client_eval, val)
-    rows: list[dict[str, Any]] = []
-    if resume:
-        state, rows = run.resume()
-        if state is not None:
-            stage.load_state_dict(state, str(run.ckpt_dir))
-    with run.progress(pcfg.rounds, stage.start_round) as bar:
-        for r in range(stage.start_round, pcfg.rounds):
-            if pcfg.time_budget_s is not None and stage.clock.now >= pcfg.time_budget_s:
-                break  # the virtual-time budget is spent
-            row = run.log(stage.round(r))
-            rows.append(row)
-            if run.ckpt_dir is not None and ((r + 1) % pcfg.checkpoint_every == 0 or r == pcfg.rounds - 1):
-                run.checkpoint(r, stage.state_dict())
-            if on_round is not None:
-                on_round(r, row)
-            bar.advance()
-    if own_engine:
-        engine.close()
+    try:
+        stage = PretrainRun(cfg, pcfg, method, engine, shards, client_eval, val)
+        rows: list[dict[str, Any]] = []
+        if resume:
+            state, rows = run.resume()
+            if state is not None:
+                stage.load_state_dict(state, str(run.ckpt_dir))
+        with run.progress(pcfg.rounds, stage.start_round) as bar:
+            for r in range(stage.start_round, pcfg.rounds):
+                if pcfg.time_budget_s is not None and stage.clock.now >= pcfg.time_budget_s:
+                    break  # the virtual-time budget is spent
+                row = run.log(stage.round(r))
+                rows.append(row)
+                if run.ckpt_dir is not None and ((r + 1) % pcfg.checkpoint_every == 0 or r == pcfg.rounds - 1):
+                    run.checkpoint(r, stage.state_dict())
+                if on_round is not None:
+                    on_round(r, row)
+                bar.advance()
+    finally:
+        if own_engine:  # an engine this call made is closed whatever happens (Ray actors hold processes)
+            engine.close()
     summary = stage.summary(rows)
     run.update_summary(summary)
     return StageResult(rows, summary, {"model": stage.model, "client_states": stage.client_states}, run.run_dir)
