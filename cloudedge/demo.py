@@ -89,18 +89,6 @@ class DemoPlan:
         )
 
 
-def _time_to_target(rows: list[dict[str, Any]], key: str, target: float, lower_is_better: bool,
-                    time_key: str) -> float | None:
-    """First virtual time at which ``key`` reached ``target`` (None: never)."""
-    for r in rows:
-        v = r.get(key)
-        if v is None:
-            continue
-        if (v <= target) if lower_is_better else (v >= target):
-            return float(r[time_key])
-    return None
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 

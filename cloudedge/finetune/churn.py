@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from cloudedge.config.finetune import ChurnSection
 from cloudedge.finetune.streams import stable_index, stream
 
 Tensors = dict[str, torch.Tensor]
-DEFAULTS: dict[str, Any] = {"dropout": 0.0, "stale_prob": 0.0, "max_staleness": 4, "stale_decay": 0.5}
+DEFAULTS: dict[str, Any] = ChurnSection().model_dump()  # the config's defaults, for settings built by hand
 
 
 class Churn:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from cloudedge.attacks import apply_attack, choose_attackers
+from cloudedge.config.finetune import AttackSection
 from cloudedge.errors import InputError
 from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, aggregate_lora, sent_keys
 from cloudedge.finetune.messages import CLOUD
@@ -30,6 +31,9 @@ from cloudedge.finetune.reliability import (
 from cloudedge.finetune.streams import stable_index
 from cloudedge.fleet import Fleet
 from cloudedge.fleet.topology import Node
+
+# Who attacks, when settings are built by hand without it: the config's defaults.
+_ATTACK_DEFAULTS = {k: AttackSection.model_fields[k].default for k in ("fraction", "seed")}
 
 Tensors = dict[str, torch.Tensor]
 
@@ -73,7 +77,8 @@ class Safeguards:
             apply_attack(a["kind"], {"x": torch.ones(1)}, seed=0,  # options checked now, not mid-run
                          **{k: v for k, v in self.attack_opts.items() if k != "kind"})
             self.attackers = [str(d) for d in choose_attackers([d.id for d in fleet.devices],
-                                                               float(a.get("fraction", 0.2)), int(a.get("seed", 0)))]
+                                                               float(a.get("fraction", _ATTACK_DEFAULTS["fraction"])),
+                                                               int(a.get("seed", _ATTACK_DEFAULTS["seed"])))]
         self.dp = None if s.privacy is None else {"mode": "central", "delta": 1e-5, **s.privacy}
         self.privacy: PrivacyLedger | None = None
         self.dp_expected: dict[str, float] = {}

@@ -28,7 +28,7 @@ Tensors = dict[str, torch.Tensor]
 ALGORITHMS: Registry[type[PretrainAlgorithm]] = Registry("pre-training algorithm")
 
 
-def union_batch_gradient(grads: list[Tensors], units: list[int]) -> Tensors:
+def union_batch_gradient(grads: list[Tensors], units: list[float]) -> Tensors:
     """Weighted by tokens/samples: the gradient of the mean loss over the union of all batches."""
     return weighted_mean(grads, [float(u) for u in units])
 
@@ -131,7 +131,7 @@ class SyncSGD(PretrainAlgorithm):
             return self.objective.combine_gradients(updates, weights, [float(res["loss"]) for res in results],
                                                     step_count)
         # Weighted by units (or the controller's weights): the gradient of the mean loss over the union.
-        return weighted_mean(updates, weights)
+        return union_batch_gradient(updates, weights)
 
     def before_step(self) -> None:
         if self.pcfg.grad_clip is not None:
