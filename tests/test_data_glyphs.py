@@ -236,7 +236,24 @@ def test_a_share_of_captions_names_only_the_class():
                for c, y in zip(mixed, attrs["label"], strict=True) if c in short)
     assert all(r == m for r, m in zip(rich, mixed, strict=True) if m not in short)  # the rest unchanged
     assert glyph_captions(attrs["label"], classes, attrs, seed=0, plain_fraction=0.0) == rich
-    # The config knob reaches the CLIP task's captions.
-    assert GlyphsConfig(plain_captions=0.75).plain_captions == 0.75
-    with pytest.raises(ValueError):
-        GlyphsConfig(plain_captions=1.5)
+    # The config knob reaches the captions the pre-training stage deals to its workers.
+    from cloudedge.fleet import Fleet
+    from cloudedge.pretrain.shards import build_shards
+
+    def caption_lengths(plain: float) -> torch.Tensor:
+        cfg = config_from_dict({
+            "data": {"source": "glyphs", "glyphs": {"classes": "alnum", "channels": 3, "train_size": 72,
+                                                     "test_size": 36, "plain_captions": plain, "cache": False}},
+            "model": {"kind": "clip", "hidden": 16, "layers": 1, "heads": 2, "context": 48, "image_size": 28,
+                      "patch_size": 7, "channels": 3, "projection_dim": 16},
+            "pretrain": {"task": "clip", "workers": ["cloud"]}})
+        shards = build_shards(cfg, cfg.pretrain, [Fleet.from_config(cfg.fleet, cfg.seed).cloud], seq_len=48)
+        return shards.train["cloud"]["attention_mask"].sum(1)
+
+    from cloudedge.data.glyph_attrs import PLAIN_TEMPLATES, class_phrase
+
+    longest_plain = max(len(t.format(what=class_phrase(c))) for t in PLAIN_TEMPLATES for c in classes)
+    assert caption_lengths(1.0).max() <= 2 + longest_plain  # BOS + a class-only caption + EOS
+    assert caption_lengths(0.0).float().mean() > 40  # attribute captions fill the text context
+    with pytest.raises(InputError, match="plain_captions"):
+        config_from_dict({"data": {"source": "glyphs", "glyphs": {"plain_captions": 1.5}}})

@@ -38,7 +38,7 @@ from cloudedge.fleet.clock import transfer_seconds
 from cloudedge.models.charge import cost_model_summary, resolve_charge
 from cloudedge.perf import stage_peak_size, utilization_fields
 from cloudedge.pretrain.algorithms import ALGORITHMS, PretrainAlgorithm, objective_steps
-from cloudedge.pretrain.batch import CONTROLLERS, BatchController, Observation, Plan, WorkerInfo
+from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerInfo, get_controller
 from cloudedge.pretrain.costs import charged_costs, trained_costs
 from cloudedge.pretrain.shards import Shards, build_shards, client_shards
 from cloudedge.pretrain.tasks import build_task_model, evaluate_loss
@@ -188,7 +188,7 @@ class PretrainRun:
         ctl_args: dict[str, Any] = pcfg.controller.kwargs()
         if "seed" in ctl_args and ctl_args["seed"] is None:  # a controller's seed defaults to the run's
             ctl_args["seed"] = cfg.seed
-        self.controller: BatchController = CONTROLLERS.get(pcfg.controller.name)(pcfg.global_batch, **ctl_args)
+        self.controller: BatchController = get_controller(pcfg.controller.name, pcfg.global_batch, **ctl_args)
         self.clock = VirtualClock(fleet)
         self.client_states: dict[str, Tensors] = {}
         self.server_msg: dict[str, Any] = {}
