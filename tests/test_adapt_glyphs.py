@@ -227,3 +227,36 @@ def test_glyph_clip_is_built_once_and_reused(tmp_path, monkeypatch):
     assert 0.0 <= again["zero_shot"]["clean_held_in_fonts"] <= 1.0 and again["training"]["rounds"] == 2
     other_dir, other = gc.glyph_clip(False)  # another recipe: another folder
     assert other_dir != first_dir and not other["cached"]
+
+
+def test_benchmark_methods_give_the_same_results_in_parallel_processes(tmp_path, monkeypatch):
+    """``adapt-tta`` runs its methods in spawned processes; every figure but time must not change."""
+    from cloudedge.bench.adapt_tta import SWAPPROMPT, run_methods
+    from cloudedge.config.model import ModelConfig
+    from cloudedge.models import build_model, save_local
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # children inherit it: one render
+    tiny = ModelConfig(kind="clip", hidden=32, layers=1, heads=2, context=48, image_size=28, patch_size=14,
+                       channels=3, projection_dim=16)
+    clip = save_local(build_model(tiny, seed=0), tmp_path / "clip")
+    shifts = [{"shift": "inverted"}, {"corruption": "gaussian_noise", "severity": 3}]
+    specs = {"zeroshot": {"method": "zeroshot"}, "swapprompt": {"method": SWAPPROMPT}}
+    seen: list[list[str]] = []
+    serial = run_methods(clip, shifts, 36, specs, "local", 1, first=("zeroshot",),
+                         when_first=lambda r: seen.append(list(r)))
+    parallel = run_methods(clip, shifts, 36, specs, "local", 2, first=("zeroshot",),
+                           when_first=lambda r: seen.append(list(r)))
+    assert seen == [["zeroshot"], ["zeroshot"]]
+    assert list(parallel) == list(specs)
+    for name in specs:
+        for key in ("acc_per_shift", "peak_mem_mb", "prompt_bytes", "edges"):
+            assert serial[name][key] == parallel[name][key], (name, key)
+    assert set(serial["swapprompt"]["acc_per_shift"]) == {"inverted", "gaussian_noise@3"}
+
+
+def test_benchmark_workers_must_be_a_positive_number(tmp_path):
+    from cloudedge.bench import run_benchmark
+
+    for bad in ("0", "two"):
+        with pytest.raises(InputError, match="--workers"):
+            run_benchmark("adapt-tta", tmp_path, quick=True, checkpoint=str(tmp_path), workers=bad)
