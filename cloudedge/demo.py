@@ -12,9 +12,9 @@ The chain (each stage starts from the previous stage's model):
 3. **Adapt** a CLIP's prompt at test time on each edge's shifted, unlabeled stream:
    ``swapprompt`` beside ``tpt`` and ``zeroshot``. The CLIP here is the glyph CLIP
    (``cloudedge.adapt.glyph_clip``: pre-trained by the same pre-training stage on captioned colour
-   glyphs, 36 characters, built once and cached), the shifts label-preserving glyph shifts (a font
-   family it never saw, an unseen palette, noise): the digits CLIP above knows too few pictures for
-   a shift to leave room to adapt.
+   glyphs, 36 characters, some captioned as drawn upside down, mirrored or sideways; built once and
+   cached), the shifts label-preserving glyph shifts (a font family it never saw, upside-down
+   glyphs, noise): the digits CLIP above knows too few pictures for a shift to leave room to adapt.
 
 Everything lands in one run directory (metrics of every method, a summary with the headline
 ratios, plots, report.md and a self-contained report.html).

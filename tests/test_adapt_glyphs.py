@@ -23,7 +23,7 @@ def glyphs():
     return glyph_split(train_spec, "test", 72, use_cache=False)
 
 
-@pytest.mark.parametrize("name", ["inverted", "palette", "texture"])
+@pytest.mark.parametrize("name", ["inverted", "palette", "texture", "upside_down", "mirrored", "sideways"])
 def test_shifts_keep_labels_change_pixels_and_are_deterministic(glyphs, name):
     a, b = shift_glyphs(glyphs, name, seed=3), shift_glyphs(glyphs, name, seed=3)
     assert torch.equal(a.x, b.x) and torch.equal(a.y, glyphs.y)
@@ -225,6 +225,11 @@ def test_glyph_clip_is_built_once_and_reused(tmp_path, monkeypatch):
     assert not first["cached"] and again["cached"] and first_dir == again_dir
     assert (first_dir / "model.safetensors").is_file() or any(first_dir.glob("*.safetensors"))
     assert 0.0 <= again["zero_shot"]["clean_held_in_fonts"] <= 1.0 and again["training"]["rounds"] == 2
+    # Its pre-training drew a share of the images in the named styles, and the card scores each style
+    # under the plain prompt and under the prompt that names it.
+    assert set(again["zero_shot"]["styles"]) == set(gc.STYLES)
+    assert all(0.0 <= v <= 1.0 for style in again["zero_shot"]["styles"].values() for v in style.values())
+    assert recipe(True)["data"]["glyphs"]["style_fraction"] == gc.STYLE_FRACTION > 0
     other_dir, other = gc.glyph_clip(False)  # another recipe: another folder
     assert other_dir != first_dir and not other["cached"]
 
@@ -240,7 +245,9 @@ def test_benchmark_methods_give_the_same_results_in_parallel_processes(tmp_path,
                        channels=3, projection_dim=16)
     clip = save_local(build_model(tiny, seed=0), tmp_path / "clip")
     shifts = [{"shift": "inverted"}, {"corruption": "gaussian_noise", "severity": 3}]
-    specs = {"zeroshot": {"method": "zeroshot"}, "swapprompt": {"method": SWAPPROMPT}}
+    # TPT is split over slices of its edges in parallel (adapt.edges) and merged.
+    specs = {"zeroshot": {"method": "zeroshot"}, "swapprompt": {"method": SWAPPROMPT},
+             "tpt": {"method": {"name": "tpt", "n_views": 7}}}
     seen: list[list[str]] = []
     serial = run_methods(clip, shifts, 36, specs, "local", 1, first=("zeroshot",),
                          when_first=lambda r: seen.append(list(r)))
@@ -252,6 +259,25 @@ def test_benchmark_methods_give_the_same_results_in_parallel_processes(tmp_path,
         for key in ("acc_per_shift", "peak_mem_mb", "prompt_bytes", "edges"):
             assert serial[name][key] == parallel[name][key], (name, key)
     assert set(serial["swapprompt"]["acc_per_shift"]) == {"inverted", "gaussian_noise@3"}
+    assert parallel["tpt"]["parts"] == 2 and "parts" not in serial["tpt"]
+    assert serial["tpt"]["timed_images"] == parallel["tpt"]["timed_images"]
+
+
+def test_an_adaptation_run_of_some_edges_streams_what_those_edges_stream_in_the_whole_run(clip_dir):
+    from cloudedge.adapt.stage import adapt
+    from cloudedge.engine import make_engine
+
+    cfg = _adapt_cfg(clip_dir, 3, [{"shift": "inverted"}, {"shift": "palette"}, {"shift": "texture"}],
+                     method="zeroshot")
+    with make_engine("local") as eng:
+        whole = adapt(cfg, None, eng).summary
+        part = adapt(cfg, None, eng, edges=[0, 2]).summary
+    assert set(part["acc_per_shift"]) == {"inverted", "texture"}
+    for shift, acc in part["acc_per_shift"].items():
+        assert acc == whole["acc_per_shift"][shift]
+    for bad in ([3], []):
+        with make_engine("local") as eng, pytest.raises(InputError, match="adapt.edges"):
+            adapt(cfg, None, eng, edges=bad)
 
 
 def test_benchmark_workers_must_be_a_positive_number(tmp_path):
@@ -260,3 +286,14 @@ def test_benchmark_workers_must_be_a_positive_number(tmp_path):
     for bad in ("0", "two"):
         with pytest.raises(InputError, match="--workers"):
             run_benchmark("adapt-tta", tmp_path, quick=True, checkpoint=str(tmp_path), workers=bad)
+
+
+def test_benchmark_coop_source_is_upright_while_the_clip_saw_styles(tmp_path):
+    from cloudedge.adapt.glyph_clip import glyph_data, pretrain_config
+    from cloudedge.bench.adapt_tta import SHIFTS, _config
+
+    assert pretrain_config(True)["data"]["glyphs"]["styles"] == ["upside_down", "mirrored", "sideways"]
+    cfg = _config(tmp_path, SHIFTS, 512, 1)
+    assert cfg.data.glyphs.style_fraction == 0 and not cfg.data.glyphs.styles  # CoOp's clean source
+    assert {s.shift for s in cfg.adapt.streams} >= {"upside_down", "mirrored", "sideways"}
+    assert "styles" not in glyph_data(10, 10, styled=False)["glyphs"]

@@ -257,3 +257,38 @@ def test_a_share_of_captions_names_only_the_class():
     assert caption_lengths(0.0).float().mean() > 40  # attribute captions fill the text context
     with pytest.raises(InputError, match="plain_captions"):
         config_from_dict({"data": {"source": "glyphs", "glyphs": {"plain_captions": 1.5}}})
+
+
+def test_named_styles_restyle_a_seeded_share_of_train_images_and_their_captions_say_so():
+    from cloudedge.data.glyph_styles import STYLE_NAMES, apply_style, stylize
+    from cloudedge.data.glyphs import load_glyphs
+
+    cfg = GlyphsConfig(classes="alnum", channels=3, train_size=400, test_size=36, cache=False,
+                       styles=["upside_down", "mirrored"], style_fraction=0.3)
+    train, test = load_glyphs(cfg, 28)
+    plain = glyph_split(glyph_specs(cfg, 28)[0], "train", 400, use_cache=False)
+    style = train.meta["style"]
+    assert torch.equal(train.y, plain.y) and "style" not in test.meta  # the test split stays upright
+    assert 0.22 < float((style >= 0).float().mean()) < 0.38
+    assert set(style.unique().tolist()) == {-1, STYLE_NAMES.index("upside_down"), STYLE_NAMES.index("mirrored")}
+    for k, name in enumerate(STYLE_NAMES):
+        idx = style == k
+        if idx.any():
+            assert torch.equal(train.x[idx], apply_style(plain.x[idx], name))
+    assert torch.equal(train.x[style < 0], plain.x[style < 0])
+    again = stylize(plain, ["upside_down", "mirrored"], 0.3, seed=0)
+    assert torch.equal(again.x, train.x) and torch.equal(again.meta["style"], style)
+    # Upside down twice is upright; a mirror image differs from the picture.
+    assert torch.equal(apply_style(apply_style(plain.x, "upside_down"), "upside_down"), plain.x)
+    assert (apply_style(plain.x, "mirrored") - plain.x).abs().mean() > 0.02
+    # Captions name the style for the styled pictures, and only for them.
+    captions = glyph_captions(train.y, train.classes, train.meta, seed=0, plain_fraction=0.75)
+    for c, s, y in zip(captions, style.tolist(), train.y.tolist(), strict=True):
+        named = c.startswith(("an upside-down photo of a ", "a mirrored photo of a "))
+        assert named == (s >= 0)
+        if named:
+            assert c.endswith(f" {train.classes[y]}.")
+    with pytest.raises(InputError, match="styles.*unknown style 'flipped'"):
+        config_from_dict({"data": {"source": "glyphs", "glyphs": {"styles": ["flipped"]}}})
+    with pytest.raises(InputError, match="style_fraction needs styles"):
+        config_from_dict({"data": {"source": "glyphs", "glyphs": {"style_fraction": 0.2}}})

@@ -30,7 +30,7 @@ import torch
 from cloudedge.config import config_from_dict
 
 # Bump whenever the build recipe changes in a way the config below does not show.
-GLYPH_CLIP_VERSION = 2
+GLYPH_CLIP_VERSION = 3
 # Patches of 4 px (49 per image): strokes of a 28 px character are 2-4 px wide, and with 7 px patches
 # the same recipe learned the class about half as fast per step (measured, docs/prompt-tuning.md).
 MODEL: dict[str, Any] = {"kind": "clip", "hidden": 64, "layers": 2, "heads": 4, "context": 48, "image_size": 28,
@@ -38,6 +38,12 @@ MODEL: dict[str, Any] = {"kind": "clip", "hidden": 64, "layers": 2, "heads": 4, 
 # Share of class-only captions: see cloudedge.data.glyph_attrs.glyph_captions.
 PLAIN_CAPTIONS = 0.75
 HELD_OUT_FONTS = ["computer-modern"]
+# Named styles (cloudedge.data.glyph_styles) a share of the training images is drawn in, each captioned
+# with its style ("an upside-down photo of a digit seven."): what the CLIP can read but a plain
+# prompt does not say, the room test-time prompt adaptation has (docs/prompt-tuning.md). 30%: one
+# image in ten per style; the class is still learned first (measured there).
+STYLES = ["upside_down", "mirrored", "sideways"]
+STYLE_FRACTION = 0.3
 # Views for the augmenting methods (TPT and SwapPrompt alike) on these 28 px glyphs, chosen on clean
 # source images: crops of half the area and 15 degrees keep a character readable, and two such views
 # of one image disagree often enough to teach something (docs/prompt-tuning.md).
@@ -45,11 +51,14 @@ GLYPH_VIEWS: dict[str, Any] = {"crop_scale": [0.5, 1.0], "degrees": 15.0, "brigh
 CARD = "model_card.json"
 
 
-def glyph_data(train_size: int, test_size: int) -> dict[str, Any]:
-    """The ``data`` section: colour ``alnum`` glyphs at 28 px, Computer Modern held out."""
-    return {"source": "glyphs", "image_size": 28,
-            "glyphs": {"classes": "alnum", "channels": 3, "train_size": train_size, "test_size": test_size,
-                       "held_out_fonts": list(HELD_OUT_FONTS), "plain_captions": PLAIN_CAPTIONS}}
+def glyph_data(train_size: int, test_size: int, styled: bool = True) -> dict[str, Any]:
+    """The ``data`` section: colour ``alnum`` glyphs at 28 px, Computer Modern held out; ``styled``:
+    :data:`STYLE_FRACTION` of the train images in the named :data:`STYLES` (False: all upright)."""
+    glyphs: dict[str, Any] = {"classes": "alnum", "channels": 3, "train_size": train_size, "test_size": test_size,
+                              "held_out_fonts": list(HELD_OUT_FONTS), "plain_captions": PLAIN_CAPTIONS}
+    if styled:
+        glyphs.update(styles=list(STYLES), style_fraction=STYLE_FRACTION)
+    return {"source": "glyphs", "image_size": 28, "glyphs": glyphs}
 
 
 def pretrain_config(quick: bool) -> dict[str, Any]:
@@ -80,15 +89,19 @@ def cache_key(raw: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def zero_shot_accuracy(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> float:
-    """Top-1 of the single-template zero-shot prompt on ``images`` (as the adaptation stage names classes)."""
+def zero_shot_accuracy(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                       style: str | None = None) -> float:
+    """Top-1 of the single-template zero-shot prompt on ``images`` (as the adaptation stage names
+    classes); with ``style``, of the prompt that names it ("an upside-down photo of a digit seven.")."""
     from cloudedge.adapt.clip_model import load_clip
     from cloudedge.adapt.methods import ZeroShot
     from cloudedge.config.model import ModelConfig
     from cloudedge.data.glyph_attrs import class_phrase
+    from cloudedge.data.glyph_styles import style_template
 
     clip = load_clip(model_dir, ModelConfig(**MODEL))
-    zs = ZeroShot(clip, [class_phrase(c) for c in classes])
+    templates = {} if style is None else {"templates": [style_template(style)]}
+    zs = ZeroShot(clip, [class_phrase(c) for c in classes], **templates)
     correct = 0
     with torch.no_grad():
         for start in range(0, len(images), 512):
@@ -100,6 +113,7 @@ def zero_shot_accuracy(model_dir: Path, images: torch.Tensor, labels: torch.Tens
 def _card(raw: dict[str, Any], summary: dict[str, Any], model_dir: Path, build_s: float,
           build_cpu_s: float) -> dict[str, Any]:
     from cloudedge.config.glyphs import GlyphsConfig
+    from cloudedge.data.glyph_styles import apply_style
     from cloudedge.data.glyphs import glyph_specs, glyph_split
 
     gcfg = GlyphsConfig(**raw["data"]["glyphs"])
@@ -110,7 +124,9 @@ def _card(raw: dict[str, Any], summary: dict[str, Any], model_dir: Path, build_s
     return {
         "model": MODEL,
         "data": {"source": "glyphs", **raw["data"]["glyphs"], "image_size": raw["data"]["image_size"],
-                 "captions": f"{PLAIN_CAPTIONS:.0%} class only ('a photo of a digit seven.'), the rest class, size, "
+                 "captions": f"{STYLE_FRACTION:.0%} of the images drawn in a named style ({', '.join(STYLES)}) with "
+                             "a caption naming it ('an upside-down photo of a digit seven.'); of the others "
+                             f"{PLAIN_CAPTIONS:.0%} class only ('a photo of a digit seven.'), the rest class, size, "
                              "stroke, face, tilt, position and colours (cloudedge.data.glyph_attrs)"},
         "training": {"stage": "cloudedge.pretrain", "task": "clip", "rounds": p["rounds"],
                      "global_batch": p["global_batch"], "pairs_seen": p["rounds"] * p["global_batch"],
@@ -120,7 +136,12 @@ def _card(raw: dict[str, Any], summary: dict[str, Any], model_dir: Path, build_s
         "zero_shot": {"prompt": "a photo of a {digit seven | letter A}.",
                       "clean_held_in_fonts": zero_shot_accuracy(model_dir, held_in.x, held_in.y, held_in.classes),
                       "clean_held_out_fonts": zero_shot_accuracy(model_dir, held_out.x, held_out.y, held_out.classes),
-                      "test_images": gcfg.test_size},
+                      "test_images": gcfg.test_size,
+                      "styles": {name: {"plain_prompt": zero_shot_accuracy(model_dir, apply_style(held_in.x, name),
+                                                                           held_in.y, held_in.classes),
+                                        "style_prompt": zero_shot_accuracy(model_dir, apply_style(held_in.x, name),
+                                                                           held_in.y, held_in.classes, name)}
+                                 for name in STYLES}},
     }
 
 

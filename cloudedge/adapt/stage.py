@@ -45,6 +45,7 @@ from cloudedge.config.adapt import AdaptConfig
 from cloudedge.config.run import RunConfig
 from cloudedge.device import resolve_device
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
+from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
 from cloudedge.models.charge import resolve_charge
 from cloudedge.stage import MetricRow, StageResult, StageRun, run_stage_into
@@ -129,6 +130,12 @@ class AdaptRun:
         self.clock = VirtualClock(fleet)
         self.wire = PromptWire(resolve_charge(cfg.clock), acfg.compression)  # prompt bytes as clock.charge_as's
         self.streams, self.source_split, self.classnames = build_streams(cfg, acfg, [e.id for e in fleet.edges])
+        if acfg.edges is not None:  # a slice of the fleet: the streams were dealt to all of it first
+            bad = [i for i in acfg.edges if not 0 <= i < len(self.streams)]
+            if bad or not acfg.edges:
+                raise InputError(f"adapt.edges: {bad or 'an empty list'} (the fleet has {len(self.streams)} edges, "
+                                 f"0..{len(self.streams) - 1})")
+            self.streams = [s for i, s in enumerate(self.streams) if i in set(acfg.edges)]
         check_stream_images(self.source, self.streams, acfg.data or cfg.data)
         for s in self.streams:
             engine.register(s.edge_id, WorkerSpec(AdaptWorker, {
@@ -277,6 +284,7 @@ def _summary(acfg: AdaptConfig, streams: list[Stream], final: dict[str, dict[str
         # CPU-seconds of this process per image: on a CPU, what the method costs whatever else
         # the machine is doing (on a GPU the wall time above is the measure).
         "cpu_ms_per_image": 1000.0 * timed_cpu_s / timed_images if timed_images else None,
+        "timed_images": timed_images,  # the images both figures above are over (the first batch is not timed)
         "peak_mem_mb": max(f["peak_bytes"] for f in final.values()) / 2**20,
         "prompt_bytes_up": totals["prompt_bytes_up"], "prompt_bytes_down": totals["prompt_bytes_down"],
         "prompt_shares": totals["shares"], "share_every": acfg.share_every,

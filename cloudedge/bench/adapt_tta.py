@@ -4,7 +4,8 @@
    ``alnum`` glyphs (:mod:`cloudedge.adapt.glyph_clip`; built once per configuration and cached
    under the user cache dir; its model card is copied into the run directory). Or ``checkpoint=``.
 2. Shifts (:data:`SHIFTS`): held-out font families, inverted polarity, an unseen colour palette,
-   background texture, and corruptions at severity 3; the full run adds more corruptions at
+   background texture, corruptions at severity 3, and the named styles the CLIP's captions taught
+   it (upside down, mirrored, sideways; the zero-shot prompt does not name them); the full run adds more corruptions at
    severity 3 and reports severity 5 separately (:data:`SEVERE`, not in ``acc_mean``). Each edge
    streams one shift (``images_per_shift`` images of the test split, in a seeded order, batches of
    32), and each shift also has as many labelled images that no edge streams (the oracle's).
@@ -21,9 +22,10 @@ and of this process's CPU time (the steadier of the two on a shared CPU), peak t
 adaptation step (MB; the frozen model's weights excluded).
 
 The method runs are independent, so ``workers`` processes (default: one per core, at most 2) run
-them side by side, longest first (TPT's 64 views per image are about half of the work); each
-process has one torch thread, and every figure is measured inside the process that ran the method,
-so the results do not depend on ``workers`` (tested: the same numbers serially and in parallel).
+them side by side: the gate's two first, then TPT (about two thirds of the work, 64 views per
+image) split over slices of its edges, then the rest. Each process has one torch thread, and every
+figure is measured inside the process that ran it, so the results do not depend on ``workers``
+(tested: the same numbers serially and in parallel).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ BATCH = 32
 SHIFTS: list[dict[str, Any]] = [
     {"shift": "held_out_font"}, {"shift": "inverted"}, {"shift": "palette"}, {"shift": "texture"},
     {"corruption": "gaussian_noise", "severity": 3}, {"corruption": "defocus_blur", "severity": 3},
+    {"shift": "upside_down"}, {"shift": "mirrored"}, {"shift": "sideways"},
 ]
 FULL_EXTRA: list[dict[str, Any]] = [
     {"corruption": "contrast", "severity": 3}, {"corruption": "pixelate", "severity": 3},
@@ -83,13 +86,13 @@ def shift_name(spec: dict[str, Any]) -> str:
 
 def _config(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, edges_per_shift: int) -> Any:
     """The adaptation run: one edge per shift (or ``edges_per_shift``); the train split is CoOp's
-    labelled clean source (the first :data:`SOURCE_IMAGES` training-font images the CLIP saw)."""
+    labelled clean source (the first :data:`SOURCE_IMAGES` training-font images, all upright)."""
     test_size = 36 * -(-2 * per_shift // 36)  # the stream and as many labelled images, whole blocks of classes
     return config_from_dict({
         "name": "adapt-tta", "seed": 0,
         "fleet": {"cloud": {"profile": "a100"},
                   "edges": [{"count": len(shifts) * edges_per_shift, "profile": "edge-server"}]},
-        "data": glyph_data(SOURCE_IMAGES, test_size), "model": MODEL,
+        "data": glyph_data(SOURCE_IMAGES, test_size, styled=False), "model": MODEL,
         "adapt": {"checkpoint": str(clip_dir), "streams": shifts, "stream_samples": per_shift // edges_per_shift,
                   "batch_size": BATCH},
     })
@@ -106,8 +109,26 @@ def _run_method(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, sp
         s = adapt(cfg, None, eng, **overrides).summary
     return {"acc_mean": s["acc_mean"], "acc_per_shift": s["acc_per_shift"], "ms_per_image": s["ms_per_image"],
             "cpu_ms_per_image": s["cpu_ms_per_image"], "peak_mem_mb": s["peak_mem_mb"], "episodic": s["episodic"],
-            "prompt_bytes": s["prompt_bytes_up"] + s["prompt_bytes_down"],
-            "edges": sum(e.count for e in cfg.fleet.edges)}
+            "prompt_bytes": s["prompt_bytes_up"] + s["prompt_bytes_down"], "edges": len(s["acc_per_edge"]),
+            "timed_images": s["timed_images"]}
+
+
+def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's figures from runs of disjoint slices of its edges (``adapt.edges``): accuracies
+    per shift joined, times per image weighted by the images each part timed, peak memory the
+    largest, bytes and edges summed."""
+    n = sum(p["timed_images"] for p in parts)
+
+    def per_image(key: str) -> float | None:
+        if any(p[key] is None for p in parts) or not n:
+            return None
+        return sum(p[key] * p["timed_images"] for p in parts) / n
+
+    acc = {k: v for p in parts for k, v in p["acc_per_shift"].items()}
+    return {"acc_mean": sum(acc.values()) / len(acc), "acc_per_shift": acc, "ms_per_image": per_image("ms_per_image"),
+            "cpu_ms_per_image": per_image("cpu_ms_per_image"), "peak_mem_mb": max(p["peak_mem_mb"] for p in parts),
+            "episodic": parts[0]["episodic"], "prompt_bytes": sum(p["prompt_bytes"] for p in parts),
+            "edges": sum(p["edges"] for p in parts), "timed_images": n, "parts": len(parts)}
 
 
 def _in_worker(args: tuple[Path, list[dict[str, Any]], int, dict[str, Any], str]) -> dict[str, Any]:
@@ -128,8 +149,12 @@ def run_methods(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, sp
                 when_first: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> dict[str, dict[str, Any]]:
     """Every method in ``specs`` on the same streams, in ``workers`` processes (1: in this one);
     results in the order of ``specs``. ``when_first`` is called with the results of the methods named
-    in ``first`` as soon as those are in (the gate), while the others run on. TPT starts first: it
-    is the longest run by far."""
+    in ``first`` as soon as those are in (the gate), while the others run on.
+
+    TPT, by far the longest run (64 views per image) and episodic (its edges never share), is split
+    into ``workers`` runs of interleaved slices of the edges (``adapt.edges``: each edge streams the
+    same images as in the whole run) and merged (:func:`merge_parts`), so that no single run is
+    the critical path."""
     if workers <= 1 or engine != "local" or len(specs) == 1:
         results: dict[str, dict[str, Any]] = {}
         for name in [*first, *(n for n in specs if n not in first)]:
@@ -137,13 +162,25 @@ def run_methods(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, sp
             if when_first is not None and name in first and all(f in results for f in first):
                 when_first({f: results[f] for f in first})
         return {name: results[name] for name in specs}
-    order = sorted(specs, key=lambda n: (_method_name(specs[n]) != "tpt", n not in first))
+    jobs: list[tuple[str, dict[str, Any]]] = []
+    for name in sorted(specs, key=lambda n: (n not in first, _method_name(specs[n]) != "tpt")):
+        spec = specs[name]
+        if _method_name(spec) == "tpt" and not spec.get("share_every"):
+            edges = list(range(len(shifts) * spec.get("edges_per_shift", 1)))
+            jobs += [(name, {**spec, "edges": edges[i::workers]}) for i in range(min(workers, len(edges)))]
+        else:
+            jobs.append((name, spec))
     # spawn, not fork: a forked child would inherit this process's torch thread pools and locks.
-    with ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=get_context("spawn")) as pool:
-        futures = {n: pool.submit(_in_worker, (clip_dir, shifts, per_shift, specs[n], engine)) for n in order}
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+        futures = [(name, pool.submit(_in_worker, (clip_dir, shifts, per_shift, spec, engine))) for name, spec in jobs]
+
+        def collect(name: str) -> dict[str, Any]:
+            parts = [f.result() for n, f in futures if n == name]
+            return parts[0] if len(parts) == 1 else merge_parts(parts)
+
         if when_first is not None and first:
-            when_first({f: futures[f].result() for f in first})
-        return {name: futures[name].result() for name in specs}
+            when_first({f: collect(f) for f in first})
+        return {name: collect(name) for name in specs}
 
 
 def _method_name(spec: dict[str, Any]) -> str:

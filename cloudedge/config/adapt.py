@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cloudedge.config.base import StrictModel
 from cloudedge.config.data import DataConfig
@@ -16,10 +16,21 @@ class StreamSpec(StrictModel):
     """The shift one edge sees: a glyph shift and/or a corruption of the test images at a severity
     (neither: clean). Edges given the same spec stream disjoint slices of its images."""
 
-    shift: Literal["held_out_font", "inverted", "palette", "texture"] | None = Field(
-        default=None, description="glyphs: a label-preserving shift (cloudedge.data.glyph_shifts); none: as rendered")
+    shift: str | None = Field(
+        default=None, description="glyphs: a label-preserving shift (held_out_font, inverted, palette, texture, "
+                                  "upside_down, mirrored, sideways; cloudedge.data.glyph_shifts); none: as rendered")
     corruption: str | None = Field(default=None, description="a name from cloudedge.data.CORRUPTIONS; none: clean")
     severity: int = Field(default=3, ge=1, le=5)
+
+    @field_validator("shift")
+    @classmethod
+    def _known_shift(cls, name: str | None) -> str | None:
+        # Imported here: the shifts live with the data (cloudedge.data imports config).
+        from cloudedge.data.glyph_shifts import GLYPH_SHIFTS
+
+        if name is not None and name not in GLYPH_SHIFTS:
+            raise ValueError(f"unknown shift '{name}' (known: {', '.join(GLYPH_SHIFTS)})")
+        return name
 
 
 class AdaptConfig(StrictModel):
@@ -41,6 +52,9 @@ class AdaptConfig(StrictModel):
         default_factory=lambda: [StreamSpec(corruption="gaussian_noise", severity=3)],
         description="edge i streams streams[i % len(streams)]")
     stream_samples: int | None = Field(default=None, ge=1, description="images per edge stream (default: all test images)")
+    edges: list[int] | None = Field(
+        default=None, description="run only these edges (indices into the fleet's edges); every stream is dealt as "
+                                  "in the whole run, so each edge streams the same images (split a run over machines)")
     batch_size: int = Field(default=32, ge=1, description="test images per batch (one adaptation step for online methods)")
     share_every: int = Field(default=0, ge=0, description="edges upload prompts every N batches for a cloud average; 0: never")
     share_groups: Literal["all", "shift"] = Field(

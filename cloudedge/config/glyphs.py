@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from cloudedge.config.base import StrictModel
 
@@ -42,6 +42,12 @@ class GlyphsConfig(StrictModel):
         default=0.0, ge=0, le=1,
         description="CLIP captions: share of images whose caption names only the class ('a photo of a digit "
                     "seven.'), the rest name class and attributes (docs/prompt-tuning.md)")
+    styles: list[str] = Field(
+        default_factory=list,
+        description="named styles (upside_down, mirrored, sideways) some train images are drawn in; their "
+                    "CLIP captions name the style (docs/prompt-tuning.md)")
+    style_fraction: float = Field(default=0.0, ge=0, le=1,
+                                  description="share of train images drawn in one of styles (each drawn uniformly)")
     cache: bool = Field(default=True, description="keep generated images under $XDG_CACHE_HOME/cloudedge/glyphs")
 
     @field_validator("fonts", "held_out_fonts")
@@ -57,3 +63,21 @@ class GlyphsConfig(StrictModel):
             except InputError as err:
                 raise ValueError(str(err).split(": ", 1)[1]) from None
         return names
+
+    @field_validator("styles")
+    @classmethod
+    def _known_styles(cls, names: list[str]) -> list[str]:
+        from cloudedge.data.glyph_styles import check_styles
+        from cloudedge.errors import InputError
+
+        try:
+            check_styles(names)
+        except InputError as err:
+            raise ValueError(str(err).split(": ", 1)[1]) from None
+        return names
+
+    @model_validator(mode="after")
+    def _styles_given(self) -> GlyphsConfig:
+        if self.style_fraction > 0 and not self.styles:
+            raise ValueError("style_fraction needs styles (the names to draw train images in)")
+        return self

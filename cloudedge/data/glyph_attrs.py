@@ -276,6 +276,9 @@ def glyph_captions(labels: Sequence[int] | torch.Tensor | np.ndarray, classes: S
     matches captions by the easy attributes (colours, position) and learns the class last or never
     (docs/prompt-tuning.md, "A CLIP worth adapting"); the class-only captions make the class word
     the only thing to match in most pairs.
+
+    A picture in a named style (``meta["style"]`` >= 0, ``data.glyphs.styles``) gets the class-only
+    caption that names the style instead ("an upside-down photo of a digit seven.").
     """
     labels_list = [int(v) for v in np.asarray(labels).reshape(-1)]
     cols = {k: meta[k].tolist() for k in GLYPH_META_KEYS}
@@ -283,8 +286,14 @@ def glyph_captions(labels: Sequence[int] | torch.Tensor | np.ndarray, classes: S
     picks = rng.integers(0, len(templates), size=len(labels_list))
     plain = rng.random(len(labels_list)) < plain_fraction if plain_fraction > 0 else np.zeros(len(labels_list), bool)
     plain_picks = rng.integers(0, len(PLAIN_TEMPLATES), size=len(labels_list))
+    styles = meta["style"].tolist() if "style" in meta else None
     out = []
     for i, y in enumerate(labels_list):
+        if styles is not None and styles[i] >= 0:  # a styled picture: its caption says how it is drawn
+            from cloudedge.data.glyph_styles import style_caption
+
+            out.append(style_caption(styles[i], _class_phrase(classes[y])))
+            continue
         if plain[i]:
             out.append(PLAIN_TEMPLATES[int(plain_picks[i])].format(what=_class_phrase(classes[y])))
             continue

@@ -4,7 +4,7 @@ Test-time adaptation needs shifts that move the image distribution but keep the 
 (a corruption at severity 5 can erase the character; these cannot). Besides the corruptions of
 :mod:`cloudedge.data.shifts` (used up to severity 3 for this purpose) and the held-out font
 families (``data.glyphs.held_out_fonts``: the test split drawn only from fonts training never saw),
-three shifts act on rendered images:
+these shifts act on rendered images:
 
 - ``inverted``: polarity inverted, ``1 - x`` (light ink on dark becomes dark on light, in
   complementary colours);
@@ -12,7 +12,9 @@ three shifts act on rendered images:
   (:data:`UNSEEN_COLOURS`: pink, teal, olive, brown, ...), each pair at least as far apart in
   luma as the training pairs;
 - ``texture``: the background replaced by a random grating (frequency, orientation, phase and
-  colour drawn per image) under the unchanged ink.
+  colour drawn per image) under the unchanged ink;
+- the named styles of :mod:`cloudedge.data.glyph_styles` (``upside_down``, ``mirrored``,
+  ``sideways``): the picture turned or mirrored, a change a CLIP whose captions named it can read.
 
 Recolouring needs the ink coverage of each pixel. A glyph image is ``bg + (fg - bg) * ink + noise``
 with its colours in ``meta`` (``fg``/``bg`` palette indices), so the ink is recovered by projecting
@@ -27,6 +29,7 @@ import math
 import torch
 
 from cloudedge.data.glyph_attrs import BACKGROUNDS, FOREGROUNDS, MIN_LUMA_CONTRAST
+from cloudedge.data.glyph_styles import STYLE_NAMES, apply_style
 from cloudedge.data.sources import ImageDataset
 from cloudedge.errors import InputError
 
@@ -37,7 +40,7 @@ UNSEEN_COLOURS: tuple[tuple[str, tuple[float, float, float]], ...] = (
     ("mint", (0.6, 1.0, 0.75)), ("plum", (0.35, 0.1, 0.3)),
 )
 HELD_OUT_FONT = "held_out_font"
-IMAGE_SHIFTS: tuple[str, ...] = ("inverted", "palette", "texture")
+IMAGE_SHIFTS: tuple[str, ...] = ("inverted", "palette", "texture", *STYLE_NAMES)
 GLYPH_SHIFTS: tuple[str, ...] = (HELD_OUT_FONT, *IMAGE_SHIFTS)
 TEXTURE_STRENGTH = (0.35, 0.6)  # the grating's amplitude, a fraction of the ink-background contrast
 TEXTURE_CYCLES = (2.0, 6.0)  # grating periods across the image
@@ -124,6 +127,8 @@ def shift_glyphs(ds: ImageDataset, name: str, seed: int) -> ImageDataset:
         x = palette(ds, seed)
     elif name == "texture":
         x = texture(ds, seed)
+    elif name in STYLE_NAMES:
+        x = apply_style(ds.x, name)
     else:
         raise InputError(f"adapt.streams.shift: unknown shift '{name}' (known: {', '.join(GLYPH_SHIFTS)})")
     return ImageDataset(x=x.clamp(0.0, 1.0).contiguous(), y=ds.y.clone(), classes=list(ds.classes),

@@ -286,9 +286,14 @@ def glyph_specs(cfg: GlyphsConfig, image_size: int) -> tuple[GlyphSpec, GlyphSpe
 
 
 def load_glyphs(cfg: GlyphsConfig, image_size: int) -> tuple[ImageDataset, ImageDataset]:
-    """``(train, test)`` of the ``glyphs`` source (cached; see the module docstring)."""
+    """``(train, test)`` of the ``glyphs`` source (cached; see the module docstring). With
+    ``styles``, a ``style_fraction`` of the train images is restyled (``glyph_styles.stylize``)."""
     if image_size < 4:
         raise InputError(f"data.image_size: glyphs need at least 4 px, got {image_size}")
+    from cloudedge.data.glyph_styles import stylize
+
     train_spec, test_spec = glyph_specs(cfg, image_size)
-    return (glyph_split(train_spec, "train", cfg.train_size, cfg.cache),
-            glyph_split(test_spec, "test", cfg.test_size, cfg.cache))
+    train = glyph_split(train_spec, "train", cfg.train_size, cfg.cache)
+    if cfg.style_fraction > 0:  # after the cache: the rendered pictures stay shared with unstyled runs
+        train = stylize(train, cfg.styles, cfg.style_fraction, cfg.seed)
+    return train, glyph_split(test_spec, "test", cfg.test_size, cfg.cache)
