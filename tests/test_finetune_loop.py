@@ -233,3 +233,18 @@ def test_staleness_exponent_from_config_reaches_the_autonomous_merge():
     assert loop.policy.merge_weight(0.25, 7, 2) == pytest.approx(0.25)  # no discount at all
     default, _ = _loop(_cfg("autonomous"))
     assert default.policy.merge_weight(0.25, 7, 2) < 0.25
+
+
+@pytest.mark.parametrize("change", [{"rank": 4, "alpha": 8.0}, {"targets": ["query", "q_proj"]}])
+def test_a_checkpoint_of_other_adapters_is_refused_by_name_and_left_as_it_was(tmp_path, change):
+    from cloudedge.config import with_overrides
+    from cloudedge.errors import InputError
+
+    finetune(_cfg("hierfavg", rounds=1), RunDir.create(tmp_path), LocalEngine())
+    before = sorted((p.name, p.stat().st_size) for p in (tmp_path / "checkpoints" / "finetune").iterdir())
+    cfg = _cfg("hierfavg", rounds=2)
+    lora = with_overrides(cfg.finetune.lora, change, "finetune.lora")
+    cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"lora": lora})})
+    with pytest.raises(InputError, match=r"checkpoints.*(shape|not this config's).*finetune\.lora"):
+        finetune(cfg, RunDir.create(tmp_path, resume=True), LocalEngine(), resume=True)
+    assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "checkpoints" / "finetune").iterdir()) == before

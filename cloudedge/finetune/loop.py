@@ -41,6 +41,7 @@ import torch
 from cloudedge.aggregate import ServerOptimizer, get_server_optimizer
 from cloudedge.device import resolve_device
 from cloudedge.engine import Engine, WorkerSpec
+from cloudedge.errors import InputError
 from cloudedge.finetune.churn import Churn
 from cloudedge.finetune.devicedata import samples_of_range
 from cloudedge.finetune.edge_round import EdgeRounds
@@ -257,6 +258,7 @@ class HierFinetune:
     def load_state_dict(self, state: dict[str, Any], rows: list[dict[str, Any]], source: str) -> None:
         """Restore :meth:`state_dict` output (``state["round"]``: its cloud update) and the rows so far."""
         keys = list(self.global_state)  # the model's order (a checkpoint sorts keys; sums over keys follow it)
+        _check_adapters(state["global"], self.global_state, source)
         self.global_state = {k: state["global"][k] for k in keys}
         self.opt.load_state_dict(state["server_optimizer"], source=source)
         self.cloud_round, self.t_cloud = int(state["round"]), float(state["t_cloud"])
@@ -321,3 +323,20 @@ class HierFinetune:
 
 
 __all__ = ["FinetuneSettings", "HierFinetune", "TaskData", "lora_layers", "server_optimizer"]
+
+
+def _check_adapters(saved: dict[str, Any], expected: dict[str, Any], source: str) -> None:
+    """A checkpoint's adapters must be this config's, key for key and shape for shape: a resume
+    with another ``finetune.lora`` (rank, targets, mode) or model is an InputError naming ``source``."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing or unexpected:
+        raise InputError(f"{source}: its adapters are not this config's ({len(missing)} missing, e.g. "
+                         f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); was finetune.lora "
+                         "or the model changed since it was written?")
+    shapes = [(k, tuple(saved[k].shape), tuple(expected[k].shape)) for k in expected
+              if tuple(saved[k].shape) != tuple(expected[k].shape)]
+    if shapes:
+        k, got, want = shapes[0]
+        raise InputError(f"{source}: adapter '{k}' has shape {list(got)}, this config's is {list(want)} "
+                         f"({len(shapes)} differ); was finetune.lora.rank or the model changed since it was written?")
