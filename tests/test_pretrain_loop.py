@@ -92,7 +92,9 @@ def test_small_memory_devices_train_by_accumulation(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("algorithm", "controller"), [("sync", "learned"), ("local", "goodput")])
-def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, algorithm, controller) -> None:
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch, algorithm,
+                                                                    controller) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the learned policy's cache, not the user's
     cfg = _cfg(algorithm, controller)
     full = pretrain(cfg, tmp_path / "full")
 
