@@ -86,6 +86,20 @@ def test_resume_continues_the_same_mlflow_runs(tmp_path):
     assert len(client.search_runs([state["experiment_id"]])) == 2  # one parent, one child
 
 
+def test_a_resume_shows_each_redone_round_once_in_tensorboard(tmp_path):
+    cfg = _config(tmp_path, tensorboard=True)
+    run = RunDir.create(tmp_path / "run", cfg)
+    for r in range(4):  # checkpointed after round 1; rounds 2 and 3 are lost with the interruption
+        run.log(stage="pretrain", method="sync", round=r, train_loss=10.0 + r)
+    run.finish_tracking()
+    again = RunDir.create(tmp_path / "run", cfg, resume=True)
+    for r in range(2, 5):  # the resume redoes rounds 2 and 3, then goes on
+        again.log(stage="pretrain", method="sync", round=r, train_loss=20.0 + r)
+    again.finish_tracking()
+    assert _scalars(tmp_path / "run" / "tensorboard" / "pretrain" / "sync", "train_loss") == \
+        [(0, 10.0), (1, 11.0), (2, 22.0), (3, 23.0), (4, 24.0)]
+
+
 def test_tracking_is_off_by_default_and_a_bad_key_is_an_input_error(tmp_path):
     run = RunDir.create(tmp_path / "run", _config(tmp_path))
     run.log(stage="pretrain", method="m", round=0, train_loss=1.0)

@@ -98,9 +98,14 @@ class _Steps:
 
 
 class TensorBoardLogger:
-    """Event files in ``root/STAGE/METHOD/`` (one TensorBoard run per series), flushed every row."""
+    """Event files in ``root/STAGE/METHOD/`` (one TensorBoard run per series), flushed every row.
 
-    def __init__(self, root: Path):
+    On a resume, the first row a series logs with a step (its round) opens the writer with
+    ``purge_step`` at that step: TensorBoard then drops what the interrupted run logged from that
+    step on (the rounds the resume redoes), so each round shows once. Rows without a round are
+    numbered afresh and never purge, which would drop rows the resume keeps."""
+
+    def __init__(self, root: Path, resume: bool = False):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -110,6 +115,7 @@ class TensorBoardLogger:
         self.root = root
         self._writers: dict[str, Any] = {}
         self._steps = _Steps()
+        self.resume = resume
 
     def log_row(self, row: dict[str, Any]) -> None:
         series, step, scalars = row_scalars(row)
@@ -117,7 +123,8 @@ class TensorBoardLogger:
             return
         writer = self._writers.get(series)
         if writer is None:
-            writer = self._writers[series] = self._writer_cls(log_dir=str(self.root / series))
+            purge = step if self.resume and step is not None else None
+            writer = self._writers[series] = self._writer_cls(log_dir=str(self.root / series), purge_step=purge)
         step = self._steps.of(series, step)
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, global_step=step)
@@ -220,7 +227,7 @@ def open_trackers(config: Any, run_path: Path, resume: bool) -> list[MetricLogge
         return []
     loggers: list[MetricLogger] = []
     if track.tensorboard:
-        loggers.append(TensorBoardLogger(run_path / "tensorboard"))
+        loggers.append(TensorBoardLogger(run_path / "tensorboard", resume))
     if track.mlflow:
         import yaml
 
