@@ -93,6 +93,8 @@ def test_a_resume_shows_each_redone_round_once_in_tensorboard(tmp_path):
         run.log(stage="pretrain", method="sync", round=r, train_loss=10.0 + r)
     run.finish_tracking()
     again = RunDir.create(tmp_path / "run", cfg, resume=True)
+    again.log(stage="finetune", method="other", round=0, acc=0.5)  # another series first: no effect on this one
+    again.truncate_metrics(lambda row: row["stage"] != "pretrain" or row["round"] <= 1)  # as the stage's resume does
     for r in range(2, 5):  # the resume redoes rounds 2 and 3, then goes on
         again.log(stage="pretrain", method="sync", round=r, train_loss=20.0 + r)
     again.finish_tracking()

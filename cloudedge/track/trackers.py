@@ -100,12 +100,12 @@ class _Steps:
 class TensorBoardLogger:
     """Event files in ``root/STAGE/METHOD/`` (one TensorBoard run per series), flushed every row.
 
-    On a resume, the first row a series logs with a step (its round) opens the writer with
-    ``purge_step`` at that step: TensorBoard then drops what the interrupted run logged from that
-    step on (the rounds the resume redoes), so each round shows once. Rows without a round are
-    numbered afresh and never purge, which would drop rows the resume keeps."""
+    On a resume (``kept_rows``: the run's metrics.jsonl, already cut back to the rows the resume
+    keeps), a series' writer opens with ``purge_step`` one past the last round it kept: TensorBoard
+    then drops what the interrupted run logged after it (the rounds the resume redoes), so each
+    round shows once. A series without rounds never purges (its rows are numbered afresh)."""
 
-    def __init__(self, root: Path, resume: bool = False):
+    def __init__(self, root: Path, kept_rows: Path | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -115,7 +115,7 @@ class TensorBoardLogger:
         self.root = root
         self._writers: dict[str, Any] = {}
         self._steps = _Steps()
-        self.resume = resume
+        self.kept_rows = kept_rows
 
     def log_row(self, row: dict[str, Any]) -> None:
         series, step, scalars = row_scalars(row)
@@ -123,12 +123,22 @@ class TensorBoardLogger:
             return
         writer = self._writers.get(series)
         if writer is None:
-            purge = step if self.resume and step is not None else None
+            purge = self._purge_step(series) if self.kept_rows is not None and step is not None else None
             writer = self._writers[series] = self._writer_cls(log_dir=str(self.root / series), purge_step=purge)
         step = self._steps.of(series, step)
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, global_step=step)
         writer.flush()  # a killed run keeps every row it logged, as metrics.jsonl does
+
+    def _purge_step(self, series: str) -> int | None:
+        """One past the last round ``series`` kept (0 when it kept none; None: a series without
+        rounds). The row being logged is already the file's last line, so it is left out."""
+        assert self.kept_rows is not None
+        lines = self.kept_rows.read_text(encoding="utf-8").splitlines()[:-1] if self.kept_rows.is_file() else []
+        steps = [row_scalars(row)[1] for row in map(json.loads, filter(None, lines)) if row_scalars(row)[0] == series]
+        if any(st is None for st in steps):
+            return None
+        return max(steps, default=-1) + 1
 
     def log_artifacts(self, paths: list[Path]) -> None:
         """TensorBoard shows scalars only; the report stays in the run directory."""
@@ -227,7 +237,7 @@ def open_trackers(config: Any, run_path: Path, resume: bool) -> list[MetricLogge
         return []
     loggers: list[MetricLogger] = []
     if track.tensorboard:
-        loggers.append(TensorBoardLogger(run_path / "tensorboard", resume))
+        loggers.append(TensorBoardLogger(run_path / "tensorboard", run_path / "metrics.jsonl" if resume else None))
     if track.mlflow:
         import yaml
 
