@@ -100,6 +100,15 @@ def test_a_resume_shows_each_redone_round_once_in_tensorboard(tmp_path):
     again.finish_tracking()
     assert _scalars(tmp_path / "run" / "tensorboard" / "pretrain" / "sync", "train_loss") == \
         [(0, 10.0), (1, 11.0), (2, 22.0), (3, 23.0), (4, 24.0)]
+    # A series whose resume logs again at its last kept round (fine-tuning's grid rows carry the
+    # round of the last update) keeps that round's kept value: the purge starts past it.
+    run = RunDir.create(tmp_path / "grid", cfg)
+    run.log(stage="finetune", method="auto", round=1, acc=0.5)
+    run.finish_tracking()
+    again = RunDir.create(tmp_path / "grid", cfg, resume=True)
+    again.log(stage="finetune", method="auto", round=1, bytes_total=7.0)
+    again.finish_tracking()
+    assert _scalars(tmp_path / "grid" / "tensorboard" / "finetune" / "auto", "acc") == [(1, 0.5)]
 
 
 def test_tracking_is_off_by_default_and_a_bad_key_is_an_input_error(tmp_path):
