@@ -298,3 +298,34 @@ def test_an_architecture_given_as_a_transformers_config_is_charged_from_its_numb
                       seq_len=16, n_classes=0, encoder=None, seed=0)
     with pytest.raises(InputError, match="clock.charge_as"):
         config_from_dict({"clock": {"charge_as": {"family": "mamba", "config": {}}}})
+
+
+def test_host_mfu_counts_the_trained_models_flops_not_the_charged_ones() -> None:
+    """The clock charges gpt2-124m; this host computed the tiny model, and its MFU says so."""
+    plain, charged = _lm_cfg(devices=("jetson-orin",)), _lm_cfg(charge_as="gpt2-124m", devices=("jetson-orin",))
+    a = pretrain(plain, shards=_lm_shards(plain))
+    b = pretrain(charged, shards=_lm_shards(charged))
+    assert b.summary["cost_model"]["charged"]["params"] > 10_000 * b.summary["cost_model"]["trained"]["params"]
+    assert [r["effective_batch"] for r in a.rows] == [r["effective_batch"] for r in b.rows]
+    assert all("achieved_flops" in r for r in a.rows + b.rows)
+    for ra, rb in zip(a.rows, b.rows, strict=True):
+        # FLOPs done = achieved FLOP/s x the seconds they took: the same real work in both runs
+        # (charged, it would be gpt2-124m's, thousands of times more).
+        done_a, done_b = ra["achieved_flops"] * ra["work_wall_s"], rb["achieved_flops"] * rb["work_wall_s"]
+        assert done_b == pytest.approx(done_a, rel=1e-9)
+
+
+def test_fine_tuning_host_flops_are_the_trained_models_under_charge_as(monkeypatch) -> None:
+    import cloudedge.finetune.metrics as metrics
+
+    big = {**VIT, "hidden": 64, "layers": 4}
+    loop = _ft_loop(_ft_cfg(big))
+    assert loop.charged["train_step_flops"] > 10 * loop.info["train_step_flops"]
+    measured: list[float] = []  # the FLOPs each row's MFU is computed from
+    real = metrics.utilization_fields
+    monkeypatch.setattr(metrics, "utilization_fields", lambda flops, *a, **k: measured.append(flops) or real(flops, *a, **k))
+    loop.run()
+    # Every device step ran here on the trained model: FLOPs = steps x its step FLOPs (not the charged model's).
+    assert measured and loop.tally.device_steps_total > 0
+    assert sum(measured) + loop.tally.host_flops == pytest.approx(
+        loop.tally.device_steps_total * loop.info["train_step_flops"], rel=1e-9)

@@ -97,15 +97,17 @@ class EdgeRounds:
     """The edge rounds of one run, and what they learn about devices (speeds, round times) on the way.
 
     ``device_kwargs``: the device workers' options besides their data; ``step_flops``: FLOPs of one
-    training step as the clock charges it.
+    training step as the clock charges it; ``host_step_flops``: as this host really computes it (the
+    trained model's; differs under clock.charge_as), for the rows' MFU.
     """
 
     def __init__(self, settings: Any, fleet: Fleet, device_data: Any, engine: Engine, clock: VirtualClock,
                  policy: SyncPolicy, messages: Messages, safeguards: Safeguards, churn: Churn, tally: Tally,
-                 step_flops: float, device_kwargs: dict[str, Any]):
+                 step_flops: float, device_kwargs: dict[str, Any], host_step_flops: float | None = None):
         self.s, self.fleet, self.device_data, self.engine, self.clock = settings, fleet, device_data, engine, clock
         self.policy, self.messages, self.safeguards, self.churn, self.tally = policy, messages, safeguards, churn, tally
         self.step_flops, self.device_kwargs = step_flops, device_kwargs
+        self.host_flops_ratio = 1.0 if host_step_flops is None else host_step_flops / step_flops
         self.rngs: dict[str, np.random.Generator] = {}  # availability and sampling, per aggregation point
         self.train_count: dict[str, int] = {}  # trained rounds per device (its training seed)
         self.sec_per_step: dict[str, float] = {}  # measured per device; its profile's until it trained
@@ -166,8 +168,9 @@ class EdgeRounds:
         for plan in plans:
             mine = results[at:at + len(plan.tasks)]
             at += len(plan.tasks)
-            self.tally.host_flops += sum(p.flops for p, res in zip(plan.planned, mine, strict=True)
-                                         if not isinstance(res, WorkerError))
+            # This host's real FLOPs for its MFU: the trained model's, not clock.charge_as's.
+            self.tally.host_flops += self.host_flops_ratio * sum(
+                p.flops for p, res in zip(plan.planned, mine, strict=True) if not isinstance(res, WorkerError))
             out.append(self._finish_edge_round(plan, mine))
             for p in plan.planned:
                 if p.dev.id in self._registered:

@@ -157,7 +157,7 @@ class HierFinetune:
                              lr=settings.lr, device=settings.device)
         self.rounds = EdgeRounds(settings, fleet, task.device_data, engine, self.clock, self.policy, self.messages,
                                  self.safeguards, self.churn, self.tally, float(self.charged["train_step_flops"]),
-                                 device_kwargs)
+                                 device_kwargs, host_step_flops=float(self.info["train_step_flops"]))
         self.log = MetricLog(settings, fleet, self.clock, self.tally, self._evaluate, self.safeguards.epsilon,
                              device, self.stage_run, on_round)
         self.log.in_effect = self.global_state

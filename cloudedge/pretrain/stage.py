@@ -321,7 +321,8 @@ class PretrainRun:
 
         ``mfu_compute`` counts only the workers' own forward/backward/optimizer seconds: the gap to
         ``mfu_measured`` is what the engine, the copies and the bookkeeping around them cost."""
-        flops_done = sum(plan.batches[w] * steps[w] * self.flops_per_sample for w in ids)
+        # The FLOPs this host really did: the trained model's, not clock.charge_as's (those are virtual).
+        flops_done = sum(plan.batches[w] * steps[w] * self.trained_cost.train_flops_per_sample for w in ids)
         host_util = utilization_fields(flops_done, work_wall_s, max(self.fleet.nodes[w].profile.flops for w in ids),
                                        device=self.device, peak_size=stage_peak_size(self.device),
                                        dtype=PRECISIONS[self.pcfg.precision])
