@@ -5,10 +5,11 @@
    under the user cache dir; its model card is copied into the run directory). Or ``checkpoint=``.
 2. Shifts (:data:`SHIFTS`): held-out font families, inverted polarity, an unseen colour palette,
    background texture, corruptions at severity 3, and the named styles the CLIP's captions taught
-   it (upside down, mirrored, sideways; the zero-shot prompt does not name them); the full run adds more corruptions at
-   severity 3 and reports severity 5 separately (:data:`SEVERE`, not in ``acc_mean``). Each edge
-   streams one shift (``images_per_shift`` images of the test split, in a seeded order, batches of
-   32), and each shift also has as many labelled images that no edge streams (the oracle's).
+   it (upside down, mirrored, sideways; the zero-shot prompt does not name them); the full run
+   adds more corruptions at severity 3 and reports severity 5 separately (:data:`SEVERE`, not in
+   ``acc_mean``). Each edge streams one shift (``images_per_shift`` images of the test split, in a
+   seeded order, batches of 32), and each shift also has as many labelled images that no edge
+   streams (the oracle's).
 3. The headroom gate, run and printed first: ``oracle_coop`` (CoOp's context fitted per shift on
    those labelled images) must beat zero-shot by :data:`GATE_POINTS` on the mean over shifts.
 4. Methods side by side on the same streams: zeroshot, coop (fitted on the clean labelled source
