@@ -93,17 +93,18 @@ def cache_key(raw: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def zero_shot_accuracy(model_dir: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
+def zero_shot_accuracy(model_dir: Path | Any, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
                        style: str | None = None) -> float:
     """Top-1 of the single-template zero-shot prompt on ``images`` (as the adaptation stage names
-    classes); with ``style``, of the prompt that names it ("an upside-down photo of a digit seven.")."""
-    from cloudedge.adapt.clip_model import load_clip
+    classes); with ``style``, of the prompt that names it ("an upside-down photo of a digit seven.").
+    ``model_dir``: the CLIP's directory, or a loaded ``ClipAdapter`` (the card scores several sets)."""
+    from cloudedge.adapt.clip_model import ClipAdapter, load_clip
     from cloudedge.adapt.methods import ZeroShot
     from cloudedge.config.model import ModelConfig
     from cloudedge.data.glyph_attrs import class_phrase
     from cloudedge.data.glyph_styles import style_template
 
-    clip = load_clip(model_dir, ModelConfig(**MODEL))
+    clip = model_dir if isinstance(model_dir, ClipAdapter) else load_clip(model_dir, ModelConfig(**MODEL))
     templates = {} if style is None else {"templates": [style_template(style)]}
     zs = ZeroShot(clip, [class_phrase(c) for c in classes], **templates)
     correct = 0
@@ -114,10 +115,23 @@ def zero_shot_accuracy(model_dir: Path, images: torch.Tensor, labels: torch.Tens
     return correct / len(images)
 
 
+def _style_scores(clip: Any, held_in: Any) -> dict[str, dict[str, float]]:
+    """Per style: zero-shot on the held-in test images turned that way, plain prompt and the one naming it."""
+    from cloudedge.data.glyph_styles import apply_style
+
+    scores = {}
+    for name in STYLES:
+        turned = apply_style(held_in.x, name)
+        scores[name] = {"plain_prompt": zero_shot_accuracy(clip, turned, held_in.y, held_in.classes),
+                        "style_prompt": zero_shot_accuracy(clip, turned, held_in.y, held_in.classes, name)}
+    return scores
+
+
 def _card(raw: dict[str, Any], summary: dict[str, Any], model_dir: Path, build_s: float,
           build_cpu_s: float) -> dict[str, Any]:
+    from cloudedge.adapt.clip_model import load_clip
     from cloudedge.config.glyphs import GlyphsConfig
-    from cloudedge.data.glyph_styles import apply_style
+    from cloudedge.config.model import ModelConfig
     from cloudedge.data.glyphs import glyph_specs, glyph_split
 
     gcfg = GlyphsConfig(**raw["data"]["glyphs"])
@@ -125,6 +139,7 @@ def _card(raw: dict[str, Any], summary: dict[str, Any], model_dir: Path, build_s
     held_in = glyph_split(train_spec, "test", gcfg.test_size, gcfg.cache)
     held_out = glyph_split(font_spec, "test", gcfg.test_size, gcfg.cache)
     p = raw["pretrain"]
+    clip = load_clip(model_dir, ModelConfig(**MODEL))  # once for every score on the card
     return {
         "model": MODEL,
         "data": {"source": "glyphs", **raw["data"]["glyphs"], "image_size": raw["data"]["image_size"],
@@ -138,14 +153,9 @@ def _card(raw: dict[str, Any], summary: dict[str, Any], model_dir: Path, build_s
                      "final_val_loss": summary.get("final_val_loss"), "build_wall_s": round(build_s, 1),
                      "build_cpu_s": round(build_cpu_s, 1), "torch_threads": torch.get_num_threads()},
         "zero_shot": {"prompt": "a photo of a {digit seven | letter A}.",
-                      "clean_held_in_fonts": zero_shot_accuracy(model_dir, held_in.x, held_in.y, held_in.classes),
-                      "clean_held_out_fonts": zero_shot_accuracy(model_dir, held_out.x, held_out.y, held_out.classes),
-                      "test_images": gcfg.test_size,
-                      "styles": {name: {"plain_prompt": zero_shot_accuracy(model_dir, apply_style(held_in.x, name),
-                                                                           held_in.y, held_in.classes),
-                                        "style_prompt": zero_shot_accuracy(model_dir, apply_style(held_in.x, name),
-                                                                           held_in.y, held_in.classes, name)}
-                                 for name in STYLES}},
+                      "clean_held_in_fonts": zero_shot_accuracy(clip, held_in.x, held_in.y, held_in.classes),
+                      "clean_held_out_fonts": zero_shot_accuracy(clip, held_out.x, held_out.y, held_out.classes),
+                      "test_images": gcfg.test_size, "styles": _style_scores(clip, held_in)},
     }
 
 

@@ -135,7 +135,8 @@ class AdaptRun:
             if bad or not acfg.edges:
                 raise InputError(f"adapt.edges: {bad or 'an empty list'} (the fleet has {len(self.streams)} edges, "
                                  f"0..{len(self.streams) - 1})")
-            self.streams = [s for i, s in enumerate(self.streams) if i in set(acfg.edges)]
+            chosen = set(acfg.edges)
+            self.streams = [s for i, s in enumerate(self.streams) if i in chosen]
         check_stream_images(self.source, self.streams, acfg.data or cfg.data)
         for s in self.streams:
             engine.register(s.edge_id, WorkerSpec(AdaptWorker, {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -56,24 +56,16 @@ class GlyphsConfig(StrictModel):
         if names:
             # Imported here: the face table lives with the renderer (cloudedge.data imports config).
             from cloudedge.data.glyph_attrs import resolve_faces
-            from cloudedge.errors import InputError
 
-            try:
-                resolve_faces(names, info.field_name or "fonts")
-            except InputError as err:
-                raise ValueError(str(err).split(": ", 1)[1]) from None
+            _as_value_error(resolve_faces, names, info.field_name or "fonts")
         return names
 
     @field_validator("styles")
     @classmethod
     def _known_styles(cls, names: list[str]) -> list[str]:
         from cloudedge.data.glyph_styles import check_styles
-        from cloudedge.errors import InputError
 
-        try:
-            check_styles(names)
-        except InputError as err:
-            raise ValueError(str(err).split(": ", 1)[1]) from None
+        _as_value_error(check_styles, names)
         return names
 
     @model_validator(mode="after")
@@ -81,3 +73,14 @@ class GlyphsConfig(StrictModel):
         if self.style_fraction > 0 and not self.styles:
             raise ValueError("style_fraction needs styles (the names to draw train images in)")
         return self
+
+
+def _as_value_error(check: Any, *args: Any) -> None:
+    """Run a data-side check; its InputError becomes the ValueError pydantic reports with the field
+    path (the message without the InputError's own field prefix)."""
+    from cloudedge.errors import InputError
+
+    try:
+        check(*args)
+    except InputError as err:
+        raise ValueError(str(err).split(": ", 1)[1]) from None

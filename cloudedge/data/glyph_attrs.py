@@ -286,12 +286,12 @@ def glyph_captions(labels: Sequence[int] | torch.Tensor | np.ndarray, classes: S
     picks = rng.integers(0, len(templates), size=len(labels_list))
     plain = rng.random(len(labels_list)) < plain_fraction if plain_fraction > 0 else np.zeros(len(labels_list), bool)
     plain_picks = rng.integers(0, len(PLAIN_TEMPLATES), size=len(labels_list))
+    from cloudedge.data.glyph_styles import style_caption  # here: glyph_styles imports the data package
+
     styles = meta["style"].tolist() if "style" in meta else None
     out = []
     for i, y in enumerate(labels_list):
         if styles is not None and styles[i] >= 0:  # a styled picture: its caption says how it is drawn
-            from cloudedge.data.glyph_styles import style_caption
-
             out.append(style_caption(styles[i], _class_phrase(classes[y])))
             continue
         if plain[i]:
