@@ -27,10 +27,11 @@ modules (dotted names, or ``.py`` files relative to the config) to import before
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-import importlib.util
 import math
 import sys
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
@@ -206,28 +207,65 @@ def plugin_choice(ref: str, optional: bool = False) -> Any:
 def load_plugins(modules: list[str], base_dir: str | Path = ".") -> None:
     """Import the modules that register a user's plug-ins: dotted names, or ``.py`` paths
     (relative to ``base_dir``). A missing module or one that fails to import is an InputError."""
+    for entry, (path, text) in zip(modules, plugin_sources(modules, base_dir), strict=True):
+        _load_plugin(entry, path, text)
+
+
+PluginSource = tuple[str, str | None]
+
+
+def plugin_sources(modules: list[str], base_dir: str | Path = ".") -> list[PluginSource]:
+    """What another process needs to load the same plug-ins (:func:`load_plugin_sources`), as plain
+    data: per entry, ``(absolute .py path, its source text)``, read here so that a machine without
+    the file can run it, or ``(dotted module name, None)``, which must be installed there."""
+    out: list[PluginSource] = []
     for entry in modules:
+        if not entry.endswith(".py"):
+            out.append((entry, None))
+            continue
+        path = Path(entry)
+        path = (path if path.is_absolute() else Path(base_dir) / path).resolve()
+        if not path.is_file():
+            raise InputError(f"plugins: {entry}: file not found")
         try:
-            if entry.endswith(".py"):
-                path = Path(entry)
-                path = path if path.is_absolute() else Path(base_dir) / path
-                if not path.is_file():
-                    raise InputError(f"plugins: {entry}: file not found")
-                name = f"cloudedge_plugin_{path.stem}_{abs(hash(str(path.resolve()))):x}"
-                if name in sys.modules:
-                    continue
-                spec = importlib.util.spec_from_file_location(name, path)
-                assert spec is not None and spec.loader is not None
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                try:
-                    spec.loader.exec_module(module)
-                except BaseException:
-                    sys.modules.pop(name, None)
-                    raise
-            else:
-                importlib.import_module(entry)
-        except InputError:
+            out.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"plugins: {entry}: cannot read ({type(err).__name__}: {err})") from None
+    return out
+
+
+def plugin_module_name(path: str) -> str:
+    """The module name a plug-in file is loaded under: the same in every process and on every
+    machine for the same path (a digest, not ``hash()``, which differs between processes), so a
+    plug-in class pickled by reference on one side is found on the other."""
+    digest = hashlib.sha1(path.encode()).hexdigest()[:12]
+    return f"cloudedge_plugin_{Path(path).stem}_{digest}"
+
+
+def load_plugin_sources(sources: list[PluginSource]) -> None:
+    """Import plug-ins from :func:`plugin_sources`' data; each at most once per process."""
+    for entry, text in sources:
+        _load_plugin(entry, entry, text)
+
+
+def _load_plugin(label: str, entry: str, text: str | None) -> None:
+    """Import one plug-in (a module name, or a file's ``entry`` path and ``text``); errors name ``label``."""
+    try:
+        if text is None:
+            importlib.import_module(entry)
+            return
+        name = plugin_module_name(entry)
+        if name in sys.modules:
+            return
+        module = types.ModuleType(name)
+        module.__file__ = entry
+        sys.modules[name] = module
+        try:
+            exec(compile(text, entry, "exec", dont_inherit=True), module.__dict__)  # noqa: S102 - the user's plug-in
+        except BaseException:
+            sys.modules.pop(name, None)
             raise
-        except Exception as err:  # noqa: BLE001 - any import failure is the user's plug-in: name it
-            raise InputError(f"plugins: {entry}: could not import ({type(err).__name__}: {err})") from None
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's plug-in: name it
+        raise InputError(f"plugins: {label}: could not import ({type(err).__name__}: {err})") from None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from cloudedge.config import ModelConfig, config_from_dict
+from cloudedge.errors import InputError
 from cloudedge.pretrain.algorithms import fednova_delta, union_batch_gradient
 from cloudedge.pretrain.memory import activation_bytes_per_sample, max_micro_batch, static_bytes
 from cloudedge.pretrain.stage import pretrain
@@ -296,3 +299,21 @@ def test_sync_vrex_step_is_the_centralized_vrex_step_at_this_steps_risks() -> No
     for name, p in start.named_parameters():
         want = p.detach() - 0.1 * p.grad
         assert torch.allclose(dict(res.model.named_parameters())[name].detach(), want, atol=1e-6), name
+
+
+def test_cosine_schedule_warms_up_then_decays_to_its_floor_at_the_last_round() -> None:
+    raw = {"seed": 3, "fleet": {"cloud": {"profile": "a100"}, "edges": [{"count": 1, "profile": "edge-server"}]},
+           "data": {"source": "digits"}, "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "channels": 1},
+           "pretrain": {"task": "classify", "encoder": "mlp", "workers": ["cloud"], "rounds": 6, "global_batch": 16,
+                        "eval_every": 6, "lr": 0.01, "warmup_rounds": 2}}
+    constant = [row["lr"] for row in pretrain(config_from_dict(raw)).rows]
+    assert constant == pytest.approx([0.005, 0.01, 0.01, 0.01, 0.01, 0.01])
+    raw["pretrain"].update(lr_schedule="cosine", min_lr_ratio=0.1)
+    lrs = [row["lr"] for row in pretrain(config_from_dict(raw)).rows]
+    assert lrs[:3] == pytest.approx([0.005, 0.01, 0.01])  # warm-up, then the peak at the first decayed round
+    assert lrs[-1] == pytest.approx(0.001)  # the floor, at the last round
+    assert lrs[3] == pytest.approx(0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    raw["pretrain"]["min_lr_ratio"] = 1.5
+    with pytest.raises(InputError, match="pretrain.min_lr_ratio"):
+        config_from_dict(raw)

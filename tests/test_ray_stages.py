@@ -24,6 +24,7 @@ from cloudedge.config import config_from_dict  # noqa: E402
 from cloudedge.config.model import ModelConfig  # noqa: E402
 from cloudedge.engine import LocalEngine, WorkerSpec  # noqa: E402
 from cloudedge.engine.ray import RayEngine  # noqa: E402
+from cloudedge.errors import InputError  # noqa: E402
 from cloudedge.finetune import finetune  # noqa: E402
 from cloudedge.finetune.loop import HierFinetune  # noqa: E402
 from cloudedge.finetune.stage import prepare_task, settings_from_config  # noqa: E402
@@ -140,6 +141,33 @@ def test_adapt_same_on_ray(ray_engine, one_thread, tmp_path):
     assert [r["edge"] for r in on_ray.rows] == [r["edge"] for r in local.rows]
     for key in ("acc_per_edge", "prompt_bytes_up", "prompt_shares"):
         assert on_ray.summary[key] == local.summary[key], key
+
+
+def test_a_config_plugin_runs_in_the_ray_actors(ray_engine, one_thread, tmp_path):
+    """The test-time method of examples/plugins runs inside the edges' actors, which never read
+    the config: the engine ships the plug-in file's source to them (use_plugins)."""
+    from cloudedge.adapt.stage import adapt
+    from cloudedge.config import load_config
+    from cloudedge.models import build_model, save_local
+
+    cfg = load_config(ROOT / "examples" / "plugins" / "adapt-balanced.yaml")
+    clip_dir = save_local(build_model(cfg.model, seed=0), tmp_path / "clip")
+    local = adapt(cfg, None, LocalEngine(), checkpoint=clip_dir)
+    on_ray = adapt(cfg, None, ray_engine, checkpoint=clip_dir)
+    assert {r["method"] for r in on_ray.rows} == {"balanced-zeroshot"}
+    assert_rows_close(on_ray.rows, local.rows, ("round", "batch_acc", "acc", "seen"))
+    assert on_ray.summary["acc_per_shift"] == local.summary["acc_per_shift"]
+
+
+def test_a_plugin_a_ray_host_cannot_import_is_an_input_error_naming_it(one_thread):
+    engine = RayEngine()  # attaches to the module's Ray; its own hosts
+    try:
+        engine.register("edge7", WorkerSpec(torch.nn.Identity, {}))
+        engine.use_plugins(["cloudedge_no_such_plugin_module"])  # never imported here: only the hosts try
+        with pytest.raises(InputError, match="plugins: cloudedge_no_such_plugin_module: could not import"):
+            engine.call("edge7", "forward", input=torch.zeros(1))
+    finally:
+        engine.close()
 
 
 # ------------------------------------------------------------------------------ faults

@@ -79,6 +79,7 @@ def adapt(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine: En
     own_engine = engine is None
     engine = engine or make_engine("local")
     try:
+        engine.use_plugins(cfg.plugins)  # workers in other processes (Ray) register the config's plug-ins too
         stage = AdaptRun(cfg, acfg, engine, checkpoint)
         state, _ = run.resume() if resume else (None, [])
         if state is not None:

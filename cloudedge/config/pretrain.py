@@ -61,6 +61,10 @@ class PretrainConfig(StrictModel):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_rounds: int = Field(default=0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="after the warm-up: constant (controllers compare at one lr), or a cosine "
+                                        "decay from lr to lr * min_lr_ratio at the last round")
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="cosine: the last round's lr as a share of lr")
     grad_clip: float | None = Field(default=1.0, gt=0)
     objective: plugin_choice("cloudedge.pretrain.objectives:OBJECTIVES") = Field(  # type: ignore[valid-type]
         default="erm", description="classify: a name (erm irm vrex fedsr fediir pin), or {name: ..., its parameters}")

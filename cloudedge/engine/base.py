@@ -129,6 +129,11 @@ class Engine(ABC):
                 out.append(err)
         return out
 
+    def use_plugins(self, modules: list[str]) -> None:
+        """Make a config's ``plugins:`` (dotted names, or absolute ``.py`` paths) importable wherever
+        this engine's workers run, before their next task. In this process they were imported when
+        the config loaded, so an engine whose workers live here has nothing to do."""
+
     def call(self, worker_id: str, method: str, **kwargs: Any) -> Any:
         """One task, one result."""
         return self.run([Task(worker_id, method, kwargs)])[0]

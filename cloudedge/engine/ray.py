@@ -25,6 +25,7 @@ from typing import Any
 from cloudedge.engine.base import Engine, Task, WorkerError, WorkerSpec, check_plain, to_host
 from cloudedge.engine.local import LocalEngine
 from cloudedge.errors import InputError
+from cloudedge.registry import PluginSource, load_plugin_sources, plugin_sources
 
 # A host asks for this much of its tier's custom resource: many hosts fit on one node.
 RESOURCE_SLIVER = 0.01
@@ -38,12 +39,23 @@ def host_of(worker_id: str) -> str:
 class WorkerHost:
     """The actor body: a LocalEngine holding one host's workers (cloud, or an edge and its devices)."""
 
-    def __init__(self, torch_threads: int = 1):
+    def __init__(self, torch_threads: int = 1, plugins: list[PluginSource] | None = None):
         import torch
 
         torch.set_num_threads(torch_threads)
         # Serialization already copies what crosses; no second copy inside the actor.
         self.local = LocalEngine(copy=False, check=False)
+        self.plugin_error: InputError | None = None
+        self.load_plugins(plugins or [])
+
+    def load_plugins(self, plugins: list[PluginSource]) -> InputError | None:
+        """Import the driver's plug-ins here. A failure is kept and answers every later task, as
+        data (an InputError, not a dead actor that would be rebuilt and fail again)."""
+        try:
+            load_plugin_sources(plugins)
+        except InputError as err:
+            self.plugin_error = InputError(f"{err} on the Ray host of pid {os.getpid()}")
+        return self.plugin_error
 
     def register(self, worker_id: str, spec: WorkerSpec) -> None:
         self.local.register(worker_id, spec)
@@ -55,6 +67,8 @@ class WorkerHost:
         self.local.unregister(worker_id)
 
     def run(self, tasks: list[Task]) -> list[Any]:
+        if self.plugin_error is not None:
+            return [self.plugin_error for _ in tasks]
         out: list[Any] = []
         for task in tasks:
             try:
@@ -110,6 +124,7 @@ class RayEngine(Engine):
         self._specs: dict[str, WorkerSpec] = {}
         self._hosts: dict[str, Any] = {}
         self._actor_cls = ray.remote(WorkerHost)
+        self._plugins: list[PluginSource] = []  # sent to every host, the ones started later too
         self.restarts: dict[str, int] = defaultdict(int)
 
     # --- hosts -----------------------------------------------------------------------------------
@@ -120,7 +135,7 @@ class RayEngine(Engine):
                 options["resources"] = {"cloud": RESOURCE_SLIVER}
         elif self.place_by_resource:
             options["resources"] = {"edge": RESOURCE_SLIVER}
-        actor = self._actor_cls.options(**options).remote(self.torch_threads)
+        actor = self._actor_cls.options(**options).remote(self.torch_threads, self._plugins)
         for wid, spec in self._specs.items():
             if host_of(wid) == host:
                 actor.register.remote(wid, spec)
@@ -141,6 +156,19 @@ class RayEngine(Engine):
             self._ray.kill(self._hosts[host], no_restart=True)
 
     # --- Engine ----------------------------------------------------------------------------------
+    def use_plugins(self, modules: list[str]) -> None:
+        """Ship the plug-ins to every host: a ``.py`` file as its source text (the node need not have
+        it), a dotted name as the name (it must be installed on the node). A host that cannot
+        import one answers its tasks with that InputError."""
+        new = [src for src in plugin_sources(modules) if src not in self._plugins]
+        if not new:
+            return
+        self._plugins.extend(new)
+        errors = self._ray.get([actor.load_plugins.remote(new) for actor in self._hosts.values()])
+        for err in errors:
+            if err is not None:
+                raise err
+
     def register(self, worker_id: str, spec: WorkerSpec) -> None:
         check_plain(spec.kwargs, f"{worker_id} spec")
         spec = dataclasses.replace(spec, kwargs=to_host(spec.kwargs))

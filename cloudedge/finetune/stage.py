@@ -191,6 +191,7 @@ def finetune(cfg: RunConfig, run_dir: RunDir | str | Path | None, engine: Any, r
     task = prepare_task(cfg, fleet, base_tensors)
     settings = settings_from_config(cfg, policy)
     run = StageRun.open(STAGE, run_dir, cfg, settings.policy, resume=resume)
+    engine.use_plugins(cfg.plugins)  # workers in other processes (Ray) register the config's plug-ins too
     loop = HierFinetune(fleet, task, settings, engine, stage_run=run, on_round=on_round)
     summary = loop.run(resume=resume)
     summary["clock"] = loop.clock.summary()

@@ -16,6 +16,7 @@ CLI calls. The algorithms and controller rules are in docs/pretraining.md.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +89,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
     own_engine = engine is None
     engine = engine or make_engine("local")
     try:
+        engine.use_plugins(cfg.plugins)  # workers in other processes (Ray) register the config's plug-ins too
         stage = PretrainRun(cfg, pcfg, method, engine, shards, client_eval, val)
         rows: list[dict[str, Any]] = []
         if resume:
@@ -379,10 +381,17 @@ class PretrainRun:
 
 
 def _lr_at(pcfg: PretrainConfig, round_idx: int) -> float:
-    """Linear warm-up over ``warmup_rounds``, then constant (so controllers compare at one lr)."""
+    """Linear warm-up over ``warmup_rounds``; then constant (``lr_schedule: constant``, so that
+    controllers compare at one lr) or a cosine decay (``cosine``) that reaches
+    ``lr * min_lr_ratio`` at the last of ``rounds``."""
     if pcfg.warmup_rounds and round_idx < pcfg.warmup_rounds:
         return pcfg.lr * (round_idx + 1) / pcfg.warmup_rounds
-    return pcfg.lr
+    if pcfg.lr_schedule == "constant":
+        return pcfg.lr
+    span = max(pcfg.rounds - 1 - pcfg.warmup_rounds, 1)
+    progress = min(max(round_idx - pcfg.warmup_rounds, 0) / span, 1.0)
+    low = pcfg.lr * pcfg.min_lr_ratio
+    return low + (pcfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 _UNCOMPRESSED_NBYTES: dict[tuple, int] = {}
