@@ -111,3 +111,88 @@ def test_pretrain_classify_takes_an_rgb_folder_with_a_grey_model(tmp_path):
                              base_dir=tmp_path)
     with pytest.raises(InputError, match="pretrain.data \\(imagefolder\\) for pretrain.model: images are 8 x 8 px"):
         build_shards(wrong, wrong.pretrain, [fleet.cloud], seq_len=8)
+
+
+def _hf_vit_dir(path, mean=None):
+    """A tiny ViT saved as a HF directory (16 px, RGB); ``mean``: rewrite its processor's mean / std
+    to that value (None: delete the processor file)."""
+    import json
+
+    from cloudedge.config.model import ModelConfig
+    from cloudedge.models import build_model, save_local
+
+    cfg = ModelConfig(kind="vit", hidden=16, layers=1, heads=2, image_size=16, patch_size=4, channels=3)
+    save_local(build_model(cfg, seed=0), path)
+    pre = path / "preprocessor_config.json"
+    if mean is None:
+        pre.unlink()
+    else:
+        raw = json.loads(pre.read_text())
+        raw.update(image_mean=[mean] * 3, image_std=[mean] * 3)
+        pre.write_text(json.dumps(raw))
+    return path
+
+
+def test_a_hf_checkpoint_is_fed_as_its_processor_says_in_fine_tuning(tmp_path):
+    """Pixels in [0, 1] at 8 px reach a HF ViT's encoder resized to its 16 px and normalized with
+    its processor's mean / std; a model built from the config gets them untouched."""
+    from cloudedge.finetune.model import build_lora_classifier
+
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    spec = {"model": {"kind": "hf", "path": str(_hf_vit_dir(tmp_path / "vit", 0.5))}, "seed": 0, "n_classes": 3,
+            "rank": 2, "alpha": 4.0, "mode": "fedavg", "base_tensors": None}
+    clf = build_lora_classifier(spec)
+    clf.backbone.register_forward_pre_hook(lambda m, a, kw: seen.update(px=kw["pixel_values"]), with_kwargs=True)
+    clf({"pixel_values": x})
+    want = fit_pixels(x, ImageSpec(16, 3, (0.5,) * 3, (0.5,) * 3))
+    assert seen["px"].shape == (2, 3, 16, 16) and torch.allclose(seen["px"], want)
+    assert float(seen["px"].min()) < 0  # normalized: [0, 1] became [-1, 1]
+    built = build_lora_classifier({**spec, "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2,
+                                                      "image_size": 8, "patch_size": 4, "channels": 3}})
+    built.backbone.register_forward_pre_hook(lambda m, a, kw: seen.update(px=kw["pixel_values"]), with_kwargs=True)
+    built({"pixel_values": x})
+    assert seen["px"] is x
+
+
+def test_hf_directories_without_a_processor_get_their_familys_defaults(tmp_path):
+    from transformers import AutoConfig
+
+    from cloudedge.config.model import ModelConfig
+    from cloudedge.models import build_model, save_local
+    from cloudedge.models.inputs import CLIP_MEAN, hf_dir_spec, model_image_spec
+
+    vit = _hf_vit_dir(tmp_path / "vit", None)
+    assert hf_dir_spec(vit, AutoConfig.from_pretrained(vit)).mean == (0.5, 0.5, 0.5)  # ViTImageProcessor's
+    clip_cfg = ModelConfig(kind="clip", hidden=16, layers=1, heads=2, context=16, image_size=8, patch_size=4,
+                           channels=3, projection_dim=8)
+    ours = save_local(build_model(clip_cfg, seed=0), tmp_path / "ours")
+    (ours / "processor_config.json").unlink()  # as saved before processor files were written
+    assert hf_dir_spec(ours, AutoConfig.from_pretrained(ours)).mean == (0.0,)  # byte vocabulary: built here
+    clip = save_local(build_model(clip_cfg, seed=0, vocab_size=300), tmp_path / "clip")
+    (clip / "preprocessor_config.json").unlink()  # no tokenizer of its own: the image processor alone
+    assert hf_dir_spec(clip, AutoConfig.from_pretrained(clip)).mean == CLIP_MEAN
+    # A loaded checkpoint keeps its statistics when it is saved again.
+    loaded = build_model(ModelConfig(kind="hf", path=str(clip)))
+    assert model_image_spec(loaded).mean == CLIP_MEAN
+    again = save_local(loaded, tmp_path / "again")
+    assert hf_dir_spec(again, AutoConfig.from_pretrained(again)).mean == pytest.approx(CLIP_MEAN)
+    (vit / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5], "image_std": [0.5, 0.5]}')
+    with pytest.raises(InputError, match="preprocessor_config.json: image_mean / image_std need 1 or 3 values"):
+        hf_dir_spec(vit, AutoConfig.from_pretrained(vit))
+
+
+def test_finetuning_a_hf_checkpoint_takes_data_of_another_size(tmp_path):
+    from cloudedge.finetune import finetune
+    from cloudedge.engine import LocalEngine
+
+    _hf_vit_dir(tmp_path / "vit", 0.5)
+    cfg = config_from_dict({
+        "seed": 0, "fleet": {"edges": [{"count": 1, "devices": [{"count": 2, "profile": "phone-mid",
+                                                                  "overrides": {"availability": 1.0}}]}]},
+        "data": {"source": "digits"},  # 8 px; the checkpoint takes 16
+        "model": {"kind": "hf", "path": "vit"},
+        "finetune": {"lora": {"rank": 2}, "batch_size": 8, "time_budget_s": 1e9, "max_cloud_rounds": 1, "eval_max": 16},
+    }, base_dir=tmp_path)
+    res = finetune(cfg, None, LocalEngine())
+    assert res.summary["final_acc"] is not None

@@ -26,17 +26,22 @@ from torch import nn
 from cloudedge.config.model import ModelConfig
 from cloudedge.errors import InputError
 from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, TARGETS, lora_layers
+from cloudedge.models.inputs import IMAGE_SPEC_ATTR, ImageSpec, fit_pixels
 
 
 class LoraClassifier(nn.Module):
     """``head(features(backbone(inputs)))``; ``inputs`` is ``{"pixel_values"}`` or ``{"input_ids", "attention_mask"}``."""
 
-    def __init__(self, backbone: nn.Module, kind: str, feature_dim: int, n_classes: int, pooling: str = "cls"):
+    def __init__(self, backbone: nn.Module, kind: str, feature_dim: int, n_classes: int, pooling: str = "cls",
+                 image_spec: ImageSpec | None = None):
         super().__init__()
         self.backbone = backbone
         self.kind = kind
         self.pooling = pooling
         self.head = nn.Linear(feature_dim, n_classes)
+        # A checkpoint from a HF directory: its processor's size and mean / std, applied to each batch
+        # (the data stays in [0, 1] at the coordinator). None: pixels go in as they are.
+        self.image_spec = image_spec
 
     def features(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.kind in ("gpt", "llama"):
@@ -46,7 +51,10 @@ class LoraClassifier(nn.Module):
                 return hidden[:, -1]
             last = (mask.sum(dim=1) - 1).clamp(min=0)
             return hidden[torch.arange(hidden.shape[0]), last]
-        out = self.backbone(pixel_values=inputs["pixel_values"])
+        pixels = inputs["pixel_values"]
+        if self.image_spec is not None:
+            pixels = fit_pixels(pixels, self.image_spec)
+        out = self.backbone(pixel_values=pixels)
         if self.kind == "clip":
             return out.pooler_output
         if self.pooling == "mean":
@@ -154,7 +162,8 @@ def with_lora(model: nn.Module, spec: Mapping[str, Any], targets: list[str] | No
         except ValueError as err:  # peft's word for target names that match no module of the model
             raise InputError(f"finetune.lora.targets: {list(targets)} do not fit the {kind} model "
                              f"({' '.join(str(err).split())})") from None
-        clf = LoraClassifier(body, kind, dim, int(spec["n_classes"]), pooling=pooling)
+        clf = LoraClassifier(body, kind, dim, int(spec["n_classes"]), pooling=pooling,
+                             image_spec=getattr(model, IMAGE_SPEC_ATTR, None))
     for name, p in clf.named_parameters():
         trainable = name.startswith("head.") or "lora_B" in name or ("lora_A" in name and spec["mode"] != "ffa")
         p.requires_grad_(trainable)

@@ -64,8 +64,11 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         labels = np.asarray(train.labels)
     else:
         image_spec = config_image_spec(model_cfg, cfg.base_dir)
-        if image_spec is not None:  # a model built from the config takes data.image_size as it is
-            check_images(train.x.shape, image_spec, f"{source} ({data_cfg.source}) for {STAGE}.model", resize=False)
+        if image_spec is not None:
+            # A model built from the config takes data.image_size as it is; a HF checkpoint's model
+            # resizes and normalizes each batch as its processor says (finetune/model.py).
+            check_images(train.x.shape, image_spec, f"{source} ({data_cfg.source}) for {STAGE}.model",
+                         resize=model_cfg.kind == "hf")
         to_tensors = lambda ds: _image_tensors(ds, image_spec, source)  # noqa: E731
         labels = train.y.numpy()
     devices = fleet.devices

@@ -4,8 +4,9 @@ into the model's inputs, so ``AutoTokenizer`` / ``AutoProcessor`` + ``AutoModel.
 * a causal LM (``gpt``): the tokenizer it was trained with (``tokenizer.json`` and its config); no
   special tokens are added to a text, as in the training stream;
 * ``clip``: the tokenizer (adding ``BOS ... EOS``, what the text tower was trained on) and a
-  ``CLIPImageProcessor`` whose mean 0 / std 1 keep pixels in [0, 1], as the project feeds them;
-  together they load as ``CLIPProcessor``;
+  ``CLIPImageProcessor`` whose mean 0 / std 1 keep pixels in [0, 1], as the project feeds them
+  (a model loaded from a HF directory keeps the mean / std it came with); together they load as
+  ``CLIPProcessor``;
 * ``vit``: a ``ViTImageProcessor`` with the same pixel convention.
 
 The image processors are the PIL ones: the default (torchvision) backend is not a dependency, and
@@ -24,10 +25,16 @@ from torch import nn
 from cloudedge.data.tokenizer import BPETokenizer, ByteTokenizer
 
 
-def _image_processor_kwargs(size: int, channels: int) -> dict[str, object]:
-    return {"size": {"height": size, "width": size}, "do_resize": True, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.0] * channels,
-            "image_std": [1.0] * channels}
+def _image_processor_kwargs(model: nn.Module) -> dict[str, object]:
+    """Size and mean / std as the project feeds ``model``: pixels in [0, 1] as they are for a model
+    built here, the processor statistics it was loaded with for a HF checkpoint (``model_image_spec``)."""
+    from cloudedge.models.inputs import model_image_spec
+
+    spec = model_image_spec(model)
+    per_channel = lambda v: [float(x) for x in v] * (spec.channels if len(v) == 1 else 1)  # noqa: E731
+    return {"size": {"height": spec.size, "width": spec.size}, "do_resize": True, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": per_channel(spec.mean),
+            "image_std": per_channel(spec.std)}
 
 
 def write_processing_files(model: nn.Module, directory: str | Path,
@@ -49,7 +56,7 @@ def write_processing_files(model: nn.Module, directory: str | Path,
         text = config.text_config
         tok = tokenizer or (ByteTokenizer() if text.vocab_size == ByteTokenizer.vocab_size else None)
         vision = config.vision_config
-        images = CLIPImageProcessorPil(**_image_processor_kwargs(vision.image_size, vision.num_channels),
+        images = CLIPImageProcessorPil(**_image_processor_kwargs(model),
                                     crop_size={"height": vision.image_size, "width": vision.image_size},
                                     do_center_crop=False, do_convert_rgb=vision.num_channels == 3)
         if tok is not None:
@@ -62,7 +69,7 @@ def write_processing_files(model: nn.Module, directory: str | Path,
     elif isinstance(model, ViTForImageClassification):
         from transformers import ViTImageProcessorPil
 
-        ViTImageProcessorPil(**_image_processor_kwargs(config.image_size, config.num_channels)).save_pretrained(
+        ViTImageProcessorPil(**_image_processor_kwargs(model)).save_pretrained(
             str(directory))
     elif model.can_generate():
         tok = tokenizer or (ByteTokenizer() if config.vocab_size == ByteTokenizer.vocab_size else None)

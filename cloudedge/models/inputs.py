@@ -29,6 +29,13 @@ LUMA_601: tuple[float, float, float] = (0.299, 0.587, 0.114)
 # OpenAI CLIP's preprocessing statistics: what a HF CLIP directory without preprocessor_config.json uses.
 CLIP_MEAN: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+# transformers' ViTImageProcessor defaults (IMAGENET_STANDARD_*): any other HF vision checkpoint without one.
+STANDARD_MEAN, STANDARD_STD = 0.5, 0.5
+# The byte tokenizer's vocabulary (cloudedge.data.tokenizer.ByteTokenizer.vocab_size): a CLIP with this
+# text vocabulary was built by this project, which feeds pixels in [0, 1] as they are.
+BYTE_VOCAB = 259
+# The attribute a model loaded from a HF directory carries its ImageSpec in (:func:`model_image_spec`).
+IMAGE_SPEC_ATTR = "cloudedge_image_spec"
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,18 @@ def vision_spec(config: Any, mean: tuple[float, ...] = (0.0,), std: tuple[float,
 
 def hf_dir_spec(directory: str | Path, config: Any) -> ImageSpec:
     """A HF checkpoint directory's spec: sizes from ``config``, mean / std from its
-    ``preprocessor_config.json`` or ``processor_config.json`` (CLIP's statistics when absent)."""
-    mean, std = CLIP_MEAN, CLIP_STD
+    ``preprocessor_config.json`` or ``processor_config.json``. Without either, what transformers'
+    processor of that family defaults to: CLIP's statistics for a CLIP, 0.5 / 0.5 for the others
+    (ViT's); per channel of the model. A byte-vocabulary CLIP (one this project built) takes pixels
+    in [0, 1] as they are."""
+    channels = int(getattr(config, "vision_config", config).num_channels)
+    byte_text = int(getattr(getattr(config, "text_config", None), "vocab_size", 0)) == BYTE_VOCAB
+    if byte_text:  # a CLIP this project built (byte tokenizer), saved before it wrote processor files
+        mean, std = (0.0,), (1.0,)
+    elif getattr(config, "model_type", "") in ("clip", "clip_vision_model") and channels == 3:
+        mean, std = CLIP_MEAN, CLIP_STD
+    else:
+        mean, std = (STANDARD_MEAN,) * channels, (STANDARD_STD,) * channels
     pre = Path(directory) / "preprocessor_config.json"
     combined = Path(directory) / "processor_config.json"  # transformers 5 keeps image settings here
     if not pre.is_file() and combined.is_file():
@@ -114,9 +131,30 @@ def hf_dir_spec(directory: str | Path, config: Any) -> ImageSpec:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{pre}: not valid JSON ({err})") from None
         raw = raw.get("image_processor", raw) if isinstance(raw, dict) else {}
-        mean = tuple(float(v) for v in raw.get("image_mean", mean))
-        std = tuple(float(v) for v in raw.get("image_std", std))
+        try:
+            if raw.get("do_normalize", True) is False:
+                mean, std = (0.0,) * channels, (1.0,) * channels
+            else:
+                mean = tuple(float(v) for v in raw.get("image_mean", mean))
+                std = tuple(float(v) for v in raw.get("image_std", std))
+        except (TypeError, ValueError):
+            raise InputError(f"{pre}: image_mean / image_std must be lists of numbers") from None
+        if len(mean) not in (1, channels) or len(std) not in (1, channels) or min(std) <= 0:
+            raise InputError(f"{pre}: image_mean / image_std need 1 or {channels} values (std > 0), "
+                             f"got {list(mean)} / {list(std)}")
     return vision_spec(config, mean, std)
+
+
+def attach_image_spec(model: Any, spec: ImageSpec) -> None:
+    """Remember on a loaded model how pixels must be fed to it (its directory's processor settings)."""
+    setattr(model, IMAGE_SPEC_ATTR, spec)
+
+
+def model_image_spec(model: Any) -> ImageSpec:
+    """How to feed ``model`` pixels: the spec it was loaded with (:func:`attach_image_spec`), else
+    its vision config's size and channels with pixels in [0, 1] as they are (models built here)."""
+    spec = getattr(model, IMAGE_SPEC_ATTR, None)
+    return spec if spec is not None else vision_spec(model.config)
 
 
 def config_image_spec(model_cfg: Any, base_dir: str | Path = ".") -> ImageSpec | None:
@@ -136,4 +174,4 @@ def config_image_spec(model_cfg: Any, base_dir: str | Path = ".") -> ImageSpec |
     except (OSError, ValueError, KeyError):
         return None  # building the model reports an unreadable checkpoint, naming the directory
     vc = getattr(config, "vision_config", config)
-    return vision_spec(vc) if hasattr(vc, "num_channels") and hasattr(vc, "image_size") else None
+    return hf_dir_spec(directory, config) if hasattr(vc, "num_channels") and hasattr(vc, "image_size") else None

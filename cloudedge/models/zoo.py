@@ -40,6 +40,7 @@ from transformers.utils import logging as hf_logging
 
 from cloudedge.config.model import ModelConfig
 from cloudedge.errors import InputError
+from cloudedge.models.inputs import attach_image_spec, hf_dir_spec
 
 # ByteTokenizer ids (docs/architecture.md, "Data"); duplicated here so the zoo does not import
 # the data package. EOS is the largest id, so argmax pooling and EOS-id pooling agree.
@@ -211,6 +212,10 @@ def load_local(path: str | os.PathLike[str], *, num_labels: int | None = None) -
         # transformers would silently random-initialise these; a half-loaded model is bad input.
         shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
         raise InputError(f"{directory}: checkpoint lacks weights the {type(model).__name__} needs: {shown}")
+    vision = getattr(config, "vision_config", config)
+    if hasattr(vision, "num_channels") and hasattr(vision, "image_size"):
+        # Its processor's mean / std (and size) travel with the model to where pixels enter it.
+        attach_image_spec(model, hf_dir_spec(directory, config))
     model.train()
     return with_known_loss(model)
 

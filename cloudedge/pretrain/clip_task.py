@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cloudedge.models.inputs import fit_pixels, vision_spec
+from cloudedge.models.inputs import fit_pixels, model_image_spec
 
 DIGIT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -59,12 +59,13 @@ def captions_for(labels: Sequence[int] | torch.Tensor | np.ndarray, classes: Seq
 
 
 def fit_pixels_to_model(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] fitted to the vision tower (channels and size; ``cloudedge.models.inputs``).
+    """Images in [0, 1] fitted to the vision tower (channels, size, and the mean / std of a
+    checkpoint loaded from a HF directory; ``cloudedge.models.inputs.model_image_spec``).
 
     The bundled CLIP sees pixels in [0, 1] as they are (no mean/std normalisation); the
     prompt-tuning stage feeds it the same way.
     """
-    return fit_pixels(pixel_values, vision_spec(model.config))
+    return fit_pixels(pixel_values, model_image_spec(model))
 
 
 def clip_logits(model: nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor,
