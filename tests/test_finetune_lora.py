@@ -127,3 +127,42 @@ def test_the_config_names_the_mode_with_its_knobs():
         load({"mode": {"name": "ffa", "refactor": "merge"}})
     with pytest.raises(InputError, match=r"c.yaml: finetune.lora: 'refactor' is no longer a key here"):
         load({"mode": "product", "refactor": "merge"})
+
+
+@pytest.fixture
+def alias_modes():
+    """Plug-in modes that behave as ffa and as product under other names."""
+    from cloudedge.finetune.lora import LORA_MODES, FFAMode, ProductMode, ProductParams
+
+    class FrozenA(FFAMode):
+        pass
+
+    class Refactoring(ProductMode):
+        pass
+
+    LORA_MODES.add("test-frozen-a", FrozenA)
+    LORA_MODES.add("test-refactoring", Refactoring, ProductParams)
+    yield
+    for name in ("test-frozen-a", "test-refactoring"):
+        LORA_MODES._entries.pop(name)
+
+
+def test_what_the_loop_does_with_a_mode_comes_from_its_class_not_its_name(alias_modes) -> None:
+    from cloudedge.config import config_from_dict
+    from cloudedge.errors import InputError
+    from cloudedge.finetune.churn import Churn
+    from cloudedge.finetune.lora import lora_mode
+
+    keys = list(with_base_deltas(_client_state(torch.Generator().manual_seed(0))))
+    assert sent_keys(keys, "test-frozen-a") == sent_keys(keys, "ffa") != sent_keys(keys, "fedavg")
+    assert lora_mode("test-refactoring", "merge").merges and lora_mode("test-refactoring").describe() == \
+        "test-refactoring/svd"
+    assert Churn({"max_staleness": 3}, 0, "test-refactoring").stale_reason(1).startswith(
+        "stale: test-refactoring mode refactors")
+    assert Churn({"max_staleness": 3}, 0, "test-frozen-a").stale_reason(1) is None
+    raw = {"fleet": {"edges": [{"count": 1}]}, "data": {"source": "digits"},
+           "finetune": {"lora": {"mode": "test-refactoring"}, "server_optimizer": "fedadam"}}
+    with pytest.raises(InputError, match="lora.mode 'test-refactoring' needs server_optimizer 'fedavg'"):
+        config_from_dict(raw)
+    raw["finetune"]["lora"]["mode"] = "test-frozen-a"
+    assert config_from_dict(raw).finetune.lora.mode.name == "test-frozen-a"

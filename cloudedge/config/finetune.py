@@ -143,16 +143,22 @@ class FinetuneConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
-        if self.lora.mode.name == "product" and self.server_optimizer != "fedavg":
-            raise ValueError("lora.mode 'product' needs server_optimizer 'fedavg' (adapters are refactored)")
-        if self.lora.mode.name == "product":
-            # product modes refactor the adapters, so per-tensor medians/trims and noise on the factors
-            # have no meaning there (docs/reliability.md).
+        mode = self.lora.mode.name
+        # Validating lora.mode imported its registry already (plugin_choice): no new import cost here.
+        from cloudedge.finetune.lora import mode_class
+
+        if mode_class(mode).refactors and self.server_optimizer != "fedavg":
+            raise ValueError(f"lora.mode '{mode}' needs server_optimizer 'fedavg' (adapters are refactored)")
+        if mode_class(mode).refactors:
+            # Modes that refactor the adapters: per-tensor medians/trims and noise on the factors have
+            # no meaning there (docs/reliability.md).
             for name, agg in (("aggregator", self.robust.aggregator), ("cloud_aggregator", self.robust.cloud_aggregator)):
                 if agg is not None and agg.name != "mean":
-                    raise ValueError(f"robust.{name} '{agg.name}' needs lora.mode 'fedavg' or 'ffa' (got 'product')")
+                    raise ValueError(f"robust.{name} '{agg.name}' needs a lora.mode that keeps the factors, "
+                                     f"such as 'fedavg' or 'ffa' (got '{mode}')")
             if self.privacy is not None:
-                raise ValueError("privacy needs lora.mode 'fedavg' or 'ffa' (got 'product')")
+                raise ValueError(f"privacy needs a lora.mode that keeps the factors, such as 'fedavg' or 'ffa' "
+                                 f"(got '{mode}')")
         if self.privacy is not None and self.privacy.mode == "central" and self.robust.aggregator.name != "mean":
             raise ValueError("robust.aggregator must be 'mean' with central privacy (DP-FedAvg's noise is "
                              "calibrated to a clipped sum); use privacy.mode 'local' for robust aggregation")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from cloudedge.config.finetune import ChurnSection
+from cloudedge.finetune.lora import mode_class
 from cloudedge.finetune.streams import stable_index, stream
 
 Tensors = dict[str, torch.Tensor]
@@ -30,6 +31,7 @@ class Churn:
     def __init__(self, options: dict[str, Any], seed: int, lora_mode: str):
         self.opts = {**DEFAULTS, **options}
         self.seed, self.lora_mode = seed, lora_mode
+        self.refactors = mode_class(lora_mode).refactors
         self.rngs: dict[str, np.random.Generator] = {}
         self.device_cache: dict[str, tuple[int, Tensors]] = {}  # last model each device received
 
@@ -59,8 +61,9 @@ class Churn:
         if staleness > self.opts["max_staleness"]:
             return (f"stale: trained from a model {staleness} edge rounds old > churn.max_staleness "
                     f"{self.opts['max_staleness']}")
-        if staleness > 0 and self.lora_mode == "product":
-            return "stale: product mode refactors the adapters every round, so an older update does not apply"
+        if staleness > 0 and self.refactors:
+            return (f"stale: {self.lora_mode} mode refactors the adapters every round, so an older update "
+                    "does not apply")
         return None
 
     def state_dict(self) -> dict[str, Any]:

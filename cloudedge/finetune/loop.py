@@ -45,7 +45,7 @@ from cloudedge.errors import InputError
 from cloudedge.finetune.churn import Churn
 from cloudedge.finetune.devicedata import samples_of_range
 from cloudedge.finetune.edge_round import EdgeRounds
-from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, lora_layers, with_base_deltas
+from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, lora_layers, lora_mode, with_base_deltas
 from cloudedge.finetune.messages import CLOUD, Messages
 from cloudedge.finetune.metrics import MetricLog, Tally
 from cloudedge.finetune.safeguards import Safeguards
@@ -77,7 +77,7 @@ class FinetuneSettings:
     policy: str = "autonomous"
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     lora_mode: str = "fedavg"
-    refactor: str = "svd"
+    refactor: str = "svd"  # the product mode's knob
     batch_size: int = 16
     optimizer: str = "adamw"
     lr: float = 3e-3
@@ -139,6 +139,7 @@ class HierFinetune:
         self.scaling = float(task.spec["alpha"]) / int(task.spec["rank"])
         self.merge_count = 0  # the cloud's aggregations so far: product mode's re-initialisation seeds
         self.spec = {**task.spec, "mode": settings.lora_mode}
+        self.mode = lora_mode(settings.lora_mode, settings.refactor)
         engine.register(CLOUD, WorkerSpec(FinetuneWorker, dict(
             spec=self.spec, data=task.test_data, batch_size=settings.batch_size, device=settings.device)))
         self.info = engine.call(CLOUD, "model_info")
@@ -168,7 +169,7 @@ class HierFinetune:
         return with_base_deltas(init) if self._merged() else init
 
     def _merged(self) -> bool:
-        return self.s.lora_mode == "product" and self.s.refactor == "merge"
+        return self.mode.merges
 
     def _charged_costs(self) -> tuple[dict[str, Any], Tensors | None]:
         """The costs the clock charges: the trained model's, or clock.charge_as's (cloudedge.finetune.charge),
@@ -190,8 +191,8 @@ class HierFinetune:
     def apply_server(self, candidate: Tensors) -> None:
         """The server optimizer's step towards ``candidate`` (product modes refactor: they take it as it is)."""
         delta = {k: candidate[k] - self.global_state[k] for k in candidate if not k.endswith(BASE_DELTA_SUFFIX)}
-        if self.s.lora_mode == "product":
-            self.global_state = candidate  # product modes refactor: no server optimizer (config checks)
+        if self.mode.refactors:
+            self.global_state = candidate  # refactored adapters: no server optimizer (config checks)
         else:
             self.global_state = self.opt.step(self.global_state, delta)
 
@@ -286,7 +287,7 @@ class HierFinetune:
         return {
             "method": self.method,
             "policy": self.s.policy,
-            "lora_mode": self.s.lora_mode + (f"/{self.s.refactor}" if self.s.lora_mode == "product" else ""),
+            "lora_mode": self.mode.describe(),
             "final_acc": scored[-1]["acc"],
             "best_acc": max(r["acc"] for r in scored),
             "eval_every_s": self.s.eval_every_s,

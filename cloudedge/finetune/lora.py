@@ -56,8 +56,8 @@ def lora_layers(keys: Sequence[str] | Mapping[str, object]) -> list[str]:
 
 
 def sent_keys(keys: Sequence[str], mode: str) -> list[str]:
-    """Keys a device sends up: every trained tensor. Under ``ffa`` A is frozen and never sent."""
-    if mode == "ffa":
+    """Keys a device sends up: every trained tensor. A mode with a frozen A (``ffa``) never sends A."""
+    if mode_class(mode).frozen_a:
         return [k for k in keys if not k.endswith(A_SUFFIX) and not k.endswith(BASE_DELTA_SUFFIX)]
     return [k for k in keys if not k.endswith(BASE_DELTA_SUFFIX)]
 
@@ -80,10 +80,23 @@ def init_lora_a(shape: torch.Size | tuple[int, ...], generator: torch.Generator)
 
 
 class LoraMode:
-    """How one LoRA layer's factors from several states combine (a config's ``lora.mode``)."""
+    """How one LoRA layer's factors from several states combine (a config's ``lora.mode``).
+
+    What the fine-tuning loop needs to know about a mode is said here, never by its name:
+    ``frozen_a`` (A never changes, so it is never sent), ``refactors`` (aggregation rewrites the
+    factors, so no server optimizer, robust aggregator or DP noise applies to them and an update
+    from an older model does not apply) and ``merges`` (the product goes into a dense ``base_delta``
+    and the factors restart).
+    """
 
     name: ClassVar[str] = "base"
-    merges: bool = False  # True: the product goes into a dense ``base_delta`` and the factors restart
+    frozen_a: ClassVar[bool] = False
+    refactors: ClassVar[bool] = False
+    merges: bool = False
+
+    def describe(self) -> str:
+        """The mode as a run's summary names it."""
+        return self.name
 
     def combine(self, layer: str, a_list: list[torch.Tensor], b_list: list[torch.Tensor], w: list[float],
                 states: Sequence[Mapping[str, torch.Tensor]], keys: list[str], scaling: float,
@@ -107,6 +120,7 @@ class FFAMode(LoraMode):
     """A frozen at its shared initialisation, only B averaged: exact, half the bytes up."""
 
     name = "ffa"
+    frozen_a = True
 
     def combine(self, layer, a_list, b_list, w, states, keys, scaling, gen):  # noqa: D102
         ka = layer + A_SUFFIX
@@ -126,10 +140,14 @@ class ProductMode(LoraMode):
     """The exact weighted mean of the products ``B_i A_i``, refactored (svd) or merged."""
 
     name = "product"
+    refactors = True
 
     def __init__(self, refactor: str):
         self.refactor = ProductParams(refactor=refactor).refactor  # a ValueError names the known ones
         self.merges = refactor == "merge"
+
+    def describe(self) -> str:  # noqa: D102
+        return f"{self.name}/{self.refactor}"
 
     def combine(self, layer, a_list, b_list, w, states, keys, scaling, gen):  # noqa: D102
         ka, kb = layer + A_SUFFIX, layer + B_SUFFIX
@@ -145,12 +163,18 @@ class ProductMode(LoraMode):
                 kb: torch.zeros_like(b_list[0])}
 
 
-def lora_mode(name: str, refactor: str = "svd") -> LoraMode:
-    """The mode called ``name``; ``refactor`` applies to the modes that take it (``product``)."""
+def mode_class(name: str) -> type[LoraMode]:
+    """The class registered as ``name`` (its ``frozen_a`` / ``refactors`` need no instance)."""
     if name not in LORA_MODES:
         raise ValueError(f"unknown LoRA aggregation mode {name!r} (known: {tuple(LORA_MODES)})")
+    return LORA_MODES.get(name)
+
+
+def lora_mode(name: str, refactor: str = "svd") -> LoraMode:
+    """The mode called ``name``; ``refactor`` applies to the modes that take it (``product``)."""
+    cls = mode_class(name)
     takes_refactor = "refactor" in LORA_MODES.params_model(name).model_fields
-    return LORA_MODES.get(name)(**({"refactor": refactor} if takes_refactor else {}))
+    return cls(**({"refactor": refactor} if takes_refactor else {}))
 
 
 def aggregate_lora(

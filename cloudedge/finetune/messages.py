@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cloudedge.comm import compress
-from cloudedge.finetune.lora import A_SUFFIX, sent_keys
+from cloudedge.finetune.lora import A_SUFFIX, lora_mode, mode_class, sent_keys
 from cloudedge.fleet import Fleet, VirtualClock, transfer_seconds
 from cloudedge.fleet.topology import Node
 
@@ -36,7 +36,7 @@ class Messages:
 
     def down_keys(self, state: Tensors) -> list[str]:
         """What a receiver needs: every trained tensor (and base deltas); under ffa A never changes."""
-        if self.s.lora_mode == "ffa":
+        if mode_class(self.s.lora_mode).frozen_a:
             return [k for k in state if not k.endswith(A_SUFFIX)]
         return list(state)
 
@@ -64,7 +64,7 @@ class Messages:
         """An edge's state as the cloud receives it (the change since ``pulled``, compressed) and
         its bytes. Under ffa A never changes; after a product/merge re-initialisation every tensor,
         the dense base deltas included, has changed and is sent."""
-        merged = self.s.lora_mode == "product" and self.s.refactor == "merge"
+        merged = lora_mode(self.s.lora_mode, self.s.refactor).merges
         keys = list(state) if merged else sent_keys(list(state), self.s.lora_mode)
         got, nbytes = self.ship({k: state[k] - pulled[k] for k in keys})
         return {**pulled, **{k: pulled[k] + v for k, v in got.items()}}, nbytes

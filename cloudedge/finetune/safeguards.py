@@ -17,7 +17,7 @@ import torch
 from cloudedge.attacks import apply_attack, choose_attackers
 from cloudedge.config.finetune import AttackSection
 from cloudedge.errors import InputError
-from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, aggregate_lora, sent_keys
+from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, aggregate_lora, lora_mode, sent_keys
 from cloudedge.finetune.messages import CLOUD
 from cloudedge.finetune.metrics import Tally
 from cloudedge.finetune.reliability import (
@@ -58,11 +58,12 @@ class Safeguards:
         self.robust = robust_settings(s.robust)
         self.edge_aggregator = self.robust["aggregator"]["name"]
         self.cloud_aggregator = self.robust["cloud_aggregator"]["name"]
-        if s.lora_mode == "product" and {self.edge_aggregator, self.cloud_aggregator} != {"mean"}:
-            raise InputError("finetune.robust.aggregator: robust aggregators need lora.mode 'fedavg' or 'ffa' "
-                             "(product mode refactors the adapters)")
+        mode = lora_mode(s.lora_mode, s.refactor)
+        if mode.refactors and {self.edge_aggregator, self.cloud_aggregator} != {"mean"}:
+            raise InputError(f"finetune.robust.aggregator: robust aggregators need a lora.mode that keeps the "
+                             f"factors, such as 'fedavg' or 'ffa' ({mode.name} mode refactors the adapters)")
         sent = sent_keys(list(global_state), s.lora_mode)
-        merged = s.lora_mode == "product" and s.refactor == "merge"
+        merged = mode.merges
         self.cloud_keys = list(global_state) if merged else sent
         self.device_guard = UpdateGuard({k: global_state[k] for k in sent}, self.robust["gate"],
                                         dp=s.privacy is not None)
