@@ -183,8 +183,8 @@ def test_hf_directories_without_a_processor_get_their_familys_defaults(tmp_path)
 
 
 def test_finetuning_a_hf_checkpoint_takes_data_of_another_size(tmp_path):
-    from cloudedge.finetune import finetune
     from cloudedge.engine import LocalEngine
+    from cloudedge.finetune import finetune
 
     _hf_vit_dir(tmp_path / "vit", 0.5)
     cfg = config_from_dict({

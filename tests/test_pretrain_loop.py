@@ -313,7 +313,7 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor_at_the_last_round() -
     assert lrs[:3] == pytest.approx([0.005, 0.01, 0.01])  # warm-up, then the peak at the first decayed round
     assert lrs[-1] == pytest.approx(0.001)  # the floor, at the last round
     assert lrs[3] == pytest.approx(0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi / 3)))
-    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False))
     raw["pretrain"]["min_lr_ratio"] = 1.5
     with pytest.raises(InputError, match="pretrain.min_lr_ratio"):
         config_from_dict(raw)

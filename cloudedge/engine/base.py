@@ -133,6 +133,7 @@ class Engine(ABC):
         """Make a config's ``plugins:`` (dotted names, or absolute ``.py`` paths) importable wherever
         this engine's workers run, before their next task. In this process they were imported when
         the config loaded, so an engine whose workers live here has nothing to do."""
+        return None
 
     def call(self, worker_id: str, method: str, **kwargs: Any) -> Any:
         """One task, one result."""
