@@ -297,3 +297,12 @@ def test_benchmark_coop_source_is_upright_while_the_clip_saw_styles(tmp_path):
     assert cfg.data.glyphs.style_fraction == 0 and not cfg.data.glyphs.styles  # CoOp's clean source
     assert {s.shift for s in cfg.adapt.streams} >= {"upside_down", "mirrored", "sideways"}
     assert "styles" not in glyph_data(10, 10, styled=False)["glyphs"]
+
+
+def test_the_no_views_ablation_trains_swapprompt_on_the_test_images_themselves():
+    from cloudedge.adapt.augment import AugmentSpec, augment
+    from cloudedge.bench.adapt_tta import METHODS, NO_VIEWS
+
+    x = torch.rand(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(augment(x, AugmentSpec(**NO_VIEWS), torch.Generator().manual_seed(1)), x, atol=1e-5)
+    assert METHODS["swapprompt-no-views"]["method"]["augment"] == NO_VIEWS

@@ -14,7 +14,7 @@
    those labelled images) must beat zero-shot by :data:`GATE_POINTS` on the mean over shifts.
 4. Methods side by side on the same streams: zeroshot, coop (fitted on the clean labelled source
    split), tpt (episodic), swapprompt (online), tda (training-free), swapprompt's ablations (no
-   EMA, no swap, no sharpening/balancing), and federated prompt sharing between edges with
+   EMA, no swap, no sharpening/balancing, milder views, no views), and federated prompt sharing between edges with
    different shifts (one per shift, every batch, all edges) and with the same shift (two edges per
    shift on disjoint halves of its stream, averaged within the shift, beside the same halves unshared).
 
@@ -62,6 +62,11 @@ VIEWS = GLYPH_VIEWS
 # step per batch), spelled out so the ablations below differ from it in one knob each.
 SWAPPROMPT = {"name": "swapprompt", "augment": VIEWS, "lr": 5e-3, "momentum": 0.99, "temperature": 0.5,
               "balance": "sinkhorn", "steps": 1}
+# The views ablations: the augment module's defaults (area 0.8-1, 5 degrees, chosen for 8 px digits),
+# and none at all (both "views" are the test image itself: balanced self-training on the stream).
+MILD_VIEWS: dict[str, Any] = {}
+NO_VIEWS: dict[str, Any] = {"crop_scale": [1.0, 1.0], "ratio": [1.0, 1.0], "degrees": 0.0, "brightness": 0.0,
+                            "contrast": 0.0}
 METHODS: dict[str, dict[str, Any]] = {
     "zeroshot": {"method": "zeroshot"},
     "coop": {"method": "coop", "coop_fit": "source"},
@@ -71,6 +76,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "swapprompt-no-ema": {"method": {**SWAPPROMPT, "momentum": 0.0}},
     "swapprompt-no-swap": {"method": {**SWAPPROMPT, "swap": False}},
     "swapprompt-no-sharpen": {"method": {**SWAPPROMPT, "temperature": 1.0, "balance": "none"}},
+    "swapprompt-mild-views": {"method": {**SWAPPROMPT, "augment": MILD_VIEWS}},
+    "swapprompt-no-views": {"method": {**SWAPPROMPT, "augment": NO_VIEWS}},
     "swapprompt-shared-diff": {"method": SWAPPROMPT, "share_every": 1},
     "swapprompt-halves": {"method": SWAPPROMPT, "edges_per_shift": 2},
     "swapprompt-shared-same": {"method": SWAPPROMPT, "edges_per_shift": 2, "share_every": 1, "share_groups": "shift"},
