@@ -58,7 +58,7 @@ def pretrain_cost(cfg: RunConfig, n_classes: int) -> tuple[PretrainCosts, float]
         f"{model_cfg.kind} {model_cfg.hidden}x{model_cfg.layers} (trained)", model_cfg.kind, model_cfg=model_cfg)
     seq_len = pcfg.seq_len or model_cfg.context
     cost = charged_costs(pcfg.task, charge, seq_len=seq_len, n_classes=max(n_classes, 2), encoder=pcfg.encoder,
-                         seed=cfg.seed, base_dir=cfg.base_dir)
+                         seed=cfg.seed, base_dir=cfg.base_dir, precision=pcfg.precision)
     return cost, pcfg.memory_fraction
 
 

@@ -65,6 +65,21 @@ def test_memory_estimate_gives_the_micro_batch_that_fits() -> None:
     assert max_micro_batch(static_bytes(n_params), 1.0, n_params, per) == 0
 
 
+def test_bf16_autocast_keeps_16_bit_activations_and_a_bf16_weight_copy() -> None:
+    per = activation_bytes_per_sample("lm", GPT, seq_len=12, vocab_size=259, encoder="mlp", precision="bf16")
+    # Korthikanti's 16-bit count as it is; the float32 loss keeps its scores and gradient as before.
+    assert per == pytest.approx(12 * 16 * (34 + 5 * 2 * 12 / 16) + 8 * 12 * 259)
+    assert static_bytes(10_000, "bf16") == 18 * 10_000 == static_bytes(10_000) + 2 * 10_000
+    vit = ModelConfig(kind="vit", hidden=16, layers=1, heads=2, image_size=8, patch_size=4, channels=1)
+    fp32, bf16 = (activation_bytes_per_sample("classify", vit, seq_len=0, vocab_size=0, encoder="vit", precision=p)
+                  for p in ("fp32", "bf16"))
+    assert bf16 == fp32 / 2
+    # Activations dominate here: bf16 holds nearly twice the batch in the same memory.
+    memory = static_bytes(1000, "bf16") + 10 * fp32
+    assert max_micro_batch(memory, 1.0, 1000, fp32) == 10  # its static part is 2,000 bytes smaller
+    assert max_micro_batch(memory, 1.0, 1000, bf16, "bf16") == 20
+
+
 def test_fednova_normalizes_unequal_local_steps() -> None:
     d1, d2 = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 8.0])}
     # Equal steps: the unit-weighted mean.

@@ -20,6 +20,7 @@ from cloudedge.config.model import ModelConfig
 from cloudedge.errors import InputError
 from cloudedge.models.charge import FIELD, ChargedModel, describe, meta_backbone, meta_layout
 from cloudedge.pretrain.memory import (
+    ACTIVATION_BYTES,
     BYTES_PER_FLOAT,
     activation_bytes_per_sample,
     max_micro_batch,
@@ -42,6 +43,7 @@ class PretrainCosts:
     train_flops_per_sample: int
     activation_bytes_per_sample: float
     layout: dict[str, torch.Tensor]  # what a message carries: the trainable tensors (meta or real)
+    precision: str = "fp32"  # pretrain.precision: bf16 autocast keeps 16-bit activations and weight copies
 
     def message_bytes(self, compression: str) -> int:
         """Exact bytes of the model or one update on the wire under ``compression``."""
@@ -49,14 +51,15 @@ class PretrainCosts:
 
     def micro_batch_cap(self, memory_bytes: float, memory_fraction: float) -> int:
         """The largest batch a node holds at once (0: not even weights and optimizer fit)."""
-        return max_micro_batch(memory_bytes, memory_fraction, self.params, self.activation_bytes_per_sample)
+        return max_micro_batch(memory_bytes, memory_fraction, self.params, self.activation_bytes_per_sample,
+                               self.precision)
 
     def describe(self, compression: str) -> dict[str, Any]:
         return describe(self.name, self.params, self.message_bytes(compression))
 
 
 def trained_costs(task: str, model: nn.Module, model_cfg: ModelConfig, *, seq_len: int, n_classes: int,
-                  encoder: str, flops_factor: float = 1.0) -> PretrainCosts:
+                  encoder: str, flops_factor: float = 1.0, precision: str = "fp32") -> PretrainCosts:
     """The costs of the model the stage trains (the clock's default)."""
     from cloudedge.models.zoo import param_count
     from cloudedge.pretrain.workers import trainable
@@ -67,12 +70,13 @@ def trained_costs(task: str, model: nn.Module, model_cfg: ModelConfig, *, seq_le
         name=f"{model_cfg.kind} {model_cfg.hidden}x{model_cfg.layers} (trained)", params=param_count(model),
         train_flops_per_sample=int(round(flops * flops_factor)) if flops_factor != 1.0 else flops,
         activation_bytes_per_sample=activation_bytes_per_sample(task, model_cfg, seq_len=seq_len, vocab_size=vocab,
-                                                                encoder=encoder),
-        layout={k: v.detach() for k, v in trainable(model).items()})
+                                                                encoder=encoder, precision=precision),
+        layout={k: v.detach() for k, v in trainable(model).items()}, precision=precision)
 
 
 def charged_costs(task: str, charge: ChargedModel, *, seq_len: int, n_classes: int, encoder: str | None,
-                  seed: int, objective: Any = None, base_dir: str = ".", flops_factor: float = 1.0) -> PretrainCosts:
+                  seed: int, objective: Any = None, base_dir: str = ".", flops_factor: float = 1.0,
+                  precision: str = "fp32") -> PretrainCosts:
     """The costs of ``charge`` doing this task's work on the same samples (built on the meta device).
 
     ``encoder`` is ``pretrain.encoder`` (None: ViT for a ViT, else the MLP), as for the trained model.
@@ -93,16 +97,16 @@ def charged_costs(task: str, charge: ChargedModel, *, seq_len: int, n_classes: i
         seq = charge.text_len(seq_len) if task == "lm" else seq_len
         vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
         flops = train_flops_per_sample(task, cfg, seq_len=seq, n_classes=n_classes, encoder=enc)  # type: ignore[arg-type]
-        act = activation_bytes_per_sample(task, cfg, seq_len=seq, vocab_size=vocab, encoder=enc)
+        act = activation_bytes_per_sample(task, cfg, seq_len=seq, vocab_size=vocab, encoder=enc, precision=precision)
     else:
-        model, flops, act = _hf_task_model(task, charge, seq_len, n_classes, objective)
+        model, flops, act = _hf_task_model(task, charge, seq_len, n_classes, objective, precision)
     layout = meta_layout(model)
     return PretrainCosts(charge.name, param_count(model),
-                         int(round(flops * flops_factor)) if flops_factor != 1.0 else flops, act, layout)
+                         int(round(flops * flops_factor)) if flops_factor != 1.0 else flops, act, layout, precision)
 
 
 def _hf_task_model(task: str, charge: ChargedModel, seq_len: int, n_classes: int,
-                   objective: Any) -> tuple[nn.Module, int, float]:
+                   objective: Any, precision: str = "fp32") -> tuple[nn.Module, int, float]:
     """(meta model, training FLOPs per sample, activation bytes per sample) of a preset/architecture."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
@@ -120,10 +124,10 @@ def _hf_task_model(task: str, charge: ChargedModel, seq_len: int, n_classes: int
         with torch.device("meta"):
             model: nn.Module = GPT2LMHeadModel(cfg) if charge.family == "gpt2" else LlamaForCausalLM(cfg)
         forward = gpt_forward_flops(cfg, seq) if charge.family == "gpt2" else llama_forward_flops(cfg, seq)
-        return model, TRAINING_FLOPS_FACTOR * forward, hf_activation_bytes(charge, seq)
+        return model, TRAINING_FLOPS_FACTOR * forward, hf_activation_bytes(charge, seq, precision)
     if task == "clip":
         model = meta_backbone(charge)
-        return model, TRAINING_FLOPS_FACTOR * clip_forward_flops(cfg), hf_activation_bytes(charge, 0)
+        return model, TRAINING_FLOPS_FACTOR * clip_forward_flops(cfg), hf_activation_bytes(charge, 0, precision)
     # classify: the stage's Classifier (mean of the ViT's tokens, linear head) on the charged ViT.
     backbone = meta_backbone(charge)
     with torch.device("meta"):
@@ -131,11 +135,12 @@ def _hf_task_model(task: str, charge: ChargedModel, seq_len: int, n_classes: int
         if objective is not None:
             model = objective.prepare_model(model)
     cfg.num_labels = n_classes
-    return model, TRAINING_FLOPS_FACTOR * vit_forward_flops(cfg), hf_activation_bytes(charge, 0)
+    return model, TRAINING_FLOPS_FACTOR * vit_forward_flops(cfg), hf_activation_bytes(charge, 0, precision)
 
 
-def hf_activation_bytes(charge: ChargedModel, seq_len: int) -> float:
-    """Activation bytes per training sample of a preset/architecture (float32; docs/profiles.md).
+def hf_activation_bytes(charge: ChargedModel, seq_len: int, precision: str = "fp32") -> float:
+    """Activation bytes per training sample of a preset/architecture (docs/profiles.md; ``precision``
+    as in :mod:`cloudedge.pretrain.memory`).
 
     GPT-2, ViT and CLIP towers: :func:`transformer_activation_bytes` (MLP 4 x hidden); LMs add the
     output scores and their gradient. Llama: the same count with its own widths, no dropout masks:
@@ -144,20 +149,21 @@ def hf_activation_bytes(charge: ChargedModel, seq_len: int) -> float:
     """
     cfg: Any = charge.hf_config
     if charge.family == "gpt2":
-        return (transformer_activation_bytes(cfg.n_layer, seq_len, cfg.n_embd, cfg.n_head)
+        return (transformer_activation_bytes(cfg.n_layer, seq_len, cfg.n_embd, cfg.n_head, precision)
                 + 2 * BYTES_PER_FLOAT * seq_len * cfg.vocab_size)
     if charge.family == "llama":
         h, a, s = cfg.hidden_size, cfg.num_attention_heads, seq_len
         head_dim = getattr(cfg, "head_dim", None) or h // a
         q, kv = a * head_dim, (cfg.num_key_value_heads or a) * head_dim
         per_token = 8 * h + 4 * q + 4 * kv + 8 * cfg.intermediate_size + 2 * a * s
-        return 2.0 * cfg.num_hidden_layers * s * per_token + 2 * BYTES_PER_FLOAT * s * cfg.vocab_size
+        return (ACTIVATION_BYTES[precision] / 2 * cfg.num_hidden_layers * s * per_token
+                + 2 * BYTES_PER_FLOAT * s * cfg.vocab_size)
     vision = cfg.vision_config if charge.family == "clip" else cfg
     patches = (vision.image_size // vision.patch_size) ** 2 + 1
     out = transformer_activation_bytes(vision.num_hidden_layers, patches, vision.hidden_size,
-                                       vision.num_attention_heads)
+                                       vision.num_attention_heads, precision)
     if charge.family == "clip":
         text = cfg.text_config
         out += transformer_activation_bytes(text.num_hidden_layers, text.max_position_embeddings, text.hidden_size,
-                                            text.num_attention_heads)
+                                            text.num_attention_heads, precision)
     return out

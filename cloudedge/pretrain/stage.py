@@ -149,11 +149,13 @@ class PretrainRun:
         # --- costs: the trained model's, or those of the model the clock charges (clock.charge_as)
         flops_factor = self.objective.train_flops_factor if self.objective is not None else 1.0  # pin: two more
         self.trained_cost = trained_costs(pcfg.task, self.model, model_cfg, seq_len=seq_len,
-                                          n_classes=self.data.n_classes, encoder=encoder, flops_factor=flops_factor)
+                                          n_classes=self.data.n_classes, encoder=encoder, flops_factor=flops_factor,
+                                          precision=pcfg.precision)
         self.charge = resolve_charge(cfg.clock)
         self.cost = self.trained_cost if self.charge is None else charged_costs(
             pcfg.task, self.charge, seq_len=seq_len, n_classes=self.data.n_classes, encoder=pcfg.encoder,
-            seed=cfg.seed, objective=self.objective, base_dir=cfg.base_dir, flops_factor=flops_factor)
+            seed=cfg.seed, objective=self.objective, base_dir=cfg.base_dir, flops_factor=flops_factor,
+            precision=pcfg.precision)
 
         # --- memory: the largest micro-batch each worker can hold ------------------------------
         self.caps: dict[str, int] = {}
