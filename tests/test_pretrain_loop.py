@@ -332,3 +332,22 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor_at_the_last_round() -
     raw["pretrain"]["min_lr_ratio"] = 1.5
     with pytest.raises(InputError, match="pretrain.min_lr_ratio"):
         config_from_dict(raw)
+
+
+def test_devices_follow_the_fleets_availability_trace(tmp_path) -> None:
+    """dev0 is online throughout, dev1 never (no rows), dev2 leaves 1 ms into the first round:
+    dev1 never trains, dev2 drops out of round 0 (logged), and the edge and cloud train as drawn."""
+    (tmp_path / "online.csv").write_text("device,start_s,end_s\nedge0/dev0,0,1e9\nedge0/dev2,0,0.001\n")
+    raw = {"seed": 3,
+           "fleet": {"cloud": {"profile": "a100"}, "availability": {"kind": "trace", "path": "online.csv"},
+                     "edges": [{"count": 1, "profile": "edge-server",
+                                "devices": [{"count": 3, "profile": "phone-mid"}]}]},
+           "data": {"source": "digits", "partition": {"kind": "iid"}},
+           "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "channels": 1},
+           "pretrain": {"task": "classify", "encoder": "mlp", "rounds": 2, "global_batch": 40, "eval_every": 2,
+                        "lr": 0.01, "workers": ["edge", "device"]}}
+    rows = pretrain(config_from_dict(raw, base_dir=tmp_path)).rows
+    assert set(rows[0]["failures"]) == {"edge0/dev2"}
+    assert rows[0]["failures"]["edge0/dev2"].startswith("went offline at 0.0 s (virtual), before its update")
+    assert [row["participants"] for row in rows] == [2, 2]  # edge0 and dev0; dev2 is offline in round 1
+    assert all("edge0/dev1" not in row.get("failures", {}) for row in rows)

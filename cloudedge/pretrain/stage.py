@@ -36,6 +36,7 @@ from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock, available_nodes
 from cloudedge.fleet.clock import transfer_seconds
+from cloudedge.fleet.traces import online_mask, online_until
 from cloudedge.models.charge import cost_model_summary, resolve_charge
 from cloudedge.perf import stage_peak_size, utilization_fields
 from cloudedge.pretrain.algorithms import ALGORITHMS, PretrainAlgorithm, objective_steps
@@ -216,7 +217,7 @@ class PretrainRun:
         """Plan, compute, charge, check, step, observe and evaluate round ``r``; returns its row."""
         pcfg, fleet, clock, caps = self.pcfg, self.fleet, self.clock, self.caps
         # 1. who is reachable, and the plan
-        avail = {n.id for n in available_nodes(self.workers, np.random.default_rng([self.cfg.seed, 7, r]))}
+        avail = self._reachable(r)
         infos = [WorkerInfo(n.id, n.profile.flops, caps[n.id], n.id in avail, samples=self.shard_sizes[n.id],
                             sample_s=self.priors[n.id][0], overhead_s=self.priors[n.id][1],
                             availability=1.0 if n.id == CLOUD_ID else n.profile.availability)
@@ -264,6 +265,15 @@ class PretrainRun:
             updates.append(to_device(arrived, self.device))
             if wid != CLOUD_ID:
                 done[wid] = clock.transfer(wid, CLOUD_ID, nbytes, start=done[wid])
+        # A device whose availability model takes it offline before its update has arrived drops
+        # out at that instant: no update, and the round does not wait for it.
+        departed = self._departures(ids, t0, done)
+        if departed:
+            if len(departed) == len(ids):
+                raise WorkerError("round", str(r), f"every worker went offline: {'; '.join(departed.values())}")
+            failed.update(departed)
+            kept = [i for i, wid in enumerate(ids) if wid not in departed]
+            ids, results, updates = [ids[i] for i in kept], [results[i] for i in kept], [updates[i] for i in kept]
         t1 = clock.barrier([*ids, CLOUD_ID])
         round_s = t1 - t0
         # Every update is checked before it is aggregated (a hostile or broken worker can send
@@ -317,6 +327,34 @@ class PretrainRun:
             "bytes_total": summary_clock["bytes_total"], "energy_j": summary_clock["energy_j_total"],
             "work_wall_s": work_wall_s, "compute_wall_s": compute_wall_s, **host_util,
             **{f"ctl_{k}": v for k, v in plan.info.items()}, **client_metrics})
+
+    def _reachable(self, r: int) -> set[str]:
+        """The workers reachable in round ``r``: devices as ``fleet.availability`` says at the round's
+        start (virtual time), the cloud and edge servers by one seeded draw against their profile's
+        availability. Bernoulli devices draw too, in the same order as before traces existed."""
+        rng = np.random.default_rng([self.cfg.seed, 7, r])
+        if self.fleet.availability.kind == "bernoulli":
+            return {n.id for n in available_nodes(self.workers, rng)}
+        devices = [n for n in self.workers if n.tier == "device"]
+        avail = {n.id for n in available_nodes([n for n in self.workers if n.tier != "device"], rng)}
+        numbers = np.array([self.fleet.device_number(n.id) for n in devices], dtype=np.int64)
+        online = online_mask(self.fleet, numbers, self.clock.now, rng)
+        return avail | {n.id for n, on in zip(devices, online, strict=True) if on}
+
+    def _departures(self, ids: list[str], t0: float, done: dict[str, float]) -> dict[str, str]:
+        """``{device: reason}`` for the devices that went offline before their update arrived
+        (traces and the diurnal model; Bernoulli availability has no time). Their work up to their
+        planned end stays charged to the clock (an over-count of at most one round's work)."""
+        if self.fleet.availability.kind == "bernoulli":
+            return {}
+        out = {}
+        for wid in ids:
+            if self.fleet.nodes[wid].tier != "device":
+                continue
+            t_off = online_until(self.fleet, self.fleet.device_number(wid), t0)
+            if t_off < done[wid]:
+                out[wid] = f"went offline at {t_off:.1f} s (virtual), before its update arrived at {done[wid]:.1f} s"
+        return out
 
     def _host_utilization(self, ids: list[str], plan: Plan, steps: dict[str, int], results: list[dict[str, Any]],
                           work_wall_s: float) -> tuple[dict[str, Any], float]:
