@@ -54,7 +54,7 @@ def pretrain_cost(cfg: RunConfig, n_classes: int) -> tuple[PretrainCosts, float]
     if model_cfg.kind == "hf":
         return None
     pcfg = cfg.pretrain or PretrainConfig(task={"gpt": "lm", "vit": "classify", "clip": "clip"}[model_cfg.kind])
-    charge = resolve_charge(cfg.clock) or ChargedModel(
+    charge = resolve_charge(cfg.stage_clock("pretrain")) or ChargedModel(
         f"{model_cfg.kind} {model_cfg.hidden}x{model_cfg.layers} (trained)", model_cfg.kind, model_cfg=model_cfg)
     seq_len = pcfg.seq_len or model_cfg.context
     cost = charged_costs(pcfg.task, charge, seq_len=seq_len, n_classes=max(n_classes, 2), encoder=pcfg.encoder,

@@ -86,6 +86,19 @@ def test_gpt2_124m_excludes_a_phone_that_cannot_hold_it_and_makes_another_accumu
     assert b.summary["virtual_time_s"] > 100 * a.summary["virtual_time_s"]
 
 
+def test_a_stage_clock_section_overrides_the_top_level_one_for_that_stage_only() -> None:
+    top = _lm_cfg(charge_as="llama-3.2-1b")
+    raw = top.model_dump(mode="json", exclude_none=True)
+    raw["pretrain"]["clock"] = {"charge_as": "gpt2-124m"}  # pre-training charges GPT-2, the rest Llama
+    raw["finetune"] = {}
+    cfg = config_from_dict({k: v for k, v in raw.items() if k != "base_dir"})
+    assert cfg.stage_clock("pretrain").charge_as == "gpt2-124m"
+    assert cfg.stage_clock("finetune").charge_as == cfg.stage_clock("adapt").charge_as == "llama-3.2-1b"
+    res = pretrain(cfg, shards=_lm_shards(cfg))
+    assert res.summary["cost_model"]["charged_as"] == "gpt2-124m"
+    assert set(res.summary["excluded"]) == {"edge0/dev1"}  # as under a top-level gpt2-124m, not Llama's two
+
+
 def test_llama_1b_fits_no_phone() -> None:
     cfg = _lm_cfg(charge_as="llama-3.2-1b")
     res = pretrain(cfg, shards=_lm_shards(cfg))

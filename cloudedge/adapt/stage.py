@@ -129,7 +129,7 @@ class AdaptRun:
         self.source = clip_source(acfg, cfg, checkpoint)
         fleet = Fleet.from_config(cfg.fleet, cfg.seed)
         self.clock = VirtualClock(fleet)
-        self.wire = PromptWire(resolve_charge(cfg.clock), acfg.compression)  # prompt bytes as clock.charge_as's
+        self.wire = PromptWire(resolve_charge(cfg.stage_clock(STAGE)), acfg.compression)  # bytes as charge_as's
         self.streams, self.source_split, self.classnames = build_streams(cfg, acfg, [e.id for e in fleet.edges])
         if acfg.edges is not None:  # a slice of the fleet: the streams were dealt to all of it first
             bad = [i for i in acfg.edges if not 0 <= i < len(self.streams)]

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from cloudedge.config.base import StrictModel
+from cloudedge.config.clock import ClockConfig
 from cloudedge.config.data import DataConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.registry import plugin_choice
@@ -41,6 +42,8 @@ class AdaptConfig(StrictModel):
 
     data: DataConfig | None = None
     model: ModelConfig | None = None
+    clock: ClockConfig | None = Field(default=None, description="this stage's own clock section (charge_as, "
+                                                                "seq_len); none: the top-level one")
     checkpoint: str | None = Field(
         default=None,
         description="CLIP to adapt: a HF checkpoint dir (e.g. a downloaded ViT-B/16, or a pretrain run's "

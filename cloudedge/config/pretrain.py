@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from cloudedge.config.base import StrictModel
+from cloudedge.config.clock import ClockConfig
 from cloudedge.config.data import DataConfig
 from cloudedge.config.model import ModelConfig
 from cloudedge.registry import plugin_choice
@@ -24,6 +25,8 @@ class PretrainConfig(StrictModel):
 
     data: DataConfig | None = None
     model: ModelConfig | None = None
+    clock: ClockConfig | None = Field(default=None, description="this stage's own clock section (charge_as, "
+                                                                "seq_len); none: the top-level one")
 
     # What is trained.
     task: Literal["lm", "classify", "clip"] = Field(

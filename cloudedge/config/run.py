@@ -52,3 +52,8 @@ class RunConfig(StrictModel):
     def stage_model(self, stage: str) -> ModelConfig:
         section = getattr(self, stage)
         return section.model if section is not None and section.model is not None else self.model
+
+    def stage_clock(self, stage: str) -> ClockConfig:
+        """The clock a stage charges by: its own section's (``pretrain.clock``), else the top-level one."""
+        section = getattr(self, stage)
+        return section.clock if section is not None and section.clock is not None else self.clock

@@ -110,7 +110,7 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
     from cloudedge.models.charge import resolve_charge
 
     return TaskData(spec=spec, device_data=device_data, test_data=to_tensors(test), classes=list(train.classes),
-                    charge=resolve_charge(cfg.clock))
+                    charge=resolve_charge(cfg.stage_clock(STAGE)))
 
 
 def feature_pooling(pooling: str, model_cfg: ModelConfig, base_tensors: dict[str, torch.Tensor] | None) -> str:

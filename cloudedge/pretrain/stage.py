@@ -152,7 +152,7 @@ class PretrainRun:
         self.trained_cost = trained_costs(pcfg.task, self.model, model_cfg, seq_len=seq_len,
                                           n_classes=self.data.n_classes, encoder=encoder, flops_factor=flops_factor,
                                           precision=pcfg.precision)
-        self.charge = resolve_charge(cfg.clock)
+        self.charge = resolve_charge(cfg.stage_clock(STAGE))
         self.cost = self.trained_cost if self.charge is None else charged_costs(
             pcfg.task, self.charge, seq_len=seq_len, n_classes=self.data.n_classes, encoder=pcfg.encoder,
             seed=cfg.seed, objective=self.objective, base_dir=cfg.base_dir, flops_factor=flops_factor,
