@@ -20,7 +20,11 @@ On the streams of `adapt-tta` (the first ``--images`` of each, the benchmark's s
    views drawn with the benchmark's views, the augment module's mild defaults, none (both views
    the image itself), or one of each (the image and a benchmark view); 4 fixed pairs per image,
    one pair per step. What the views do to the prompt.
-4. ``views``: TPT's signal without tuning. The prediction is the mean log-probability of the 6 most
+4. ``prototypes``: information maximisation with the 36 class text features free (one shift vector
+   each, from the plain prompt's; 300 full-batch Adam steps at lr 0.01).
+5. ``confusions``: on each style stream, the plain prompt's commonest mistakes and its mean
+   confidence when right and when wrong.
+6. ``views``: TPT's signal without tuning. The prediction is the mean log-probability of the 6 most
    confident of 64 views (63 augmented + the original), under the plain prompt, with the
    benchmark's views and with TPT's published crops (area 0.08 to 1, no rotation or jitter).
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections import Counter
 
 import torch
 
@@ -80,6 +85,23 @@ def offline(clip, classnames, feats, labels, objective: str, pairs: list | None 
     return out
 
 
+def free_prototypes(clip, plain_text, feats, labels) -> list[str]:
+    """Information maximisation with the class text features themselves free (a shift per class,
+    from the plain prompt's): far more freedom than a 4-token context has. 300 full-batch Adam steps."""
+    delta = torch.zeros_like(plain_text, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=0.01)
+    out = []
+    for step in range(STEPS + 1):
+        logits = clip.logit_scale * feats @ torch.nn.functional.normalize(plain_text + delta, dim=-1).T
+        if step % REPORT_EVERY == 0:
+            out.append(f"{step}:{100 * (logits.argmax(-1) == labels).float().mean():.1f}")
+        loss = info_max(logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return out
+
+
 def confident_views(clip, text, images, labels, spec: AugmentSpec) -> float:
     correct = 0
     for start in range(0, len(images), 32):
@@ -97,7 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the quick CLIP (default: the full one)")
     ap.add_argument("--images", type=int, default=512, help="images per stream")
-    ap.add_argument("--parts", default="values,offline,views,swap-views")
+    ap.add_argument("--parts", default="values,offline,views,swap-views,prototypes,confusions")
     args = ap.parse_args()
     torch.set_num_threads(1)
     parts = set(args.parts.split(","))
@@ -137,6 +159,17 @@ def main() -> None:
                                  for _ in range(4)]
                 print(f"swap    {s.shift:18s} {label:15s} " + " ".join(offline(clip, classnames, feats, s.labels,
                                                                               "swap", pairs, steps=150)), flush=True)
+        if "prototypes" in parts:
+            print(f"protos  {s.shift:18s} info-max     " + " ".join(free_prototypes(clip, text["plain"], feats,
+                                                                                   s.labels)), flush=True)
+        if "confusions" in parts and s.shift in STYLES:
+            with torch.no_grad():
+                logits = clip.logit_scale * feats @ text["plain"].T
+            pred, conf = logits.argmax(-1), logits.softmax(-1).max(-1).values
+            wrong = pred != s.labels
+            pairs = Counter((classnames[int(a)], classnames[int(b)]) for a, b in zip(s.labels[wrong], pred[wrong], strict=True))
+            print(f"confuse {s.shift:18s} mean confidence right {conf[~wrong].mean():.2f} wrong {conf[wrong].mean():.2f}; "
+                  + ", ".join(f"{a} -> {b} x{n}" for (a, b), n in pairs.most_common(8)), flush=True)
         if "views" in parts and s.shift not in STYLES:
             with torch.no_grad():
                 ours = confident_views(clip, text["plain"], s.images, s.labels, AugmentSpec(**GLYPH_VIEWS))
