@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 
 import pytest
 import torch
@@ -50,9 +51,13 @@ def test_peak_rss_is_at_least_the_current_rss_and_sees_an_allocation() -> None:
     perf.reset_peak_rss()
     before = perf.peak_rss_mb()
     assert before >= perf.current_rss_mb() * 0.99 > 0
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # 64 MiB of fresh pages, every one touched. An anonymous mapping is never memory the allocator
+    # freed earlier and kept resident (a torch tensor can be, late in a long test session).
+    size = 64 * 2**20
+    block = mmap.mmap(-1, size)
+    block.write(b"\x01" * size)
     assert perf.peak_rss_mb() >= before + 50
-    del block
+    block.close()
 
 
 def test_utilization_fields_against_both_peaks() -> None:
