@@ -143,3 +143,30 @@ track: {tensorboard: true}
     method = rows[0]["method"]
     logged = _scalars(tmp_path / "run" / "tensorboard" / "pretrain" / method, "train_loss")
     assert logged == [(r["round"], pytest.approx(r["train_loss"])) for r in rows]
+
+
+def test_a_resume_shows_each_redone_round_once_in_mlflow(tmp_path):
+    cfg = _config(tmp_path, mlflow=True)
+    run = RunDir.create(tmp_path / "run", cfg)
+    for r in range(4):  # checkpointed after round 1; rounds 2 and 3 are lost with the interruption
+        run.log(stage="pretrain", method="sync", round=r, train_loss=10.0 + r)
+    run.log(stage="finetune", method="auto", round=0, acc=0.5)  # kept whole: its child stays
+    run.finish_tracking()
+    state = json.loads((tmp_path / "run" / "mlflow.json").read_text())
+    again = RunDir.create(tmp_path / "run", cfg, resume=True)
+    again.truncate_metrics(lambda row: row["stage"] != "pretrain" or row["round"] <= 1)  # as the stage's resume does
+    for r in range(2, 5):  # the resume redoes rounds 2 and 3, then goes on
+        again.log(stage="pretrain", method="sync", round=r, train_loss=20.0 + r)
+    again.log(stage="finetune", method="auto", round=1, acc=0.75)
+    again.finish_tracking()
+    client = MlflowClient(tracking_uri=(tmp_path / "run" / "mlruns").as_uri())
+    now = json.loads((tmp_path / "run" / "mlflow.json").read_text())
+    old, new = state["children"]["pretrain/sync"], now["children"]["pretrain/sync"]
+    assert new != old and now["children"]["finetune/auto"] == state["children"]["finetune/auto"]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(new, "train_loss")) == \
+        [(0, 10.0), (1, 11.0), (2, 22.0), (3, 23.0), (4, 24.0)]
+    replaced = client.get_run(old)
+    assert replaced.info.status == "KILLED" and replaced.data.tags["cloudedge.replaced_by"] == new
+    assert client.get_run(new).data.tags["cloudedge.replaces"] == old
+    assert sorted((m.step, m.value) for m in client.get_metric_history(now["children"]["finetune/auto"], "acc")) == \
+        [(0, 0.5), (1, 0.75)]

@@ -34,6 +34,7 @@ _KEY_FIELDS = ("stage", "method", "round")
 _SUB_SERIES_FIELD = "edge"
 _MLFLOW_PARAM_MAX = 6000  # MLflow's limit on a parameter value's length
 _MLFLOW_BATCH = 100  # MLflow's limit on params per log_batch call
+_MLFLOW_METRICS_BATCH = 1000  # and on metrics
 
 
 class MetricLogger(Protocol):
@@ -97,6 +98,18 @@ class _Steps:
         return step
 
 
+def purge_step(kept_rows: Path, series: str) -> int | None:
+    """On a resume: one past the last round ``series`` kept in ``kept_rows`` (the run's
+    metrics.jsonl, cut back to what the resume keeps; 0 when it kept none; None: a series without
+    rounds). Called while the series' first row since the resume is logged: that row is already the
+    file's last line, so it is left out."""
+    lines = kept_rows.read_text(encoding="utf-8").splitlines()[:-1] if kept_rows.is_file() else []
+    steps = [row_scalars(row)[1] for row in map(json.loads, filter(None, lines)) if row_scalars(row)[0] == series]
+    if any(st is None for st in steps):
+        return None
+    return max(steps, default=-1) + 1
+
+
 class TensorBoardLogger:
     """Event files in ``root/STAGE/METHOD/`` (one TensorBoard run per series), flushed every row.
 
@@ -123,22 +136,12 @@ class TensorBoardLogger:
             return
         writer = self._writers.get(series)
         if writer is None:
-            purge = self._purge_step(series) if self.kept_rows is not None and step is not None else None
+            purge = purge_step(self.kept_rows, series) if self.kept_rows is not None and step is not None else None
             writer = self._writers[series] = self._writer_cls(log_dir=str(self.root / series), purge_step=purge)
         step = self._steps.of(series, step)
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, global_step=step)
         writer.flush()  # a killed run keeps every row it logged, as metrics.jsonl does
-
-    def _purge_step(self, series: str) -> int | None:
-        """One past the last round ``series`` kept (0 when it kept none; None: a series without
-        rounds). The row being logged is already the file's last line, so it is left out."""
-        assert self.kept_rows is not None
-        lines = self.kept_rows.read_text(encoding="utf-8").splitlines()[:-1] if self.kept_rows.is_file() else []
-        steps = [row_scalars(row)[1] for row in map(json.loads, filter(None, lines)) if row_scalars(row)[0] == series]
-        if any(st is None for st in steps):
-            return None
-        return max(steps, default=-1) + 1
 
     def log_artifacts(self, paths: list[Path]) -> None:
         """TensorBoard shows scalars only; the report stays in the run directory."""
@@ -152,11 +155,15 @@ class TensorBoardLogger:
 class MLflowLogger:
     """A parent MLflow run per run directory (params, artifacts), a child run per series (metrics).
 
-    Run ids are kept in ``RUN/mlflow.json`` so ``--resume`` continues the same MLflow runs.
+    Run ids are kept in ``RUN/mlflow.json`` so ``--resume`` continues the same MLflow runs. MLflow
+    cannot delete a logged value, so when a resume redoes rounds a series' child run already holds
+    (``kept_rows``, as for TensorBoard), that child is replaced at the series' first row: a new child
+    gets the kept rounds' values copied over, and the old one is ended as KILLED, tagged with its
+    replacement. Each round then shows once.
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, str], state_file: Path,
-                 resume: bool):
+                 resume: bool, kept_rows: Path | None = None):
         if uri.startswith("file:") or "://" not in uri:
             # MLflow 3 keeps its file store in maintenance mode and refuses it unless asked; a local
             # store needs no server and no database, which is what tracking a run offline needs.
@@ -169,6 +176,8 @@ class MLflowLogger:
         self.client = MlflowClient(tracking_uri=uri)
         self.state_file = state_file
         self._steps = _Steps()
+        self.kept_rows = kept_rows if resume else None
+        self._checked: set[str] = set()  # series whose child was checked against kept_rows
         state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
         if state:
             self.experiment_id, self.parent_id = state["experiment_id"], state["parent_id"]
@@ -193,13 +202,37 @@ class MLflowLogger:
         self.state_file.write_text(json.dumps({"experiment_id": self.experiment_id, "parent_id": self.parent_id,
                                                "children": self.children}, indent=1))
 
-    def _child(self, series: str) -> str:
+    def _child(self, series: str, extra_tags: dict[str, str] | None = None) -> str:
         if series not in self.children:
             stage, _, method = series.partition("/")
-            tags = {"mlflow.parentRunId": self.parent_id, "stage": stage, "method": method or stage}
+            tags = {"mlflow.parentRunId": self.parent_id, "stage": stage, "method": method or stage, **(extra_tags or {})}
             self.children[series] = self.client.create_run(self.experiment_id, run_name=series, tags=tags).info.run_id
             self._save_state()
         return self.children[series]
+
+    def _replace_redone(self, series: str, step: int | None) -> None:
+        """At a series' first row after a resume: if its child holds rounds the resume redoes,
+        replace it by a child with only the kept rounds (see the class docstring)."""
+        self._checked.add(series)
+        old = self.children.get(series)
+        if self.kept_rows is None or step is None or old is None:
+            return
+        first_redone = purge_step(self.kept_rows, series)
+        if first_redone is None:
+            return
+        from mlflow.entities import Metric
+
+        keys = list(self.client.get_run(old).data.metrics)
+        history = [m for key in keys for m in self.client.get_metric_history(old, key)]
+        if all(m.step < first_redone for m in history):
+            return
+        del self.children[series]
+        new = self._child(series, {"cloudedge.replaces": old})
+        kept = [Metric(m.key, m.value, m.timestamp, m.step) for m in history if m.step < first_redone]
+        for i in range(0, len(kept), _MLFLOW_METRICS_BATCH):
+            self.client.log_batch(new, metrics=kept[i: i + _MLFLOW_METRICS_BATCH])
+        self.client.set_tag(old, "cloudedge.replaced_by", new)
+        self.client.set_terminated(old, status="KILLED")
 
     def log_row(self, row: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -207,12 +240,14 @@ class MLflowLogger:
         series, step, scalars = row_scalars(row)
         if not scalars:
             return
+        if series not in self._checked:
+            self._replace_redone(series, step)
         step = self._steps.of(series, step)
         now = int(time.time() * 1000)
         metrics = [Metric(_mlflow_key(k), v, now, step) for k, v in scalars.items()]
         run_id = self._child(series)
-        for i in range(0, len(metrics), 1000):  # MLflow's limit on metrics per batch
-            self.client.log_batch(run_id, metrics=metrics[i: i + 1000])
+        for i in range(0, len(metrics), _MLFLOW_METRICS_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i: i + _MLFLOW_METRICS_BATCH])
 
     def log_artifacts(self, paths: list[Path]) -> None:
         for path in paths:
@@ -246,7 +281,7 @@ def open_trackers(config: Any, run_path: Path, resume: bool) -> list[MetricLogge
         uri = track.mlflow_uri or (run_path / "mlruns").resolve().as_uri()
         params = flat_params(yaml.safe_load(dump_config(config)))
         loggers.append(MLflowLogger(uri, track.experiment or config.name, run_path.name, params,
-                                    run_path / "mlflow.json", resume))
+                                    run_path / "mlflow.json", resume, run_path / "metrics.jsonl"))
     return loggers
 
 
