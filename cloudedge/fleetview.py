@@ -47,14 +47,14 @@ def pretrain_cost(cfg: RunConfig, n_classes: int) -> tuple[PretrainCosts, float]
     """The pre-training costs the clock charges for this config (``clock.charge_as``, else the trained
     model, built on the meta device) and the usable memory fraction; None for a checkpoint model."""
     from cloudedge.config.pretrain import PretrainConfig
-    from cloudedge.models.charge import ChargedModel, resolve_charge
+    from cloudedge.models.charge import ChargedModel, stage_charge
     from cloudedge.pretrain.costs import charged_costs
 
     model_cfg = cfg.stage_model("pretrain")
     if model_cfg.kind == "hf":
         return None
     pcfg = cfg.pretrain or PretrainConfig(task={"gpt": "lm", "vit": "classify", "clip": "clip"}[model_cfg.kind])
-    charge = resolve_charge(cfg.stage_clock("pretrain")) or ChargedModel(
+    charge = stage_charge(cfg, "pretrain") or ChargedModel(
         f"{model_cfg.kind} {model_cfg.hidden}x{model_cfg.layers} (trained)", model_cfg.kind, model_cfg=model_cfg)
     seq_len = pcfg.seq_len or model_cfg.context
     cost = charged_costs(pcfg.task, charge, seq_len=seq_len, n_classes=max(n_classes, 2), encoder=pcfg.encoder,

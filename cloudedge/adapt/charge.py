@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cloudedge import comm
-from cloudedge.models.charge import FIELD, ChargedModel, describe, meta_backbone
+from cloudedge.models.charge import ChargedModel, describe, meta_backbone
 
 Tensors = dict[str, torch.Tensor]
 
@@ -27,7 +27,7 @@ class PromptWire:
         if charge is None:
             return
         if charge.family != "clip":
-            raise InputError(f"{FIELD}: {charge.name} is a {charge.family} model; prompt adaptation adapts a CLIP "
+            raise InputError(f"{charge.field}: {charge.name} is a {charge.family} model; prompt adaptation adapts a CLIP "
                              "(charge it as clip-vit-b16 or a clip model config)")
         self.width = (charge.model_cfg.hidden if charge.model_cfg is not None
                       else int(charge.hf_config.text_config.hidden_size))  # type: ignore[union-attr]

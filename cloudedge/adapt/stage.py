@@ -47,7 +47,7 @@ from cloudedge.device import resolve_device
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock
-from cloudedge.models.charge import resolve_charge
+from cloudedge.models.charge import stage_charge
 from cloudedge.stage import MetricRow, StageResult, StageRun, run_stage_into
 from cloudedge.track.run import RunDir
 
@@ -129,7 +129,7 @@ class AdaptRun:
         self.source = clip_source(acfg, cfg, checkpoint)
         fleet = Fleet.from_config(cfg.fleet, cfg.seed)
         self.clock = VirtualClock(fleet)
-        self.wire = PromptWire(resolve_charge(cfg.stage_clock(STAGE)), acfg.compression)  # bytes as charge_as's
+        self.wire = PromptWire(stage_charge(cfg, STAGE), acfg.compression)  # prompt bytes as charge_as's
         self.streams, self.source_split, self.classnames = build_streams(cfg, acfg, [e.id for e in fleet.edges])
         if acfg.edges is not None:  # a slice of the fleet: the streams were dealt to all of it first
             bad = [i for i in acfg.edges if not 0 <= i < len(self.streams)]

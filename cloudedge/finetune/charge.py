@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from cloudedge import comm
 from cloudedge.finetune.lora import A_SUFFIX, B_SUFFIX, BASE_DELTA_SUFFIX, TARGETS, lora_layers
-from cloudedge.models.charge import FIELD, ChargedModel, meta_backbone
+from cloudedge.models.charge import ChargedModel, meta_backbone
 
 # Attention projections by role, per architecture: a run's target names map onto the charged one's.
 _ROLE_OF = {"query": "q", "q_proj": "q", "key": "k", "k_proj": "k", "value": "v", "v_proj": "v", "c_attn": "qkv",
@@ -109,7 +109,7 @@ def charged_info(charge: ChargedModel, spec: Mapping[str, Any], batch_size: int,
     kind = model.kind  # type: ignore[attr-defined]
     if (kind in ("gpt", "llama")) != (text_len is not None):
         data = "text" if text_len is not None else "images"
-        raise InputError(f"{FIELD}: {charge.name} is a {kind} model; this fine-tuning run learns from {data}")
+        raise InputError(f"{charge.field}: {charge.name} is a {kind} model; this fine-tuning run learns from {data}")
     inputs = charged_batch(charge, model, batch_size, text_len or 0)
     labels = torch.zeros(batch_size, dtype=torch.long, device=_device(charge))
     info = step_info(model, lambda: F.cross_entropy(model(inputs), labels), batch_size, batch_size)

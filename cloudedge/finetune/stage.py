@@ -107,10 +107,10 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         "targets": fcfg.lora.targets, "mode": fcfg.lora.mode.name, "base_tensors": base_tensors,
         "base_source": fcfg.init or "base model",
     }
-    from cloudedge.models.charge import resolve_charge
+    from cloudedge.models.charge import stage_charge
 
     return TaskData(spec=spec, device_data=device_data, test_data=to_tensors(test), classes=list(train.classes),
-                    charge=resolve_charge(cfg.stage_clock(STAGE)))
+                    charge=stage_charge(cfg, STAGE))
 
 
 def feature_pooling(pooling: str, model_cfg: ModelConfig, base_tensors: dict[str, torch.Tensor] | None) -> str:

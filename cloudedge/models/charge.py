@@ -42,6 +42,7 @@ class ChargedModel:
     hf_config: PretrainedConfig | None = None
     source: str = ""
     seq_len: int | None = None  # clock.seq_len
+    field: str = FIELD  # where the config names it (a stage's own section: "pretrain.clock.charge_as")
 
     @property
     def is_text(self) -> bool:
@@ -52,7 +53,8 @@ class ChargedModel:
         seq = self.seq_len or stage_seq_len
         limit = self.max_positions()
         if limit is not None and seq > limit:
-            raise InputError(f"clock.seq_len: {seq} tokens exceed {self.name}'s {limit} positions")
+            raise InputError(f"{self.field.removesuffix('charge_as')}seq_len: {seq} tokens exceed {self.name}'s "
+                             f"{limit} positions")
         return seq
 
     def max_positions(self) -> int | None:
@@ -62,7 +64,15 @@ class ChargedModel:
         return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
-def resolve_charge(clock: ClockConfig | None) -> ChargedModel | None:
+def stage_charge(cfg: Any, stage: str) -> ChargedModel | None:
+    """The model a stage's clock charges: its own section's ``clock`` (``pretrain.clock``), else the
+    top-level one (:meth:`RunConfig.stage_clock`); errors name the section the choice came from."""
+    section = getattr(cfg, stage, None)
+    own = section is not None and getattr(section, "clock", None) is not None
+    return resolve_charge(cfg.stage_clock(stage), f"{stage}.clock.charge_as" if own else FIELD)
+
+
+def resolve_charge(clock: ClockConfig | None, field: str = FIELD) -> ChargedModel | None:
     """The model ``clock.charge_as`` names, or None when absent (the clock charges the trained model)."""
     charge_as = clock.charge_as if clock is not None else None
     seq_len = clock.seq_len if clock is not None else None
@@ -71,28 +81,28 @@ def resolve_charge(clock: ClockConfig | None) -> ChargedModel | None:
     if isinstance(charge_as, str):
         preset = PRESETS.get(charge_as)
         if preset is None:
-            raise InputError(f"{FIELD}: unknown preset '{charge_as}' (presets: {', '.join(PRESETS)}; "
+            raise InputError(f"{field}: unknown preset '{charge_as}' (presets: {', '.join(PRESETS)}; "
                              "or give a full model config)")
         return ChargedModel(charge_as, preset.family, hf_config=hf_config(preset.family, preset.config),
-                            source=preset.source, seq_len=seq_len)
+                            source=preset.source, seq_len=seq_len, field=field)
     if isinstance(charge_as, ModelConfig):
         if charge_as.kind == "hf":
-            raise InputError(f"{FIELD}.kind: 'hf' checkpoints cannot be charged; give the architecture as "
+            raise InputError(f"{field}.kind: 'hf' checkpoints cannot be charged; give the architecture as "
                              "{family, config} or a preset")
         name = f"{charge_as.kind} {charge_as.hidden}x{charge_as.layers} (model config)"
-        return ChargedModel(name, charge_as.kind, model_cfg=charge_as, source="clock.charge_as", seq_len=seq_len)
+        return ChargedModel(name, charge_as.kind, model_cfg=charge_as, source=field, seq_len=seq_len, field=field)
     assert isinstance(charge_as, ArchitectureConfig)
     return ChargedModel(charge_as.name or charge_as.family, charge_as.family,
-                        hf_config=hf_config(charge_as.family, charge_as.config), source="clock.charge_as",
-                        seq_len=seq_len)
+                        hf_config=hf_config(charge_as.family, charge_as.config, field), source=field,
+                        seq_len=seq_len, field=field)
 
 
-def hf_config(family: str, fields: dict[str, Any]) -> PretrainedConfig:
+def hf_config(family: str, fields: dict[str, Any], field: str = FIELD) -> PretrainedConfig:
     """The ``transformers`` config of ``family`` with ``fields`` (InputError on a bad one)."""
     try:
         config = _CONFIG_CLASSES[family](**fields)
     except (TypeError, ValueError) as err:
-        raise InputError(f"{FIELD}.config: not a valid {family} config ({err})") from None
+        raise InputError(f"{field}.config: not a valid {family} config ({err})") from None
     # sdpa on the meta device: the same attention kernels the zoo's models use.
     config._attn_implementation = "sdpa"
     return config

@@ -18,7 +18,7 @@ from torch import nn
 from cloudedge import comm
 from cloudedge.config.model import ModelConfig
 from cloudedge.errors import InputError
-from cloudedge.models.charge import FIELD, ChargedModel, describe, meta_backbone, meta_layout
+from cloudedge.models.charge import ChargedModel, describe, meta_backbone, meta_layout
 from cloudedge.pretrain.memory import (
     ACTIVATION_BYTES,
     BYTES_PER_FLOAT,
@@ -85,7 +85,7 @@ def charged_costs(task: str, charge: ChargedModel, *, seq_len: int, n_classes: i
 
     allowed = _TASK_FAMILIES[task] if charge.model_cfg is None else _TASK_KINDS[task]
     if charge.family not in allowed:
-        raise InputError(f"{FIELD}: {charge.name} is a {charge.family} model; pretrain.task '{task}' needs one of "
+        raise InputError(f"{charge.field}: {charge.name} is a {charge.family} model; pretrain.task '{task}' needs one of "
                          f"{', '.join(allowed)}")
     if charge.model_cfg is not None:
         cfg = charge.model_cfg

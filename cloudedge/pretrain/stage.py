@@ -37,7 +37,7 @@ from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock, available_nodes
 from cloudedge.fleet.clock import transfer_seconds
 from cloudedge.fleet.traces import online_mask, online_until
-from cloudedge.models.charge import cost_model_summary, resolve_charge
+from cloudedge.models.charge import cost_model_summary, stage_charge
 from cloudedge.perf import stage_peak_size, utilization_fields
 from cloudedge.pretrain.algorithms import ALGORITHMS, PretrainAlgorithm, objective_steps
 from cloudedge.pretrain.batch import BatchController, Observation, Plan, WorkerInfo, get_controller
@@ -152,7 +152,7 @@ class PretrainRun:
         self.trained_cost = trained_costs(pcfg.task, self.model, model_cfg, seq_len=seq_len,
                                           n_classes=self.data.n_classes, encoder=encoder, flops_factor=flops_factor,
                                           precision=pcfg.precision)
-        self.charge = resolve_charge(cfg.stage_clock(STAGE))
+        self.charge = stage_charge(cfg, STAGE)
         self.cost = self.trained_cost if self.charge is None else charged_costs(
             pcfg.task, self.charge, seq_len=seq_len, n_classes=self.data.n_classes, encoder=pcfg.encoder,
             seed=cfg.seed, objective=self.objective, base_dir=cfg.base_dir, flops_factor=flops_factor,
