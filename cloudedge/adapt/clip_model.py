@@ -26,7 +26,7 @@ from transformers import CLIPModel
 
 from cloudedge.config.model import ModelConfig
 from cloudedge.errors import InputError
-from cloudedge.models.inputs import ImageSpec, fit_pixels, hf_dir_spec, vision_spec
+from cloudedge.models.inputs import ImageSpec, fit_pixels, model_image_spec
 
 
 class TextTokenizer(Protocol):
@@ -134,15 +134,11 @@ def _pooled(out: object) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output  # type: ignore[attr-defined]
 
 
-def bundled_image_spec(model: CLIPModel) -> ImageSpec:
-    """The bundled CLIP's spec: its vision tower's size and channels, pixels in [0, 1] as they are."""
-    return vision_spec(model.config)
-
-
 def adapter_for_bundled(model: CLIPModel, source: str = "<bundled clip>") -> ClipAdapter:
     """A :class:`ClipAdapter` for a byte-tokenized CLIP built by the zoo (kind ``clip``)."""
     max_len = int(model.config.text_config.max_position_embeddings)
-    return ClipAdapter(model, ByteTextTokenizer(max_len), bundled_image_spec(model), source)
+    # A zoo-built CLIP takes pixels in [0, 1] as they are; one loaded from a directory, as it says.
+    return ClipAdapter(model, ByteTextTokenizer(max_len), model_image_spec(model), source)
 
 
 def load_clip(path: str | os.PathLike[str], model_cfg: ModelConfig | None = None) -> ClipAdapter:
@@ -185,7 +181,7 @@ def _load_hf_dir(directory: Path) -> ClipAdapter:
     except (OSError, ValueError) as err:
         raise InputError(f"{directory}: unreadable tokenizer files ({str(err).splitlines()[0]})") from None
     max_len = int(model.config.text_config.max_position_embeddings)
-    return ClipAdapter(model, HFTextTokenizer(hf_tok, max_len), hf_dir_spec(directory, model.config), str(directory))
+    return ClipAdapter(model, HFTextTokenizer(hf_tok, max_len), model_image_spec(model), str(directory))
 
 
 def _load_weights_file(path: Path, model_cfg: ModelConfig) -> ClipAdapter:
