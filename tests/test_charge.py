@@ -97,6 +97,10 @@ def test_a_stage_clock_section_overrides_the_top_level_one_for_that_stage_only()
     res = pretrain(cfg, shards=_lm_shards(cfg))
     assert res.summary["cost_model"]["charged_as"] == "gpt2-124m"
     assert set(res.summary["excluded"]) == {"edge0/dev1"}  # as under a top-level gpt2-124m, not Llama's two
+    # A stage section that sets only seq_len keeps the top-level model (fields merge, one by one).
+    raw["finetune"] = {"clock": {"seq_len": 8}}
+    merged = config_from_dict({k: v for k, v in raw.items() if k != "base_dir"}).stage_clock("finetune")
+    assert (merged.charge_as, merged.seq_len) == ("llama-3.2-1b", 8)
     # A bad choice in a stage's own clock names that section.
     raw["pretrain"]["clock"] = {"charge_as": {"kind": "hf", "path": "somewhere"}}
     bad = config_from_dict({k: v for k, v in raw.items() if k != "base_dir"})

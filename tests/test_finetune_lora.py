@@ -166,3 +166,10 @@ def test_what_the_loop_does_with_a_mode_comes_from_its_class_not_its_name(alias_
         config_from_dict(raw)
     raw["finetune"]["lora"]["mode"] = "test-frozen-a"
     assert config_from_dict(raw).finetune.lora.mode.name == "test-frozen-a"
+    from cloudedge.finetune.model import build_lora_classifier
+
+    spec = {"model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
+                      "channels": 1}, "seed": 0, "n_classes": 3, "rank": 2, "alpha": 4.0, "base_tensors": None}
+    for mode, a_trains in (("test-frozen-a", False), ("ffa", False), ("fedavg", True)):
+        clf = build_lora_classifier({**spec, "mode": mode})
+        assert {p.requires_grad for n, p in clf.named_parameters() if "lora_A" in n} == {a_trains}, mode

@@ -178,8 +178,17 @@ def test_hf_directories_without_a_processor_get_their_familys_defaults(tmp_path)
     again = save_local(loaded, tmp_path / "again")
     assert hf_dir_spec(again, AutoConfig.from_pretrained(again)).mean == pytest.approx(CLIP_MEAN)
     (vit / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5], "image_std": [0.5, 0.5]}')
-    with pytest.raises(InputError, match="preprocessor_config.json: image_mean / image_std need 1 or 3 values"):
+    with pytest.raises(InputError, match="preprocessor_config.json: image_mean needs 1 or 3 values for a 3-channel"):
         hf_dir_spec(vit, AutoConfig.from_pretrained(vit))
+    (vit / "preprocessor_config.json").write_text('{"image_mean": 0.25, "image_std": 0.5}')  # numbers, as transformers allows
+    spec = hf_dir_spec(vit, AutoConfig.from_pretrained(vit))
+    assert (spec.mean, spec.std) == ((0.25,), (0.5,))
+    # A grey model with RGB statistics: their BT.601 mix, as RGB images are turned grey.
+    grey = save_local(build_model(ModelConfig(kind="vit", hidden=16, layers=1, heads=2, image_size=8, patch_size=4,
+                                              channels=1), seed=0), tmp_path / "grey")
+    (grey / "preprocessor_config.json").write_text('{"image_mean": [1.0, 0.0, 0.0], "image_std": [0.5, 0.5, 0.5]}')
+    spec = hf_dir_spec(grey, AutoConfig.from_pretrained(grey))
+    assert spec.mean == pytest.approx((0.299,)) and spec.std == pytest.approx((0.5,))
 
 
 def test_finetuning_a_hf_checkpoint_takes_data_of_another_size(tmp_path):

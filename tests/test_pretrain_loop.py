@@ -329,15 +329,15 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor_at_the_last_round() -
     assert lrs[-1] == pytest.approx(0.001)  # the floor, at the last round
     assert lrs[3] == pytest.approx(0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi / 3)))
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+    raw["pretrain"].update(rounds=3)  # one round after the warm-up: it is the last, at the floor
+    assert [row["lr"] for row in pretrain(config_from_dict(raw)).rows] == pytest.approx([0.005, 0.01, 0.001])
     raw["pretrain"]["min_lr_ratio"] = 1.5
     with pytest.raises(InputError, match="pretrain.min_lr_ratio"):
         config_from_dict(raw)
 
 
-def test_devices_follow_the_fleets_availability_trace(tmp_path) -> None:
-    """dev0 is online throughout, dev1 never (no rows), dev2 leaves 1 ms into the first round:
-    dev1 never trains, dev2 drops out of round 0 (logged), and the edge and cloud train as drawn."""
-    (tmp_path / "online.csv").write_text("device,start_s,end_s\nedge0/dev0,0,1e9\nedge0/dev2,0,0.001\n")
+def _trace_run(tmp_path, trace: str, workers=("edge", "device")) -> list[dict]:
+    (tmp_path / "online.csv").write_text("device,start_s,end_s\n" + trace)
     raw = {"seed": 3,
            "fleet": {"cloud": {"profile": "a100"}, "availability": {"kind": "trace", "path": "online.csv"},
                      "edges": [{"count": 1, "profile": "edge-server",
@@ -345,9 +345,27 @@ def test_devices_follow_the_fleets_availability_trace(tmp_path) -> None:
            "data": {"source": "digits", "partition": {"kind": "iid"}},
            "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "channels": 1},
            "pretrain": {"task": "classify", "encoder": "mlp", "rounds": 2, "global_batch": 40, "eval_every": 2,
-                        "lr": 0.01, "workers": ["edge", "device"]}}
-    rows = pretrain(config_from_dict(raw, base_dir=tmp_path)).rows
-    assert set(rows[0]["failures"]) == {"edge0/dev2"}
-    assert rows[0]["failures"]["edge0/dev2"].startswith("went offline at 0.0 s (virtual), before its update")
-    assert [row["participants"] for row in rows] == [2, 2]  # edge0 and dev0; dev2 is offline in round 1
-    assert all("edge0/dev1" not in row.get("failures", {}) for row in rows)
+                        "lr": 0.01, "workers": list(workers)}}
+    return pretrain(config_from_dict(raw, base_dir=tmp_path)).rows
+
+
+def test_devices_follow_the_fleets_availability_trace(tmp_path) -> None:
+    """dev0 is online throughout, dev1 never (no rows), dev2 leaves 1 ms into the first round:
+    dev1 never trains; dev2 drops out of round 0 (logged), sends nothing and is not waited for."""
+    stays = _trace_run(tmp_path, "edge0/dev0,0,1e9\nedge0/dev2,0,1e9\n")
+    leaves = _trace_run(tmp_path, "edge0/dev0,0,1e9\nedge0/dev2,0,0.001\n")
+    assert "failures" not in stays[0] and stays[0]["participants"] == 3
+    assert set(leaves[0]["failures"]) == {"edge0/dev2"}
+    assert leaves[0]["failures"]["edge0/dev2"].startswith("went offline at 0.001 s (virtual), before its update")
+    assert [row["participants"] for row in leaves] == [2, 2]  # edge0 and dev0; dev2 is offline in round 1
+    assert all("edge0/dev1" not in row.get("failures", {}) for row in leaves)
+    # Its upload never happens and the round does not wait for it.
+    assert leaves[0]["bytes_total"] < stays[0]["bytes_total"]
+    assert leaves[0]["energy_j"] < stays[0]["energy_j"]
+    assert leaves[0]["round_s"] <= stays[0]["round_s"]
+
+
+def test_a_round_whose_every_device_leaves_is_lost_work_not_an_error(tmp_path) -> None:
+    rows = _trace_run(tmp_path, "edge0/dev0,0,0.001\nedge0/dev1,0,0.001\nedge0/dev2,0,0.001\n", ("device",))
+    assert rows[0]["participants"] == 0 and rows[0]["train_loss"] is None and len(rows[0]["failures"]) == 3
+    assert rows[0]["round_s"] > 0 and rows[1]["virtual_time_s"] > rows[0]["virtual_time_s"]

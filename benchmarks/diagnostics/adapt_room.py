@@ -18,8 +18,9 @@ On the streams of `adapt-tta` (the first ``--images`` of each, the benchmark's s
    Prints the accuracy every 50 steps. A test-time method sees less than this.
 3. ``swap-views``: SwapPrompt's swapped loss offline (150 steps, EMA targets as above), its two
    views drawn with the benchmark's views, the augment module's mild defaults, none (both views
-   the image itself), or one of each (the image and a benchmark view); 4 fixed pairs per image,
-   one pair per step. What the views do to the prompt.
+   the image itself), or one of each (the image and a benchmark view); or "view targets": the two
+   benchmark views give the targets and the online prompt learns to predict them from the image
+   itself. 4 fixed pairs per image, one pair per step. What the views do to the prompt.
 4. ``prototypes``: information maximisation with the 36 class text features free (one shift vector
    each, from the plain prompt's; 300 full-batch Adam steps at lr 0.01).
 5. ``confusions``: on each style stream, the plain prompt's commonest mistakes and its mean
@@ -54,9 +55,11 @@ def info_max(logits: torch.Tensor) -> torch.Tensor:
     return entropy(logits).mean() + (mean * mean.clamp_min(1e-12).log()).sum()
 
 
-def offline(clip, classnames, feats, labels, objective: str, pairs: list | None = None, steps: int = STEPS) -> list[str]:
+def offline(clip, classnames, feats, labels, objective: str, pairs: list | None = None, steps: int = STEPS,
+            learn_on_image: bool = False) -> list[str]:
     """Accuracy on ``feats`` every REPORT_EVERY steps of full-batch AdamW on the context. ``pairs``:
-    for ``swap``, the (view 1, view 2) features cycled through, one pair per step."""
+    for ``swap``, the (view 1, view 2) features cycled through, one pair per step;
+    ``learn_on_image``: the views give the targets, the online prompt predicts them from the image."""
     learner = PromptLearner(clip, classnames, seed=0)
     target = learner.ctx.detach().clone()
     opt = torch.optim.AdamW([learner.ctx], lr=LR, weight_decay=0.0)
@@ -75,8 +78,12 @@ def offline(clip, classnames, feats, labels, objective: str, pairs: list | None 
                 target_text = learner.normalized_text_features(target)
                 q1, q2 = (sinkhorn(scale * v @ target_text.T / 0.5, 3) for v in (v1, v2))
             text = learner.normalized_text_features()
-            logp1, logp2 = ((scale * v @ text.T).log_softmax(-1) for v in (v1, v2))
-            loss = (-(q2 * logp1).sum(-1) - (q1 * logp2).sum(-1)).mean()
+            if learn_on_image:
+                logp = (scale * feats @ text.T).log_softmax(-1)
+                loss = (-(q1 * logp).sum(-1) - (q2 * logp).sum(-1)).mean()
+            else:
+                logp1, logp2 = ((scale * v @ text.T).log_softmax(-1) for v in (v1, v2))
+                loss = (-(q2 * logp1).sum(-1) - (q1 * logp2).sum(-1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -147,7 +154,8 @@ def main() -> None:
                                                                                   objective)), flush=True)
         if "swap-views" in parts:
             for label, spec in (("benchmark views", AugmentSpec(**GLYPH_VIEWS)), ("mild views", AugmentSpec()),
-                                ("no views", None), ("image + view", AugmentSpec(**GLYPH_VIEWS))):
+                                ("no views", None), ("image + view", AugmentSpec(**GLYPH_VIEWS)),
+                                ("view targets", AugmentSpec(**GLYPH_VIEWS))):
                 gen = torch.Generator().manual_seed(0)
                 with torch.no_grad():
                     if spec is None:
@@ -157,8 +165,9 @@ def main() -> None:
                     else:
                         pairs = [tuple(clip.image_features(augment(s.images, spec, gen)) for _ in range(2))
                                  for _ in range(4)]
-                print(f"swap    {s.shift:18s} {label:15s} " + " ".join(offline(clip, classnames, feats, s.labels,
-                                                                              "swap", pairs, steps=150)), flush=True)
+                print(f"swap    {s.shift:18s} {label:15s} " + " ".join(offline(
+                    clip, classnames, feats, s.labels, "swap", pairs, steps=150,
+                    learn_on_image=label == "view targets")), flush=True)
         if "prototypes" in parts:
             print(f"protos  {s.shift:18s} info-max     " + " ".join(free_prototypes(clip, text["plain"], feats,
                                                                                    s.labels)), flush=True)

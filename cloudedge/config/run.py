@@ -54,6 +54,11 @@ class RunConfig(StrictModel):
         return section.model if section is not None and section.model is not None else self.model
 
     def stage_clock(self, stage: str) -> ClockConfig:
-        """The clock a stage charges by: its own section's (``pretrain.clock``), else the top-level one."""
+        """The clock a stage charges by: the top-level one, with the fields its own section
+        (``pretrain.clock``) sets replacing those (``finetune.clock: {seq_len: 64}`` keeps the
+        top-level ``charge_as``)."""
         section = getattr(self, stage)
-        return section.clock if section is not None and section.clock is not None else self.clock
+        own = section.clock if section is not None else None
+        if own is None:
+            return self.clock
+        return self.clock.model_copy(update={k: getattr(own, k) for k in own.model_fields_set})

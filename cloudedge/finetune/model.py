@@ -25,7 +25,7 @@ from torch import nn
 
 from cloudedge.config.model import ModelConfig
 from cloudedge.errors import InputError
-from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, TARGETS, lora_layers
+from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, TARGETS, lora_layers, mode_class
 from cloudedge.models.inputs import IMAGE_SPEC_ATTR, ImageSpec, fit_pixels
 
 
@@ -164,8 +164,9 @@ def with_lora(model: nn.Module, spec: Mapping[str, Any], targets: list[str] | No
                              f"({' '.join(str(err).split())})") from None
         clf = LoraClassifier(body, kind, dim, int(spec["n_classes"]), pooling=pooling,
                              image_spec=getattr(model, IMAGE_SPEC_ATTR, None))
+    frozen_a = mode_class(spec["mode"]).frozen_a  # ffa, or a plug-in mode that keeps A frozen
     for name, p in clf.named_parameters():
-        trainable = name.startswith("head.") or "lora_B" in name or ("lora_A" in name and spec["mode"] != "ffa")
+        trainable = name.startswith("head.") or "lora_B" in name or ("lora_A" in name and not frozen_a)
         p.requires_grad_(trainable)
     if not lora_layers(adapter_state(clf)):
         raise InputError(f"finetune.lora.targets: no module of the model matches {list(targets)}")

@@ -68,8 +68,9 @@ def stage_charge(cfg: Any, stage: str) -> ChargedModel | None:
     """The model a stage's clock charges: its own section's ``clock`` (``pretrain.clock``), else the
     top-level one (:meth:`RunConfig.stage_clock`); errors name the section the choice came from."""
     section = getattr(cfg, stage, None)
-    own = section is not None and getattr(section, "clock", None) is not None
-    return resolve_charge(cfg.stage_clock(stage), f"{stage}.clock.charge_as" if own else FIELD)
+    own = getattr(section, "clock", None)
+    from_stage = own is not None and "charge_as" in own.model_fields_set
+    return resolve_charge(cfg.stage_clock(stage), f"{stage}.clock.charge_as" if from_stage else FIELD)
 
 
 def resolve_charge(clock: ClockConfig | None, field: str = FIELD) -> ChargedModel | None:

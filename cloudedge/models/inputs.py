@@ -131,18 +131,30 @@ def hf_dir_spec(directory: str | Path, config: Any) -> ImageSpec:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{pre}: not valid JSON ({err})") from None
         raw = raw.get("image_processor", raw) if isinstance(raw, dict) else {}
-        try:
-            if raw.get("do_normalize", True) is False:
-                mean, std = (0.0,) * channels, (1.0,) * channels
-            else:
-                mean = tuple(float(v) for v in raw.get("image_mean", mean))
-                std = tuple(float(v) for v in raw.get("image_std", std))
-        except (TypeError, ValueError):
-            raise InputError(f"{pre}: image_mean / image_std must be lists of numbers") from None
-        if len(mean) not in (1, channels) or len(std) not in (1, channels) or min(std) <= 0:
-            raise InputError(f"{pre}: image_mean / image_std need 1 or {channels} values (std > 0), "
-                             f"got {list(mean)} / {list(std)}")
+        if raw.get("do_normalize", True) is False:
+            mean, std = (0.0,) * channels, (1.0,) * channels
+        else:
+            mean, std = (_stats(raw.get(key, default), channels, pre, key)
+                         for key, default in (("image_mean", mean), ("image_std", std)))
+        if min(std) <= 0:
+            raise InputError(f"{pre}: image_std must be > 0, got {list(std)}")
     return vision_spec(config, mean, std)
+
+
+def _stats(value: Any, channels: int, source: Path, key: str) -> tuple[float, ...]:
+    """A processor's ``image_mean`` / ``image_std`` for a model of ``channels``: one number or one per
+    channel, as transformers takes them. RGB statistics for a 1-channel model become their BT.601
+    luminance mix, the same weights :func:`convert_channels` turns RGB images grey with."""
+    try:
+        values = (float(value),) if isinstance(value, int | float) else tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise InputError(f"{source}: {key} must be a number or a list of numbers, got {value!r}") from None
+    if channels == 1 and len(values) == 3:
+        return (sum(w * v for w, v in zip(LUMA_601, values, strict=True)),)
+    if len(values) not in (1, channels):
+        raise InputError(f"{source}: {key} needs 1 or {channels} values for a {channels}-channel model, "
+                         f"got {list(values)}")
+    return values
 
 
 def attach_image_spec(model: Any, spec: ImageSpec) -> None:

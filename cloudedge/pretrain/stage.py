@@ -35,7 +35,7 @@ from cloudedge.device import PRECISIONS, resolve_device, to_device
 from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec, make_engine
 from cloudedge.errors import InputError
 from cloudedge.fleet import CLOUD_ID, Fleet, VirtualClock, available_nodes
-from cloudedge.fleet.clock import transfer_seconds
+from cloudedge.fleet.clock import compute_seconds, transfer_seconds
 from cloudedge.fleet.traces import online_mask, online_until
 from cloudedge.models.charge import cost_model_summary, stage_charge
 from cloudedge.perf import stage_peak_size, utilization_fields
@@ -254,27 +254,29 @@ class PretrainRun:
         t0 = clock.now
         ready = {wid: (t0 if wid == CLOUD_ID else clock.transfer(CLOUD_ID, wid, self.param_nbytes, start=t0))
                  for wid in ids}
-        compute_s = {wid: plan.batches[wid] * steps[wid] * self.flops_per_sample / fleet.nodes[wid].profile.flops
-                     for wid in ids}
-        done = {wid: clock.compute(wid, plan.batches[wid] * steps[wid] * self.flops_per_sample, start=ready[wid])
-                for wid in ids}
+        flops = {wid: plan.batches[wid] * steps[wid] * self.flops_per_sample for wid in ids}
+        compute_s = {wid: flops[wid] / fleet.nodes[wid].profile.flops for wid in ids}
+        arrivals = [_roundtrip(res["update"], pcfg.compression) for res in results]
+        # An update has the charged model's layout (clock.charge_as): its bytes, not the trained one's.
+        up_bytes = {wid: self.charged_update_bytes or nbytes for wid, (_, nbytes) in zip(ids, arrivals, strict=True)}
+        # A device whose availability model takes it offline before its update would arrive drops out
+        # at that instant: its compute up to then is charged, nothing is sent, and the round waits for
+        # it only until it leaves (the coordinator sees the connection go).
+        departed = self._departures(ids, ready, flops, up_bytes)
+        done: dict[str, float] = {}
         updates: list[Tensors] = []
-        for wid, res in zip(ids, results, strict=True):
-            arrived, nbytes = _roundtrip(res["update"], pcfg.compression)
-            nbytes = self.charged_update_bytes or nbytes  # an update has the charged model's layout
-            updates.append(to_device(arrived, self.device))
+        for wid, (arrived, _) in zip(ids, arrivals, strict=True):
+            if wid in departed:
+                continue
+            done[wid] = clock.compute(wid, flops[wid], start=ready[wid])
             if wid != CLOUD_ID:
-                done[wid] = clock.transfer(wid, CLOUD_ID, nbytes, start=done[wid])
-        # A device whose availability model takes it offline before its update has arrived drops
-        # out at that instant: no update, and the round does not wait for it.
-        departed = self._departures(ids, t0, done)
+                done[wid] = clock.transfer(wid, CLOUD_ID, up_bytes[wid], start=done[wid])
+            updates.append(to_device(arrived, self.device))
         if departed:
-            if len(departed) == len(ids):
-                raise WorkerError("round", str(r), f"every worker went offline: {'; '.join(departed.values())}")
             failed.update(departed)
             kept = [i for i, wid in enumerate(ids) if wid not in departed]
-            ids, results, updates = [ids[i] for i in kept], [results[i] for i in kept], [updates[i] for i in kept]
-        t1 = clock.barrier([*ids, CLOUD_ID])
+            ids, results = [ids[i] for i in kept], [results[i] for i in kept]
+        t1 = clock.barrier([*ids, *departed, CLOUD_ID])
         round_s = t1 - t0
         # Every update is checked before it is aggregated (a hostile or broken worker can send
         # anything): a rejected one is dropped from this round and its reason logged.
@@ -286,25 +288,27 @@ class PretrainRun:
             kept = [i for i, wid in enumerate(ids) if wid not in verdict.rejected]
             ids, results, updates = [ids[i] for i in kept], [results[i] for i in kept], [updates[i] for i in kept]
 
-        # 4. the algorithm aggregates and steps. The controller may weight each update by its own
-        # rule (reweighted: the worker's data share), else by units: the mean loss over the union.
-        units = [int(res["units"]) for res in results]
-        agg_w = ([float(plan.weights[w]) for w in ids] if plan.weights is not None else [float(u) for u in units])
-        self.algorithm.step(updates, agg_w, results, lr, step_count)
-        for wid, res in zip(ids, results, strict=True):
-            if res["client_state"]:
-                self.client_states[wid] = res["client_state"]
-        if self.objective is not None:
-            self.server_msg = self.objective.server_update(self.server_msg, [res["report"] for res in results],
-                                                           [u / sum(units) for u in units])
+        train_loss = None
+        if ids:  # else every participant went offline: a round of lost work, the model as it was
+            # 4. the algorithm aggregates and steps. The controller may weight each update by its own
+            # rule (reweighted: the worker's data share), else by units: the mean loss over the union.
+            units = [int(res["units"]) for res in results]
+            agg_w = ([float(plan.weights[w]) for w in ids] if plan.weights is not None else [float(u) for u in units])
+            self.algorithm.step(updates, agg_w, results, lr, step_count)
+            for wid, res in zip(ids, results, strict=True):
+                if res["client_state"]:
+                    self.client_states[wid] = res["client_state"]
+            if self.objective is not None:
+                self.server_msg = self.objective.server_update(self.server_msg, [res["report"] for res in results],
+                                                               [u / sum(units) for u in units])
 
-        # 5. the controller learns from what the clock measured
-        train_loss = sum(res["loss"] * u for res, u in zip(results, units, strict=True)) / sum(units)
-        self.controller.observe(r, [Observation(wid, plan.batches[wid], compute_s[wid],
-                                                (done[wid] - t0) - compute_s[wid], steps[wid], res["grad_sq_norm"],
-                                                res["loss"])
-                                    for wid, res in zip(ids, results, strict=True)], round_s, train_loss)
-        busy = sum(compute_s.values())
+            # 5. the controller learns from what the clock measured
+            train_loss = sum(res["loss"] * u for res, u in zip(results, units, strict=True)) / sum(units)
+            self.controller.observe(r, [Observation(wid, plan.batches[wid], compute_s[wid],
+                                                    (done[wid] - t0) - compute_s[wid], steps[wid], res["grad_sq_norm"],
+                                                    res["loss"])
+                                        for wid, res in zip(ids, results, strict=True)], round_s, train_loss)
+        busy = sum(compute_s[w] for w in ids)
         self.totals["compute_s"] += busy
         self.totals["slot_s"] += len(ids) * round_s
 
@@ -323,7 +327,7 @@ class PretrainRun:
             "round_s": round_s, "train_loss": train_loss, "val_loss": row_val, "lr": lr,
             "batch_per_step": plan.global_batch, "effective_batch": sum(plan.batches[w] * steps[w] for w in ids),
             "participants": len(ids), "accumulating": sum(plan.batches[w] > caps[w] for w in ids),
-            "utilization": busy / (len(ids) * round_s) if round_s > 0 else 0.0,
+            "utilization": busy / (len(ids) * round_s) if ids and round_s > 0 else 0.0,
             "bytes_total": summary_clock["bytes_total"], "energy_j": summary_clock["energy_j_total"],
             "work_wall_s": work_wall_s, "compute_wall_s": compute_wall_s, **host_util,
             **{f"ctl_{k}": v for k, v in plan.info.items()}, **client_metrics})
@@ -341,19 +345,27 @@ class PretrainRun:
         online = online_mask(self.fleet, numbers, self.clock.now, rng)
         return avail | {n.id for n, on in zip(devices, online, strict=True) if on}
 
-    def _departures(self, ids: list[str], t0: float, done: dict[str, float]) -> dict[str, str]:
-        """``{device: reason}`` for the devices that went offline before their update arrived
-        (traces and the diurnal model; Bernoulli availability has no time). Their work up to their
-        planned end stays charged to the clock (an over-count of at most one round's work)."""
+    def _departures(self, ids: list[str], ready: dict[str, float], flops: dict[str, float],
+                    up_bytes: dict[str, int]) -> dict[str, str]:
+        """``{device: reason}`` for the devices that go offline before their update would arrive
+        (traces and the diurnal model; Bernoulli availability has no time), with the compute each
+        did until it left charged to the clock, as fine-tuning does (edge_round.py)."""
         if self.fleet.availability.kind == "bernoulli":
             return {}
+        cloud = self.fleet.nodes[CLOUD_ID].profile
         out = {}
         for wid in ids:
-            if self.fleet.nodes[wid].tier != "device":
+            node = self.fleet.nodes[wid]
+            if node.tier != "device":
                 continue
-            t_off = online_until(self.fleet, self.fleet.device_number(wid), t0)
-            if t_off < done[wid]:
-                out[wid] = f"went offline at {t_off:.1f} s (virtual), before its update arrived at {done[wid]:.1f} s"
+            begin = max(ready[wid], self.clock.busy_until[wid])
+            arrive = (begin + compute_seconds(node.profile, flops[wid])
+                      + transfer_seconds(node.profile, cloud, up_bytes[wid]))
+            t_off = online_until(self.fleet, self.fleet.device_number(wid), self.clock.now)
+            if arrive > t_off:
+                self.clock.compute(wid, min(flops[wid], max(0.0, t_off - begin) * node.profile.flops), start=begin)
+                out[wid] = (f"went offline at {t_off:.6g} s (virtual), before its update would have arrived "
+                            f"at {arrive:.6g} s")
         return out
 
     def _host_utilization(self, ids: list[str], plan: Plan, steps: dict[str, int], results: list[dict[str, Any]],
@@ -428,8 +440,8 @@ def _lr_at(pcfg: PretrainConfig, round_idx: int) -> float:
         return pcfg.lr * (round_idx + 1) / pcfg.warmup_rounds
     if pcfg.lr_schedule == "constant":
         return pcfg.lr
-    span = max(pcfg.rounds - 1 - pcfg.warmup_rounds, 1)
-    progress = min(max(round_idx - pcfg.warmup_rounds, 0) / span, 1.0)
+    span = pcfg.rounds - 1 - pcfg.warmup_rounds  # rounds after the first decayed one
+    progress = 1.0 if span <= 0 else min(max(round_idx - pcfg.warmup_rounds, 0) / span, 1.0)
     low = pcfg.lr * pcfg.min_lr_ratio
     return low + (pcfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -202,11 +202,14 @@ class MLflowLogger:
         self.state_file.write_text(json.dumps({"experiment_id": self.experiment_id, "parent_id": self.parent_id,
                                                "children": self.children}, indent=1))
 
-    def _child(self, series: str, extra_tags: dict[str, str] | None = None) -> str:
+    def _tags(self, series: str) -> dict[str, str]:
+        stage, _, method = series.partition("/")
+        return {"mlflow.parentRunId": self.parent_id, "stage": stage, "method": method or stage}
+
+    def _child(self, series: str) -> str:
         if series not in self.children:
-            stage, _, method = series.partition("/")
-            tags = {"mlflow.parentRunId": self.parent_id, "stage": stage, "method": method or stage, **(extra_tags or {})}
-            self.children[series] = self.client.create_run(self.experiment_id, run_name=series, tags=tags).info.run_id
+            self.children[series] = self.client.create_run(self.experiment_id, run_name=series,
+                                                           tags=self._tags(series)).info.run_id
             self._save_state()
         return self.children[series]
 
@@ -226,11 +229,15 @@ class MLflowLogger:
         history = [m for key in keys for m in self.client.get_metric_history(old, key)]
         if all(m.step < first_redone for m in history):
             return
-        del self.children[series]
-        new = self._child(series, {"cloudedge.replaces": old})
+        new = self.client.create_run(self.experiment_id, run_name=series,
+                                     tags={**self._tags(series), "cloudedge.replaces": old}).info.run_id
         kept = [Metric(m.key, m.value, m.timestamp, m.step) for m in history if m.step < first_redone]
         for i in range(0, len(kept), _MLFLOW_METRICS_BATCH):
             self.client.log_batch(new, metrics=kept[i: i + _MLFLOW_METRICS_BATCH])
+        # Only now does the state point at the new child: killed before this, the next resume finds
+        # the old child as it was and replaces it again (the half-filled new one is left orphaned).
+        self.children[series] = new
+        self._save_state()
         self.client.set_tag(old, "cloudedge.replaced_by", new)
         self.client.set_terminated(old, status="KILLED")
 
