@@ -45,7 +45,7 @@ from cloudedge.errors import InputError
 from cloudedge.finetune.churn import Churn
 from cloudedge.finetune.devicedata import samples_of_range
 from cloudedge.finetune.edge_round import EdgeRounds
-from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, lora_layers, lora_mode, with_base_deltas
+from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, LoraMode, lora_layers, lora_mode, with_base_deltas
 from cloudedge.finetune.messages import CLOUD, Messages
 from cloudedge.finetune.metrics import MetricLog, Tally
 from cloudedge.finetune.safeguards import Safeguards
@@ -108,6 +108,10 @@ class FinetuneSettings:
     goal: int | None = None
     over_selection: float = 1.0
 
+    def lora(self) -> LoraMode:
+        """The LoRA aggregation mode these settings name, built with its knob (``refactor``)."""
+        return lora_mode(self.lora_mode, self.refactor)
+
 
 def server_optimizer(name: str, lr: float) -> ServerOptimizer:
     return get_server_optimizer(name, lr=lr)
@@ -139,7 +143,7 @@ class HierFinetune:
         self.scaling = float(task.spec["alpha"]) / int(task.spec["rank"])
         self.merge_count = 0  # the cloud's aggregations so far: product mode's re-initialisation seeds
         self.spec = {**task.spec, "mode": settings.lora_mode}
-        self.mode = lora_mode(settings.lora_mode, settings.refactor)
+        self.mode = settings.lora()
         engine.register(CLOUD, WorkerSpec(FinetuneWorker, dict(
             spec=self.spec, data=task.test_data, batch_size=settings.batch_size, device=settings.device)))
         self.info = engine.call(CLOUD, "model_info")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cloudedge.comm import compress
-from cloudedge.finetune.lora import A_SUFFIX, lora_mode, mode_class, sent_keys
+from cloudedge.finetune.lora import A_SUFFIX, mode_class, sent_keys
 from cloudedge.fleet import Fleet, VirtualClock, transfer_seconds
 from cloudedge.fleet.topology import Node
 
@@ -64,7 +64,7 @@ class Messages:
         """An edge's state as the cloud receives it (the change since ``pulled``, compressed) and
         its bytes. Under ffa A never changes; after a product/merge re-initialisation every tensor,
         the dense base deltas included, has changed and is sent."""
-        merged = lora_mode(self.s.lora_mode, self.s.refactor).merges
+        merged = self.s.lora().merges
         keys = list(state) if merged else sent_keys(list(state), self.s.lora_mode)
         got, nbytes = self.ship({k: state[k] - pulled[k] for k in keys})
         return {**pulled, **{k: pulled[k] + v for k, v in got.items()}}, nbytes

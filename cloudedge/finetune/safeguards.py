@@ -17,7 +17,7 @@ import torch
 from cloudedge.attacks import apply_attack, choose_attackers
 from cloudedge.config.finetune import AttackSection
 from cloudedge.errors import InputError
-from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, aggregate_lora, lora_mode, sent_keys
+from cloudedge.finetune.lora import BASE_DELTA_SUFFIX, aggregate_lora, sent_keys
 from cloudedge.finetune.messages import CLOUD
 from cloudedge.finetune.metrics import Tally
 from cloudedge.finetune.reliability import (
@@ -58,7 +58,7 @@ class Safeguards:
         self.robust = robust_settings(s.robust)
         self.edge_aggregator = self.robust["aggregator"]["name"]
         self.cloud_aggregator = self.robust["cloud_aggregator"]["name"]
-        mode = lora_mode(s.lora_mode, s.refactor)
+        mode = s.lora()
         if mode.refactors and {self.edge_aggregator, self.cloud_aggregator} != {"mean"}:
             raise InputError(f"finetune.robust.aggregator: robust aggregators need a lora.mode that keeps the "
                              f"factors, such as 'fedavg' or 'ffa' ({mode.name} mode refactors the adapters)")
