@@ -188,3 +188,35 @@ def test_tensor_peak_counts_live_tensors():
         del a, b
         c = torch.ones(500) + 1  # noqa: F841 - 2000 + 2000, after the first pair died
     assert tp.peak_bytes == 8000
+
+
+def test_template_select_predicts_with_the_template_best_by_information_maximisation(clip):
+    templates = ("a photo of a {}.", "a dark {}.", "{}")
+    m = build_method("template-select", clip, CLASSES, templates=templates)
+    zs = {t: build_method("zeroshot", clip, CLASSES, templates=[t]) for t in templates}
+    seen = []
+    for seed in range(3):  # the score runs over the whole stream so far, this batch included
+        x = _images(5, seed=seed)
+        seen.append(x)
+        out = m.predict_batch(x)
+        stream = torch.cat(seen)
+        ims = []
+        for t in templates:
+            logits = zs[t].predict_batch(stream)
+            p = logits.softmax(-1)
+            mean = p.mean(0)
+            ims.append(float(-(p * p.log()).sum(-1).mean() + (mean * mean.log()).sum()))
+        best = templates[min(range(3), key=ims.__getitem__)]
+        torch.testing.assert_close(m.scores().float(), torch.tensor(ims), rtol=1e-4, atol=1e-5)
+        assert m.chosen == best
+        torch.testing.assert_close(out, zs[best].predict_batch(x))
+    # Resume continues identically; reset forgets the stream.
+    m2 = build_method("template-select", clip, CLASSES, templates=templates)
+    m2.load_state_dict(m.state_dict())
+    more = _images(4, seed=9)
+    torch.testing.assert_close(m2.predict_batch(more), m.predict_batch(more))
+    m.reset()
+    assert m.seen == 0 and float(m.prob_sum.abs().sum()) == 0.0
+    # One template: zero-shot.
+    one = build_method("template-select", clip, CLASSES)
+    torch.testing.assert_close(one.predict_batch(more), build_method("zeroshot", clip, CLASSES).predict_batch(more))

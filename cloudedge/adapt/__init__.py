@@ -2,7 +2,7 @@
 
 ``adapt(cfg, run_dir, engine, **overrides) -> StageResult`` (:mod:`cloudedge.adapt.stage`) is the API; ``adapt_checkpoint(path)``
 the demo's shortcut; ``run_adapt(cfg, out_dir, resume, engine_kind)`` what ``cloudedge adapt`` calls.
-Methods (zeroshot, coop, tpt, swapprompt, tda) are in :mod:`cloudedge.adapt.methods`, the prompt
+Methods (zeroshot, coop, tpt, swapprompt, tda, template-select) are in :mod:`cloudedge.adapt.methods`, the prompt
 learner in :mod:`cloudedge.adapt.prompts`, model loading in :mod:`cloudedge.adapt.clip_model`.
 Names are imported on first use, so importing a submodule stays light.
 """

@@ -1,4 +1,5 @@
-"""Test-time adaptation methods for a frozen CLIP, by name: zeroshot, coop, tpt, swapprompt, tda.
+"""Test-time adaptation methods for a frozen CLIP, by name: zeroshot, coop, tpt, swapprompt, tda,
+template-select.
 
 Every method is a class with the same few verbs:
 
@@ -18,6 +19,8 @@ tpt         episodic  context, one AdamW step per image on the marginal entropy 
                       views; prompt and optimizer state are reset before every image
 swapprompt  online    online context by gradient, target context as its EMA; swapped prediction
 tda         online    nothing learned: positive / negative caches of test features (training-free)
+template-   online    nothing learned: each batch uses the candidate template whose predictions
+select                on the stream so far score best by information maximisation
 ==========  ========  ==========================================================================
 """
 
@@ -501,6 +504,69 @@ class SwapPrompt(_PromptMethod):
             }
         self.generator.set_state(tensors["generator"])
         self.batches_seen = int(tensors["batches_seen"])
+
+
+class TemplateSelectParams(Params):
+    templates: tuple[str, ...] = Field(default=(ZEROSHOT_TEMPLATE,), min_length=1,
+                                       description="candidate templates ('{}': the class name)")
+
+
+@METHODS.register("template-select", TemplateSelectParams)
+class TemplateSelect(TTAMethod):
+    """Stream-level template selection, training-free and online.
+
+    Each candidate template gives zero-shot predictions. Over the stream seen so far (the current
+    batch included), each is scored by information maximisation: the mean entropy of its
+    predictions minus the entropy of their mean (confident, and spread over the classes; lower is
+    better). Each batch is predicted with the best-scoring template. This is a stream-level
+    hypothesis ("this stream is upside down"), which no single image can support: on a stream whose
+    errors are relabellings (an upside-down 6 reads as a 9) a per-image or gradient method cannot
+    reach it (docs/prompt-tuning.md, "Where the room is"). With one template it is zero-shot.
+    """
+
+    name = "template-select"
+
+    def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0, **knobs: Any):
+        super().__init__(clip, classnames, seed, **knobs)
+        self.templates = list(self.params.templates)
+        with torch.no_grad():
+            self.text_feats = torch.stack([F.normalize(clip.text_features([t.format(c) for c in self.classnames]),
+                                                       dim=-1) for t in self.templates])  # [K, C, D]
+        self.reset()
+
+    def reset(self) -> None:
+        k = len(self.templates)
+        self.seen = 0
+        self.entropy_sum = torch.zeros(k, dtype=torch.float64)
+        self.prob_sum = torch.zeros(k, self.n_classes, dtype=torch.float64)
+
+    def scores(self) -> torch.Tensor:
+        """Each template's objective over the stream so far (lower: better); ``[K]``."""
+        mean = self.prob_sum / max(self.seen, 1)
+        return self.entropy_sum / max(self.seen, 1) + (mean * mean.clamp_min(1e-12).log()).sum(-1)
+
+    @property
+    def chosen(self) -> str:
+        """The template the last batch was predicted with."""
+        return self.templates[int(self.scores().argmin())]
+
+    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.clip.image_features(images)
+            logits = self.scale * torch.einsum("bd,kcd->kbc", feats, self.text_feats.to(feats.device))
+            self.entropy_sum += entropy(logits).sum(-1).double().cpu()
+            self.prob_sum += logits.softmax(-1).sum(1).double().cpu()
+            self.seen += images.shape[0]
+            return logits[int(self.scores().argmin())]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"seen": torch.tensor(self.seen), "entropy_sum": self.entropy_sum.clone(),
+                "prob_sum": self.prob_sum.clone()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.seen = int(tensors["seen"])
+        self.entropy_sum = tensors["entropy_sum"].clone().double()
+        self.prob_sum = tensors["prob_sum"].clone().double()
 
 
 class TDAParams(Params):

@@ -13,7 +13,8 @@
 3. The headroom gate, run and printed first: ``oracle_coop`` (CoOp's context fitted per shift on
    those labelled images) must beat zero-shot by :data:`GATE_POINTS` on the mean over shifts.
 4. Methods side by side on the same streams: zeroshot, coop (fitted on the clean labelled source
-   split), tpt (episodic), swapprompt (online), tda (training-free), swapprompt's ablations (no
+   split), tpt (episodic), swapprompt (online), tda (training-free), template-select (stream-level
+   choice among the plain prompt and the CLIP's style phrases), swapprompt's ablations (no
    EMA, no swap, no sharpening/balancing, milder views, no views), and federated prompt sharing between edges with
    different shifts (one per shift, every batch, all edges) and with the same shift (two edges per
    shift on disjoint halves of its stream, averaged within the shift, beside the same halves unshared).
@@ -39,8 +40,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from cloudedge.adapt.glyph_clip import GLYPH_VIEWS, MODEL, glyph_clip, glyph_data
+from cloudedge.adapt.glyph_clip import GLYPH_VIEWS, MODEL, STYLES, glyph_clip, glyph_data
+from cloudedge.adapt.methods import ZEROSHOT_TEMPLATE
 from cloudedge.config import config_from_dict
+from cloudedge.data.glyph_styles import style_template
 from cloudedge.errors import InputError
 
 GATE_POINTS = 8.0
@@ -73,6 +76,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "tpt": {"method": {"name": "tpt", "augment": VIEWS}},
     "swapprompt": {"method": SWAPPROMPT},
     "tda": {"method": "tda"},
+    # Stream-level selection among the plain prompt and the style phrases the CLIP's captions taught
+    # it (its model card lists them): the rule fixes the candidates, not the streams.
+    "template-select": {"method": {"name": "template-select",
+                                   "templates": [ZEROSHOT_TEMPLATE, *(style_template(s) for s in STYLES)]}},
     "swapprompt-no-ema": {"method": {**SWAPPROMPT, "momentum": 0.0}},
     "swapprompt-no-swap": {"method": {**SWAPPROMPT, "swap": False}},
     "swapprompt-no-sharpen": {"method": {**SWAPPROMPT, "temperature": 1.0, "balance": "none"}},

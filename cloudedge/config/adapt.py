@@ -50,7 +50,7 @@ class AdaptConfig(StrictModel):
                     "'model' dir), a pretrain run dir, or a .safetensors file of a kind-clip model; "
                     "default: model.path")
     method: plugin_choice("cloudedge.adapt.methods:METHODS") = Field(  # type: ignore[valid-type]
-        default="swapprompt", description="a name (zeroshot coop tpt swapprompt tda), or {name: ..., its knobs}")
+        default="swapprompt", description="a name (zeroshot coop tpt swapprompt tda template-select), or {name: ..., its knobs}")
     streams: list[StreamSpec] = Field(
         default_factory=lambda: [StreamSpec(corruption="gaussian_noise", severity=3)],
         description="edge i streams streams[i % len(streams)]")
