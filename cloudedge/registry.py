@@ -223,8 +223,7 @@ def plugin_sources(modules: list[str], base_dir: str | Path = ".") -> list[Plugi
         if not entry.endswith(".py"):
             out.append((entry, None))
             continue
-        path = Path(entry)
-        path = (path if path.is_absolute() else Path(base_dir) / path).resolve()
+        path = Path(plugin_key(entry, base_dir))
         if not path.is_file():
             raise InputError(f"plugins: {entry}: file not found")
         try:
@@ -232,6 +231,14 @@ def plugin_sources(modules: list[str], base_dir: str | Path = ".") -> list[Plugi
         except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"plugins: {entry}: cannot read ({type(err).__name__}: {err})") from None
     return out
+
+
+def plugin_key(entry: str, base_dir: str | Path = ".") -> str:
+    """What names a plug-in in :func:`plugin_sources`: a file's resolved path, a module's name."""
+    if not entry.endswith(".py"):
+        return entry
+    path = Path(entry)
+    return str((path if path.is_absolute() else Path(base_dir) / path).resolve())
 
 
 def plugin_module_name(path: str) -> str:

@@ -56,6 +56,15 @@ def test_compute_serializes_on_a_node_and_respects_start():
     assert clock.flops_done["edge0/dev1"] == 2e9
 
 
+def test_compute_until_charges_only_the_work_done_before_it_stops():
+    clock = VirtualClock(make_fleet())
+    assert clock.compute_until("edge0/dev0", 4e9, start=1.0, until=2.5) == pytest.approx(2.5)
+    assert clock.flops_done["edge0/dev0"] == pytest.approx(1.5e9)
+    assert clock.compute_until("edge0/dev1", 1e9, start=0.0, until=9.0) == pytest.approx(1.0)  # finished first
+    assert clock.compute_until("edge0/dev1", 1e9, start=3.0, until=2.0) == pytest.approx(3.0)  # gone already
+    assert clock.flops_done["edge0/dev1"] == pytest.approx(1e9)
+
+
 def test_transfer_time_energy_and_bytes():
     clock = VirtualClock(make_fleet())
     clock.compute("edge0/dev0", 2e9)  # ends at 2.0; the upload waits for it

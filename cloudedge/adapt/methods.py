@@ -27,7 +27,7 @@ select                on the stream so far score best by information maximisatio
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -135,6 +135,11 @@ class TTAMethod:
         return self.scale * image_feats @ text_feats.T
 
 
+def template_features(clip: ClipAdapter, classnames: list[str], templates: Sequence[str]) -> torch.Tensor:
+    """``[K, C, D]``: the text features of every class under each template ('{}': the class name)."""
+    return torch.stack([clip.text_features([t.format(c) for c in classnames]) for t in templates])
+
+
 class ZeroShotParams(Params):
     templates: tuple[str, ...] = Field(default=(ZEROSHOT_TEMPLATE,), min_length=1,
                                        description="prompt templates ('{}': the class name), averaged per class")
@@ -148,9 +153,7 @@ class ZeroShot(TTAMethod):
 
     def __init__(self, clip: ClipAdapter, classnames: list[str], seed: int = 0, **knobs: Any):
         super().__init__(clip, classnames, seed, **knobs)
-        templates = self.params.templates
-        feats = torch.stack([clip.text_features([t.format(c) for c in self.classnames]) for t in templates])
-        self.text_feats = F.normalize(feats.mean(dim=0), dim=-1)
+        self.text_feats = F.normalize(template_features(clip, self.classnames, self.params.templates).mean(dim=0), dim=-1)
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
         return self._logits(self.clip.image_features(images), self.text_feats)
@@ -530,8 +533,7 @@ class TemplateSelect(TTAMethod):
         super().__init__(clip, classnames, seed, **knobs)
         self.templates = list(self.params.templates)
         with torch.no_grad():
-            self.text_feats = torch.stack([F.normalize(clip.text_features([t.format(c) for c in self.classnames]),
-                                                       dim=-1) for t in self.templates])  # [K, C, D]
+            self.text_feats = template_features(clip, self.classnames, self.templates)
         self.reset()
 
     def reset(self) -> None:

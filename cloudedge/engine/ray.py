@@ -20,21 +20,15 @@ import dataclasses
 import os
 from collections import defaultdict
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from cloudedge.engine.base import Engine, Task, WorkerError, WorkerSpec, check_plain, to_host
 from cloudedge.engine.local import LocalEngine
 from cloudedge.errors import InputError
-from cloudedge.registry import PluginSource, load_plugin_sources, plugin_sources
+from cloudedge.registry import PluginSource, load_plugin_sources, plugin_key, plugin_sources
 
 # A host asks for this much of its tier's custom resource: many hosts fit on one node.
 RESOURCE_SLIVER = 0.01
-
-
-def _plugin_key(entry: str) -> str:
-    """How :func:`cloudedge.registry.plugin_sources` names a plug-in: a file by its resolved path."""
-    return str(Path(entry).resolve()) if entry.endswith(".py") else entry
 
 
 def host_of(worker_id: str) -> str:
@@ -169,7 +163,7 @@ class RayEngine(Engine):
         # Each plug-in once, as a process imports it once: a file edited or removed after it was
         # shipped changes nothing, on every host alike (a new host gets the text first shipped).
         shipped = {entry for entry, _ in self._plugins}
-        new = plugin_sources([m for m in modules if _plugin_key(m) not in shipped])
+        new = plugin_sources([m for m in modules if plugin_key(m) not in shipped])
         if not new:
             return
         self._plugins.extend(new)

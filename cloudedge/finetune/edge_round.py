@@ -220,11 +220,10 @@ class EdgeRounds:
             elif arrive > t_off and t_off < t_deadline:
                 # Its trace takes it offline before its update is in: a dropout at that instant,
                 # its work up to then charged.
-                self.clock.compute(dev.id, min(flops, max(0.0, t_off - begin) * dev.profile.flops), start=begin)
+                self.clock.compute_until(dev.id, flops, begin, t_off)
                 plan.dropped_out.append(dev.id)
             elif arrive > t_deadline:
-                done = max(0.0, t_deadline - begin) * dev.profile.flops
-                self.clock.compute(dev.id, min(flops, done), start=begin)
+                self.clock.compute_until(dev.id, flops, begin, t_deadline)
                 plan.timed_out.append(dev.id)
             else:
                 plan.planned.append(Planned(dev, steps, flops, begin, start, staleness, arrive))

@@ -63,6 +63,6 @@ def keep_first(planned: list[Any], goal: int | None, clock: Any) -> tuple[list[A
     kept, extra = order[:goal], order[goal:]
     t_cut = kept[-1].arrive
     for p in extra:
-        clock.compute(p.dev.id, min(p.flops, max(0.0, t_cut - p.begin) * p.dev.profile.flops), start=p.begin)
+        clock.compute_until(p.dev.id, p.flops, p.begin, t_cut)
     kept_ids = {id(p) for p in kept}
     return [p for p in planned if id(p) in kept_ids], len(extra)

@@ -113,6 +113,12 @@ class VirtualClock:
         self._energy_by_kind[node.tier]["compute"] += joules
         return end
 
+    def compute_until(self, node_id: str, flops: float, start: float, until: float) -> float:
+        """Run ``flops`` from ``start`` but stop at ``until`` (the node left, a deadline passed):
+        charges the work done by then; returns when it stopped."""
+        done = max(0.0, until - start) * self.fleet.nodes[node_id].profile.flops
+        return self.compute(node_id, min(flops, done), start=start)
+
     def transfer(self, src_id: str, dst_id: str, nbytes: int, start: float | None = None) -> float:
         """Send `nbytes` from src to dst; returns when the message has fully arrived.
 

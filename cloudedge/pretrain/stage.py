@@ -363,7 +363,7 @@ class PretrainRun:
                       + transfer_seconds(node.profile, cloud, up_bytes[wid]))
             t_off = online_until(self.fleet, self.fleet.device_number(wid), self.clock.now)
             if arrive > t_off:
-                self.clock.compute(wid, min(flops[wid], max(0.0, t_off - begin) * node.profile.flops), start=begin)
+                self.clock.compute_until(wid, flops[wid], begin, t_off)
                 out[wid] = (f"went offline at {t_off:.6g} s (virtual), before its update would have arrived "
                             f"at {arrive:.6g} s")
         return out
