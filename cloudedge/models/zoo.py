@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -252,6 +252,32 @@ def save_local(model: nn.Module, path: str | os.PathLike[str], tokenizer: object
 
     write_processing_files(model, directory, tokenizer)  # type: ignore[arg-type]
     return directory
+
+
+def build_uninitialised(build: Callable[[], nn.Module], device: str | torch.device = "cpu") -> nn.Module:
+    """``build()``, with the model's parameters allocated on ``device`` but not initialised.
+
+    For a model whose every parameter is overwritten before it is used: a pre-training worker
+    loads the coordinator's parameters at the start of every task. Random initialisation is then
+    pure waste, and it is not small: on the H200 machine's CPU it took about 1 s per build of the
+    ~100M-parameter GPT, 61% of a ``pretrain-hetero`` run's wall time, because a device worker is
+    rebuilt every round (docs/performance.md). Allocating on ``device`` also saves the copy from
+    host memory. Buffers (position ids and the like) are built as usual, and tied weights are
+    tied again (transformers ties them in the initialisation this skips).
+
+    Not thread-safe: transformers switches the ``torch.nn.init`` functions off module-wide while
+    ``build`` runs, and the engines build one worker at a time per process.
+    """
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers releases that keep it in modeling_utils
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+    with no_init_weights(), torch.device(device):
+        model = build()
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.tie_weights()
+    return model
 
 
 def param_count(model: nn.Module, trainable_only: bool = False) -> int:

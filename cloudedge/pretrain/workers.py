@@ -18,6 +18,7 @@ from torch import nn
 
 from cloudedge.config.model import ModelConfig
 from cloudedge.device import autocast, resolve_device, synchronize, to_device
+from cloudedge.models.zoo import build_uninitialised
 from cloudedge.pretrain.tasks import batch_loss, batch_units, build_task_model, evaluate_loss
 
 Tensors = dict[str, torch.Tensor]
@@ -129,9 +130,13 @@ class PretrainWorker:
     @property
     def model(self) -> nn.Module:
         if self._model is None:
-            self._model = build_task_model(self.task, self.model_cfg, n_classes=self.n_classes,
-                                           encoder=self.encoder, seed=self.seed, objective=self.objective,
-                                           base_dir=self.base_dir)  # type: ignore[arg-type]
+            # Every task loads the coordinator's parameters before it uses the model, so it is
+            # built uninitialised, on its device (a kind-hf checkpoint loads from disk as usual).
+            def build() -> nn.Module:
+                return build_task_model(self.task, self.model_cfg, n_classes=self.n_classes, encoder=self.encoder,
+                                        seed=self.seed, objective=self.objective, base_dir=self.base_dir)  # type: ignore[arg-type]
+
+            self._model = build() if self.model_cfg.kind == "hf" else build_uninitialised(build, self.device)
             self._model.to(self.device)
             self._model.train()
         return self._model
