@@ -7,9 +7,9 @@ forward + backward, parameter and activation bytes), on a batch of the run's siz
 model's input shape; its adapter state is the layout of every message.
 
 A preset or ``{family, config}`` is built on the meta device (shapes only). There attention runs
-as plain products, whose backward skips gradients nobody needs, while the CPU's fused attention
-kernel computes every gradient but ``FlopCounterMode`` counts only its forward: the two counts
-differ by a few percent. A ``model``-style section is therefore built for real on the CPU (it is
+as plain products, whose backward skips gradients nobody needs and recomputes nothing, while the
+fused attention kernels (CPU and CUDA alike, :mod:`cloudedge.models.flops`) compute every gradient
+and recompute the score matrix: the two counts differ by a few percent. A ``model``-style section is therefore built for real on the CPU (it is
 the kind of model this project trains), so charging the trained model's own config gives exactly
 its measured costs.
 """
