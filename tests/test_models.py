@@ -21,6 +21,7 @@ from cloudedge.models import (
     PAD_ID,
     TRAINING_FLOPS_FACTOR,
     build_model,
+    build_uninitialised,
     clip_forward_flops,
     flops_per_sample,
     gpt_forward_flops,
@@ -166,6 +167,36 @@ def test_build_is_deterministic_and_leaves_global_rng_alone() -> None:
     assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
 
 
+@pytest.mark.parametrize("kind", ["gpt", "vit", "clip"])
+def test_uninitialised_build_draws_nothing_and_loads_to_the_same_model(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg(kind)
+    reference = build_model(cfg, seed=3)
+    draws = []
+    for name in ("normal_", "uniform_", "fill_"):  # what every init function ends in
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _n=name, **k: (draws.append(_n), _real(t, *a, **k))[1])
+    empty = build_uninitialised(lambda: build_model(cfg, seed=3))
+    assert draws == []
+    monkeypatch.undo()
+    # The same parameters under the same names, ties included (GPT's head is its embedding).
+    assert [n for n, _ in empty.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    for (name, buf), (_, ref_buf) in zip(empty.named_buffers(), reference.named_buffers(), strict=True):
+        assert torch.equal(buf, ref_buf), name
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(empty.named_parameters(), reference.named_parameters(), strict=True):
+            p.copy_(q)
+    if kind == "gpt":
+        assert empty.lm_head.weight is empty.transformer.wte.weight
+    inputs = _sample_inputs(kind, cfg)
+    reference.eval(), empty.eval()
+    out_ref, out = reference(**inputs), empty(**inputs)
+    key = "logits_per_image" if kind == "clip" else "logits"
+    assert torch.equal(out[key], out_ref[key])
+    # Initialisation is back on for everyone else.
+    for key, value in build_model(cfg, seed=3).state_dict().items():
+        assert torch.equal(value, reference.state_dict()[key])
+
+
 def test_seed_none_uses_global_rng() -> None:
     torch.manual_seed(5)
     a = build_model(_cfg("vit"), seed=None)
@@ -220,6 +251,26 @@ def test_formula_equals_plain_flop_counter_with_eager_attention(kind: str) -> No
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(**_sample_inputs(kind, cfg))
     assert counter.get_total_flops() == flops_per_sample(cfg)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "vit"])
+def test_a_training_step_counts_the_fused_attention_backward(kind: str) -> None:
+    """The fused kernel's backward (CPU here, CUDA elsewhere: the same formula) does eager's four
+    products and recomputes the score matrix: one product more per layer, and nothing else differs."""
+    from cloudedge.finetune.workers import step_info
+
+    cfg = _cfg(kind)
+    batch, seq = 4, (cfg.context if kind == "gpt" else (cfg.image_size // cfg.patch_size) ** 2 + 1)
+    inputs = _sample_inputs(kind, cfg, batch=batch)
+    counts = {}
+    for impl in ("sdpa", "eager"):
+        model = build_model(cfg)
+        model.set_attn_implementation(impl)
+        loss = (lambda: model(**inputs, labels=inputs["input_ids"]).loss) if kind == "gpt" else \
+            (lambda: model(**inputs).logits.square().mean())
+        counts[impl] = step_info(model, loss, batch, batch)["train_step_flops"]
+    head_dim = cfg.hidden // cfg.heads
+    assert counts["sdpa"] - counts["eager"] == cfg.layers * 2 * batch * cfg.heads * seq * seq * head_dim
 
 
 def test_formulas_by_hand_for_tiny_gpt() -> None:
