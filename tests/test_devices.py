@@ -100,6 +100,32 @@ def test_finetune_on_cuda_without_one_names_the_field() -> None:
         finetune(_finetune_cfg(device="cuda"), None, LocalEngine())
 
 
+def test_finetune_bf16_autocast_trains_close_to_fp32_on_the_same_clock() -> None:
+    from cloudedge.finetune import finetune
+
+    fp32 = finetune(_finetune_cfg(), None, LocalEngine())
+    bf16 = finetune(_finetune_cfg(precision="bf16"), None, LocalEngine())
+    assert [r["virtual_time_s"] for r in bf16.rows] == [r["virtual_time_s"] for r in fp32.rows]  # same FLOPs
+    pairs = [(a["loss"], b["loss"]) for a, b in zip(fp32.rows, bf16.rows, strict=True)]
+    assert all(b == pytest.approx(a, rel=0.05) for a, b in pairs)
+    assert any(a != b for a, b in pairs)  # the forward really ran in bfloat16
+    assert all(v.dtype == torch.float32 for v in bf16.artefacts["adapters"].values())  # adapters stay float32
+
+
+def test_finetune_bf16_memory_need_counts_the_autocast_copy_and_halves_activations() -> None:
+    from cloudedge.finetune.reliability import memory_need
+
+    info = {"params": 1000, "model_bytes": 4000, "trainable_bytes": 400, "activation_bytes": 8000}
+    fp32, bf16 = memory_need(info, "adamw"), memory_need(info, "adamw", precision="bf16")
+    assert fp32 == {"weights": 4000, "training_state": 1200, "activations": 8000, "total": 13200}
+    assert bf16 == {"weights": 4000 + 2 * 1000, "training_state": 1200, "activations": 4000, "total": 11200}
+
+
+def test_finetune_precision_is_checked_by_name() -> None:
+    with pytest.raises(InputError, match=r"finetune\.precision"):
+        _finetune_cfg(precision="fp16")
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_finetune_on_cuda_matches_the_cpu_run() -> None:
     from cloudedge.finetune import finetune

@@ -120,6 +120,9 @@ class FinetuneConfig(StrictModel):
     compression: Literal["none", "fp16", "bf16", "int8"] = "none"
     device: Literal["cpu", "cuda", "auto"] = Field(
         default="cpu", description="where every worker holds the model (auto: cuda when present)")
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: forward passes under bfloat16 autocast (weights, adapters and "
+                                    "optimizer state stay float32); the memory check counts it")
     time_budget_s: float = Field(default=60.0, gt=0, description="virtual seconds the run may take")
     max_cloud_rounds: int = Field(default=100, ge=1, description="cloud updates (async: merges / edges)")
     target_accuracy: float | None = Field(default=None, gt=0, le=1, description="for time_to_target_s")

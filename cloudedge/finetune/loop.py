@@ -85,6 +85,7 @@ class FinetuneSettings:
     server_lr: float = 1.0
     compression: str = "none"
     device: str = "cpu"  # where workers hold the model: cpu, cuda or auto (each worker's host decides)
+    precision: str = "fp32"  # fp32, or bf16 autocast for the forward passes
     participation: float = 1.0
     time_budget_s: float = 60.0
     max_cloud_rounds: int = 100
@@ -145,7 +146,8 @@ class HierFinetune:
         self.spec = {**task.spec, "mode": settings.lora_mode}
         self.mode = settings.lora()
         engine.register(CLOUD, WorkerSpec(FinetuneWorker, dict(
-            spec=self.spec, data=task.test_data, batch_size=settings.batch_size, device=settings.device)))
+            spec=self.spec, data=task.test_data, batch_size=settings.batch_size, device=settings.device,
+            precision=settings.precision)))
         self.info = engine.call(CLOUD, "model_info")
         self.global_state: Tensors = self.initial_state()
         self.charged, self.charged_layout = self._charged_costs()
@@ -159,7 +161,7 @@ class HierFinetune:
         self.safeguards = Safeguards(settings, fleet, self.tally, self.charged, self.charged_layout,
                                      self.global_state, self.topology.point_devices, self.scaling)
         device_kwargs = dict(spec=self.spec, batch_size=settings.batch_size, optimizer=settings.optimizer,
-                             lr=settings.lr, device=settings.device)
+                             lr=settings.lr, device=settings.device, precision=settings.precision)
         self.rounds = EdgeRounds(settings, fleet, task.device_data, engine, self.clock, self.policy, self.messages,
                                  self.safeguards, self.churn, self.tally, float(self.charged["train_step_flops"]),
                                  device_kwargs, host_step_flops=float(self.info["train_step_flops"]))

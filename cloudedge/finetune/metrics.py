@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from cloudedge.device import PRECISIONS
 from cloudedge.fleet import Fleet, VirtualClock
 from cloudedge.fleet.traces import online_count
 from cloudedge.perf import stage_peak_size, utilization_fields
@@ -109,7 +110,7 @@ class MetricLog:
         }
         if tally.host_wall_s > 0:  # this host's model-FLOPs utilization since the last row
             util = utilization_fields(tally.host_flops, tally.host_wall_s, self.fastest_flops, device=self.device,
-                                      peak_size=stage_peak_size(self.device))
+                                      peak_size=stage_peak_size(self.device), dtype=PRECISIONS[self.s.precision])
             row.update({k: util[k] for k in ("mfu_measured", "mfu_profile", "achieved_flops")})
             tally.host_flops, tally.host_wall_s = 0.0, 0.0
         epsilon = self.epsilon()

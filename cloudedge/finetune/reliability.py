@@ -147,18 +147,22 @@ class PrivacyLedger:
         self._eps_cache = {}
 
 
-def memory_need(info: Mapping[str, Any], optimizer: str, extra_weight_bytes: int = 0) -> dict[str, int]:
+def memory_need(info: Mapping[str, Any], optimizer: str, extra_weight_bytes: int = 0,
+                precision: str = "fp32") -> dict[str, int]:
     """Bytes fine-tuning needs on a device, by part.
 
-    ``weights``: every parameter (frozen base, adapters, head) and dense base deltas;
-    ``training_state``: gradients of the trained tensors and the optimizer's state (AdamW: two
-    moments; SGD: none); ``activations``: what autograd keeps for backward on one batch, measured by
-    the worker (``model_info``)."""
+    ``weights``: every parameter (frozen base, adapters, head) and dense base deltas, plus under
+    ``bf16`` autocast's 2-byte copy of every parameter; ``training_state``: gradients of the trained
+    tensors and the optimizer's state (AdamW: two moments; SGD: none); ``activations``: what autograd
+    keeps for backward on one batch, measured in float32 by the worker (``model_info``), halved
+    under ``bf16``. The same rule as pre-training's (:mod:`cloudedge.pretrain.memory`)."""
+    from cloudedge.pretrain.memory import ACTIVATION_BYTES, AUTOCAST_WEIGHT_BYTES, BYTES_PER_FLOAT
+
     trainable = int(info["trainable_bytes"])
     moments = 2 if optimizer == "adamw" else 0
-    need = {"weights": int(info["model_bytes"]) + int(extra_weight_bytes),
+    need = {"weights": int(info["model_bytes"]) + int(extra_weight_bytes) + AUTOCAST_WEIGHT_BYTES[precision] * int(info["params"]),
             "training_state": trainable * (1 + moments),
-            "activations": int(info["activation_bytes"])}
+            "activations": int(info["activation_bytes"]) * ACTIVATION_BYTES[precision] // BYTES_PER_FLOAT}
     need["total"] = sum(need.values())
     return need
 

@@ -53,7 +53,7 @@ class Safeguards:
         self.tally, self.scaling = tally, scaling
         layout = charged_layout if charged_layout is not None else global_state
         extra = sum(v.numel() * v.element_size() for k, v in layout.items() if k.endswith(BASE_DELTA_SUFFIX))
-        self.memory_need = memory_need(charged, s.optimizer, extra)
+        self.memory_need = memory_need(charged, s.optimizer, extra, s.precision)
         check_memory(fleet, self.memory_need, s.memory_fraction, s.batch_size)
         self.robust = robust_settings(s.robust)
         self.edge_aggregator = self.robust["aggregator"]["name"]

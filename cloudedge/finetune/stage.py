@@ -146,7 +146,7 @@ def settings_from_config(cfg: RunConfig, policy: str | dict[str, Any] | Choice |
         batch_size=f.batch_size,
         optimizer=f.optimizer, lr=f.lr, server_optimizer=f.server_optimizer, server_lr=f.server_lr,
         compression=f.compression, participation=f.participation, time_budget_s=f.time_budget_s,
-        device=f.device,
+        device=f.device, precision=f.precision,
         max_cloud_rounds=f.max_cloud_rounds, target_accuracy=f.target_accuracy, eval_max=f.eval_max,
         eval_every_s=f.eval_every_s,
         checkpoint_every=f.checkpoint_every, seed=cfg.seed,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cloudedge.device import resolve_device
+from cloudedge.device import autocast, resolve_device
 from cloudedge.finetune.lora import sent_keys
 from cloudedge.finetune.model import AdapterSlot, adapter_state, build_lora_classifier
 
@@ -67,8 +67,9 @@ class FinetuneWorker:
     """
 
     def __init__(self, spec: dict[str, Any], data: dict[str, torch.Tensor], batch_size: int,
-                 optimizer: str = "adamw", lr: float = 3e-3, device: str = "cpu"):
+                 optimizer: str = "adamw", lr: float = 3e-3, device: str = "cpu", precision: str = "fp32"):
         self.spec, self.data = spec, data
+        self.precision = precision
         # The data stays in host memory; each batch moves to the device. What a task returns
         # crosses the engine in host memory. The device name is resolved on this worker's host.
         self.device = torch.device(resolve_device(device, "finetune.device"))
@@ -90,8 +91,13 @@ class FinetuneWorker:
     def _labels(self, idx: torch.Tensor) -> torch.Tensor:
         return self.data["labels"][idx].to(self.device)
 
+    def _logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """The model's logits on samples ``idx``, under autocast in ``bf16`` (returned in float32)."""
+        with autocast(self.device, self.precision):
+            return self.model(self._inputs(idx)).float()
+
     def _loss(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.model(self._inputs(idx)), self._labels(idx))
+        return F.cross_entropy(self._logits(idx), self._labels(idx))
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         # Walked once per worker: a round calls it several times and a module walk is not free.
@@ -174,7 +180,7 @@ class FinetuneWorker:
         correct, total_loss = 0, 0.0
         for lo in range(0, n, 256):
             idx = torch.arange(lo, min(n, lo + 256))
-            logits = model(self._inputs(idx))
+            logits = self._logits(idx)
             y = self._labels(idx)
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(dim=1) == y).sum())
@@ -190,7 +196,13 @@ class FinetuneWorker:
         ``FlopCounterMode`` on a real batch: the frozen base's weight gradients are not computed,
         so they are not counted; its input gradients are)."""
         idx = torch.arange(min(self.batch_size, self.n))
-        return step_info(self.model, lambda: self._loss(idx), self.batch_size, len(idx))
+
+        # Measured in float32 whatever the precision: the memory check applies the precision's rule
+        # (reliability.memory_need) to these bytes and to a charged model's alike.
+        def fp32_loss() -> torch.Tensor:
+            return F.cross_entropy(self.model(self._inputs(idx)), self._labels(idx))
+
+        return step_info(self.model, fp32_loss, self.batch_size, len(idx))
 
 
 def step_info(model: torch.nn.Module, loss_fn: Any, batch_size: int, measured: int) -> dict[str, Any]:
