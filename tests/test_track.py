@@ -64,3 +64,79 @@ def test_report_renders_plots_and_html(tmp_path):
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 3  # two curves + the shift bars
     assert json.loads((run.path / "summary.json").read_text())["complete"] is True
+
+
+# --- progress (cloudedge.track.progress) ----------------------------------------------------------
+
+
+def _lines_env(monkeypatch, every: str = "0") -> None:
+    monkeypatch.delenv("CLOUDEDGE_QUIET", raising=False)
+    monkeypatch.setenv("CLOUDEDGE_PROGRESS", "lines")
+    monkeypatch.setenv("CLOUDEDGE_PROGRESS_EVERY", every)
+
+
+def test_progress_lines_print_each_step_to_stderr(monkeypatch, capsys):
+    from cloudedge.track.progress import progress_bar
+
+    _lines_env(monkeypatch)
+    with progress_bar("pretrain sync", 3) as bar:
+        for _ in range(3):
+            bar.advance()
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert [line.split(" (")[0] for line in out.err.splitlines()] == [
+        "pretrain sync: 1/3", "pretrain sync: 2/3", "pretrain sync: 3/3"]
+
+
+def test_progress_lines_are_throttled_but_the_last_state_is_printed(monkeypatch, capsys):
+    from cloudedge.track.progress import progress_bar
+
+    _lines_env(monkeypatch, every="3600")
+    with pytest.raises(RuntimeError):
+        with progress_bar("finetune hierfavg", 10) as bar:
+            for _ in range(4):
+                bar.advance()
+            raise RuntimeError("a crash half-way")
+    # The first step, then nothing for an hour, then where it stopped (also when it stopped early).
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == [
+        "finetune hierfavg: 1/10", "finetune hierfavg: 4/10"]
+
+
+def test_progress_is_silent_in_tests_and_off_when_asked(monkeypatch, capsys):
+    from cloudedge.track.progress import progress_bar, progress_mode
+
+    assert progress_mode() == "off"  # CLOUDEDGE_QUIET, set by conftest, wins over everything
+    monkeypatch.delenv("CLOUDEDGE_QUIET", raising=False)
+    monkeypatch.setenv("CLOUDEDGE_PROGRESS", "off")
+    with progress_bar("adapt", 2) as bar:
+        bar.advance(2)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("CLOUDEDGE_PROGRESS", "auto")
+    assert progress_mode() == "off"  # stderr is captured here, not a terminal
+
+
+@pytest.mark.parametrize(("name", "value"), [("CLOUDEDGE_PROGRESS", "verbose"), ("CLOUDEDGE_PROGRESS_EVERY", "soon"),
+                                             ("CLOUDEDGE_PROGRESS_EVERY", "-1")])
+def test_bad_progress_settings_name_the_variable(monkeypatch, name, value):
+    from cloudedge.track.progress import progress_bar
+
+    _lines_env(monkeypatch)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InputError, match=name):
+        with progress_bar("pretrain", 1):
+            pass
+
+
+def test_a_stage_run_prints_its_rounds_as_lines(monkeypatch, capsys):
+    from cloudedge.pretrain.stage import pretrain
+
+    _lines_env(monkeypatch)
+    cfg = config_from_dict({
+        "seed": 0, "fleet": {"cloud": {"profile": "a100"}, "edges": [{"count": 1, "devices": [{"count": 1, "profile": "phone-mid"}]}]},
+        "data": {"source": "pydocs", "max_docs": 60},
+        "model": {"kind": "gpt", "hidden": 16, "layers": 1, "heads": 2, "context": 16},
+        "pretrain": {"task": "lm", "rounds": 2, "global_batch": 4, "eval_every": 1, "eval_samples": 4}})
+    pretrain(cfg, None)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0].split(": ")[1] for line in err] == ["1/2", "2/2"]
+    assert err[0].startswith("pretrain ")
