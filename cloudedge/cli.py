@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        from cloudedge.track.progress import check_progress_settings
+
+        check_progress_settings()
         app(args=argv, standalone_mode=False)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

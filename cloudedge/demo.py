@@ -224,7 +224,7 @@ def _stage_finetune(cfg: RunConfig, run, engine, plan: DemoPlan, model_dir: Path
     assert f is not None
     task = prepare_task(ft_cfg, Fleet.from_config(ft_cfg.fleet, ft_cfg.seed))
     reference = central_reference(task, f.lora.mode.name, f.batch_size, f.lr, plan.finetune_central_steps, ft_cfg.seed,
-                                  f.eval_max)
+                                  f.eval_max, f.device, f.precision)
     f.target_accuracy = round(TARGET_FRACTION * reference, 4)
     methods = {}
     for policy in plan.finetune_policies:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,16 @@ def test_a_stage_run_prints_its_rounds_as_lines(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" (")[0].split(": ")[1] for line in err] == ["1/2", "2/2"]
     assert err[0].startswith("pretrain ")
+
+
+def test_a_bad_progress_setting_stops_the_cli_before_anything_is_written(monkeypatch, tmp_path, capsys):
+    from cloudedge.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain-lm.yaml")
+    for name, value in (("CLOUDEDGE_PROGRESS_EVERY", "x"), ("CLOUDEDGE_PROGRESS", "loud")):
+        monkeypatch.setenv(name, value)
+        out = tmp_path / name
+        assert main(["pretrain", config, "--out", str(out)]) == 2
+        assert name in capsys.readouterr().err
+        assert not out.exists()
+        monkeypatch.delenv(name)

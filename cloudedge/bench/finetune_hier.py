@@ -137,13 +137,15 @@ def pretrain_base(cfg: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def central_reference(task: TaskData, lora_mode: str, batch_size: int, lr: float, steps: int, seed: int,
-                      eval_max: int | None) -> float:
+                      eval_max: int | None, device: str = "cpu", precision: str = "fp32") -> float:
     """Test accuracy of centralized fine-tuning: one worker holding every device's data trains the
-    same adapters and head for ``steps`` steps from the same initial state (the target's reference)."""
+    same adapters and head for ``steps`` steps from the same initial state (the target's reference),
+    on the run's ``finetune.device`` and in its ``precision``."""
     spec = {**task.spec, "mode": lora_mode}
     union = {k: torch.cat([d[k] for d in task.device_data.values()]) for k in next(iter(task.device_data.values()))}
-    central = FinetuneWorker(spec, union, batch_size=batch_size, optimizer="adamw", lr=lr)
-    judge = FinetuneWorker(spec, task.test_data, batch_size=batch_size)
+    central = FinetuneWorker(spec, union, batch_size=batch_size, optimizer="adamw", lr=lr, device=device,
+                             precision=precision)
+    judge = FinetuneWorker(spec, task.test_data, batch_size=batch_size, device=device, precision=precision)
     state = central.initial_state()
     update = central.train(state, steps=steps, seed=seed)["update"]
     trained = {**state, **{k: state[k] + v for k, v in update.items()}}
@@ -196,7 +198,8 @@ def run(quick: bool, out_dir: Path, methods: tuple[str, ...] = METHODS, availabi
     ft = cfg.finetune
     assert ft is not None
     t1 = time.perf_counter()
-    central_acc = central_reference(task, ft.lora.mode.name, ft.batch_size, ft.lr, b["central_steps"], cfg.seed, ft.eval_max)
+    central_acc = central_reference(task, ft.lora.mode.name, ft.batch_size, ft.lr, b["central_steps"], cfg.seed, ft.eval_max,
+                                    ft.device, ft.precision)
     central_s = time.perf_counter() - t1
     target = round(b["target_fraction"] * central_acc, 4)
     low = round(b["low_fraction"] * central_acc, 4)

@@ -25,14 +25,26 @@ DEFAULT_EVERY_S = 10.0
 
 def progress_mode() -> str:
     """``bar``, ``lines`` or ``off``: what ``CLOUDEDGE_PROGRESS`` asks for here (see the module docstring)."""
+    mode = _asked_mode()
     if os.environ.get("CLOUDEDGE_QUIET"):
         return "off"
-    mode = os.environ.get("CLOUDEDGE_PROGRESS", "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise InputError(f"CLOUDEDGE_PROGRESS must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "auto":
         return "bar" if sys.stderr.isatty() else "off"
     return mode
+
+
+def _asked_mode() -> str:
+    mode = os.environ.get("CLOUDEDGE_PROGRESS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise InputError(f"CLOUDEDGE_PROGRESS must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def check_progress_settings() -> None:
+    """Raise InputError naming a bad ``CLOUDEDGE_PROGRESS`` / ``CLOUDEDGE_PROGRESS_EVERY``: the CLI
+    calls it before any command starts, so a typo never leaves a half-opened run directory."""
+    _asked_mode()
+    _every_s()
 
 
 def progress_enabled() -> bool:
