@@ -112,6 +112,16 @@ def test_finetune_bf16_autocast_trains_close_to_fp32_on_the_same_clock() -> None
     assert all(v.dtype == torch.float32 for v in bf16.artefacts["adapters"].values())  # adapters stay float32
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_finetune_bf16_on_cuda_keeps_the_cpu_clock() -> None:
+    from cloudedge.finetune import finetune
+
+    cpu = finetune(_finetune_cfg(precision="bf16"), None, LocalEngine()).rows
+    gpu = finetune(_finetune_cfg(device="cuda", precision="bf16"), None, LocalEngine()).rows
+    assert [r["virtual_time_s"] for r in gpu] == pytest.approx([r["virtual_time_s"] for r in cpu], rel=1e-12)
+    assert all(b["loss"] == pytest.approx(a["loss"], rel=0.05) for a, b in zip(cpu, gpu, strict=True))
+
+
 def test_finetune_bf16_memory_need_counts_the_autocast_copy_and_halves_activations() -> None:
     from cloudedge.finetune.reliability import memory_need
 
