@@ -470,22 +470,31 @@ class FedYogi(_Adaptive):
         torch._foreach_add_(v, sign, alpha=-(1.0 - self.beta2))
 
 
-SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
-    "fedavg": FedAvg,
-    "fedavgm": FedAvgM,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-}
+class FedAvgMParams(Params):
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="server momentum")
 
 
-def get_server_optimizer(name: str, **kw: Any) -> ServerOptimizer:
-    """A fresh server optimizer by name (fedavg, fedavgm, fedadam, fedyogi) with options ``kw``."""
-    if name not in SERVER_OPTIMIZERS:
-        raise InputError(f"server optimizer: unknown '{name}' (known: {', '.join(SERVER_OPTIMIZERS)})")
-    cls = SERVER_OPTIMIZERS[name]
-    init = cls.__init__
-    allowed = [a for a in init.__code__.co_varnames[1: init.__code__.co_argcount]]
-    bad = [k for k in kw if k not in allowed]
-    if bad:
-        raise InputError(f"server optimizer '{name}': unknown option '{bad[0]}' (known: {', '.join(allowed)})")
-    return cls(**kw)
+class AdaptiveParams(Params):
+    beta1: float = Field(default=0.9, ge=0, lt=1, description="first-moment decay")
+    beta2: float = Field(default=0.99, ge=0, lt=1, description="second-moment decay")
+    tau: float = Field(default=1e-3, gt=0, description="adaptivity: v starts at tau^2, and the step divides by sqrt(v) + tau")
+
+
+# The family a config names (`finetune.server_optimizer`: a name, or {name: ..., its knobs}); the
+# server lr is the config's `server_lr`, passed to every optimizer as ``lr``.
+SERVER_OPTIMIZERS: Registry[type[ServerOptimizer]] = Registry("server optimizer")
+SERVER_OPTIMIZERS.add("fedavg", FedAvg)
+SERVER_OPTIMIZERS.add("fedavgm", FedAvgM, FedAvgMParams)
+SERVER_OPTIMIZERS.add("fedadam", FedAdam, AdaptiveParams)
+SERVER_OPTIMIZERS.add("fedyogi", FedYogi, AdaptiveParams)
+
+
+def get_server_optimizer(choice: str | Choice | dict[str, Any], lr: float | None = None, **knobs: Any) -> ServerOptimizer:
+    """A fresh server optimizer: a name (fedavg, fedavgm, fedadam, fedyogi or a plug-in's), a
+    ``{name: ..., knobs}`` mapping or a :class:`Choice`, with ``lr`` and knobs (``momentum``;
+    ``beta1``, ``beta2``, ``tau``) checked by its parameter model. Bad ones are InputErrors."""
+    if knobs:
+        if isinstance(choice, Choice):
+            choice = {"name": choice.name, **choice.kwargs()}
+        choice = {**choice, **knobs} if isinstance(choice, dict) else {"name": choice, **knobs}
+    return SERVER_OPTIMIZERS.build(choice, **({} if lr is None else {"lr": lr}))

@@ -252,12 +252,49 @@ def test_server_optimizer_state_dict_resume(name: str) -> None:
 
 
 def test_get_server_optimizer_errors() -> None:
-    with pytest.raises(InputError, match="unknown 'adam' .known: fedavg, fedavgm, fedadam, fedyogi"):
+    with pytest.raises(InputError, match="unknown server optimizer 'adam' .known: fedavg, fedavgm, fedadam, fedyogi"):
         agg.get_server_optimizer("adam")
-    with pytest.raises(InputError, match="unknown option 'momentum'"):
+    with pytest.raises(InputError, match="momentum: not a parameter of server optimizer 'fedadam' .known: beta1, beta2, tau"):
         agg.get_server_optimizer("fedadam", momentum=0.9)
     with pytest.raises(InputError, match="lr must be > 0"):
         agg.get_server_optimizer("fedavg", lr=0.0)
+    with pytest.raises(InputError, match="momentum: Input should be less than 1"):
+        agg.get_server_optimizer({"name": "fedavgm", "momentum": 1.0})
+
+
+def test_server_optimizer_knobs_from_a_name_a_mapping_or_a_config() -> None:
+    from cloudedge.config import config_from_dict
+    from cloudedge.finetune.stage import settings_from_config
+
+    assert agg.get_server_optimizer("fedadam", lr=0.1, tau=0.01).hparams() == {
+        "lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 0.01}
+    assert agg.get_server_optimizer({"name": "fedavgm", "momentum": 0.5}).hparams() == {"lr": 1.0, "momentum": 0.5}
+    raw = {"fleet": {"cloud": {"profile": "a100"}, "edges": [{"count": 1, "devices": [{"count": 2, "profile": "phone-mid"}]}]},
+           "data": {"source": "digits"}, "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2,
+                                                   "image_size": 8, "patch_size": 4, "channels": 1}}
+    cfg = config_from_dict({**raw, "finetune": {"server_optimizer": {"name": "fedyogi", "beta2": 0.9}, "server_lr": 0.05}})
+    settings = settings_from_config(cfg)
+    assert settings.server_optimizer == {"name": "fedyogi", "beta1": 0.9, "beta2": 0.9, "tau": 1e-3}
+    opt = agg.get_server_optimizer(settings.server_optimizer, lr=settings.server_lr)
+    assert isinstance(opt, agg.FedYogi) and opt.hparams() == {"lr": 0.05, "beta1": 0.9, "beta2": 0.9, "tau": 1e-3}
+    assert settings_from_config(config_from_dict({**raw, "finetune": {}})).server_optimizer == "fedavg"
+    with pytest.raises(InputError, match=r"finetune\.server_optimizer.*tau"):
+        config_from_dict({**raw, "finetune": {"server_optimizer": {"name": "fedadam", "tau": 0}}})
+
+
+def test_a_registered_server_optimizer_is_usable_by_name() -> None:
+    class SignSGD(agg.ServerOptimizer):
+        """x <- x + lr * sign(delta)."""
+
+        def _update(self, keys, params, deltas):
+            torch._foreach_add_(params, torch._foreach_sign(deltas), alpha=self.lr)
+
+    agg.SERVER_OPTIMIZERS.add("test-signsgd", SignSGD)
+    try:
+        new = agg.get_server_optimizer("test-signsgd", lr=0.5).step(_scalar(1.0), _scalar(-3.0))
+        assert float(new["p"]) == 0.5 and SignSGD.name == "test-signsgd"
+    finally:
+        agg.SERVER_OPTIMIZERS._entries.pop("test-signsgd")
 
 
 # ---- properties ----------------------------------------------------------------------------------

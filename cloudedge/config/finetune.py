@@ -115,7 +115,9 @@ class FinetuneConfig(StrictModel):
     batch_size: int = Field(default=16, ge=1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(default=3e-3, gt=0)
-    server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    server_optimizer: plugin_choice("cloudedge.aggregate:SERVER_OPTIMIZERS") = Field(  # type: ignore[valid-type]
+        default="fedavg", description="the cloud's step on the aggregated delta: a name, or {name: ..., its knobs} "
+                                       "(momentum; beta1, beta2, tau); its lr is server_lr (docs/aggregation.md)")
     server_lr: float = Field(default=1.0, gt=0)
     compression: Literal["none", "fp16", "bf16", "int8"] = "none"
     device: Literal["cpu", "cuda", "auto"] = Field(
@@ -153,7 +155,7 @@ class FinetuneConfig(StrictModel):
         # Validating lora.mode imported its registry already (plugin_choice): no new import cost here.
         from cloudedge.finetune.lora import mode_class
 
-        if mode_class(mode).refactors and self.server_optimizer != "fedavg":
+        if mode_class(mode).refactors and self.server_optimizer.name != "fedavg":
             raise ValueError(f"lora.mode '{mode}' needs server_optimizer 'fedavg' (adapters are refactored)")
         if mode_class(mode).refactors:
             # Modes that refactor the adapters: per-tensor medians/trims and noise on the factors have

@@ -81,7 +81,7 @@ class FinetuneSettings:
     batch_size: int = 16
     optimizer: str = "adamw"
     lr: float = 3e-3
-    server_optimizer: str = "fedavg"
+    server_optimizer: str | dict[str, Any] = "fedavg"  # a name, or {name: ..., its knobs}
     server_lr: float = 1.0
     compression: str = "none"
     device: str = "cpu"  # where workers hold the model: cpu, cuda or auto (each worker's host decides)
@@ -114,8 +114,8 @@ class FinetuneSettings:
         return lora_mode(self.lora_mode, self.refactor)
 
 
-def server_optimizer(name: str, lr: float) -> ServerOptimizer:
-    return get_server_optimizer(name, lr=lr)
+def server_optimizer(choice: str | dict[str, Any], lr: float) -> ServerOptimizer:
+    return get_server_optimizer(choice, lr=lr)
 
 
 class HierFinetune:

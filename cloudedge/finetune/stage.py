@@ -144,7 +144,7 @@ def settings_from_config(cfg: RunConfig, policy: str | dict[str, Any] | Choice |
         # The mode's knobs (product: refactor) are settings fields of the same names.
         policy=sync.name, policy_kwargs=sync.kwargs(), lora_mode=f.lora.mode.name, **f.lora.mode.kwargs(),
         batch_size=f.batch_size,
-        optimizer=f.optimizer, lr=f.lr, server_optimizer=f.server_optimizer, server_lr=f.server_lr,
+        optimizer=f.optimizer, lr=f.lr, server_optimizer=f.server_optimizer.as_config(), server_lr=f.server_lr,
         compression=f.compression, participation=f.participation, time_budget_s=f.time_budget_s,
         device=f.device, precision=f.precision,
         max_cloud_rounds=f.max_cloud_rounds, target_accuracy=f.target_accuracy, eval_max=f.eval_max,
