@@ -248,8 +248,9 @@ def _cpu_flash_attention_backward_flops(
     grad_out_shape: torch.Size, query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size,
     *args: Any, **kwargs: Any,
 ) -> int:
-    """Its backward computes the four products of the CUDA kernels' backward, counted the same way,
-    so a step measured on a CPU host costs what the same step measured on a GPU host does."""
+    """Its backward does what the CUDA kernels' backward does (the score matrix recomputed, then the
+    four gradient products), counted with the same formula, so a step measured on a CPU host costs
+    what the same step measured on a GPU host does."""
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
