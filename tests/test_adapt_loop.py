@@ -81,6 +81,27 @@ def test_stage_runs_every_edge_and_shares(clip_dir, tmp_path):
     assert z["prompt_shares"] == 0 and z["prompt_bytes_up"] == 0  # nothing to share
 
 
+def test_bf16_autocast_adapts_close_to_fp32_with_float32_prompts_and_less_memory(clip_dir):
+    from cloudedge.adapt.edges import load_clip_source
+    from cloudedge.adapt.prompts import PromptLearner
+
+    source = {"path": str(clip_dir), "model_cfg": None}
+    clips = {p: load_clip_source(source, precision=p) for p in ("fp32", "bf16")}
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    feats = {p: (c.image_features(images), c.text_features(["a photo of a one.", "a photo of a two."]),
+                 PromptLearner(c, ["one", "two"]).normalized_text_features()) for p, c in clips.items()}
+    for full, half in zip(feats["fp32"], feats["bf16"], strict=True):
+        assert half.dtype == torch.float32 and not torch.equal(full, half)
+        assert bool(((full * half).sum(-1) > 0.99).all())  # the same directions, to bfloat16's precision
+    fp32 = adapt(_cfg(clip_dir), None)
+    bf16 = adapt(_cfg(clip_dir, precision="bf16"), None)
+    assert fp32.summary["peak_mem_mb"] > bf16.summary["peak_mem_mb"] > 0  # activations kept in bfloat16, measured
+    assert all(t.dtype == torch.float32 for p in bf16.artefacts["prompts"].values() for t in p.values())
+    differs = [not torch.equal(p[k], bf16.artefacts["prompts"][e][k])
+               for e, p in fp32.artefacts["prompts"].items() for k in p]
+    assert any(differs)  # the forward really ran in bfloat16
+
+
 def test_resume_matches_an_uninterrupted_run(clip_dir, tmp_path):
     cfg = _cfg(clip_dir, checkpoint_every=1)
     full = adapt(cfg, tmp_path / "full").summary

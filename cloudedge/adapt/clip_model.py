@@ -16,6 +16,7 @@ parameter frozen; only prompt vectors (``cloudedge.adapt.prompts``) or caches ch
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 
 from cloudedge.config.model import ModelConfig
+from cloudedge.device import autocast
 from cloudedge.errors import InputError
 from cloudedge.models.inputs import ImageSpec, fit_pixels, model_image_spec
 
@@ -98,13 +100,20 @@ class ClipAdapter:
     model's learned temperature (``exp`` applied), so ``logit_scale * img @ txt.T`` are CLIP logits.
     """
 
-    def __init__(self, model: CLIPModel, tokenizer: TextTokenizer, image_spec: ImageSpec, source: str = "<model>"):
+    def __init__(self, model: CLIPModel, tokenizer: TextTokenizer, image_spec: ImageSpec, source: str = "<model>",
+                 precision: str = "fp32"):
         if not isinstance(model, CLIPModel):
             raise InputError(f"{source}: not a CLIP model ({type(model).__name__})")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_spec = image_spec
         self.source = source
+        self.precision = precision  # adapt.precision: every forward of this CLIP runs under autocast()
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """The CLIP's forward passes in ``precision`` (bf16: bfloat16 autocast; fp32: as they are).
+        Callers return float32 features, so methods compute logits and losses in float32."""
+        return autocast(self.device, self.precision)
 
     @property
     def device(self) -> torch.device:
@@ -118,15 +127,17 @@ class ClipAdapter:
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings ``[B, P]`` of images in [0, 1]."""
         pixels = fit_pixels(images.to(self.device), self.image_spec)
-        out = self.model.get_image_features(pixel_values=pixels)
-        return F.normalize(_pooled(out), dim=-1)
+        with self.autocast():
+            out = self.model.get_image_features(pixel_values=pixels)
+        return F.normalize(_pooled(out).float(), dim=-1)
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
         """Normalised text embeddings ``[T, P]`` of plain prompts (no learned context)."""
         ids, mask = encode_texts(self.tokenizer, texts)
-        out = self.model.get_text_features(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        return F.normalize(_pooled(out), dim=-1)
+        with self.autocast():
+            out = self.model.get_text_features(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        return F.normalize(_pooled(out).float(), dim=-1)
 
 
 def _pooled(out: object) -> torch.Tensor:

@@ -52,10 +52,11 @@ def clip_source(acfg: AdaptConfig, cfg: RunConfig, checkpoint: str | Path | None
     return {"path": str(path), "model_cfg": cfg_dict}
 
 
-def load_clip_source(source: dict[str, Any], device: str = "cpu") -> ClipAdapter:
+def load_clip_source(source: dict[str, Any], device: str = "cpu", precision: str = "fp32") -> ClipAdapter:
     model_cfg = ModelConfig(**source["model_cfg"]) if source.get("model_cfg") else None
     clip = load_clip(source["path"], model_cfg)
     clip.model.to(device)
+    clip.precision = precision
     return clip
 
 
@@ -67,10 +68,10 @@ class AdaptWorker:
 
     def __init__(self, edge_id: str, source: dict[str, Any], method: str, method_args: dict[str, Any],
                  classnames: list[str], images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 seed: int, device: str = "cpu"):
+                 seed: int, device: str = "cpu", precision: str = "fp32"):
         self.edge_id = edge_id
         # Resolved on this edge's host (auto: its GPU, if it has one).
-        self.clip = load_clip_source(source, resolve_device(device, "adapt.device"))
+        self.clip = load_clip_source(source, resolve_device(device, "adapt.device"), precision)
         self.method = build_method(method, self.clip, classnames, seed=seed, **method_args)
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.position = 0

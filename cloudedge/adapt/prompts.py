@@ -95,7 +95,9 @@ class PromptLearner(nn.Module):
         ctx = self.ctx if ctx is None else ctx
         n_cls = self.n_classes
         embeds = torch.cat([self.prefix, ctx.unsqueeze(0).expand(n_cls, -1, -1), self.suffix], dim=1)
-        return encode_prompt_embeddings(self.clip.model, embeds, self.attention_mask, self.eos_position)
+        with self.clip.autocast():
+            out = encode_prompt_embeddings(self.clip.model, embeds, self.attention_mask, self.eos_position)
+        return out.float()
 
     def normalized_text_features(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         return F.normalize(self.text_features(ctx), dim=-1)

@@ -143,7 +143,8 @@ class AdaptRun:
             engine.register(s.edge_id, WorkerSpec(AdaptWorker, {
                 "edge_id": s.edge_id, "source": self.source, "method": acfg.method.name,
                 "method_args": acfg.method.params.model_dump(mode="json"), "classnames": self.classnames, "images": s.images,
-                "labels": s.labels, "batch_size": acfg.batch_size, "seed": cfg.seed, "device": acfg.device}))
+                "labels": s.labels, "batch_size": acfg.batch_size, "seed": cfg.seed, "device": acfg.device,
+                "precision": acfg.precision}))
         self.n_rounds = max(math.ceil(len(s.images) / acfg.batch_size) for s in self.streams)
         self.totals: dict[str, Any] = {"prompt_bytes_up": 0, "prompt_bytes_down": 0, "shares": 0}
         self.start_round = 0
@@ -153,7 +154,7 @@ class AdaptRun:
 
     def cloud_phase(self) -> None:
         """The method's work at the cloud before streaming (CoOp: fit the context), sent down."""
-        context = CloudContext(load_clip=lambda: load_clip_source(self.source, self.device),
+        context = CloudContext(load_clip=lambda: load_clip_source(self.source, self.device, self.acfg.precision),
                                classnames=self.classnames, seed=self.cfg.seed, adapt=self.acfg,
                                source=(self.source_split.x, self.source_split.y),
                                labelled={s.shift: s.labelled for s in self.streams})

@@ -72,3 +72,6 @@ class AdaptConfig(StrictModel):
                                                  "for coop_fit shift: stream_samples)")
     checkpoint_every: int = Field(default=10, ge=1, description="rounds (batches per edge) between checkpoints")
     device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="where edges run the model")
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: the CLIP's forward passes under bfloat16 autocast (weights, prompts and "
+                                    "optimizer state stay float32; features and logits are float32)")
