@@ -364,6 +364,14 @@ class ServerOptimizer:
         scalars = state.get("scalars", {})
         if scalars.get("name") != self.name:
             raise InputError(f"{source}: server optimizer state is for '{scalars.get('name')}', not '{self.name}'")
+        # Buffers built under other knobs (betas, tau, momentum) would be continued under these; lr
+        # may change on a resume, as any optimizer's may.
+        saved = scalars.get("hparams", {})
+        changed = [k for k, v in self.hparams().items() if k != "lr" and k in saved and saved[k] != v]
+        if changed:
+            k = changed[0]
+            raise InputError(f"{source}: server optimizer '{self.name}' was saved with {k} {saved[k]}, "
+                             f"not {self.hparams()[k]}: resume with the knobs it was started with")
         buffers: dict[str, Tensors] = {}
         for full, t in state.get("tensors", {}).items():
             buf, sep, key = full.partition("/")
@@ -392,7 +400,7 @@ class FedAvgM(ServerOptimizer):
     name = "fedavgm"
     buffer_names = ("m",)
 
-    def __init__(self, lr: float = 1.0, momentum: float = 0.9):
+    def __init__(self, lr: float = 1.0, *, momentum: float):  # knob defaults: FedAvgMParams
         super().__init__(lr)
         if not 0.0 <= momentum < 1.0:
             raise InputError(f"server optimizer 'fedavgm': momentum must be in [0, 1), got {momentum}")
@@ -425,7 +433,7 @@ class _Adaptive(ServerOptimizer):
 
     buffer_names = ("m", "v")
 
-    def __init__(self, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+    def __init__(self, lr: float = 1e-2, *, beta1: float, beta2: float, tau: float):  # knob defaults: AdaptiveParams
         super().__init__(lr)
         for label, b in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= b < 1.0:

@@ -249,6 +249,11 @@ def test_server_optimizer_state_dict_resume(name: str) -> None:
     other = "fedadam" if name != "fedadam" else "fedyogi"
     with pytest.raises(InputError, match="server optimizer state is for"):
         agg.get_server_optimizer(other).load_state_dict(saved)
+    agg.get_server_optimizer(name, lr=0.5).load_state_dict(saved)  # a new lr is fine
+    knob = {"fedavgm": {"momentum": 0.5}, "fedadam": {"tau": 0.01}, "fedyogi": {"beta2": 0.9}}.get(name)
+    if knob:  # buffers built under other knobs are not continued under these
+        with pytest.raises(InputError, match=f"was saved with {next(iter(knob))} .* resume with the knobs"):
+            agg.get_server_optimizer(name, **knob).load_state_dict(saved)
 
 
 def test_get_server_optimizer_errors() -> None:
