@@ -73,3 +73,31 @@ def test_results_say_what_ran_them_and_how_loaded_the_host_was(tmp_path) -> None
     m = res["methods"]["wan/sync-uniform"]
     assert m["tokens"] == 64 * 32 and m["tokens_per_s_compute"] >= m["tokens_per_s_engine"] >= m["tokens_per_s"] > 0
     assert res["ideal_speedup"] is None  # no compute regime ran
+
+
+def test_each_finished_method_is_kept_until_the_whole_result_is_ready(tmp_path, monkeypatch) -> None:
+    import json
+
+    from cloudedge.bench import pretrain_hetero as ph
+
+    seen = []
+    real = ph._run_method
+
+    def stop_after_two(cfg, name, overrides):
+        if len(seen) == 2:  # a timeout on a lent GPU, say: the third method run never ends
+            raise KeyboardInterrupt
+        seen.append(name)
+        return real(cfg, name, overrides)
+
+    monkeypatch.setattr(ph, "_run_method", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_hetero(True, tmp_path, methods="compute/sync-reweighted", rounds=2, seeds=2)
+    kept = json.loads((tmp_path / ph.PARTIAL).read_text())
+    assert kept["complete"] is False
+    assert [(m["method"], m["seed"]) for m in kept["finished"]] == [
+        ("compute/sync-uniform", 0), ("compute/sync-reweighted", 0)]
+    assert all(m["rounds"] >= 2 and m["wall_s"] > 0 and m["last_val_loss"] > 0 and "rows" not in m
+               for m in kept["finished"])
+    monkeypatch.setattr(ph, "_run_method", real)
+    run_hetero(True, tmp_path, methods="compute/sync-reweighted", rounds=2, seeds=1)
+    assert not (tmp_path / ph.PARTIAL).exists()  # the whole result supersedes it

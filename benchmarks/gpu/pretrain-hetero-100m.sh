@@ -7,7 +7,8 @@
 #   1. here, once:    bash benchmarks/gpu/pretrain-hetero-100m.sh prepare   (wheels into .whl/)
 #   2. device tool:   run(command="bash benchmarks/gpu/pretrain-hetero-100m.sh", carry=[".whl"],
 #                         timeout_s=540)
-# It writes under $OUT: gpu.txt, tests.txt, peaks.json, hetero.log, profile.txt, hetero/results.json.
+# It writes under $OUT: gpu.txt, tests.txt, peaks.json, hetero.log, profile.txt, hetero/results.json
+# (or, when the stage is stopped, hetero/partial.json: every method run that finished).
 # Run on an H200 on 2026-11-30 (docs/performance.md): the tests and peaks took ~40 s; the stage
 # did not finish in its 270 s then, because every device worker spent ~1 s of CPU randomly
 # initialising a model it then overwrote (fixed since) and sync-reweighted needs ~18x the rounds

@@ -41,8 +41,11 @@ over the engine calls' wall time; ``mfu_compute``: over the workers' own compute
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +175,7 @@ def run(quick: bool, out_dir: Path | None, *, size: str = "tiny", device: str = 
         torch.set_num_threads(1)
     regimes: dict[str, Any] = {}
     out_methods: dict[str, Any] = {}
+    partial = _Partial(Path(out_dir) / PARTIAL if out_dir is not None else None)
     try:
         for regime in REGIMES:
             wanted = [m for m in METHODS if m.startswith(f"{regime}/") and (m in names or m.endswith("/sync-uniform"))]
@@ -179,7 +183,7 @@ def run(quick: bool, out_dir: Path | None, *, size: str = "tiny", device: str = 
                 continue
             raw = bench_config(quick, size, device, precision, regime)
             n_rounds = rounds or ROUNDS[regime] * (1 if quick else 2)
-            per_seed = [_run_regime(raw, regime, seed, wanted, n_rounds) for seed in range(seeds)]
+            per_seed = [_run_regime(raw, regime, seed, wanted, n_rounds, partial.add) for seed in range(seeds)]
             regimes[regime] = _regime_summary(raw, per_seed, n_rounds)
             for name in wanted:
                 out_methods[name] = _over_seeds([one["methods"][name] for one in per_seed])
@@ -187,6 +191,7 @@ def run(quick: bool, out_dir: Path | None, *, size: str = "tiny", device: str = 
                     out_methods[name]["fraction_of_ideal"] = out_methods[name]["speedup"] / regimes[regime]["ideal_speedup"]
     finally:
         torch.set_num_threads(threads)
+    partial.remove()  # the whole result follows (results.json)
     first = next(iter(out_methods.values()))["per_seed"][0]
     res = {"benchmark": "pretrain-hetero",
            "config": {"quick": quick, "size": size, "seeds": seeds, "global_batch": GLOBAL_BATCH,
@@ -205,17 +210,23 @@ def run(quick: bool, out_dir: Path | None, *, size: str = "tiny", device: str = 
     return res
 
 
-def _run_regime(raw: dict[str, Any], regime: str, seed: int, names: list[str], rounds: int) -> dict[str, Any]:
-    """One seed of a regime: sync-uniform sets the budget and the target, then every method."""
+def _run_regime(raw: dict[str, Any], regime: str, seed: int, names: list[str], rounds: int,
+                done: Callable[[int, str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One seed of a regime: sync-uniform sets the budget and the target, then every method
+    (``done(seed, name, metrics)`` after each, for the partial results)."""
     cfg = config_from_dict({**raw, "seed": seed}, source=f"pretrain-hetero ({regime})")
     base_name = f"{regime}/sync-uniform"
     base = _run_method(cfg, base_name, {**METHODS[base_name], "rounds": rounds})
     budget = base["virtual_time_s"]
     results = {base_name: base}
+    if done:
+        done(seed, base_name, base)
     for name in names:
         if name != base_name:
             results[name] = _run_method(cfg, name, {**METHODS[name], "rounds": rounds * MAX_ROUNDS_FACTOR,
                                                     "time_budget_s": budget})
+            if done:
+                done(seed, name, results[name])
     grids = {name: grid_losses(m.pop("rows"), budget) for name, m in results.items()}
     target = grids[base_name][-1]
     t_base = first_crossing(grids[base_name], budget, target) if target is not None else None
@@ -285,6 +296,35 @@ def _run_method(cfg: Any, name: str, overrides: dict[str, Any]) -> dict[str, Any
         "workers": sorted({w for w in _trained(cfg, s)}),
         "learning_curve": s.get("controller", {}).get("learning_curve"),
     }
+
+
+PARTIAL = "partial.json"
+
+
+class _Partial:
+    """``out_dir/partial.json``: every method run finished so far (its measures, not its rows),
+    rewritten after each one, so a run stopped part-way (a timeout on a lent GPU) keeps what it
+    measured. Removed once the whole result is ready."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.finished = path, []
+
+    def add(self, seed: int, name: str, metrics: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        rows = metrics.get("rows") or []
+        last_loss = next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None)
+        self.finished.append({"method": name, "seed": seed, "last_val_loss": last_loss,
+                              **{k: v for k, v in metrics.items() if k not in ("rows", "learning_curve")}})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"benchmark": "pretrain-hetero", "complete": False, "finished": self.finished},
+                                  indent=1, default=float))
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def _trained(cfg: Any, summary: dict[str, Any]) -> list[str]:
