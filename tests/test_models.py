@@ -266,8 +266,8 @@ def test_a_training_step_counts_the_fused_attention_backward(kind: str) -> None:
     for impl in ("sdpa", "eager"):
         model = build_model(cfg)
         model.set_attn_implementation(impl)
-        loss = (lambda: model(**inputs, labels=inputs["input_ids"]).loss) if kind == "gpt" else \
-            (lambda: model(**inputs).logits.square().mean())
+        loss = (lambda m=model: m(**inputs, labels=inputs["input_ids"]).loss) if kind == "gpt" else \
+            (lambda m=model: m(**inputs).logits.square().mean())
         counts[impl] = step_info(model, loss, batch, batch)["train_step_flops"]
     head_dim = cfg.hidden // cfg.heads
     assert counts["sdpa"] - counts["eager"] == cfg.layers * 2 * batch * cfg.heads * seq * seq * head_dim

@@ -100,15 +100,14 @@ class ClipAdapter:
     model's learned temperature (``exp`` applied), so ``logit_scale * img @ txt.T`` are CLIP logits.
     """
 
-    def __init__(self, model: CLIPModel, tokenizer: TextTokenizer, image_spec: ImageSpec, source: str = "<model>",
-                 precision: str = "fp32"):
+    def __init__(self, model: CLIPModel, tokenizer: TextTokenizer, image_spec: ImageSpec, source: str = "<model>"):
         if not isinstance(model, CLIPModel):
             raise InputError(f"{source}: not a CLIP model ({type(model).__name__})")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_spec = image_spec
         self.source = source
-        self.precision = precision  # adapt.precision: every forward of this CLIP runs under autocast()
+        self.precision = "fp32"  # adapt.precision (set by edges.load_clip_source): every forward runs under autocast()
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """The CLIP's forward passes in ``precision`` (bf16: bfloat16 autocast; fp32: as they are).

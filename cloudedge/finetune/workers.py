@@ -91,13 +91,14 @@ class FinetuneWorker:
     def _labels(self, idx: torch.Tensor) -> torch.Tensor:
         return self.data["labels"][idx].to(self.device)
 
-    def _logits(self, idx: torch.Tensor) -> torch.Tensor:
-        """The model's logits on samples ``idx``, under autocast in ``bf16`` (returned in float32)."""
-        with autocast(self.device, self.precision):
+    def _logits(self, idx: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        """The model's logits on samples ``idx`` in ``precision`` (default: the worker's; bf16 runs
+        under autocast), returned in float32."""
+        with autocast(self.device, precision or self.precision):
             return self.model(self._inputs(idx)).float()
 
-    def _loss(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self._logits(idx), self._labels(idx))
+    def _loss(self, idx: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        return F.cross_entropy(self._logits(idx, precision), self._labels(idx))
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         # Walked once per worker: a round calls it several times and a module walk is not free.
@@ -196,13 +197,9 @@ class FinetuneWorker:
         ``FlopCounterMode`` on a real batch: the frozen base's weight gradients are not computed,
         so they are not counted; its input gradients are)."""
         idx = torch.arange(min(self.batch_size, self.n))
-
         # Measured in float32 whatever the precision: the memory check applies the precision's rule
         # (reliability.memory_need) to these bytes and to a charged model's alike.
-        def fp32_loss() -> torch.Tensor:
-            return F.cross_entropy(self.model(self._inputs(idx)), self._labels(idx))
-
-        return step_info(self.model, fp32_loss, self.batch_size, len(idx))
+        return step_info(self.model, lambda: self._loss(idx, "fp32"), self.batch_size, len(idx))
 
 
 def step_info(model: torch.nn.Module, loss_fn: Any, batch_size: int, measured: int) -> dict[str, Any]:

@@ -47,10 +47,6 @@ def check_progress_settings() -> None:
     _every_s()
 
 
-def progress_enabled() -> bool:
-    return progress_mode() != "off"
-
-
 def _every_s() -> float:
     raw = os.environ.get("CLOUDEDGE_PROGRESS_EVERY", "")
     try:
