@@ -202,6 +202,20 @@ def test_gate_is_the_oracle_minus_zero_shot_over_the_main_shifts():
     assert not headroom(oracle, zeroshot, ["a", "b", "c@5"])["holds"]
 
 
+def test_the_glyph_clip_build_takes_every_core_up_to_a_cap_and_gives_threads_back(monkeypatch):
+    from cloudedge.adapt import glyph_clip as gc
+    from cloudedge.engine import torch_threads
+
+    for cores, expected in ((1, 1), (2, 2), (64, gc.MAX_BUILD_THREADS), (None, 1)):
+        monkeypatch.setattr(gc.os, "cpu_count", lambda cores=cores: cores)
+        assert gc.build_threads() == expected
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), torch_threads(before + 1) as used:
+        assert used == torch.get_num_threads() == before + 1
+        raise RuntimeError("a failed build")
+    assert torch.get_num_threads() == before
+
+
 def test_glyph_clip_is_built_once_and_reused(tmp_path, monkeypatch):
     from cloudedge.adapt import glyph_clip as gc
 
@@ -220,9 +234,12 @@ def test_glyph_clip_is_built_once_and_reused(tmp_path, monkeypatch):
         return raw
 
     monkeypatch.setattr(gc, "pretrain_config", recipe)
-    first_dir, first = gc.glyph_clip(True)
+    torch.set_num_threads(1)
+    first_dir, first = gc.glyph_clip(True, threads=2)
     again_dir, again = gc.glyph_clip(True)
     assert not first["cached"] and again["cached"] and first_dir == again_dir
+    # The build ran with the threads asked for, which the card records; the process keeps its own.
+    assert first["training"]["torch_threads"] == 2 and torch.get_num_threads() == 1
     assert (first_dir / "model.safetensors").is_file() or any(first_dir.glob("*.safetensors"))
     assert 0.0 <= again["zero_shot"]["clean_held_in_fonts"] <= 1.0 and again["training"]["rounds"] == 2
     # Its pre-training drew a share of the images in the named styles, and the card scores each style
