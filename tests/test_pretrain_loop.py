@@ -336,10 +336,10 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor_at_the_last_round() -
         config_from_dict(raw)
 
 
-def _trace_run(tmp_path, trace: str, workers=("edge", "device")) -> list[dict]:
+def _trace_run(tmp_path, trace: str, workers=("edge", "device"), cloud: dict | None = None) -> list[dict]:
     (tmp_path / "online.csv").write_text("device,start_s,end_s\n" + trace)
     raw = {"seed": 3,
-           "fleet": {"cloud": {"profile": "a100"}, "availability": {"kind": "trace", "path": "online.csv"},
+           "fleet": {"cloud": cloud or {"profile": "a100"}, "availability": {"kind": "trace", "path": "online.csv"},
                      "edges": [{"count": 1, "profile": "edge-server",
                                 "devices": [{"count": 3, "profile": "phone-mid"}]}]},
            "data": {"source": "digits", "partition": {"kind": "iid"}},
@@ -363,6 +363,23 @@ def test_devices_follow_the_fleets_availability_trace(tmp_path) -> None:
     assert leaves[0]["bytes_total"] < stays[0]["bytes_total"]
     assert leaves[0]["energy_j"] < stays[0]["energy_j"]
     assert leaves[0]["round_s"] <= stays[0]["round_s"]
+
+
+
+def test_a_device_leaving_while_its_upload_waits_behind_another_drops_out(tmp_path) -> None:
+    """Two devices finish together and upload over one slow cloud downlink: dev2's update queues
+    behind dev0's and would arrive at about twice the upload time. Online until 3/4 of that, it
+    leaves before its update is in, though its upload alone would have made it."""
+    slow = {"profile": "a100", "overrides": {"downlink_Bps": 20_000.0}}
+    stays = _trace_run(tmp_path, "edge0/dev0,0,1e9\nedge0/dev2,0,1e9\n", workers=("device",), cloud=slow)
+    assert "failures" not in stays[0] and stays[0]["participants"] == 2
+    queued_arrival = stays[0]["round_s"]  # the round ends when the second upload is in
+    t_off = 0.75 * queued_arrival
+    leaves = _trace_run(tmp_path, f"edge0/dev0,0,1e9\nedge0/dev2,0,{t_off!r}\n", workers=("device",), cloud=slow)
+    reason = leaves[0]["failures"]["edge0/dev2"]
+    assert reason.startswith(f"went offline at {t_off:.6g} s (virtual)")
+    assert float(reason.rsplit(" at ", 1)[1].split(" s")[0]) == pytest.approx(queued_arrival, rel=1e-4)
+    assert leaves[0]["participants"] == 1 and leaves[0]["round_s"] < t_off < queued_arrival
 
 
 def test_a_round_whose_every_device_leaves_is_lost_work_not_an_error(tmp_path) -> None:

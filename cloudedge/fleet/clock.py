@@ -130,17 +130,8 @@ class VirtualClock:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
-        sp, dp = src.profile, dst.profile
-        begin = max(self.now if start is None else start, self._data_ready[src_id])
-        up, _, src_lat, src_wan = link_figures(sp, dp.tier)
-        _, down, dst_lat, dst_wan = link_figures(dp, sp.tier)
-        up_free = self._wan_up_free if src_wan else self._up_free
-        down_free = self._wan_down_free if dst_wan else self._down_free
-        # Each end's pipe carries the message at that end's full rate, after what is queued on it.
-        up_free[src_id] = max(begin, up_free[src_id]) + nbytes / up
-        down_free[dst_id] = max(begin, down_free[dst_id]) + nbytes / down
-        wire_end = max(begin + nbytes / min(up, down), up_free[src_id], down_free[dst_id])
-        end = wire_end + max(src_lat, dst_lat)
+        begin, end, (up_free, up_end), (down_free, down_end) = self._route(src_id, dst_id, nbytes, start)
+        up_free[src_id], down_free[dst_id] = up_end, down_end
         self._mark_busy(src_id, begin, end)
         self._mark_busy(dst_id, begin, end)
         self._data_ready[dst_id] = max(self._data_ready[dst_id], end)
@@ -155,6 +146,26 @@ class VirtualClock:
         self.bytes_by_direction[direction] = self.bytes_by_direction.get(direction, 0) + int(nbytes)
         self.messages += 1
         return end
+
+    def transfer_end(self, src_id: str, dst_id: str, nbytes: int, start: float | None = None) -> float:
+        """When :meth:`transfer` with these arguments would deliver, behind what is already queued
+        on both ends' pipes, without sending anything (a node deciding whether it can finish)."""
+        return self._route(src_id, dst_id, nbytes, start)[1]
+
+    def _route(self, src_id: str, dst_id: str, nbytes: int, start: float | None
+               ) -> tuple[float, float, tuple[dict[str, float], float], tuple[dict[str, float], float]]:
+        """``(begin, end, (uplink queue, its new end), (downlink queue, its new end))`` of one
+        message: each end's pipe carries it at that end's full rate, after what is queued on it."""
+        sp, dp = self.fleet.nodes[src_id].profile, self.fleet.nodes[dst_id].profile
+        begin = max(self.now if start is None else start, self._data_ready[src_id])
+        up, _, src_lat, src_wan = link_figures(sp, dp.tier)
+        _, down, dst_lat, dst_wan = link_figures(dp, sp.tier)
+        up_free = self._wan_up_free if src_wan else self._up_free
+        down_free = self._wan_down_free if dst_wan else self._down_free
+        up_end = max(begin, up_free[src_id]) + nbytes / up
+        down_end = max(begin, down_free[dst_id]) + nbytes / down
+        wire_end = max(begin + nbytes / min(up, down), up_end, down_end)
+        return begin, wire_end + max(src_lat, dst_lat), (up_free, up_end), (down_free, down_end)
 
     def _mark_busy(self, node_id: str, begin: float, end: float) -> None:
         # Only the part past what is already counted: overlapping messages are not double-counted.

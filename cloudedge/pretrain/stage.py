@@ -261,12 +261,15 @@ class PretrainRun:
         up_bytes = {wid: self.charged_update_bytes or nbytes for wid, (_, nbytes) in zip(ids, arrivals, strict=True)}
         # A device whose availability model takes it offline before its update would arrive drops out
         # at that instant: its compute up to then is charged, nothing is sent, and the round waits for
-        # it only until it leaves (the coordinator sees the connection go).
-        departed = self._departures(ids, ready, flops, up_bytes)
+        # it only until it leaves (the coordinator sees the connection go). Uploads queue at the
+        # cloud in this order, so each device's arrival is judged behind the ones sent before it.
+        departed: dict[str, str] = {}
         done: dict[str, float] = {}
         updates: list[Tensors] = []
         for wid, (arrived, _) in zip(ids, arrivals, strict=True):
-            if wid in departed:
+            reason = self._departure(wid, ready[wid], flops[wid], up_bytes[wid])
+            if reason is not None:
+                departed[wid] = reason
                 continue
             done[wid] = clock.compute(wid, flops[wid], start=ready[wid])
             if wid != CLOUD_ID:
@@ -345,28 +348,21 @@ class PretrainRun:
         online = online_mask(self.fleet, numbers, self.clock.now, rng)
         return avail | {n.id for n, on in zip(devices, online, strict=True) if on}
 
-    def _departures(self, ids: list[str], ready: dict[str, float], flops: dict[str, float],
-                    up_bytes: dict[str, int]) -> dict[str, str]:
-        """``{device: reason}`` for the devices that go offline before their update would arrive
-        (traces and the diurnal model; Bernoulli availability has no time), with the compute each
-        did until it left charged to the clock, as fine-tuning does (edge_round.py)."""
-        if self.fleet.availability.kind == "bernoulli":
-            return {}
-        cloud = self.fleet.nodes[CLOUD_ID].profile
-        out = {}
-        for wid in ids:
-            node = self.fleet.nodes[wid]
-            if node.tier != "device":
-                continue
-            begin = max(ready[wid], self.clock.busy_until[wid])
-            arrive = (begin + compute_seconds(node.profile, flops[wid])
-                      + transfer_seconds(node.profile, cloud, up_bytes[wid]))
-            t_off = online_until(self.fleet, self.fleet.device_number(wid), self.clock.now)
-            if arrive > t_off:
-                self.clock.compute_until(wid, flops[wid], begin, t_off)
-                out[wid] = (f"went offline at {t_off:.6g} s (virtual), before its update would have arrived "
-                            f"at {arrive:.6g} s")
-        return out
+    def _departure(self, wid: str, ready: float, flops: float, up_bytes: int) -> str | None:
+        """Why device ``wid`` goes offline before its update would arrive (traces and the diurnal
+        model; Bernoulli availability has no time), or None. When it does, the compute it did until
+        it left is charged to the clock, as fine-tuning does (edge_round.py). Its arrival is the
+        clock's, behind the uploads already queued at the cloud, not the upload's time alone."""
+        node = self.fleet.nodes[wid]
+        if self.fleet.availability.kind == "bernoulli" or node.tier != "device":
+            return None
+        begin = max(ready, self.clock.busy_until[wid])
+        arrive = self.clock.transfer_end(wid, CLOUD_ID, up_bytes, start=begin + compute_seconds(node.profile, flops))
+        t_off = online_until(self.fleet, self.fleet.device_number(wid), self.clock.now)
+        if arrive <= t_off:
+            return None
+        self.clock.compute_until(wid, flops, begin, t_off)
+        return f"went offline at {t_off:.6g} s (virtual), before its update would have arrived at {arrive:.6g} s"
 
     def _host_utilization(self, ids: list[str], plan: Plan, steps: dict[str, int], results: list[dict[str, Any]],
                           work_wall_s: float) -> tuple[dict[str, Any], float]:
