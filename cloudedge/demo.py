@@ -245,7 +245,7 @@ def _stage_adapt(cfg: RunConfig, run, engine, plan: DemoPlan, console: Console) 
     from cloudedge.adapt.glyph_clip import glyph_clip
 
     console.print("[bold]adapt[/bold] the glyph CLIP (built by the pre-training stage once, then cached) ...")
-    clip_dir, card = glyph_clip(quick=True)
+    clip_dir, card = glyph_clip(quick=True, threads=cfg.engine.threads)  # None: every core, up to 4
     views = {"augment": GLYPH_VIEWS}  # views that keep a 28 px character readable (docs/prompt-tuning.md)
     methods = {}
     for method in plan.adapt_methods:

@@ -223,11 +223,13 @@ def test_edge_wan_link_is_separate_from_its_access_link():
 def test_transfer_end_says_when_a_message_would_arrive_behind_the_queue_without_sending_it():
     clock = VirtualClock(make_fleet(edge={"downlink_Bps": 1e6}))  # the edge takes in what one device sends
     assert clock.transfer("edge0/dev0", "edge0", 1_000_000) == pytest.approx(1.0 + 0.05)
-    before = (dict(clock.busy_until), dict(clock.busy_s), clock.messages, dict(clock.energy_j),
-              dict(clock.bytes_by_link))
+    before = json.dumps(clock.state_dict(), sort_keys=True)
     # dev1's own uplink is free, but the edge's downlink carries dev0's megabyte until t = 1 s.
     expected = clock.transfer_end("edge0/dev1", "edge0", 1_000_000, start=0.0)
     assert expected == pytest.approx(2.0 + 0.05)
-    assert (dict(clock.busy_until), dict(clock.busy_s), clock.messages, dict(clock.energy_j),
-            dict(clock.bytes_by_link)) == before
+    assert json.dumps(clock.state_dict(), sort_keys=True) == before  # nothing sent, no node touched
     assert clock.transfer("edge0/dev1", "edge0", 1_000_000, start=0.0) == expected
+    with pytest.raises(ValueError, match="itself"):
+        clock.transfer_end("edge0", "edge0", 1)
+    with pytest.raises(ValueError, match="nbytes"):
+        clock.transfer_end("edge0/dev1", "edge0", -5)

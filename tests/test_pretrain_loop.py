@@ -349,6 +349,32 @@ def _trace_run(tmp_path, trace: str, workers=("edge", "device"), cloud: dict | N
     return pretrain(config_from_dict(raw, base_dir=tmp_path)).rows
 
 
+def test_an_upload_never_waits_behind_one_sent_later(tmp_path) -> None:
+    """A slow device (first in the round's order) and a fast one share a slow cloud downlink. The
+    fast one's update is sent and in long before the slow one sends: online until half the round,
+    it takes part, where queueing uploads in worker order would have put it behind the slow one."""
+    def run(trace: str) -> list[dict]:
+        (tmp_path / "online.csv").write_text("device,start_s,end_s\n" + trace)
+        raw = {"seed": 3,
+               "fleet": {"cloud": {"profile": "a100", "overrides": {"downlink_Bps": 20_000.0}},
+                         "availability": {"kind": "trace", "path": "online.csv"},
+                         "edges": [{"count": 1, "profile": "edge-server",
+                                    "devices": [{"count": 1, "profile": "phone-mid", "overrides": {"flops": 2e5}},
+                                                {"count": 1, "profile": "phone-mid"}]}]},
+               "data": {"source": "digits", "partition": {"kind": "iid"}},
+               "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "channels": 1},
+               "pretrain": {"task": "classify", "encoder": "mlp", "rounds": 1, "global_batch": 40, "eval_every": 1,
+                            "lr": 0.01, "workers": ["device"]}}
+        return pretrain(config_from_dict(raw, base_dir=tmp_path)).rows
+
+    stays = run("edge0/dev0,0,1e9\nedge0/dev1,0,1e9\n")
+    assert "failures" not in stays[0] and stays[0]["participants"] == 2
+    half = 0.5 * stays[0]["round_s"]  # the slow device sends after this
+    rows = run(f"edge0/dev0,0,1e9\nedge0/dev1,0,{half!r}\n")
+    assert "failures" not in rows[0] and rows[0]["participants"] == 2
+    assert rows[0]["round_s"] == stays[0]["round_s"]
+
+
 def test_devices_follow_the_fleets_availability_trace(tmp_path) -> None:
     """dev0 is online throughout, dev1 never (no rows), dev2 leaves 1 ms into the first round:
     dev1 never trains; dev2 drops out of round 0 (logged), sends nothing and is not waited for."""

@@ -168,7 +168,7 @@ def build_threads() -> int:
 
     The build is one model trained alone in its process (the benchmark's method processes start
     after it), so a free second core helps: the quick build took 89 s with two threads against
-    127 s with one on an idle 2-core machine. On a host busy with other work a second thread can be
+    114 s with one on an idle 2-core machine. On a host busy with other work a second thread can be
     slower (docs/performance.md, Finding 1): pass ``threads`` to :func:`glyph_clip` there."""
     return max(1, min(MAX_BUILD_THREADS, os.cpu_count() or 1))
 

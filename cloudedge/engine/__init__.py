@@ -45,7 +45,7 @@ def torch_threads(threads: int) -> Iterator[int]:
 
     For one large job in a process that otherwise keeps one thread (:func:`configure_threads`): the
     glyph CLIP's build is a single model on batches of 64, whose matmuls do use a second core when
-    it is free (1.45x on an idle 2-core machine, docs/prompt-tuning.md)."""
+    it is free (1.28x for the whole quick build on an idle 2-core machine, docs/performance.md)."""
     import torch
 
     before = torch.get_num_threads()

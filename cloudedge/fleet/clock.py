@@ -125,10 +125,6 @@ class VirtualClock:
         Charges `nbytes * radio_joules_per_byte` to each end (each with its own profile's figure)
         and counts the bytes on the link between the two tiers.
         """
-        if src_id == dst_id:
-            raise ValueError(f"transfer from {src_id!r} to itself")
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
         begin, end, (up_free, up_end), (down_free, down_end) = self._route(src_id, dst_id, nbytes, start)
         up_free[src_id], down_free[dst_id] = up_end, down_end
@@ -155,15 +151,20 @@ class VirtualClock:
     def _route(self, src_id: str, dst_id: str, nbytes: int, start: float | None
                ) -> tuple[float, float, tuple[dict[str, float], float], tuple[dict[str, float], float]]:
         """``(begin, end, (uplink queue, its new end), (downlink queue, its new end))`` of one
-        message: each end's pipe carries it at that end's full rate, after what is queued on it."""
+        message: each end's pipe carries it at that end's full rate, after what is queued on it.
+        Reads only (``.get``: no node becomes "touched" by being asked about)."""
+        if src_id == dst_id:
+            raise ValueError(f"transfer from {src_id!r} to itself")
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         sp, dp = self.fleet.nodes[src_id].profile, self.fleet.nodes[dst_id].profile
-        begin = max(self.now if start is None else start, self._data_ready[src_id])
+        begin = max(self.now if start is None else start, self._data_ready.get(src_id, 0.0))
         up, _, src_lat, src_wan = link_figures(sp, dp.tier)
         _, down, dst_lat, dst_wan = link_figures(dp, sp.tier)
         up_free = self._wan_up_free if src_wan else self._up_free
         down_free = self._wan_down_free if dst_wan else self._down_free
-        up_end = max(begin, up_free[src_id]) + nbytes / up
-        down_end = max(begin, down_free[dst_id]) + nbytes / down
+        up_end = max(begin, up_free.get(src_id, 0.0)) + nbytes / up
+        down_end = max(begin, down_free.get(dst_id, 0.0)) + nbytes / down
         wire_end = max(begin + nbytes / min(up, down), up_end, down_end)
         return begin, wire_end + max(src_lat, dst_lat), (up_free, up_end), (down_free, down_end)
 

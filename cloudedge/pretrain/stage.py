@@ -259,14 +259,18 @@ class PretrainRun:
         arrivals = [_roundtrip(res["update"], pcfg.compression) for res in results]
         # An update has the charged model's layout (clock.charge_as): its bytes, not the trained one's.
         up_bytes = {wid: self.charged_update_bytes or nbytes for wid, (_, nbytes) in zip(ids, arrivals, strict=True)}
-        # A device whose availability model takes it offline before its update would arrive drops out
-        # at that instant: its compute up to then is charged, nothing is sent, and the round waits for
-        # it only until it leaves (the coordinator sees the connection go). Uploads queue at the
-        # cloud in this order, so each device's arrival is judged behind the ones sent before it.
+        # Uploads queue at the cloud in the order they are sent, when each worker's compute ends (ties
+        # in worker order): none waits behind one sent later. A device whose availability model takes
+        # it offline before its update would arrive drops out at that instant: its compute up to then
+        # is charged, nothing is sent, and the round waits for it only until it leaves (the
+        # coordinator sees the connection go).
+        sent_at = {wid: max(ready[wid], clock.busy_until[wid]) + compute_seconds(fleet.nodes[wid].profile, flops[wid])
+                   for wid in ids}
         departed: dict[str, str] = {}
         done: dict[str, float] = {}
-        updates: list[Tensors] = []
-        for wid, (arrived, _) in zip(ids, arrivals, strict=True):
+        incoming: dict[str, Tensors] = {}
+        for i in sorted(range(len(ids)), key=lambda i: (sent_at[ids[i]], i)):
+            wid = ids[i]
             reason = self._departure(wid, ready[wid], flops[wid], up_bytes[wid])
             if reason is not None:
                 departed[wid] = reason
@@ -274,7 +278,8 @@ class PretrainRun:
             done[wid] = clock.compute(wid, flops[wid], start=ready[wid])
             if wid != CLOUD_ID:
                 done[wid] = clock.transfer(wid, CLOUD_ID, up_bytes[wid], start=done[wid])
-            updates.append(to_device(arrived, self.device))
+            incoming[wid] = to_device(arrivals[i][0], self.device)
+        updates: list[Tensors] = [incoming[wid] for wid in ids if wid in incoming]
         if departed:
             failed.update(departed)
             kept = [i for i, wid in enumerate(ids) if wid not in departed]
@@ -352,7 +357,8 @@ class PretrainRun:
         """Why device ``wid`` goes offline before its update would arrive (traces and the diurnal
         model; Bernoulli availability has no time), or None. When it does, the compute it did until
         it left is charged to the clock, as fine-tuning does (edge_round.py). Its arrival is the
-        clock's, behind the uploads already queued at the cloud, not the upload's time alone."""
+        clock's, behind the uploads sent before it and queued at the cloud, not its upload's time
+        alone."""
         node = self.fleet.nodes[wid]
         if self.fleet.availability.kind == "bernoulli" or node.tier != "device":
             return None
