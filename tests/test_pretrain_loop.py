@@ -349,6 +349,27 @@ def _trace_run(tmp_path, trace: str, workers=("edge", "device"), cloud: dict | N
     return pretrain(config_from_dict(raw, base_dir=tmp_path)).rows
 
 
+def test_the_clouds_own_compute_runs_while_the_uploads_come_in() -> None:
+    """The cloud trains too and is the slowest worker: the devices' uploads arrive while it computes,
+    so how fast its downlink takes them does not change when the round ends."""
+    def round_s(cloud_downlink: float) -> float:
+        raw = {"seed": 3,
+               "fleet": {"cloud": {"profile": "a100", "overrides": {"flops": 1e4, "downlink_Bps": cloud_downlink}},
+                         "edges": [{"count": 1, "profile": "edge-server",
+                                    "devices": [{"count": 2, "profile": "phone-mid", "overrides": {"availability": 1.0}}]}]},
+               "data": {"source": "digits", "partition": {"kind": "iid"}},
+               "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "channels": 1},
+               "pretrain": {"task": "classify", "encoder": "mlp", "rounds": 1, "global_batch": 30, "eval_every": 1,
+                            "lr": 0.01, "workers": ["cloud", "device"]}}
+        row = pretrain(config_from_dict(raw)).rows[0]
+        assert row["participants"] == 3
+        return row["round_s"]
+
+    slow, fast = round_s(1e4), round_s(1e9)  # 5 kB updates: about 0.5 s each into the slow downlink
+    assert slow > 5.0  # the cloud's compute (about 8 s at 10 kFLOP/s) is what the round waits for
+    assert slow == pytest.approx(fast, rel=1e-9)
+
+
 def test_an_upload_never_waits_behind_one_sent_later(tmp_path) -> None:
     """A slow device (first in the round's order) and a fast one share a slow cloud downlink. The
     fast one's update is sent and in long before the slow one sends: online until half the round,

@@ -260,16 +260,17 @@ class PretrainRun:
         # An update has the charged model's layout (clock.charge_as): its bytes, not the trained one's.
         up_bytes = {wid: self.charged_update_bytes or nbytes for wid, (_, nbytes) in zip(ids, arrivals, strict=True)}
         # Uploads queue at the cloud in the order they are sent, when each worker's compute ends (ties
-        # in worker order): none waits behind one sent later. A device whose availability model takes
-        # it offline before its update would arrive drops out at that instant: its compute up to then
-        # is charged, nothing is sent, and the round waits for it only until it leaves (the
-        # coordinator sees the connection go).
+        # in worker order): none waits behind one sent later. The cloud's own compute is booked first,
+        # as it runs while the uploads come in (booked after them, it would wait for them). A device
+        # whose availability model takes it offline before its update would arrive drops out at that
+        # instant: its compute up to then is charged, nothing is sent, and the round waits for it
+        # only until it leaves (the coordinator sees the connection go).
         sent_at = {wid: max(ready[wid], clock.busy_until[wid]) + compute_seconds(fleet.nodes[wid].profile, flops[wid])
                    for wid in ids}
         departed: dict[str, str] = {}
         done: dict[str, float] = {}
         incoming: dict[str, Tensors] = {}
-        for i in sorted(range(len(ids)), key=lambda i: (sent_at[ids[i]], i)):
+        for i in sorted(range(len(ids)), key=lambda i: (ids[i] != CLOUD_ID, sent_at[ids[i]], i)):
             wid = ids[i]
             reason = self._departure(wid, ready[wid], flops[wid], up_bytes[wid])
             if reason is not None:
