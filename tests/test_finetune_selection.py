@@ -107,3 +107,21 @@ def test_a_round_costs_the_same_at_1000_and_100000_devices():
         assert m["registered_after_round"] == [1]  # only the cloud's evaluation worker stays registered
         assert m["devices_holding_a_model"] == 0
     assert large["device_nodes_built"] < 2 * small["device_nodes_built"] < 2_000  # 100x the fleet, not 100x the nodes
+
+
+def test_an_upload_to_the_edge_never_waits_behind_one_sent_later():
+    """A slow device planned first and a fast one share their edge's slow downlink: the fast one's
+    upload goes out and arrives while the slow one still computes, so it is busy only for its own
+    compute and upload (booked in plan order, it waited behind the slow one's later upload)."""
+    groups = [{"count": 1, "profile": "phone-mid", "overrides": {"availability": 1.0, "flops": FLOPS / 50}},
+              {"count": 1, "profile": "phone-mid", "overrides": {"availability": 1.0, "flops": FLOPS}}]
+    raw = _raw(groups)
+    raw["fleet"]["edges"][0]["overrides"]["downlink_Bps"] = 1e4
+    loop = _loop(raw)
+    loop.run()
+    slow, fast = "edge0/dev0", "edge0/dev1"
+    assert loop.fleet.nodes[slow].profile.flops < loop.fleet.nodes[fast].profile.flops
+    slow_train_s = loop.clock.flops_done[slow] / loop.fleet.nodes[slow].profile.flops
+    fast_train_s = loop.clock.flops_done[fast] / loop.fleet.nodes[fast].profile.flops
+    assert fast_train_s < loop.clock.busy_s[fast] < 0.5 * slow_train_s
+    assert loop.train_count == {slow: 1, fast: 1}

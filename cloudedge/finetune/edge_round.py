@@ -256,14 +256,26 @@ class EdgeRounds:
         rejected: dict[str, str] = {}
         failed: dict[str, str] = {}
         arrivals, step_s, comm_s = [], [], []
-        for p, res in zip(plan.planned, results, strict=True):
+        if len(results) != len(plan.planned):
+            raise ValueError(f"{len(results)} results for {len(plan.planned)} planned devices")
+        # The clock first: uploads reach the edge's downlink in the order they are sent, when each
+        # device's compute ends (ties in plan order), so none waits behind one that starts later.
+        # Everything else follows the plan's order, as the aggregate's sums do.
+        sent_at = [max(p.begin, self.clock.busy_until[p.dev.id]) + p.flops / p.dev.profile.flops for p in plan.planned]
+        booked: dict[int, tuple[float, float, Tensors]] = {}
+        for i in sorted(range(len(plan.planned)), key=lambda i: (sent_at[i], i)):
+            p, res = plan.planned[i], results[i]
+            if not isinstance(res, WorkerError):
+                t_done = self.clock.compute(p.dev.id, p.flops, start=p.begin)
+                got, nbytes = self.messages.ship(res["update"])
+                booked[i] = (t_done, self.messages.transfer(p.dev.id, agg_id, nbytes, start=t_done), got)
+        for i, (p, res) in enumerate(zip(plan.planned, results, strict=True)):
             dev = p.dev
             if isinstance(res, WorkerError):
                 failed[dev.id] = str(res.cause)
                 continue
-            t_done = self.clock.compute(dev.id, p.flops, start=p.begin)
-            got, nbytes = self.messages.ship(res["update"])
-            arrivals.append(self.messages.transfer(dev.id, agg_id, nbytes, start=t_done))
+            t_done, arrival, got = booked[i]
+            arrivals.append(arrival)
             measured = (t_done - p.begin) / max(1.0, p.steps + extra / self.step_flops)
             self.sec_per_step[dev.id] = 0.5 * self._step_s(dev) + 0.5 * measured
             step_s.append(measured)

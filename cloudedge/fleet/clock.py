@@ -13,7 +13,10 @@ Scheduling rules (docs/profiles.md, "The clock"):
   carries bytes at its own rate, first come first served, so an edge sending to 100 phones is
   bounded by its uplink in total and by each phone's downlink per message, rather than sending
   one message after another. A lone message takes exactly `transfer_seconds`. Both ends are
-  busy until the message has arrived.
+  busy until the message has arrived. "First come" is the order of the calls: a stage books the
+  messages of a round in the order they are sent (pre-training and fine-tuning sort their uploads
+  by when each sender's compute ends), else one could wait behind a message sent later.
+- `transfer_end` answers when a `transfer` would arrive, without booking it.
 - `barrier(ids)` moves `now` to when the slowest of them is done, and makes them all wait there.
 """
 
