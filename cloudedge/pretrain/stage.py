@@ -259,28 +259,9 @@ class PretrainRun:
         arrivals = [_roundtrip(res["update"], pcfg.compression) for res in results]
         # An update has the charged model's layout (clock.charge_as): its bytes, not the trained one's.
         up_bytes = {wid: self.charged_update_bytes or nbytes for wid, (_, nbytes) in zip(ids, arrivals, strict=True)}
-        # Uploads queue at the cloud in the order they are sent, when each worker's compute ends (ties
-        # in worker order): none waits behind one sent later. The cloud's own compute is booked first,
-        # as it runs while the uploads come in (booked after them, it would wait for them). A device
-        # whose availability model takes it offline before its update would arrive drops out at that
-        # instant: its compute up to then is charged, nothing is sent, and the round waits for it
-        # only until it leaves (the coordinator sees the connection go).
-        sent_at = {wid: max(ready[wid], clock.busy_until[wid]) + compute_seconds(fleet.nodes[wid].profile, flops[wid])
-                   for wid in ids}
-        departed: dict[str, str] = {}
-        done: dict[str, float] = {}
-        incoming: dict[str, Tensors] = {}
-        for i in sorted(range(len(ids)), key=lambda i: (ids[i] != CLOUD_ID, sent_at[ids[i]], i)):
-            wid = ids[i]
-            reason = self._departure(wid, ready[wid], flops[wid], up_bytes[wid])
-            if reason is not None:
-                departed[wid] = reason
-                continue
-            done[wid] = clock.compute(wid, flops[wid], start=ready[wid])
-            if wid != CLOUD_ID:
-                done[wid] = clock.transfer(wid, CLOUD_ID, up_bytes[wid], start=done[wid])
-            incoming[wid] = to_device(arrivals[i][0], self.device)
-        updates: list[Tensors] = [incoming[wid] for wid in ids if wid in incoming]
+        done, departed = self._book_round(ids, ready, flops, up_bytes)
+        updates: list[Tensors] = [to_device(arrived, self.device)
+                                  for wid, (arrived, _) in zip(ids, arrivals, strict=True) if wid not in departed]
         if departed:
             failed.update(departed)
             kept = [i for i, wid in enumerate(ids) if wid not in departed]
@@ -353,6 +334,33 @@ class PretrainRun:
         numbers = np.array([self.fleet.device_number(n.id) for n in devices], dtype=np.int64)
         online = online_mask(self.fleet, numbers, self.clock.now, rng)
         return avail | {n.id for n, on in zip(devices, online, strict=True) if on}
+
+    def _book_round(self, ids: list[str], ready: dict[str, float], flops: dict[str, float],
+                    up_bytes: dict[str, int]) -> tuple[dict[str, float], dict[str, str]]:
+        """Book each worker's compute and upload on the clock: ``(when each update is in, {device:
+        why it left})``.
+
+        Uploads queue at the cloud in the order they are sent, when each worker's compute ends (ties
+        in worker order): none waits behind one sent later. The cloud's own compute is booked first,
+        as it runs while the uploads come in (booked after them, it would wait for them). A device
+        whose availability model takes it offline before its update would arrive drops out at that
+        instant (:meth:`_departure`): nothing is sent, and the round waits for it only until it
+        leaves (the coordinator sees the connection go)."""
+        clock, nodes = self.clock, self.fleet.nodes
+        sent_at = {wid: max(ready[wid], clock.busy_until[wid]) + compute_seconds(nodes[wid].profile, flops[wid])
+                   for wid in ids}
+        done: dict[str, float] = {}
+        departed: dict[str, str] = {}
+        for i in sorted(range(len(ids)), key=lambda i: (ids[i] != CLOUD_ID, sent_at[ids[i]], i)):
+            wid = ids[i]
+            reason = self._departure(wid, ready[wid], flops[wid], up_bytes[wid])
+            if reason is not None:
+                departed[wid] = reason
+                continue
+            done[wid] = clock.compute(wid, flops[wid], start=ready[wid])
+            if wid != CLOUD_ID:
+                done[wid] = clock.transfer(wid, CLOUD_ID, up_bytes[wid], start=done[wid])
+        return done, departed
 
     def _departure(self, wid: str, ready: float, flops: float, up_bytes: int) -> str | None:
         """Why device ``wid`` goes offline before its update would arrive (traces and the diurnal
