@@ -233,3 +233,29 @@ def test_transfer_end_says_when_a_message_would_arrive_behind_the_queue_without_
         clock.transfer_end("edge0", "edge0", 1)
     with pytest.raises(ValueError, match="nbytes"):
         clock.transfer_end("edge0/dev1", "edge0", -5)
+
+
+def test_relayed_uploads_are_booked_in_event_order():
+    """Device -> edge -> cloud: dev0 sends first over a slow uplink, dev1 a second later over a
+    fast one. dev1's update reaches the edge first and is forwarded at once, not behind dev0's."""
+    from cloudedge.finetune.messages import Messages
+
+    raw = {"fleet": {
+        "cloud": {"overrides": CLOUD},
+        "edges": [{"count": 1, "overrides": EDGE,
+                   "devices": [{"count": 1, "profile": "phone-low", "overrides": {**DEVICE, "uplink_Bps": 1e5}},
+                               {"count": 1, "profile": "phone-low", "overrides": DEVICE}]}],
+    }}
+    fleet = Fleet.from_config(config_from_dict(raw).fleet, seed=0)
+    clock = VirtualClock(fleet)
+    messages = Messages(None, fleet, clock, {}, None)
+    slow, fast = messages.uploads([("edge0/dev0", "cloud", 1_000_000, 1.0), ("edge0/dev1", "cloud", 1_000_000, 2.0)])
+    hop_1 = 1_000_000 / 1e6 + 0.05  # dev1 -> edge at the device's 1 MB/s, the device's latency
+    hop_2 = 1_000_000 / 1e8 + 0.01  # edge -> cloud at the edge's 100 MB/s, the edge's latency
+    assert fast == pytest.approx(2.0 + hop_1 + hop_2)
+    assert slow == pytest.approx(1.0 + 1_000_000 / 1e5 + 0.05 + hop_2)
+    # Booked one message at a time in send order, dev1's second hop would have waited for dev0's first.
+    naive = VirtualClock(fleet)
+    for dev, start in (("edge0/dev0", 1.0), ("edge0/dev1", 2.0)):
+        last = naive.transfer("edge0", "cloud", 1_000_000, start=naive.transfer(dev, "edge0", 1_000_000, start=start))
+    assert last > slow > fast

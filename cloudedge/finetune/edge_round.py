@@ -258,17 +258,19 @@ class EdgeRounds:
         arrivals, step_s, comm_s = [], [], []
         if len(results) != len(plan.planned):
             raise ValueError(f"{len(results)} results for {len(plan.planned)} planned devices")
-        # The clock first: uploads reach the edge's downlink in the order they are sent, when each
-        # device's compute ends (ties in plan order), so none waits behind one that starts later.
-        # Everything else follows the plan's order, as the aggregate's sums do.
-        sent_at = [max(p.begin, self.clock.busy_until[p.dev.id]) + p.flops / p.dev.profile.flops for p in plan.planned]
+        # The clock first: each device computes, then the uploads are booked in event order
+        # (Messages.uploads), so none waits behind one that starts later. Everything else follows
+        # the plan's order, as the aggregate's sums do.
         booked: dict[int, tuple[float, float, Tensors]] = {}
-        for i in sorted(range(len(plan.planned)), key=lambda i: (sent_at[i], i)):
-            p, res = plan.planned[i], results[i]
+        sends: list[tuple[str, str, int, float]] = []
+        for i, (p, res) in enumerate(zip(plan.planned, results, strict=True)):
             if not isinstance(res, WorkerError):
                 t_done = self.clock.compute(p.dev.id, p.flops, start=p.begin)
                 got, nbytes = self.messages.ship(res["update"])
-                booked[i] = (t_done, self.messages.transfer(p.dev.id, agg_id, nbytes, start=t_done), got)
+                booked[i] = (t_done, 0.0, got)
+                sends.append((p.dev.id, agg_id, nbytes, t_done))
+        for i, arrival in zip(booked, self.messages.uploads(sends), strict=True):
+            booked[i] = (booked[i][0], arrival, booked[i][2])
         for i, (p, res) in enumerate(zip(plan.planned, results, strict=True)):
             dev = p.dev
             if isinstance(res, WorkerError):

@@ -89,6 +89,28 @@ class Messages:
                     + transfer_seconds(edge.profile, dst.profile, nbytes))
         return transfer_seconds(src.profile, dst.profile, nbytes)
 
+    def uploads(self, sends: list[tuple[str, str, int, float]]) -> list[float]:
+        """Book a round's uploads ``(src, dst, nbytes, sent_at)`` in event order; their arrivals.
+
+        Each link's queue is first come, first served in booking order, so every hop is booked in
+        the order it starts: the first hops by send time, then the relayed second hops (device ->
+        edge -> cloud) by when their first hop reached the edge, each forwarded as soon as it is
+        there (not after whatever else the edge received later)."""
+        arrival: dict[int, float] = {}
+        relayed: dict[int, float] = {}
+        for i in sorted(range(len(sends)), key=lambda i: (sends[i][3], i)):
+            src_id, dst_id, nbytes, start = sends[i]
+            src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
+            if {src.tier, dst.tier} == {"device", "cloud"}:
+                relayed[i] = self.clock.transfer(src_id, src.parent, nbytes, start=start)
+            else:
+                arrival[i] = self.clock.transfer(src_id, dst_id, nbytes, start=start)
+        for i in sorted(relayed, key=lambda i: (relayed[i], i)):
+            src_id, dst_id, nbytes, _ = sends[i]
+            arrival[i] = self.clock.transfer(self.fleet.nodes[src_id].parent, dst_id, nbytes, start=relayed[i],
+                                             forwarding=True)
+        return [arrival[i] for i in range(len(sends))]
+
     def transfer(self, src_id: str, dst_id: str, nbytes: int, start: float) -> float:
         """A message on the clock; device <-> cloud messages are relayed by the edge. Returns its arrival."""
         src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]

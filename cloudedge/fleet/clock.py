@@ -122,14 +122,18 @@ class VirtualClock:
         done = max(0.0, until - start) * self.fleet.nodes[node_id].profile.flops
         return self.compute(node_id, min(flops, done), start=start)
 
-    def transfer(self, src_id: str, dst_id: str, nbytes: int, start: float | None = None) -> float:
+    def transfer(self, src_id: str, dst_id: str, nbytes: int, start: float | None = None,
+                 forwarding: bool = False) -> float:
         """Send `nbytes` from src to dst; returns when the message has fully arrived.
 
         Charges `nbytes * radio_joules_per_byte` to each end (each with its own profile's figure)
-        and counts the bytes on the link between the two tiers.
+        and counts the bytes on the link between the two tiers. ``forwarding``: src relays a
+        message it received at ``start``, so the message is ready then, whatever else src has
+        received since (else a send waits for src's last compute or receive).
         """
         src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
-        begin, end, (up_free, up_end), (down_free, down_end) = self._route(src_id, dst_id, nbytes, start)
+        begin, end, (up_free, up_end), (down_free, down_end) = self._route(src_id, dst_id, nbytes, start,
+                                                                           forwarding)
         up_free[src_id], down_free[dst_id] = up_end, down_end
         self._mark_busy(src_id, begin, end)
         self._mark_busy(dst_id, begin, end)
@@ -151,7 +155,7 @@ class VirtualClock:
         on both ends' pipes, without sending anything (a node deciding whether it can finish)."""
         return self._route(src_id, dst_id, nbytes, start)[1]
 
-    def _route(self, src_id: str, dst_id: str, nbytes: int, start: float | None
+    def _route(self, src_id: str, dst_id: str, nbytes: int, start: float | None, forwarding: bool = False
                ) -> tuple[float, float, tuple[dict[str, float], float], tuple[dict[str, float], float]]:
         """``(begin, end, (uplink queue, its new end), (downlink queue, its new end))`` of one
         message: each end's pipe carries it at that end's full rate, after what is queued on it.
@@ -161,7 +165,9 @@ class VirtualClock:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         sp, dp = self.fleet.nodes[src_id].profile, self.fleet.nodes[dst_id].profile
-        begin = max(self.now if start is None else start, self._data_ready.get(src_id, 0.0))
+        begin = self.now if start is None else start
+        if not forwarding:
+            begin = max(begin, self._data_ready.get(src_id, 0.0))
         up, _, src_lat, src_wan = link_figures(sp, dp.tier)
         _, down, dst_lat, dst_wan = link_figures(dp, sp.tier)
         up_free = self._wan_up_free if src_wan else self._up_free
