@@ -15,7 +15,8 @@ Scheduling rules (docs/profiles.md, "The clock"):
   one message after another. A lone message takes exactly `transfer_seconds`. Both ends are
   busy until the message has arrived. "First come" is the order of the calls: a stage books the
   messages of a round in the order they are sent (pre-training and fine-tuning sort their uploads
-  by when each sender's compute ends), else one could wait behind a message sent later.
+  by when each sender's compute ends; relayed second hops by when their first hop arrives, with
+  ``forwarding=True``), else one could wait behind a message sent later.
 - `transfer_end` answers when a `transfer` would arrive, without booking it.
 - `barrier(ids)` moves `now` to when the slowest of them is done, and makes them all wait there.
 """
