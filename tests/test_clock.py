@@ -259,3 +259,17 @@ def test_relayed_uploads_are_booked_in_event_order():
     for dev, start in (("edge0/dev0", 1.0), ("edge0/dev1", 2.0)):
         last = naive.transfer("edge0", "cloud", 1_000_000, start=naive.transfer(dev, "edge0", 1_000_000, start=start))
     assert last > slow > fast
+
+
+def test_relaying_edge_is_busy_for_every_hop_it_carries():
+    """Two relayed uploads ten seconds apart: the edge receives and forwards each, and its busy time
+    is the sum of both (booking all first hops before any second hop lost the first forward)."""
+    from cloudedge.finetune.messages import Messages
+
+    fleet = make_fleet(n_devices=2)
+    clock = VirtualClock(fleet)
+    Messages(None, fleet, clock, {}, None).uploads([("edge0/dev0", "cloud", 1_000_000, 0.0),
+                                                    ("edge0/dev1", "cloud", 1_000_000, 10.0)])
+    hop_1 = 1_000_000 / 1e6 + 0.05
+    hop_2 = 1_000_000 / 1e8 + 0.01
+    assert clock.busy_s["edge0"] == pytest.approx(2 * (hop_1 + hop_2))

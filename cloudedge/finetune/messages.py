@@ -9,6 +9,7 @@ device's edge (access link, then the edge site's WAN uplink), so the WAN carries
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 import torch
@@ -90,25 +91,27 @@ class Messages:
         return transfer_seconds(src.profile, dst.profile, nbytes)
 
     def uploads(self, sends: list[tuple[str, str, int, float]]) -> list[float]:
-        """Book a round's uploads ``(src, dst, nbytes, sent_at)`` in event order; their arrivals.
+        """Book a round's device uploads ``(device, aggregator, nbytes, sent_at)``; their arrivals.
 
-        Each link's queue is first come, first served in booking order, so every hop is booked in
-        the order it starts: the first hops by send time, then the relayed second hops (device ->
-        edge -> cloud) by when their first hop reached the edge, each forwarded as soon as it is
-        there (not after whatever else the edge received later)."""
+        Each link's queue is first come, first served in booking order, so every hop is booked when
+        it starts (a small discrete-event loop): an upload at its send time, and a relayed one
+        (device -> edge -> cloud) forwarded by the edge as soon as it is there, not after whatever
+        else the edge received later. Booking in time order also keeps each node's busy time right
+        (the clock counts only busy time past what it has already booked)."""
         arrival: dict[int, float] = {}
-        relayed: dict[int, float] = {}
-        for i in sorted(range(len(sends)), key=lambda i: (sends[i][3], i)):
-            src_id, dst_id, nbytes, start = sends[i]
-            src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
-            if {src.tier, dst.tier} == {"device", "cloud"}:
-                relayed[i] = self.clock.transfer(src_id, src.parent, nbytes, start=start)
-            else:
-                arrival[i] = self.clock.transfer(src_id, dst_id, nbytes, start=start)
-        for i in sorted(relayed, key=lambda i: (relayed[i], i)):
+        events = [(start, 0, i) for i, (_, _, _, start) in enumerate(sends)]
+        heapq.heapify(events)
+        while events:
+            t, hop, i = heapq.heappop(events)
             src_id, dst_id, nbytes, _ = sends[i]
-            arrival[i] = self.clock.transfer(self.fleet.nodes[src_id].parent, dst_id, nbytes, start=relayed[i],
-                                             forwarding=True)
+            src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
+            relayed = {src.tier, dst.tier} == {"device", "cloud"}
+            if hop == 1:
+                arrival[i] = self.clock.transfer(src.parent, dst_id, nbytes, start=t, forwarding=True)
+            elif relayed:
+                heapq.heappush(events, (self.clock.transfer(src_id, src.parent, nbytes, start=t), 1, i))
+            else:
+                arrival[i] = self.clock.transfer(src_id, dst_id, nbytes, start=t)
         return [arrival[i] for i in range(len(sends))]
 
     def transfer(self, src_id: str, dst_id: str, nbytes: int, start: float) -> float:
