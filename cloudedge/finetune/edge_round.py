@@ -256,28 +256,24 @@ class EdgeRounds:
         rejected: dict[str, str] = {}
         failed: dict[str, str] = {}
         arrivals, step_s, comm_s = [], [], []
-        if len(results) != len(plan.planned):
-            raise ValueError(f"{len(results)} results for {len(plan.planned)} planned devices")
         # The clock first: each device computes, then the uploads are booked in event order
         # (Messages.uploads), so none waits behind one that starts later. Everything else follows
         # the plan's order, as the aggregate's sums do.
-        booked: dict[int, tuple[float, float, Tensors]] = {}
+        done: dict[int, tuple[float, Tensors]] = {}
         sends: list[tuple[str, str, int, float]] = []
         for i, (p, res) in enumerate(zip(plan.planned, results, strict=True)):
             if not isinstance(res, WorkerError):
-                t_done = self.clock.compute(p.dev.id, p.flops, start=p.begin)
                 got, nbytes = self.messages.ship(res["update"])
-                booked[i] = (t_done, 0.0, got)
-                sends.append((p.dev.id, agg_id, nbytes, t_done))
-        for i, arrival in zip(booked, self.messages.uploads(sends), strict=True):
-            booked[i] = (booked[i][0], arrival, booked[i][2])
+                done[i] = (self.clock.compute(p.dev.id, p.flops, start=p.begin), got)
+                sends.append((p.dev.id, agg_id, nbytes, done[i][0]))
+        arrival_of = dict(zip(done, self.messages.uploads(sends), strict=True))
         for i, (p, res) in enumerate(zip(plan.planned, results, strict=True)):
             dev = p.dev
             if isinstance(res, WorkerError):
                 failed[dev.id] = str(res.cause)
                 continue
-            t_done, arrival, got = booked[i]
-            arrivals.append(arrival)
+            t_done, got = done[i]
+            arrivals.append(arrival_of[i])
             measured = (t_done - p.begin) / max(1.0, p.steps + extra / self.step_flops)
             self.sec_per_step[dev.id] = 0.5 * self._step_s(dev) + 0.5 * measured
             step_s.append(measured)

@@ -81,11 +81,17 @@ class Messages:
         keys = sent_keys(list(self.template), self.s.lora_mode)
         return int(compress({k: torch.zeros_like(self.template[k]) for k in keys}, self.s.compression).nbytes)
 
+    def relay(self, src: Node, dst: Node) -> str | None:
+        """The edge that relays a message between ``src`` and ``dst`` (device <-> cloud), else None."""
+        if {src.tier, dst.tier} == {"device", "cloud"}:
+            return (src if src.tier == "device" else dst).parent
+        return None
+
     def link_s(self, src: Node, dst: Node, nbytes: int) -> float:
         """Expected seconds of one message (device <-> cloud: two hops via the edge)."""
-        if {src.tier, dst.tier} == {"device", "cloud"}:
-            dev = src if src.tier == "device" else dst
-            edge = self.fleet.nodes[dev.parent]
+        via = self.relay(src, dst)
+        if via is not None:
+            edge = self.fleet.nodes[via]
             return (transfer_seconds(src.profile, edge.profile, nbytes)
                     + transfer_seconds(edge.profile, dst.profile, nbytes))
         return transfer_seconds(src.profile, dst.profile, nbytes)
@@ -104,21 +110,19 @@ class Messages:
         while events:
             t, hop, i = heapq.heappop(events)
             src_id, dst_id, nbytes, _ = sends[i]
-            src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
-            relayed = {src.tier, dst.tier} == {"device", "cloud"}
+            via = self.relay(self.fleet.nodes[src_id], self.fleet.nodes[dst_id])
             if hop == 1:
-                arrival[i] = self.clock.transfer(src.parent, dst_id, nbytes, start=t, forwarding=True)
-            elif relayed:
-                heapq.heappush(events, (self.clock.transfer(src_id, src.parent, nbytes, start=t), 1, i))
+                arrival[i] = self.clock.transfer(via, dst_id, nbytes, start=t, forwarding=True)
+            elif via is not None:
+                heapq.heappush(events, (self.clock.transfer(src_id, via, nbytes, start=t), 1, i))
             else:
                 arrival[i] = self.clock.transfer(src_id, dst_id, nbytes, start=t)
         return [arrival[i] for i in range(len(sends))]
 
     def transfer(self, src_id: str, dst_id: str, nbytes: int, start: float) -> float:
         """A message on the clock; device <-> cloud messages are relayed by the edge. Returns its arrival."""
-        src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
-        if {src.tier, dst.tier} == {"device", "cloud"}:
-            dev = src if src.tier == "device" else dst
-            t = self.clock.transfer(src_id, dev.parent, nbytes, start=start)
-            return self.clock.transfer(dev.parent, dst_id, nbytes, start=t)
+        via = self.relay(self.fleet.nodes[src_id], self.fleet.nodes[dst_id])
+        if via is not None:
+            t = self.clock.transfer(src_id, via, nbytes, start=start)
+            return self.clock.transfer(via, dst_id, nbytes, start=t)
         return self.clock.transfer(src_id, dst_id, nbytes, start=start)

@@ -347,13 +347,13 @@ class PretrainRun:
         instant (:meth:`_departure`): nothing is sent, and the round waits for it only until it
         leaves (the coordinator sees the connection go)."""
         clock, nodes = self.clock, self.fleet.nodes
-        sent_at = {wid: max(ready[wid], clock.busy_until[wid]) + compute_seconds(nodes[wid].profile, flops[wid])
-                   for wid in ids}
+        begin = {wid: max(ready[wid], clock.busy_until[wid]) for wid in ids}
+        sent_at = {wid: begin[wid] + compute_seconds(nodes[wid].profile, flops[wid]) for wid in ids}
         done: dict[str, float] = {}
         departed: dict[str, str] = {}
         for i in sorted(range(len(ids)), key=lambda i: (ids[i] != CLOUD_ID, sent_at[ids[i]], i)):
             wid = ids[i]
-            reason = self._departure(wid, ready[wid], flops[wid], up_bytes[wid])
+            reason = self._departure(wid, begin[wid], sent_at[wid], flops[wid], up_bytes[wid])
             if reason is not None:
                 departed[wid] = reason
                 continue
@@ -362,17 +362,15 @@ class PretrainRun:
                 done[wid] = clock.transfer(wid, CLOUD_ID, up_bytes[wid], start=done[wid])
         return done, departed
 
-    def _departure(self, wid: str, ready: float, flops: float, up_bytes: int) -> str | None:
-        """Why device ``wid`` goes offline before its update would arrive (traces and the diurnal
-        model; Bernoulli availability has no time), or None. When it does, the compute it did until
-        it left is charged to the clock, as fine-tuning does (edge_round.py). Its arrival is the
-        clock's, behind the uploads sent before it and queued at the cloud, not its upload's time
-        alone."""
-        node = self.fleet.nodes[wid]
-        if self.fleet.availability.kind == "bernoulli" or node.tier != "device":
+    def _departure(self, wid: str, begin: float, sent_at: float, flops: float, up_bytes: int) -> str | None:
+        """Why device ``wid`` (computing from ``begin``, sending at ``sent_at``) goes offline before
+        its update would arrive (traces and the diurnal model; Bernoulli availability has no time),
+        or None. When it does, the compute it did until it left is charged to the clock, as
+        fine-tuning does (edge_round.py). Its arrival is the clock's, behind the uploads sent before
+        it and queued at the cloud, not its upload's time alone."""
+        if self.fleet.availability.kind == "bernoulli" or self.fleet.nodes[wid].tier != "device":
             return None
-        begin = max(ready, self.clock.busy_until[wid])
-        arrive = self.clock.transfer_end(wid, CLOUD_ID, up_bytes, start=begin + compute_seconds(node.profile, flops))
+        arrive = self.clock.transfer_end(wid, CLOUD_ID, up_bytes, start=sent_at)
         t_off = online_until(self.fleet, self.fleet.device_number(wid), self.clock.now)
         if arrive <= t_off:
             return None
