@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,16 @@ def test_row_scalars_names_series_steps_and_nested_values():
     assert row_scalars({"stage": "adapt", "method": "tpt", "round": 1, "edge": "edge1", "acc": 0.25})[2] == \
         {"edge1/acc": 0.25}
     assert flat_params({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
+
+
+def _next_second() -> None:
+    """Wait for the wall clock's next second: TensorBoard names event files by the second and a
+    counter, and reads them in name order, so a resume's file made in the same second as the run's
+    can sort before it ('.10' < '.9') and its purge would come first. A real resume is a new process,
+    seconds later."""
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.02)
 
 
 def _config(tmp_path: Path, **track) -> object:
@@ -92,6 +103,7 @@ def test_a_resume_shows_each_redone_round_once_in_tensorboard(tmp_path):
     for r in range(4):  # checkpointed after round 1; rounds 2 and 3 are lost with the interruption
         run.log(stage="pretrain", method="sync", round=r, train_loss=10.0 + r)
     run.finish_tracking()
+    _next_second()
     again = RunDir.create(tmp_path / "run", cfg, resume=True)
     again.log(stage="finetune", method="other", round=0, acc=0.5)  # another series first: no effect on this one
     again.truncate_metrics(lambda row: row["stage"] != "pretrain" or row["round"] <= 1)  # as the stage's resume does
@@ -105,6 +117,7 @@ def test_a_resume_shows_each_redone_round_once_in_tensorboard(tmp_path):
     run = RunDir.create(tmp_path / "grid", cfg)
     run.log(stage="finetune", method="auto", round=1, acc=0.5)
     run.finish_tracking()
+    _next_second()
     again = RunDir.create(tmp_path / "grid", cfg, resume=True)
     again.log(stage="finetune", method="auto", round=1, bytes_total=7.0)
     again.finish_tracking()
@@ -170,3 +183,27 @@ def test_a_resume_shows_each_redone_round_once_in_mlflow(tmp_path):
     assert client.get_run(new).data.tags["cloudedge.replaces"] == old
     assert sorted((m.step, m.value) for m in client.get_metric_history(now["children"]["finetune/auto"], "acc")) == \
         [(0, 0.5), (1, 0.75)]
+
+
+def test_a_resume_numbers_rows_without_a_round_after_the_kept_ones(tmp_path):
+    """A series without rounds: three rows logged, the resume keeps two and logs two more. Both
+    trackers show steps 0..3 with the kept values first (before, the new rows started again at 0)."""
+    cfg = _config(tmp_path, tensorboard=True, mlflow=True)
+    run = RunDir.create(tmp_path / "run", cfg)
+    for i in range(3):
+        run.log(stage="demo", score=float(i))
+    run.finish_tracking()
+    _next_second()
+    state = json.loads((tmp_path / "run" / "mlflow.json").read_text())
+    again = RunDir.create(tmp_path / "run", cfg, resume=True)
+    kept = iter([True, True, False])
+    again.truncate_metrics(lambda row: next(kept))
+    for i in range(2):
+        again.log(stage="demo", score=10.0 + i)
+    again.finish_tracking()
+    expected = [(0, 0.0), (1, 1.0), (2, 10.0), (3, 11.0)]
+    assert _scalars(tmp_path / "run" / "tensorboard" / "demo", "score") == expected
+    client = MlflowClient(tracking_uri=(tmp_path / "run" / "mlruns").as_uri())
+    now = json.loads((tmp_path / "run" / "mlflow.json").read_text())
+    assert now["children"]["demo"] != state["children"]["demo"]  # the old child held the dropped row
+    assert sorted((m.step, m.value) for m in client.get_metric_history(now["children"]["demo"], "score")) == expected

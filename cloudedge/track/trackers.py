@@ -86,7 +86,7 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class _Steps:
-    """Rows without a ``round`` are numbered in order within their series."""
+    """Rows without a ``round`` are numbered in order within their series (after its last step)."""
 
     def __init__(self) -> None:
         self._next: dict[str, int] = {}
@@ -97,26 +97,30 @@ class _Steps:
         self._next[series] = step + 1
         return step
 
+    def resume(self, kept_rows: Path, series: str) -> int:
+        """On a resume: number ``series``' rows that ``kept_rows`` kept as the interrupted run did,
+        so that its rows without a round go on from there; returns one past its last kept step
+        (0 when it kept none), where a tracker drops what the interrupted run logged after.
 
-def purge_step(kept_rows: Path, series: str) -> int | None:
-    """On a resume: one past the last round ``series`` kept in ``kept_rows`` (the run's
-    metrics.jsonl, cut back to what the resume keeps; 0 when it kept none; None: a series without
-    rounds). Called while the series' first row since the resume is logged: that row is already the
-    file's last line, so it is left out."""
-    lines = kept_rows.read_text(encoding="utf-8").splitlines()[:-1] if kept_rows.is_file() else []
-    steps = [row_scalars(row)[1] for row in map(json.loads, filter(None, lines)) if row_scalars(row)[0] == series]
-    if any(st is None for st in steps):
-        return None
-    return max(steps, default=-1) + 1
+        ``kept_rows``: the run's metrics.jsonl, cut back to what the resume keeps. Called while the
+        series' first row since the resume is logged: that row is already the file's last line, so
+        it is left out."""
+        lines = kept_rows.read_text(encoding="utf-8").splitlines()[:-1] if kept_rows.is_file() else []
+        last = -1
+        for row in map(json.loads, filter(None, lines)):
+            name, step, scalars = row_scalars(row)
+            if name == series and scalars:  # a row without scalars reaches no tracker: no step
+                last = max(last, self.of(series, step))
+        return last + 1
 
 
 class TensorBoardLogger:
     """Event files in ``root/STAGE/METHOD/`` (one TensorBoard run per series), flushed every row.
 
     On a resume (``kept_rows``: the run's metrics.jsonl, already cut back to the rows the resume
-    keeps), a series' writer opens with ``purge_step`` one past the last round it kept: TensorBoard
+    keeps), a series' writer opens with ``purge_step`` one past the last step it kept: TensorBoard
     then drops what the interrupted run logged after it (the rounds the resume redoes), so each
-    round shows once. A series without rounds never purges (its rows are numbered afresh)."""
+    round shows once. A series without rounds goes on numbering its rows after the kept ones."""
 
     def __init__(self, root: Path, kept_rows: Path | None = None):
         try:
@@ -136,7 +140,7 @@ class TensorBoardLogger:
             return
         writer = self._writers.get(series)
         if writer is None:
-            purge = purge_step(self.kept_rows, series) if self.kept_rows is not None and step is not None else None
+            purge = self._steps.resume(self.kept_rows, series) if self.kept_rows is not None else None
             writer = self._writers[series] = self._writer_cls(log_dir=str(self.root / series), purge_step=purge)
         step = self._steps.of(series, step)
         for tag, value in scalars.items():
@@ -213,15 +217,15 @@ class MLflowLogger:
             self._save_state()
         return self.children[series]
 
-    def _replace_redone(self, series: str, step: int | None) -> None:
+    def _replace_redone(self, series: str) -> None:
         """At a series' first row after a resume: if its child holds rounds the resume redoes,
         replace it by a child with only the kept rounds (see the class docstring)."""
         self._checked.add(series)
         old = self.children.get(series)
-        if self.kept_rows is None or step is None or old is None:
+        if self.kept_rows is None:
             return
-        first_redone = purge_step(self.kept_rows, series)
-        if first_redone is None:
+        first_redone = self._steps.resume(self.kept_rows, series)
+        if old is None:
             return
         from mlflow.entities import Metric
 
@@ -248,7 +252,7 @@ class MLflowLogger:
         if not scalars:
             return
         if series not in self._checked:
-            self._replace_redone(series, step)
+            self._replace_redone(series)
         step = self._steps.of(series, step)
         now = int(time.time() * 1000)
         metrics = [Metric(_mlflow_key(k), v, now, step) for k, v in scalars.items()]
