@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -249,7 +250,8 @@ def test_relayed_uploads_are_booked_in_event_order():
     fleet = Fleet.from_config(config_from_dict(raw).fleet, seed=0)
     clock = VirtualClock(fleet)
     messages = Messages(None, fleet, clock, {}, None)
-    slow, fast = messages.uploads([("edge0/dev0", "cloud", 1_000_000, 1.0), ("edge0/dev1", "cloud", 1_000_000, 2.0)])
+    slow, fast = (a.at for a in messages.uploads([("edge0/dev0", "cloud", 1_000_000, 1.0),
+                                                  ("edge0/dev1", "cloud", 1_000_000, 2.0)]))
     hop_1 = 1_000_000 / 1e6 + 0.05  # dev1 -> edge at the device's 1 MB/s, the device's latency
     hop_2 = 1_000_000 / 1e8 + 0.01  # edge -> cloud at the edge's 100 MB/s, the edge's latency
     assert fast == pytest.approx(2.0 + hop_1 + hop_2)
@@ -273,3 +275,51 @@ def test_relaying_edge_is_busy_for_every_hop_it_carries():
     hop_1 = 1_000_000 / 1e6 + 0.05
     hop_2 = 1_000_000 / 1e8 + 0.01
     assert clock.busy_s["edge0"] == pytest.approx(2 * (hop_1 + hop_2))
+
+
+def test_an_upload_queued_past_the_deadline_or_its_senders_time_online_is_lost_and_not_booked():
+    """Three devices send 1 MB to their edge at t = 0 over the edge's 1 MB/s downlink: alone, each
+    would be in at 1.05 s; queued, the second is in at 2.05 s and the third at 3.05 s. With the
+    edge's deadline at 2.5 s the third is lost ("deadline"); a second device that goes offline at
+    1.5 s is lost ("offline"). Lost uploads are not booked: the next one queues behind the first only."""
+    from cloudedge.finetune.messages import Messages, Upload
+
+    fleet = make_fleet(edge={"downlink_Bps": 1e6}, n_devices=3)
+    mb = 1_000_000
+    alone = mb / 1e6 + 0.05  # the device's 1 MB/s and its latency (larger than the edge's)
+
+    def run(online_until):
+        clock = VirtualClock(fleet)
+        arrivals = Messages(None, fleet, clock, {}, None).uploads(
+            [Upload(f"edge0/dev{i}", "edge0", mb, 0.0, online_until[i], 2.5) for i in range(3)])
+        return clock, arrivals
+
+    clock, (a0, a1, a2) = run([math.inf] * 3)
+    assert (a0.at, a0.lost) == (pytest.approx(alone), None)
+    assert (a1.at, a1.lost) == (pytest.approx(2.0 + 0.05), None)
+    assert (a2.at, a2.lost) == (math.inf, "deadline")
+    assert clock.bytes_by_direction[("device", "edge")] == 2 * mb and clock.energy_j["edge0/dev2"] == 0
+    clock, (a0, a1, a2) = run([math.inf, 1.5, math.inf])
+    assert a1.lost == "offline" and a0.lost is None
+    assert (a2.at, a2.lost) == (pytest.approx(2.0 + 0.05), None)  # dev1's megabyte was never sent
+    # Going offline after the deadline is a deadline miss, as the round's plan counts it.
+    assert run([math.inf, math.inf, 3.0])[1][2].lost == "deadline"
+
+
+def test_a_relayed_upload_needs_its_device_online_only_until_the_edge_has_it():
+    """Device -> edge -> cloud: the device may leave once its first hop is done; the deadline is
+    judged on the arrival at the cloud."""
+    from cloudedge.finetune.messages import Messages, Upload
+
+    fleet = make_fleet(n_devices=1)
+    mb = 1_000_000
+    hop_1, hop_2 = mb / 1e6 + 0.05, mb / 1e8 + 0.01
+    clock = VirtualClock(fleet)
+    (kept,) = Messages(None, fleet, clock, {}, None).uploads([Upload("edge0/dev0", "cloud", mb, 0.0, hop_1, 10.0)])
+    assert (kept.at, kept.lost) == (pytest.approx(hop_1 + hop_2), None)
+    clock = VirtualClock(fleet)
+    (late,) = Messages(None, fleet, clock, {}, None).uploads(
+        [Upload("edge0/dev0", "cloud", mb, 0.0, math.inf, hop_1 + 0.5 * hop_2)])
+    assert late.lost == "deadline"
+    # The first hop was booked (the edge has it), the second was not.
+    assert clock.bytes_by_direction[("device", "edge")] == mb and ("edge", "cloud") not in clock.bytes_by_direction

@@ -125,3 +125,26 @@ def test_an_upload_to_the_edge_never_waits_behind_one_sent_later():
     fast_train_s = loop.clock.flops_done[fast] / loop.fleet.nodes[fast].profile.flops
     assert fast_train_s < loop.clock.busy_s[fast] < 0.5 * slow_train_s
     assert loop.train_count == {slow: 1, fast: 1}
+
+
+def test_an_update_queued_past_the_deadline_is_a_straggler():
+    """Two identical devices share their edge's slow downlink: alone, each upload would be in before
+    the deadline (1.2 x compute plus transfers), so both are planned; queued behind the first, the
+    second arrives after it, and is dropped as a straggler (it was accepted when only the plan judged)."""
+    groups = {"count": 2, "profile": "phone-mid",
+              "overrides": {"availability": 1.0, "flops": FLOPS, "latency_s": 0.0005}}
+    raw = _raw(groups, sync={"name": "hierfavg", "k1": 8, "k2": 1, "deadline_factor": 1.2})
+    loop = _loop(raw)
+    train_s = 8 * loop.rounds.step_flops / FLOPS
+    up_bytes = loop.rounds.messages.update_bytes()
+    raw["fleet"]["edges"][0]["overrides"]["downlink_Bps"] = up_bytes / train_s  # an upload takes as long as training
+    loop = _loop(raw)
+    loop.run()
+    row = loop.history[1]
+    assert loop.train_count == {"edge0/dev0": 1, "edge0/dev1": 1}  # both were planned and trained
+    assert row["timed_out"] == 1 and loop.summary()["timed_out_updates"] == 1
+    deadline = 1.2 * (2 * train_s + loop.rounds.messages.link_s(loop.fleet.nodes["edge0"],
+                                                                 loop.fleet.nodes["edge0/dev0"], 0))
+    assert 2 * train_s < deadline < 3 * train_s  # the setting this test needs
+    # Only the first upload was booked: one update's bytes reached the edge.
+    assert loop.clock.bytes_by_direction[("device", "edge")] == up_bytes

@@ -5,8 +5,10 @@ it selects (:mod:`cloudedge.finetune.selection`); each runs the local steps its 
 (real gradient steps; virtual time = measured FLOPs / device FLOP/s) and sends its update back. A
 device whose update would arrive after the round's deadline is a straggler: it is cancelled at the
 deadline, its energy up to then is charged, its update is dropped, and the point waits until the
-deadline (it cannot know the update is not coming). The updates that arrive pass the update gate
-and are aggregated (:class:`cloudedge.finetune.safeguards.Safeguards`).
+deadline (it cannot know the update is not coming). The plan judges each upload on its time alone;
+one that queues past the deadline (or its sender's time online) behind the others' is lost when
+the uploads are booked. The updates that arrive pass the update gate and are aggregated
+(:class:`cloudedge.finetune.safeguards.Safeguards`).
 
 A round is *planned* (who takes part, with how many steps, from which model; dropouts and
 stragglers charged) and *finished* (what arrives: the clock, the gate, the aggregate, the policy's
@@ -29,7 +31,7 @@ from cloudedge.engine import Engine, Task, WorkerError, WorkerSpec
 from cloudedge.finetune.churn import Churn
 from cloudedge.finetune.devicedata import sample_count
 from cloudedge.finetune.lora import state_distance
-from cloudedge.finetune.messages import CLOUD, Messages
+from cloudedge.finetune.messages import CLOUD, Messages, Upload
 from cloudedge.finetune.metrics import Tally
 from cloudedge.finetune.reliability import stale_weight
 from cloudedge.finetune.safeguards import Safeguards
@@ -55,7 +57,8 @@ class Planned:
     begin: float
     start: Tensors  # the model it trains from (the edge's, or its stale cached copy)
     staleness: int  # edge rounds its model is behind (0: this round's)
-    arrive: float = 0.0  # when its update is expected at the aggregation point
+    arrive: float = 0.0  # when its update is expected at the aggregation point (its upload alone)
+    online_until: float = math.inf  # when its availability model takes it offline
 
 
 @dataclass
@@ -226,7 +229,7 @@ class EdgeRounds:
                 self.clock.compute_until(dev.id, flops, begin, t_deadline)
                 plan.timed_out.append(dev.id)
             else:
-                plan.planned.append(Planned(dev, steps, flops, begin, start, staleness, arrive))
+                plan.planned.append(Planned(dev, steps, flops, begin, start, staleness, arrive, t_off))
         plan.planned, plan.surplus = keep_first(plan.planned, self.s.goal, self.clock)
         plan.tasks = [self._train_task(p) for p in plan.planned]
         return plan
@@ -257,15 +260,18 @@ class EdgeRounds:
         failed: dict[str, str] = {}
         arrivals, step_s, comm_s = [], [], []
         # The clock first: each device computes, then the uploads are booked in event order
-        # (Messages.uploads), so none waits behind one that starts later. Everything else follows
-        # the plan's order, as the aggregate's sums do.
+        # (Messages.uploads), so none waits behind one that starts later. The plan judged the
+        # deadline and departures on each upload's time alone; queued behind the others, an upload
+        # can still miss the deadline or outlast its sender's time online, and is then lost as the
+        # plan's stragglers and dropouts are. Everything else follows the plan's order, as the
+        # aggregate's sums do.
         done: dict[int, tuple[float, Tensors]] = {}
-        sends: list[tuple[str, str, int, float]] = []
+        sends: list[Upload] = []
         for i, (p, res) in enumerate(zip(plan.planned, results, strict=True)):
             if not isinstance(res, WorkerError):
                 got, nbytes = self.messages.ship(res["update"])
                 done[i] = (self.clock.compute(p.dev.id, p.flops, start=p.begin), got)
-                sends.append((p.dev.id, agg_id, nbytes, done[i][0]))
+                sends.append(Upload(p.dev.id, agg_id, nbytes, done[i][0], p.online_until, t_deadline))
         arrival_of = dict(zip(done, self.messages.uploads(sends), strict=True))
         for i, (p, res) in enumerate(zip(plan.planned, results, strict=True)):
             dev = p.dev
@@ -273,7 +279,11 @@ class EdgeRounds:
                 failed[dev.id] = str(res.cause)
                 continue
             t_done, got = done[i]
-            arrivals.append(arrival_of[i])
+            arrival = arrival_of[i]
+            if arrival.lost is not None:
+                (plan.dropped_out if arrival.lost == "offline" else plan.timed_out).append(dev.id)
+                continue
+            arrivals.append(arrival.at)
             measured = (t_done - p.begin) / max(1.0, p.steps + extra / self.step_flops)
             self.sec_per_step[dev.id] = 0.5 * self._step_s(dev) + 0.5 * measured
             step_s.append(measured)

@@ -10,7 +10,9 @@ device's edge (access link, then the edge site's WAN uplink), so the WAN carries
 from __future__ import annotations
 
 import heapq
-from typing import Any
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,6 +23,24 @@ from cloudedge.fleet.topology import Node
 
 Tensors = dict[str, torch.Tensor]
 CLOUD = "cloud"
+
+
+class Upload(NamedTuple):
+    """A device's update on its way to an aggregation point (:meth:`Messages.uploads`)."""
+
+    src: str
+    dst: str
+    nbytes: int
+    sent_at: float
+    online_until: float = math.inf  # when the sender goes offline (its availability model)
+    deadline: float = math.inf  # when the receiver stops waiting
+
+
+class Arrival(NamedTuple):
+    """When an upload is in (``at``), or why it never is (``lost``: "offline" or "deadline"; at = inf)."""
+
+    at: float
+    lost: str | None
 
 
 class Messages:
@@ -96,28 +116,45 @@ class Messages:
                     + transfer_seconds(edge.profile, dst.profile, nbytes))
         return transfer_seconds(src.profile, dst.profile, nbytes)
 
-    def uploads(self, sends: list[tuple[str, str, int, float]]) -> list[float]:
-        """Book a round's device uploads ``(device, aggregator, nbytes, sent_at)``; their arrivals.
+    def uploads(self, sends: Sequence[Upload | tuple[str, str, int, float]]) -> list[Arrival]:
+        """Book a round's uploads (:class:`Upload`: devices' to their aggregation point, or edges'
+        to the cloud); when each arrives, or why it never does.
 
         Each link's queue is first come, first served in booking order, so every hop is booked when
         it starts (a small discrete-event loop): an upload at its send time, and a relayed one
         (device -> edge -> cloud) forwarded by the edge as soon as it is there, not after whatever
         else the edge received later. Booking in time order also keeps each node's busy time right
-        (the clock counts only busy time past what it has already booked)."""
-        arrival: dict[int, float] = {}
-        events = [(start, 0, i) for i, (_, _, _, start) in enumerate(sends)]
+        (the clock counts only busy time past what it has already booked).
+
+        A hop is judged, behind what is queued when it starts (``VirtualClock.transfer_end``), before
+        it is booked: an upload that would arrive after its ``deadline`` is lost as ``"deadline"``, and
+        one whose sender goes offline (``online_until``, before the deadline) before its own hop is
+        done is lost as ``"offline"`` (a relaying edge needs no device any more). A lost hop is not
+        booked, as a straggler's upload is not (edge_round.py)."""
+        todo = [Upload(*s) for s in sends]
+        arrival: dict[int, Arrival] = {}
+        events = [(u.sent_at, 0, i) for i, u in enumerate(todo)]
         heapq.heapify(events)
         while events:
             t, hop, i = heapq.heappop(events)
-            src_id, dst_id, nbytes, _ = sends[i]
-            via = self.relay(self.fleet.nodes[src_id], self.fleet.nodes[dst_id])
-            if hop == 1:
-                arrival[i] = self.clock.transfer(via, dst_id, nbytes, start=t, forwarding=True)
-            elif via is not None:
-                heapq.heappush(events, (self.clock.transfer(src_id, via, nbytes, start=t), 1, i))
+            u = todo[i]
+            via = self.relay(self.fleet.nodes[u.src], self.fleet.nodes[u.dst])
+            src, dst = (via, u.dst) if hop == 1 else (u.src, via or u.dst)
+            end = self.clock.transfer_end(src, dst, u.nbytes, start=t, forwarding=hop == 1)
+            lost = None
+            if hop == 0 and end > u.online_until and u.online_until < u.deadline:
+                lost = "offline"
+            elif end > u.deadline:
+                lost = "deadline"
+            if lost is not None:
+                arrival[i] = Arrival(math.inf, lost)
+                continue
+            end = self.clock.transfer(src, dst, u.nbytes, start=t, forwarding=hop == 1)
+            if hop == 0 and via is not None:
+                heapq.heappush(events, (end, 1, i))
             else:
-                arrival[i] = self.clock.transfer(src_id, dst_id, nbytes, start=t)
-        return [arrival[i] for i in range(len(sends))]
+                arrival[i] = Arrival(end, None)
+        return [arrival[i] for i in range(len(todo))]
 
     def transfer(self, src_id: str, dst_id: str, nbytes: int, start: float) -> float:
         """A message on the clock; device <-> cloud messages are relayed by the edge. Returns its arrival."""

@@ -151,10 +151,11 @@ class VirtualClock:
         self.messages += 1
         return end
 
-    def transfer_end(self, src_id: str, dst_id: str, nbytes: int, start: float | None = None) -> float:
+    def transfer_end(self, src_id: str, dst_id: str, nbytes: int, start: float | None = None,
+                     forwarding: bool = False) -> float:
         """When :meth:`transfer` with these arguments would deliver, behind what is already queued
         on both ends' pipes, without sending anything (a node deciding whether it can finish)."""
-        return self._route(src_id, dst_id, nbytes, start)[1]
+        return self._route(src_id, dst_id, nbytes, start, forwarding)[1]
 
     def _route(self, src_id: str, dst_id: str, nbytes: int, start: float | None, forwarding: bool = False
                ) -> tuple[float, float, tuple[dict[str, float], float], tuple[dict[str, float], float]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from cloudedge.finetune.lora import BASE_DELTA_SUFFIX
-from cloudedge.finetune.messages import CLOUD
+from cloudedge.finetune.messages import CLOUD, Upload
 from cloudedge.finetune.topologies.base import TOPOLOGIES, Tensors, Topology
 
 
@@ -23,18 +23,22 @@ class Barrier(Topology):
         run = self.run
         if run.done(run.t_cloud):
             return True
-        states, weights, reports, ends = [], [], {}, []
+        states, weights, reports = [], [], {}
         pulled, down_bytes = run.messages.send_state(run.global_state)
         periods = run.rounds.edge_periods({e.id: (pulled, run.messages.transfer(CLOUD, e.id, down_bytes,
                                                                                  start=run.t_cloud))
                                            for e in run.fleet.edges})
+        sends = []
         for e in run.fleet.edges:
             state, t, obs = periods[e.id]
             edge_state, nbytes = run.messages.edge_upload(state, pulled)
-            ends.append(run.messages.transfer(e.id, CLOUD, nbytes, start=t))
+            sends.append(Upload(e.id, CLOUD, nbytes, t))
             states.append(edge_state)
             weights.append(float(run.agg_samples[e.id]))
             reports[e.id] = obs
+        # Booked in the order the edges send, not in fleet order: none waits at the cloud behind
+        # an edge that finished its period later.
+        ends = [a.at for a in run.messages.uploads(sends)]
         total = sum(weights)
         candidate = run.safeguards.aggregate_edges(pulled, list(reports), states, weights,
                                                    [float(o.rounds_done) for o in reports.values()],
