@@ -315,11 +315,30 @@ def test_a_relayed_upload_needs_its_device_online_only_until_the_edge_has_it():
     mb = 1_000_000
     hop_1, hop_2 = mb / 1e6 + 0.05, mb / 1e8 + 0.01
     clock = VirtualClock(fleet)
-    (kept,) = Messages(None, fleet, clock, {}, None).uploads([Upload("edge0/dev0", "cloud", mb, 0.0, hop_1, 10.0)])
+    (kept,) = Messages(None, fleet, clock, {}, None).uploads(
+        [Upload("edge0/dev0", "cloud", mb, 0.0, hop_1 + 0.5 * hop_2, 10.0)])  # it leaves during the second hop
     assert (kept.at, kept.lost) == (pytest.approx(hop_1 + hop_2), None)
+    (gone,) = Messages(None, fleet, VirtualClock(fleet), {}, None).uploads(
+        [Upload("edge0/dev0", "cloud", mb, 0.0, 0.5 * hop_1, 10.0)])
+    assert gone.lost == "offline"
     clock = VirtualClock(fleet)
     (late,) = Messages(None, fleet, clock, {}, None).uploads(
         [Upload("edge0/dev0", "cloud", mb, 0.0, math.inf, hop_1 + 0.5 * hop_2)])
     assert late.lost == "deadline"
     # The first hop was booked (the edge has it), the second was not.
     assert clock.bytes_by_direction[("device", "edge")] == mb and ("edge", "cloud") not in clock.bytes_by_direction
+
+
+def test_transfer_end_of_a_forwarded_message_does_not_wait_for_what_the_relay_received_later():
+    """The edge received dev0's megabyte at 1.05 s and dev1's at 2.05 s; forwarding dev0's at 1.05 s
+    starts then (forwarding=True), where a send of the edge's own would wait for its last receive."""
+    fleet = make_fleet(n_devices=2)
+    clock = VirtualClock(fleet)
+    mb = 1_000_000
+    first = clock.transfer("edge0/dev0", "edge0", mb, start=0.0)
+    clock.transfer("edge0/dev1", "edge0", mb, start=1.0)
+    hop_2 = mb / 1e8 + 0.01
+    forwarded = clock.transfer_end("edge0", "cloud", mb, start=first, forwarding=True)
+    assert forwarded == pytest.approx(first + hop_2)
+    assert clock.transfer_end("edge0", "cloud", mb, start=first) == pytest.approx(2.05 + hop_2)
+    assert clock.transfer("edge0", "cloud", mb, start=first, forwarding=True) == forwarded

@@ -139,12 +139,45 @@ def test_an_update_queued_past_the_deadline_is_a_straggler():
     up_bytes = loop.rounds.messages.update_bytes()
     raw["fleet"]["edges"][0]["overrides"]["downlink_Bps"] = up_bytes / train_s  # an upload takes as long as training
     loop = _loop(raw)
+    deadlines = []
+    policy_deadline = loop.policy.deadline
+    loop.policy.deadline = lambda edge: deadlines.append(out := policy_deadline(edge)) or out
     loop.run()
     row = loop.history[1]
     assert loop.train_count == {"edge0/dev0": 1, "edge0/dev1": 1}  # both were planned and trained
     assert row["timed_out"] == 1 and loop.summary()["timed_out_updates"] == 1
-    deadline = 1.2 * (2 * train_s + loop.rounds.messages.link_s(loop.fleet.nodes["edge0"],
-                                                                 loop.fleet.nodes["edge0/dev0"], 0))
-    assert 2 * train_s < deadline < 3 * train_s  # the setting this test needs
+    # The setting this test needs: each upload alone (training, then one upload's time on the
+    # edge's downlink) is in before the round's deadline; queued behind the other, it is not.
+    (deadline,) = deadlines
+    assert 2 * train_s < deadline < 3 * train_s
     # Only the first upload was booked: one update's bytes reached the edge.
     assert loop.clock.bytes_by_direction[("device", "edge")] == up_bytes
+
+
+def test_a_relayed_update_needs_its_device_online_only_until_the_edge_has_it(tmp_path):
+    """fedavg2: device -> edge -> cloud over a slow edge WAN uplink. A device whose trace ends after
+    its first hop is done but before the cloud has the update still delivers (the edge carries it
+    on); one whose trace ends during its first hop drops out."""
+    device = {"count": 1, "profile": "phone-mid", "overrides": {"flops": FLOPS, "latency_s": 0.0005}}
+    raw = _raw(device, sync={"name": "fedavg2", "k1": 8, "k2": 1, "deadline_factor": None})
+    raw["fleet"]["edges"][0]["overrides"]["wan_uplink_Bps"] = 2_000.0  # the second hop takes about a second
+
+    def run(t_off=None):
+        loop = _loop(raw)
+        arrivals = []
+        uploads = loop.messages.uploads
+        loop.messages.uploads = lambda sends: arrivals.extend(out := uploads(sends)) or out
+        if t_off is not None:
+            _trace(loop, tmp_path, [("edge0/dev0", 0, t_off)])
+        loop.run()
+        return loop, arrivals
+
+    loop, arrivals = run()
+    handed_over = loop.clock.busy_until["edge0/dev0"]  # the device is busy until its first hop is done
+    (arrival,) = arrivals
+    assert arrival.lost is None and arrival.at > handed_over + 0.5  # the setting this test needs
+    loop, arrivals = run(0.5 * (handed_over + arrival.at))
+    assert loop.history[1]["dropped"] == 0 and arrivals[0].lost is None
+    assert loop.history[1]["virtual_time_s"] == pytest.approx(arrival.at)
+    loop, arrivals = run(0.99 * handed_over)
+    assert loop.history[1]["dropped"] == 1 and not arrivals  # dropped in the plan: it never trained

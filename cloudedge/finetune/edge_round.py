@@ -220,9 +220,9 @@ class EdgeRounds:
                 # its update never arrives. The edge cannot tell and waits until the deadline.
                 self.clock.compute(dev.id, share * flops, start=begin)
                 plan.dropped_out.append(dev.id)
-            elif arrive > t_off and t_off < t_deadline:
-                # Its trace takes it offline before its update is in: a dropout at that instant,
-                # its work up to then charged.
+            elif end + self.messages.sender_s(dev, agg, up_bytes) > t_off and t_off < t_deadline:
+                # Its trace takes it offline before its update is out of its hands (in, or at the
+                # relaying edge): a dropout at that instant, its work up to then charged.
                 self.clock.compute_until(dev.id, flops, begin, t_off)
                 plan.dropped_out.append(dev.id)
             elif arrive > t_deadline:

@@ -116,6 +116,12 @@ class Messages:
                     + transfer_seconds(edge.profile, dst.profile, nbytes))
         return transfer_seconds(src.profile, dst.profile, nbytes)
 
+    def sender_s(self, src: Node, dst: Node, nbytes: int) -> float:
+        """Expected seconds until ``src`` has handed a message to ``dst`` over: the whole message, or
+        its first hop when the edge relays it (after that the edge carries it on without ``src``)."""
+        via = self.relay(src, dst)
+        return self.link_s(src, self.fleet.nodes[via] if via is not None else dst, nbytes)
+
     def uploads(self, sends: Sequence[Upload | tuple[str, str, int, float]]) -> list[Arrival]:
         """Book a round's uploads (:class:`Upload`: devices' to their aggregation point, or edges'
         to the cloud); when each arrives, or why it never does.
