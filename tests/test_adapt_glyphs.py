@@ -295,6 +295,13 @@ def test_an_adaptation_run_of_some_edges_streams_what_those_edges_stream_in_the_
     for bad in ([3], []):
         with make_engine("local") as eng, pytest.raises(InputError, match="adapt.edges"):
             adapt(cfg, None, eng, edges=bad)
+    # A slice that shares prompts must hold every edge its edges average with: all of them, or with
+    # share_groups: shift the edges of their shifts (here one edge each, so [0, 2] may share).
+    with make_engine("local") as eng, pytest.raises(InputError, match=r"adapt.edges: .*missing \[1\]"):
+        adapt(cfg, None, eng, edges=[0, 2], share_every=1)
+    with make_engine("local") as eng:
+        shared = adapt(cfg, None, eng, edges=[0, 2], share_every=1, share_groups="shift").summary
+    assert shared["acc_per_shift"] == part["acc_per_shift"]
 
 
 def test_benchmark_workers_must_be_a_positive_number(tmp_path):

@@ -137,6 +137,7 @@ class AdaptRun:
                 raise InputError(f"adapt.edges: {bad or 'an empty list'} (the fleet has {len(self.streams)} edges, "
                                  f"0..{len(self.streams) - 1})")
             chosen = set(acfg.edges)
+            _check_slice_shares_whole_groups(acfg, self.streams, chosen)
             self.streams = [s for i, s in enumerate(self.streams) if i in chosen]
         check_stream_images(self.source, self.streams, acfg.data or cfg.data)
         for s in self.streams:
@@ -219,6 +220,20 @@ class AdaptRun:
     def prompts(self) -> dict[str, Tensors]:
         """Every edge's prompt tensors now."""
         return {s.edge_id: self.engine.call(s.edge_id, "get_prompt") for s in self.streams}
+
+
+def _check_slice_shares_whole_groups(acfg: AdaptConfig, streams: list[Stream], chosen: set[int]) -> None:
+    """A slice of the fleet (``adapt.edges``) that shares prompts must hold every edge its edges
+    average with (all of them, or with ``share_groups: shift`` every edge of their shifts): a slice
+    shares only within itself, so its edges would otherwise adapt differently from the whole run."""
+    if not acfg.share_every:
+        return
+    group = [s.shift if acfg.share_groups == "shift" else "all" for s in streams]
+    needed = {i for i, g in enumerate(group) if g in {group[j] for j in chosen}}
+    missing = sorted(needed - chosen)
+    if missing:
+        raise InputError(f"adapt.edges: a slice that shares prompts (share_every {acfg.share_every}, share_groups "
+                         f"{acfg.share_groups}) must include every edge its edges average with; missing {missing}")
 
 
 def _send_down(prompts: dict[str, Tensors], acfg: AdaptConfig, streams: list[Stream], engine: Engine,
