@@ -295,13 +295,26 @@ def test_an_adaptation_run_of_some_edges_streams_what_those_edges_stream_in_the_
     for bad in ([3], []):
         with make_engine("local") as eng, pytest.raises(InputError, match="adapt.edges"):
             adapt(cfg, None, eng, edges=bad)
-    # A slice that shares prompts must hold every edge its edges average with: all of them, or with
-    # share_groups: shift the edges of their shifts (here one edge each, so [0, 2] may share).
-    with make_engine("local") as eng, pytest.raises(InputError, match=r"adapt.edges: .*missing \[1\]"):
-        adapt(cfg, None, eng, edges=[0, 2], share_every=1)
+    # zeroshot shares nothing: a slice of a run with share_every set is still the whole run's.
     with make_engine("local") as eng:
-        shared = adapt(cfg, None, eng, edges=[0, 2], share_every=1, share_groups="shift").summary
-    assert shared["acc_per_shift"] == part["acc_per_shift"]
+        assert adapt(cfg, None, eng, edges=[0, 2], share_every=1).summary["acc_per_shift"] == part["acc_per_shift"]
+
+
+def test_a_slice_of_a_run_that_shares_prompts_must_hold_whole_sharing_groups(clip_dir):
+    """SwapPrompt averages prompts: a slice must hold every edge its edges average with (all of
+    them; with share_groups: shift, every edge of their shifts). Edge 3 streams edge 0's shift."""
+    from cloudedge.adapt.stage import adapt
+    from cloudedge.engine import make_engine
+
+    cfg = _adapt_cfg(clip_dir, 4, [{"shift": "inverted"}, {"shift": "palette"}, {"shift": "texture"}],
+                     method="swapprompt", stream_samples=8, share_every=1)
+    for edges, groups, missing in (([0, 2], "all", "[1, 3]"), ([0, 2], "shift", "[3]")):
+        with make_engine("local") as eng, pytest.raises(InputError, match=rf"adapt.edges: .*missing \{missing}"):
+            adapt(cfg, None, eng, edges=edges, share_groups=groups)
+    with make_engine("local") as eng:
+        whole = adapt(cfg, None, eng, share_groups="shift").summary
+        part = adapt(cfg, None, eng, edges=[0, 2, 3], share_groups="shift").summary
+    assert part["acc_per_shift"] == {k: whole["acc_per_shift"][k] for k in ("inverted", "texture")}
 
 
 def test_benchmark_workers_must_be_a_positive_number(tmp_path):

@@ -179,5 +179,9 @@ def test_a_relayed_update_needs_its_device_online_only_until_the_edge_has_it(tmp
     loop, arrivals = run(0.5 * (handed_over + arrival.at))
     assert loop.history[1]["dropped"] == 0 and arrivals[0].lost is None
     assert loop.history[1]["virtual_time_s"] == pytest.approx(arrival.at)
-    loop, arrivals = run(0.99 * handed_over)
+    flops = loop.clock.flops_done["edge0/dev0"]
+    first_hop = loop.messages.sender_s(loop.fleet.nodes["edge0/dev0"], loop.fleet.nodes["cloud"],
+                                       loop.messages.update_bytes())
+    loop, arrivals = run(handed_over - 0.5 * first_hop)  # during its first hop, after its compute
     assert loop.history[1]["dropped"] == 1 and not arrivals  # dropped in the plan: it never trained
+    assert loop.clock.flops_done["edge0/dev0"] == pytest.approx(flops)  # its whole compute is charged

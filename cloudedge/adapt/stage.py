@@ -223,11 +223,11 @@ class AdaptRun:
 
 
 def _check_slice_shares_whole_groups(acfg: AdaptConfig, streams: list[Stream], chosen: set[int]) -> None:
-    """A slice of the fleet (``adapt.edges``) that shares prompts must hold every edge its edges
+    """A slice of the fleet (``adapt.edges``) whose method shares prompts must hold every edge its edges
     average with (all of them, or with ``share_groups: shift`` every edge of their shifts): a slice
     shares only within itself, so its edges would otherwise adapt differently from the whole run."""
-    if not acfg.share_every:
-        return
+    if not acfg.share_every or not METHODS.get(acfg.method.name).shares_prompt:
+        return  # nothing is averaged: any slice streams and adapts as in the whole run
     group = [s.shift if acfg.share_groups == "shift" else "all" for s in streams]
     needed = {i for i, g in enumerate(group) if g in {group[j] for j in chosen}}
     missing = sorted(needed - chosen)
