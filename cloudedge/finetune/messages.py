@@ -26,7 +26,7 @@ CLOUD = "cloud"
 
 
 class Upload(NamedTuple):
-    """A device's update on its way to an aggregation point (:meth:`Messages.uploads`)."""
+    """An update on its way: a device's to its aggregation point, or an edge's to the cloud (:meth:`Messages.uploads`)."""
 
     src: str
     dst: str
