@@ -7,7 +7,15 @@ the file and/or field. The CLI prints it as one line and exits with code 2. Bugs
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_INPUT_ERROR = 2
+
+
+def shown_input(value: Any) -> str:
+    """`` (got X)`` after a validation message that does not say what it got; nothing for a whole
+    mapping or list (the field path already points into it) or a missing value."""
+    return "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
 
 
 class InputError(Exception):

@@ -38,7 +38,7 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
 
-from cloudedge.errors import InputError
+from cloudedge.errors import InputError, shown_input
 
 T = TypeVar("T")
 
@@ -146,7 +146,8 @@ class Registry(Generic[T]):
             raw = dict(value)
             name = raw.pop("name")
         else:
-            raise ValueError(f"expected a {self.family} name or a mapping with 'name', got {type(value).__name__}")
+            raise ValueError(f"expected a {self.family} name or a mapping with 'name', got {type(value).__name__} "
+                             f"{value!r}")
         if name not in self._entries:
             raise ValueError(f"unknown {self.family} {name!r} (known: {', '.join(self._entries)})")
         return Choice(name=name, params=self.validate_params(name, raw))
@@ -164,6 +165,8 @@ class Registry(Generic[T]):
             if first["type"] == "extra_forbidden":
                 known = ", ".join(model.model_fields) or "none"
                 msg = f"not a parameter of {self.family} {name!r} (known: {known})"
+            elif first["type"] != "value_error":  # pydantic's own message does not say what it got
+                msg += shown_input(first.get("input"))
             raise ValueError(f"{key}: {msg}" if key else msg) from None  # no key: a rule across knobs
 
     def build(self, choice: Choice | str | dict[str, Any], *args: Any, **context: Any) -> Any:

@@ -99,3 +99,22 @@ def test_the_dumped_config_of_a_run_with_a_plugin_file_loads_from_elsewhere(tmp_
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     assert load_config(run_dir / "config.yaml").plugins == [str(plug)]
+
+
+def test_a_config_error_names_the_bad_value_once() -> None:
+    """Through a config: pydantic's messages get the value appended, ours already say it (the
+    wrapper used to append it a second time: "unknown ... 'nope' (known: ...) (got 'nope')")."""
+    cases = [
+        ("adapt.method: lr: Input should be greater than 0 (got -1)", "-1",
+         {"adapt": {"method": {"name": "tpt", "lr": -1}}}),
+        ("unknown test-time method 'nope' (known: ", "'nope'", {"adapt": {"method": "nope"}}),
+        ("mapping with 'name', got int 3", "3", {"pretrain": {"controller": 3}}),
+        ("finetune.sync: k1: Input should be greater than or equal to 1 (got 0)", "0",
+         {"finetune": {"sync": {"name": "hierfavg", "k1": 0}}}),
+        ("hidden: Input should be greater than or equal to 8 (got 4)", "4", {"model": {"hidden": 4}}),
+    ]
+    for expected, value, raw in cases:
+        with pytest.raises(InputError) as info:
+            config_from_dict(raw)
+        message = str(info.value)
+        assert expected in message and message.count(value) == 1, message

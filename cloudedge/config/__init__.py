@@ -21,7 +21,7 @@ from cloudedge.config.pretrain import PretrainConfig
 from cloudedge.config.profiles import check_fleet_profiles
 from cloudedge.config.run import EngineConfig, RunConfig
 from cloudedge.config.track import TrackConfig
-from cloudedge.errors import InputError
+from cloudedge.errors import InputError, shown_input
 
 __all__ = [
     "AdaptConfig", "DataConfig", "DeviceGroup", "EdgeSpec", "EngineConfig", "FinetuneConfig",
@@ -31,14 +31,14 @@ __all__ = [
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """First problem of a pydantic error as `source: a.b.0.c: what was expected (got X)`."""
+    """First problem of a pydantic error as `source: a.b.0.c: what was expected (got X)`. Our own
+    validators (a ``value_error``) say what they got in their message, so nothing is appended."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    got = first.get("input")
-    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    shown = "" if first["type"] == "value_error" else shown_input(first.get("input"))
     more = len(err.errors()) - 1
     tail = f" [+{more} more]" if more > 0 else ""
     return f"{source}: {loc}: {msg}{shown}{tail}"
