@@ -239,7 +239,7 @@ def test_transfer_end_says_when_a_message_would_arrive_behind_the_queue_without_
 def test_relayed_uploads_are_booked_in_event_order():
     """Device -> edge -> cloud: dev0 sends first over a slow uplink, dev1 a second later over a
     fast one. dev1's update reaches the edge first and is forwarded at once, not behind dev0's."""
-    from cloudedge.finetune.messages import Messages
+    from cloudedge.finetune.messages import Messages, Upload
 
     raw = {"fleet": {
         "cloud": {"overrides": CLOUD},
@@ -250,8 +250,8 @@ def test_relayed_uploads_are_booked_in_event_order():
     fleet = Fleet.from_config(config_from_dict(raw).fleet, seed=0)
     clock = VirtualClock(fleet)
     messages = Messages(None, fleet, clock, {}, None)
-    slow, fast = (a.at for a in messages.uploads([("edge0/dev0", "cloud", 1_000_000, 1.0),
-                                                  ("edge0/dev1", "cloud", 1_000_000, 2.0)]))
+    slow, fast = (a.at for a in messages.uploads([Upload("edge0/dev0", "cloud", 1_000_000, 1.0),
+                                                  Upload("edge0/dev1", "cloud", 1_000_000, 2.0)]))
     hop_1 = 1_000_000 / 1e6 + 0.05  # dev1 -> edge at the device's 1 MB/s, the device's latency
     hop_2 = 1_000_000 / 1e8 + 0.01  # edge -> cloud at the edge's 100 MB/s, the edge's latency
     assert fast == pytest.approx(2.0 + hop_1 + hop_2)
@@ -266,12 +266,12 @@ def test_relayed_uploads_are_booked_in_event_order():
 def test_relaying_edge_is_busy_for_every_hop_it_carries():
     """Two relayed uploads ten seconds apart: the edge receives and forwards each, and its busy time
     is the sum of both (booking all first hops before any second hop lost the first forward)."""
-    from cloudedge.finetune.messages import Messages
+    from cloudedge.finetune.messages import Messages, Upload
 
     fleet = make_fleet(n_devices=2)
     clock = VirtualClock(fleet)
-    Messages(None, fleet, clock, {}, None).uploads([("edge0/dev0", "cloud", 1_000_000, 0.0),
-                                                    ("edge0/dev1", "cloud", 1_000_000, 10.0)])
+    Messages(None, fleet, clock, {}, None).uploads([Upload("edge0/dev0", "cloud", 1_000_000, 0.0),
+                                                    Upload("edge0/dev1", "cloud", 1_000_000, 10.0)])
     hop_1 = 1_000_000 / 1e6 + 0.05
     hop_2 = 1_000_000 / 1e8 + 0.01
     assert clock.busy_s["edge0"] == pytest.approx(2 * (hop_1 + hop_2))

@@ -229,7 +229,8 @@ def _check_slice_shares_whole_groups(acfg: AdaptConfig, streams: list[Stream], c
     if not acfg.share_every or not METHODS.get(acfg.method.name).shares_prompt:
         return  # nothing is averaged: any slice streams and adapts as in the whole run
     group = [s.shift if acfg.share_groups == "shift" else "all" for s in streams]
-    needed = {i for i, g in enumerate(group) if g in {group[j] for j in chosen}}
+    shared = {group[j] for j in chosen}
+    needed = {i for i, g in enumerate(group) if g in shared}
     missing = sorted(needed - chosen)
     if missing:
         raise InputError(f"adapt.edges: a slice that shares prompts (share_every {acfg.share_every}, share_groups "

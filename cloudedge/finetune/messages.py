@@ -122,7 +122,7 @@ class Messages:
         via = self.relay(src, dst)
         return self.link_s(src, self.fleet.nodes[via] if via is not None else dst, nbytes)
 
-    def uploads(self, sends: Sequence[Upload | tuple[str, str, int, float]]) -> list[Arrival]:
+    def uploads(self, sends: Sequence[Upload]) -> list[Arrival]:
         """Book a round's uploads (:class:`Upload`: devices' to their aggregation point, or edges'
         to the cloud); when each arrives, or why it never does.
 
@@ -137,13 +137,12 @@ class Messages:
         one whose sender goes offline (``online_until``, before the deadline) before its own hop is
         done is lost as ``"offline"`` (a relaying edge needs no device any more). A lost hop is not
         booked, as a straggler's upload is not (edge_round.py)."""
-        todo = [Upload(*s) for s in sends]
         arrival: dict[int, Arrival] = {}
-        events = [(u.sent_at, 0, i) for i, u in enumerate(todo)]
+        events = [(u.sent_at, 0, i) for i, u in enumerate(sends)]
         heapq.heapify(events)
         while events:
             t, hop, i = heapq.heappop(events)
-            u = todo[i]
+            u = sends[i]
             via = self.relay(self.fleet.nodes[u.src], self.fleet.nodes[u.dst])
             src, dst = (via, u.dst) if hop == 1 else (u.src, via or u.dst)
             end = self.clock.transfer_end(src, dst, u.nbytes, start=t, forwarding=hop == 1)
@@ -160,7 +159,7 @@ class Messages:
                 heapq.heappush(events, (end, 1, i))
             else:
                 arrival[i] = Arrival(end, None)
-        return [arrival[i] for i in range(len(todo))]
+        return [arrival[i] for i in range(len(sends))]
 
     def transfer(self, src_id: str, dst_id: str, nbytes: int, start: float) -> float:
         """A message on the clock; device <-> cloud messages are relayed by the edge. Returns its arrival."""
