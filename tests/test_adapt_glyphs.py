@@ -325,6 +325,34 @@ def test_benchmark_workers_must_be_a_positive_number(tmp_path):
             run_benchmark("adapt-tta", tmp_path, quick=True, checkpoint=str(tmp_path), workers=bad)
 
 
+def test_benchmark_adapts_a_local_hugging_face_clip_on_the_device_and_precision_asked(tmp_path, monkeypatch):
+    """``--set checkpoint=DIR`` takes a downloaded HF CLIP (TPT's published setting is a ViT-B/16),
+    ``--set device / precision`` reach every method's run, and a bad one fails before any build."""
+    from cloudedge.bench import run_benchmark
+    from cloudedge.bench.adapt_tta import METHODS, run_methods
+    from tests.test_adapt_prompts import save_tiny_hf_clip
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hf = save_tiny_hf_clip(tmp_path / "hf", context=64)  # room for "an upside-down photo of a letter A."
+    shifts = [{"shift": "upside_down"}]
+    specs = {name: METHODS[name] for name in ("zeroshot", "template-select")}
+    specs["tpt"] = {"method": {"name": "tpt", "n_views": 3}}
+    fp32 = run_methods(hf, shifts, 36, specs, "local", 1)
+    bf16 = run_methods(hf, shifts, 36, specs, "local", 1, where=("cpu", "bf16"))
+    for got in (fp32, bf16):
+        assert list(got) == list(specs) and all(set(r["acc_per_shift"]) == {"upside_down"} for r in got.values())
+        assert got["tpt"]["timed_images"] > 0
+    # bf16 autocast is really on: TPT's adaptation step holds half-size activations
+    assert bf16["tpt"]["peak_mem_mb"] < fp32["tpt"]["peak_mem_mb"]
+    for bad, field in (({"device": "tpu"}, "adapt.device"), ({"precision": "fp8"}, "adapt.precision")):
+        with pytest.raises(InputError, match=field):
+            run_benchmark("adapt-tta", tmp_path / "out", quick=True, checkpoint=str(hf), **bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--set device: 'cuda' asked for"):
+            run_benchmark("adapt-tta", tmp_path / "out", quick=True, checkpoint=str(hf), device="cuda")
+    assert not (tmp_path / "cache" / "cloudedge" / "clip").exists()  # nothing was built
+
+
 def test_benchmark_coop_source_is_upright_while_the_clip_saw_styles(tmp_path):
     from cloudedge.adapt.glyph_clip import glyph_data, pretrain_config
     from cloudedge.bench.adapt_tta import SHIFTS, _config

@@ -48,12 +48,13 @@ def tiny_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges)
 
 
-def save_tiny_hf_clip(directory: Path, seed: int = 0) -> Path:
-    """A tiny CLIP with a BPE tokenizer and a preprocessor config, saved like a hub download."""
+def save_tiny_hf_clip(directory: Path, seed: int = 0, context: int = 24) -> Path:
+    """A tiny CLIP with a BPE tokenizer and a preprocessor config, saved like a hub download
+    (``context``: the text tower's positions; most words here are one token per letter)."""
     tok = tiny_clip_tokenizer()
     tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
     cfg = CLIPConfig(
-        text_config={**tower, "vocab_size": len(tok), "max_position_embeddings": 24,
+        text_config={**tower, "vocab_size": len(tok), "max_position_embeddings": context,
                      "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                      "pad_token_id": tok.pad_token_id},
         vision_config={**tower, "image_size": 16, "patch_size": 4, "num_channels": 3},

@@ -44,6 +44,7 @@ from cloudedge.adapt.glyph_clip import GLYPH_VIEWS, MODEL, STYLES, glyph_clip, g
 from cloudedge.adapt.methods import ZEROSHOT_TEMPLATE
 from cloudedge.config import config_from_dict
 from cloudedge.data.glyph_styles import style_template
+from cloudedge.device import resolve_device
 from cloudedge.errors import InputError
 
 GATE_POINTS = 8.0
@@ -99,9 +100,12 @@ def shift_name(spec: dict[str, Any]) -> str:
     return "+".join(parts)
 
 
-def _config(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, edges_per_shift: int) -> Any:
+def _config(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, edges_per_shift: int,
+            device: str = "cpu", precision: str = "fp32") -> Any:
     """The adaptation run: one edge per shift (or ``edges_per_shift``); the train split is CoOp's
-    labelled clean source (the first :data:`SOURCE_IMAGES` training-font images, all upright)."""
+    labelled clean source (the first :data:`SOURCE_IMAGES` training-font images, all upright);
+    ``device`` / ``precision``: the ``adapt`` section's (where every edge and the cloud phase run
+    the CLIP)."""
     test_size = 36 * -(-2 * per_shift // 36)  # the stream and as many labelled images, whole blocks of classes
     return config_from_dict({
         "name": "adapt-tta", "seed": 0,
@@ -109,17 +113,17 @@ def _config(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, edges_
                   "edges": [{"count": len(shifts) * edges_per_shift, "profile": "edge-server"}]},
         "data": glyph_data(SOURCE_IMAGES, test_size, styled=False), "model": MODEL,
         "adapt": {"checkpoint": str(clip_dir), "streams": shifts, "stream_samples": per_shift // edges_per_shift,
-                  "batch_size": BATCH},
+                  "batch_size": BATCH, "device": device, "precision": precision},
     })
 
 
 def _run_method(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, spec: dict[str, Any],
-                engine: str) -> dict[str, Any]:
+                engine: str, where: tuple[str, str] = ("cpu", "fp32")) -> dict[str, Any]:
     from cloudedge.adapt.stage import adapt
     from cloudedge.engine import make_engine
 
     overrides = {k: v for k, v in spec.items() if k != "edges_per_shift"}
-    cfg = _config(clip_dir, shifts, per_shift, spec.get("edges_per_shift", 1))
+    cfg = _config(clip_dir, shifts, per_shift, spec.get("edges_per_shift", 1), *where)
     with make_engine(engine) as eng:
         s = adapt(cfg, None, eng, **overrides).summary
     return {"acc_mean": s["acc_mean"], "acc_per_shift": s["acc_per_shift"], "ms_per_image": s["ms_per_image"],
@@ -146,7 +150,7 @@ def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
             "edges": sum(p["edges"] for p in parts), "timed_images": n, "parts": len(parts)}
 
 
-def _in_worker(args: tuple[Path, list[dict[str, Any]], int, dict[str, Any], str]) -> dict[str, Any]:
+def _in_worker(args: tuple[Path, list[dict[str, Any]], int, dict[str, Any], str, tuple[str, str]]) -> dict[str, Any]:
     """:func:`_run_method` in a pool process (one torch thread, as in the parent)."""
     from cloudedge.engine import configure_threads
 
@@ -161,10 +165,12 @@ def default_workers() -> int:
 
 def run_methods(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, specs: dict[str, dict[str, Any]],
                 engine: str, workers: int, first: tuple[str, ...] = (),
-                when_first: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> dict[str, dict[str, Any]]:
+                when_first: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+                where: tuple[str, str] = ("cpu", "fp32")) -> dict[str, dict[str, Any]]:
     """Every method in ``specs`` on the same streams, in ``workers`` processes (1: in this one);
     results in the order of ``specs``. ``when_first`` is called with the results of the methods named
-    in ``first`` as soon as those are in (the gate), while the others run on.
+    in ``first`` as soon as those are in (the gate), while the others run on. ``where``: the
+    ``adapt`` section's device and precision.
 
     TPT, by far the longest run (64 views per image) and episodic (its edges never share), is split
     into ``workers`` runs of interleaved slices of the edges (``adapt.edges``: each edge streams the
@@ -173,7 +179,7 @@ def run_methods(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, sp
     if workers <= 1 or engine != "local" or len(specs) == 1:
         results: dict[str, dict[str, Any]] = {}
         for name in [*first, *(n for n in specs if n not in first)]:
-            results[name] = _run_method(clip_dir, shifts, per_shift, specs[name], engine)
+            results[name] = _run_method(clip_dir, shifts, per_shift, specs[name], engine, where)
             if when_first is not None and name in first and all(f in results for f in first):
                 when_first({f: results[f] for f in first})
         return {name: results[name] for name in specs}
@@ -187,7 +193,8 @@ def run_methods(clip_dir: Path, shifts: list[dict[str, Any]], per_shift: int, sp
             jobs.append((name, spec))
     # spawn, not fork: a forked child would inherit this process's torch thread pools and locks.
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-        futures = [(name, pool.submit(_in_worker, (clip_dir, shifts, per_shift, spec, engine))) for name, spec in jobs]
+        futures = [(name, pool.submit(_in_worker, (clip_dir, shifts, per_shift, spec, engine, where)))
+                   for name, spec in jobs]
 
         def collect(name: str) -> dict[str, Any]:
             parts = [f.result() for n, f in futures if n == name]
@@ -217,12 +224,15 @@ def headroom(oracle: dict[str, float], zeroshot: dict[str, float], names: list[s
 
 
 def run(quick: bool, out_dir: Path, checkpoint: str | None = None, engine: str = "local",
-        workers: int | None = None) -> dict[str, Any]:
+        workers: int | None = None, device: str = "cpu", precision: str = "fp32") -> dict[str, Any]:
     """Gate first, then every method on every shift; returns the benchmark's results dict.
 
-    ``checkpoint``: a CLIP directory (of the glyph CLIP's architecture) to adapt instead of the
-    cached glyph CLIP; ``engine``: local or ray; ``workers``: processes running methods side by
-    side (default :func:`default_workers`; the ray engine runs them one after another).
+    ``checkpoint``: a CLIP to adapt instead of the cached glyph CLIP: a directory of the glyph
+    CLIP's architecture, or a local Hugging Face CLIP (a downloaded ViT-B/16: what TPT's published
+    effect was measured on); ``engine``: local or ray; ``workers``: processes running methods side
+    by side (default :func:`default_workers`; the ray engine runs them one after another);
+    ``device`` / ``precision``: where the methods run the CLIP (``cuda`` and ``bf16`` on a GPU; the
+    glyph CLIP is still built on the CPU, the same weights on every machine).
     """
     from cloudedge.engine import configure_threads
 
@@ -234,6 +244,13 @@ def run(quick: bool, out_dir: Path, checkpoint: str | None = None, engine: str =
     if workers < 1:
         raise InputError(f"benchmark adapt-tta: --workers must be a whole number of at least 1 "
                          f"(processes), got {raw_workers!r}")
+    where = (device, precision)
+    try:  # a bad device or precision fails here, before the build
+        _config(Path(checkpoint or "."), SHIFTS, 512, 1, *where)
+    except InputError as err:
+        raise InputError(f"benchmark adapt-tta --set device / precision: {err}") from None
+    if engine == "local":  # the methods run here: no GPU here is known now, not after the build
+        resolve_device(device, "benchmark adapt-tta --set device")
     # One torch thread on a 2-core host: a second one mostly spins (docs/performance.md).
     configure_threads(None)
     out_dir = Path(out_dir)
@@ -259,7 +276,7 @@ def run(quick: bool, out_dir: Path, checkpoint: str | None = None, engine: str =
               f"{'holds' if gate['holds'] else 'FAILS'}", flush=True)
 
     methods = run_methods(clip_dir, shifts, per_shift, specs, engine, workers, first=("zeroshot", "coop-oracle"),
-                          when_first=print_gate)
+                          when_first=print_gate, where=where)
     for m in methods.values():  # the mean over the main shifts; severity 5 apart
         m["acc_mean"] = _mean(m["acc_per_shift"], names)
         if not quick:
@@ -272,7 +289,8 @@ def run(quick: bool, out_dir: Path, checkpoint: str | None = None, engine: str =
         "config": {"model": MODEL, "clip": card, "shifts": names,
                    "severity5_shifts": [] if quick else [shift_name(s) for s in SEVERE],
                    "images_per_shift": per_shift, "batch_size": BATCH, "seed": 0, "coop_source_images": SOURCE_IMAGES,
-                   "gate_points": GATE_POINTS, "methods": METHODS, "workers": workers},
+                   "gate_points": GATE_POINTS, "methods": METHODS, "workers": workers, "device": device,
+                   "precision": precision},
         "methods": methods,
         "goals": {"swapprompt_minus_tpt": acc["swapprompt"] - acc["tpt"],
                   "swapprompt_minus_zeroshot": acc["swapprompt"] - acc["zeroshot"],
