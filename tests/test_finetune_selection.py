@@ -185,3 +185,72 @@ def test_a_relayed_update_needs_its_device_online_only_until_the_edge_has_it(tmp
     loop, arrivals = run(handed_over - 0.5 * first_hop)  # during its first hop, after its compute
     assert loop.history[1]["dropped"] == 1 and not arrivals  # dropped in the plan: it never trained
     assert loop.clock.flops_done["edge0/dev0"] == pytest.approx(flops)  # its whole compute is charged
+
+
+def test_over_selection_keeps_updates_that_will_be_in_behind_the_others(tmp_path):
+    """Goal 2 of 3 devices sharing their edge's slow downlink. Each upload alone would be in
+    before dev1 goes offline, so ranked on their uploads alone dev0 and dev1 were kept and dev2
+    cancelled. Queued behind dev0, dev1's upload outlasts its time online. The round would then
+    fall short of its goal with dev2 already cancelled. Ranked by a what-if booking of all three,
+    dev0 and dev2 are kept and dev1 is cancelled as the surplus."""
+    groups = [{"count": 1, "profile": "phone-mid", "overrides": {"availability": 1.0, "flops": FLOPS * f,
+                                                                 "latency_s": 0.0005}}
+              for f in (1.0, 0.99, 0.98)]  # the same work, sent in the order dev0, dev1, dev2
+    raw = _raw(groups, selection={"goal": 2, "over_selection": 1.5})
+    loop = _loop(raw)
+    train_s = 8 * loop.rounds.step_flops / FLOPS
+    up_bytes = loop.rounds.messages.update_bytes()
+    raw["fleet"]["edges"][0]["overrides"]["downlink_Bps"] = up_bytes / train_s  # an upload takes as long as training
+
+    def run(dev1_off=None):
+        loop = _loop(raw)
+        if dev1_off is not None:
+            _trace(loop, tmp_path, [("edge0/dev0", 0, 1e6), ("edge0/dev1", 0, dev1_off), ("edge0/dev2", 0, 1e6)])
+        booked: dict[str, list] = {"what-if": [], "real": []}
+        uploads = loop.messages.uploads
+
+        def spy(sends, on=None):
+            out = uploads(sends, on=on)
+            booked["real" if on is None else "what-if"].append({s.src: (s, a) for s, a in zip(sends, out, strict=True)})
+            return out
+
+        loop.messages.uploads = spy
+        loop.run()
+        return loop, booked
+
+    loop, booked = run()  # everyone online: the what-if order is the order of the uploads alone
+    (what_if,) = booked["what-if"]
+    assert set(loop.train_count) == {"edge0/dev0", "edge0/dev1"} and loop.history[1]["surplus"] == 1
+    send, queued = what_if["edge0/dev1"]
+    alone = send.sent_at + loop.messages.link_s(loop.fleet.nodes["edge0/dev1"], loop.fleet.nodes["edge0"], up_bytes)
+    assert queued.lost is None and alone + 0.5 * train_s < queued.at  # the setting: dev1 queues behind dev0
+
+    loop, booked = run(dev1_off=0.5 * (alone + queued.at))  # dev1 goes offline while queued
+    row = loop.history[1]
+    assert booked["what-if"][0]["edge0/dev1"][1].lost == "offline"
+    assert set(loop.train_count) == {"edge0/dev0", "edge0/dev2"}  # dev1 never trains: it is the surplus
+    assert row["surplus"] == 1 and row["dropped"] == 0 and row["timed_out"] == 0
+    kept = booked["real"][0]  # the devices' uploads (the edge's to the cloud follow)
+    assert set(kept) == {"edge0/dev0", "edge0/dev2"} and all(a.lost is None for _, a in kept.values())
+    # dev1 had computed its update before the second kept one was due: its whole compute is charged.
+    assert loop.clock.flops_done["edge0/dev1"] == loop.clock.flops_done["edge0/dev0"] > 0
+
+
+def test_a_what_if_clock_sees_the_bookings_and_keeps_its_own():
+    from cloudedge.fleet import VirtualClock
+
+    cfg = config_from_dict(_raw({"count": 2, "profile": "phone-mid"}))
+    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+    clock = VirtualClock(fleet)
+    clock.compute("edge0/dev0", 1e9)
+    first = clock.transfer("edge0/dev0", "edge0", 10_000)
+    before = clock.state_dict()
+    scratch = clock.what_if()
+    # It queues behind what is booked: the same message again arrives after the first.
+    again = scratch.transfer("edge0/dev0", "edge0", 10_000)
+    assert again > first and again == pytest.approx(clock.transfer_end("edge0/dev0", "edge0", 10_000))
+    scratch.compute("edge0/dev1", 1e9)
+    scratch.what_if().compute("edge0/dev1", 1e9)  # a what-if of a what-if
+    assert scratch.busy_until["edge0/dev1"] > 0 and scratch.messages == before["messages"] + 1
+    assert clock.state_dict() == before  # nothing booked on it reached the real clock
+    assert "edge0/dev1" not in clock.busy_until and "edge0/dev1" not in clock.energy_j  # not even read as 0

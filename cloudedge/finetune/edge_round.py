@@ -7,7 +7,8 @@ device whose update would arrive after the round's deadline is a straggler: it i
 deadline, its energy up to then is charged, its update is dropped, and the point waits until the
 deadline (it cannot know the update is not coming). The plan judges each upload on its time alone;
 one that queues past the deadline (or its sender's time online) behind the others' is lost when
-the uploads are booked. The updates that arrive pass the update gate and are aggregated
+the uploads are booked. With a goal, the over-selected devices are ranked by a what-if booking of
+all their uploads queued together, so the kept ones are in. The updates that arrive pass the update gate and are aggregated
 (:class:`cloudedge.finetune.safeguards.Safeguards`).
 
 A round is *planned* (who takes part, with how many steps, from which model; dropouts and
@@ -57,7 +58,6 @@ class Planned:
     begin: float
     start: Tensors  # the model it trains from (the edge's, or its stale cached copy)
     staleness: int  # edge rounds its model is behind (0: this round's)
-    arrive: float = 0.0  # when its update is expected at the aggregation point (its upload alone)
     online_until: float = math.inf  # when its availability model takes it offline
 
 
@@ -229,10 +229,22 @@ class EdgeRounds:
                 self.clock.compute_until(dev.id, flops, begin, t_deadline)
                 plan.timed_out.append(dev.id)
             else:
-                plan.planned.append(Planned(dev, steps, flops, begin, start, staleness, arrive, t_off))
-        plan.planned, plan.surplus = keep_first(plan.planned, self.s.goal, self.clock)
+                plan.planned.append(Planned(dev, steps, flops, begin, start, staleness, t_off))
+        if self.s.goal is not None and len(plan.planned) > self.s.goal:
+            expected = self._expected_arrivals(agg_id, plan.planned, up_bytes, t_deadline)
+            plan.planned, plan.surplus = keep_first(plan.planned, self.s.goal, self.clock, expected)
         plan.tasks = [self._train_task(p) for p in plan.planned]
         return plan
+
+    def _expected_arrivals(self, agg_id: str, planned: list[Planned], up_bytes: int,
+                           t_deadline: float) -> list[float]:
+        """When each planned update would be in if every planned device computed and uploaded, in
+        the order they are sent, behind one another on the edge's links (inf: lost in the queue,
+        past the deadline or its sender's time online). Booked on a what-if clock: nothing is charged."""
+        scratch = self.clock.what_if()
+        sends = [Upload(p.dev.id, agg_id, up_bytes, scratch.compute(p.dev.id, p.flops, start=p.begin),
+                        p.online_until, t_deadline) for p in planned]
+        return [a.at for a in self.messages.uploads(sends, on=scratch)]
 
     def _train_task(self, p: Planned) -> Task:
         """The engine task of a planned device (its worker registered for this round when needed)."""

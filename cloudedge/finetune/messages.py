@@ -122,9 +122,10 @@ class Messages:
         via = self.relay(src, dst)
         return self.link_s(src, self.fleet.nodes[via] if via is not None else dst, nbytes)
 
-    def uploads(self, sends: Sequence[Upload]) -> list[Arrival]:
+    def uploads(self, sends: Sequence[Upload], on: VirtualClock | None = None) -> list[Arrival]:
         """Book a round's uploads (:class:`Upload`: devices' to their aggregation point, or edges'
-        to the cloud); when each arrives, or why it never does.
+        to the cloud) on the run's clock, or ``on`` another one (a ``what_if`` scratch clock);
+        when each arrives, or why it never does.
 
         Each link's queue is first come, first served in booking order, so every hop is booked when
         it starts (a small discrete-event loop): an upload at its send time, and a relayed one
@@ -137,6 +138,7 @@ class Messages:
         one whose sender goes offline (``online_until``, before the deadline) before its own hop is
         done is lost as ``"offline"`` (a relaying edge needs no device any more). A lost hop is not
         booked, as a straggler's upload is not (edge_round.py)."""
+        clock = self.clock if on is None else on
         arrival: dict[int, Arrival] = {}
         events = [(u.sent_at, 0, i) for i, u in enumerate(sends)]
         heapq.heapify(events)
@@ -145,7 +147,7 @@ class Messages:
             u = sends[i]
             via = self.relay(self.fleet.nodes[u.src], self.fleet.nodes[u.dst])
             src, dst = (via, u.dst) if hop == 1 else (u.src, via or u.dst)
-            end = self.clock.transfer_end(src, dst, u.nbytes, start=t, forwarding=hop == 1)
+            end = clock.transfer_end(src, dst, u.nbytes, start=t, forwarding=hop == 1)
             lost = None
             if hop == 0 and end > u.online_until and u.online_until < u.deadline:
                 lost = "offline"
@@ -154,7 +156,7 @@ class Messages:
             if lost is not None:
                 arrival[i] = Arrival(math.inf, lost)
                 continue
-            end = self.clock.transfer(src, dst, u.nbytes, start=t, forwarding=hop == 1)
+            end = clock.transfer(src, dst, u.nbytes, start=t, forwarding=hop == 1)
             if hop == 0 and via is not None:
                 heapq.heappush(events, (end, 1, i))
             else:

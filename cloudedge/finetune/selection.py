@@ -7,7 +7,8 @@ deadlines and over-selection").
   among the devices online at the round's start, looking only at the candidates drawn (a fleet may
   hold a million devices).
 - :func:`keep_first`: over-selection's cut: of the devices that will deliver, the first ``goal`` by
-  expected arrival are kept; the others are cancelled when the last kept update is due.
+  expected arrival (every planned upload queued on the edge's links: a what-if booking) are kept;
+  the others are cancelled when the last kept update is due.
 """
 
 from __future__ import annotations
@@ -52,17 +53,22 @@ def select_devices(fleet: Fleet, devices: Sequence[Node], t0: float, rng: np.ran
     return [fleet.device(int(n)) for n in chosen]
 
 
-def keep_first(planned: list[Any], goal: int | None, clock: Any) -> tuple[list[Any], int]:
+def keep_first(planned: list[Any], goal: int | None, clock: Any,
+               expected: Sequence[float]) -> tuple[list[Any], int]:
     """Over-selection: keep the first ``goal`` of ``planned`` (items with ``dev``, ``begin``,
-    ``flops``, ``arrive``) by expected arrival; charge each other one's compute up to when the last
-    kept update is due (the edge cancels it then). Returns the kept items, in their order, and how
-    many were cancelled."""
+    ``flops``) by ``expected`` arrival (per item; inf: it would be lost in the queue), and charge
+    each other one's compute up to when the last kept update is due (the edge cancels it then).
+    ``expected`` comes from booking every planned upload, so a kept one, queued behind fewer, is
+    in no later. When fewer than ``goal`` would be in at all, nobody is cancelled: the round takes
+    what comes. Returns the kept items, in their order, and how many were cancelled."""
     if goal is None or len(planned) <= goal:
         return planned, 0
-    order = sorted(planned, key=lambda p: (p.arrive, p.dev.index))
-    kept, extra = order[:goal], order[goal:]
-    t_cut = kept[-1].arrive
-    for p in extra:
+    order = sorted(range(len(planned)), key=lambda i: (expected[i], planned[i].dev.index))
+    t_cut = expected[order[goal - 1]]
+    if not math.isfinite(t_cut):
+        return planned, 0
+    kept, extra = set(order[:goal]), order[goal:]
+    for i in extra:
+        p = planned[i]
         clock.compute_until(p.dev.id, p.flops, p.begin, t_cut)
-    kept_ids = {id(p) for p in kept}
-    return [p for p in planned if id(p) in kept_ids], len(extra)
+    return [p for i, p in enumerate(planned) if i in kept], len(extra)

@@ -17,12 +17,14 @@ Scheduling rules (docs/profiles.md, "The clock"):
   messages of a round in the order they are sent (pre-training and fine-tuning sort their uploads
   by when each sender's compute ends; relayed second hops by when their first hop arrives, with
   ``forwarding=True``), else one could wait behind a message sent later.
-- `transfer_end` answers when a `transfer` would arrive, without booking it.
+- `transfer_end` answers when a `transfer` would arrive, without booking it; `what_if()` gives a
+  scratch clock to try several bookings on (a round's uploads queued behind one another).
 - `barrier(ids)` moves `now` to when the slowest of them is done, and makes them all wait there.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -73,6 +75,21 @@ class ClockMark:
 
     t: float
     busy_s: dict[str, float] = field(repr=False)
+
+
+class _Overlay(dict):  # type: ignore[type-arg]
+    """A per-node table of a what-if clock: reads fall through to the real clock's table (without
+    adding entries to it), writes stay here."""
+
+    def __init__(self, base: dict[str, float]):
+        super().__init__()
+        self.base = base
+
+    def __missing__(self, key: str) -> float:
+        return self.base.get(key, 0.0)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.__getitem__(self, key) if key in self else self.base.get(key, default)
 
 
 class VirtualClock:
@@ -156,6 +173,17 @@ class VirtualClock:
         """When :meth:`transfer` with these arguments would deliver, behind what is already queued
         on both ends' pipes, without sending anything (a node deciding whether it can finish)."""
         return self._route(src_id, dst_id, nbytes, start, forwarding)[1]
+
+    def what_if(self) -> VirtualClock:
+        """A scratch clock that sees everything booked here so far and keeps what is booked on it
+        to itself: to try out several bookings that queue behind one another (an edge deciding
+        which over-selected updates will be in first). Costs O(1), whatever the fleet's size."""
+        scratch = copy.copy(self)
+        for name in self._PER_NODE:
+            setattr(scratch, name, _Overlay(getattr(self, name)))
+        scratch.bytes_by_link, scratch.bytes_by_direction = dict(self.bytes_by_link), dict(self.bytes_by_direction)
+        scratch._energy_by_kind = {t: dict(k) for t, k in self._energy_by_kind.items()}
+        return scratch
 
     def _route(self, src_id: str, dst_id: str, nbytes: int, start: float | None, forwarding: bool = False
                ) -> tuple[float, float, tuple[dict[str, float], float], tuple[dict[str, float], float]]:
