@@ -3,12 +3,15 @@ over-selection with a goal, and a round's cost that does not grow with the fleet
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from cloudedge.config import config_from_dict
 from cloudedge.engine import LocalEngine
 from cloudedge.finetune.loop import HierFinetune
+from cloudedge.finetune.messages import Upload
 from cloudedge.finetune.stage import prepare_task, settings_from_config
 from cloudedge.fleet import Fleet
 from cloudedge.fleet.traces import load_interval_trace
@@ -187,53 +190,77 @@ def test_a_relayed_update_needs_its_device_online_only_until_the_edge_has_it(tmp
     assert loop.clock.flops_done["edge0/dev0"] == pytest.approx(flops)  # its whole compute is charged
 
 
+def _three_on_a_slow_downlink(tmp_path, offline: dict[str, float] | None = None):
+    """Goal 2 of 3 devices doing the same work, sent in the order dev0, dev1, dev2, on their edge's
+    downlink that takes as long for an upload as training does; ``offline``: when some go offline.
+    Returns the loop and its uploads' bookings, what-if and real, each as {device: (Upload, Arrival)}."""
+    groups = [{"count": 1, "profile": "phone-mid", "overrides": {"availability": 1.0, "flops": FLOPS * f,
+                                                                 "latency_s": 0.0005}}
+              for f in (1.0, 0.99, 0.98)]
+    raw = _raw(groups, selection={"goal": 2, "over_selection": 1.5})
+    loop = _loop(raw)
+    train_s = 8 * loop.rounds.step_flops / FLOPS
+    raw["fleet"]["edges"][0]["overrides"]["downlink_Bps"] = loop.rounds.messages.update_bytes() / train_s
+    loop = _loop(raw)
+    if offline:
+        _trace(loop, tmp_path, [(d, 0, offline.get(d, 1e6)) for d in ("edge0/dev0", "edge0/dev1", "edge0/dev2")])
+    booked: dict[str, list] = {"what-if": [], "real": []}
+    uploads = loop.messages.uploads
+
+    def spy(sends, on=None):
+        out = uploads(sends, on=on)
+        booked["real" if on is None else "what-if"].append({s.src: (s, a) for s, a in zip(sends, out, strict=True)})
+        return out
+
+    loop.messages.uploads = spy
+    loop.run()
+    return loop, booked, train_s
+
+
 def test_over_selection_keeps_updates_that_will_be_in_behind_the_others(tmp_path):
     """Goal 2 of 3 devices sharing their edge's slow downlink. Each upload alone would be in
     before dev1 goes offline, so ranked on their uploads alone dev0 and dev1 were kept and dev2
     cancelled. Queued behind dev0, dev1's upload outlasts its time online. The round would then
     fall short of its goal with dev2 already cancelled. Ranked by a what-if booking of all three,
     dev0 and dev2 are kept and dev1 is cancelled as the surplus."""
-    groups = [{"count": 1, "profile": "phone-mid", "overrides": {"availability": 1.0, "flops": FLOPS * f,
-                                                                 "latency_s": 0.0005}}
-              for f in (1.0, 0.99, 0.98)]  # the same work, sent in the order dev0, dev1, dev2
-    raw = _raw(groups, selection={"goal": 2, "over_selection": 1.5})
-    loop = _loop(raw)
-    train_s = 8 * loop.rounds.step_flops / FLOPS
-    up_bytes = loop.rounds.messages.update_bytes()
-    raw["fleet"]["edges"][0]["overrides"]["downlink_Bps"] = up_bytes / train_s  # an upload takes as long as training
-
-    def run(dev1_off=None):
-        loop = _loop(raw)
-        if dev1_off is not None:
-            _trace(loop, tmp_path, [("edge0/dev0", 0, 1e6), ("edge0/dev1", 0, dev1_off), ("edge0/dev2", 0, 1e6)])
-        booked: dict[str, list] = {"what-if": [], "real": []}
-        uploads = loop.messages.uploads
-
-        def spy(sends, on=None):
-            out = uploads(sends, on=on)
-            booked["real" if on is None else "what-if"].append({s.src: (s, a) for s, a in zip(sends, out, strict=True)})
-            return out
-
-        loop.messages.uploads = spy
-        loop.run()
-        return loop, booked
-
-    loop, booked = run()  # everyone online: the what-if order is the order of the uploads alone
-    (what_if,) = booked["what-if"]
+    loop, booked, train_s = _three_on_a_slow_downlink(tmp_path)  # everyone online
+    what_if = booked["what-if"][0]  # every planned upload, to rank them (then the kept ones alone)
     assert set(loop.train_count) == {"edge0/dev0", "edge0/dev1"} and loop.history[1]["surplus"] == 1
     send, queued = what_if["edge0/dev1"]
+    up_bytes = loop.messages.update_bytes()
     alone = send.sent_at + loop.messages.link_s(loop.fleet.nodes["edge0/dev1"], loop.fleet.nodes["edge0"], up_bytes)
     assert queued.lost is None and alone + 0.5 * train_s < queued.at  # the setting: dev1 queues behind dev0
 
-    loop, booked = run(dev1_off=0.5 * (alone + queued.at))  # dev1 goes offline while queued
+    # dev1 goes offline while queued
+    loop, booked, _ = _three_on_a_slow_downlink(tmp_path, {"edge0/dev1": 0.5 * (alone + queued.at)})
     row = loop.history[1]
     assert booked["what-if"][0]["edge0/dev1"][1].lost == "offline"
     assert set(loop.train_count) == {"edge0/dev0", "edge0/dev2"}  # dev1 never trains: it is the surplus
     assert row["surplus"] == 1 and row["dropped"] == 0 and row["timed_out"] == 0
     kept = booked["real"][0]  # the devices' uploads (the edge's to the cloud follow)
     assert set(kept) == {"edge0/dev0", "edge0/dev2"} and all(a.lost is None for _, a in kept.values())
+    # The kept ones' what-if booking alone is the round's real booking, to the instant.
+    assert {d: a for d, (_, a) in booked["what-if"][-1].items()} == {d: a for d, (_, a) in kept.items()}
     # dev1 had computed its update before the second kept one was due: its whole compute is charged.
     assert loop.clock.flops_done["edge0/dev1"] == loop.clock.flops_done["edge0/dev0"] > 0
+
+
+def test_when_fewer_than_the_goal_would_be_in_nobody_is_cancelled(tmp_path):
+    """dev1 and dev2 each go offline while queued second behind dev0 (alone, each would be in), so
+    at most one update would be in: the round cancels nobody, all three train, and the two lost
+    uploads are dropouts."""
+    loop, booked, train_s = _three_on_a_slow_downlink(tmp_path)
+    what_if = booked["what-if"][0]
+    up_bytes = loop.messages.update_bytes()
+    send, queued = what_if["edge0/dev1"]
+    alone = max(s.sent_at for s, _ in what_if.values()) + loop.messages.link_s(
+        loop.fleet.nodes["edge0/dev1"], loop.fleet.nodes["edge0"], up_bytes)  # the last to send, alone
+    assert alone + 0.5 * train_s < queued.at  # the setting: queued second is later than anyone alone
+    t_off = 0.5 * (alone + queued.at)
+    loop, booked, _ = _three_on_a_slow_downlink(tmp_path, {"edge0/dev1": t_off, "edge0/dev2": t_off})
+    row = loop.history[1]
+    assert set(loop.train_count) == {"edge0/dev0", "edge0/dev1", "edge0/dev2"}
+    assert row["surplus"] == 0 and row["dropped"] == 2
 
 
 def test_a_what_if_clock_sees_the_bookings_and_keeps_its_own():
@@ -254,3 +281,67 @@ def test_a_what_if_clock_sees_the_bookings_and_keeps_its_own():
     assert scratch.busy_until["edge0/dev1"] > 0 and scratch.messages == before["messages"] + 1
     assert clock.state_dict() == before  # nothing booked on it reached the real clock
     assert "edge0/dev1" not in clock.busy_until and "edge0/dev1" not in clock.energy_j  # not even read as 0
+    # Its reports are of the real clock's bookings and its own together.
+    assert scratch.makespan() == again > clock.makespan() == first
+    assert set(scratch.state_dict()["node_ids"]) == {"edge0/dev1", "edge0/dev0", "edge0"}
+    assert scratch.summary()["flops_by_tier"]["device"] == 2e9 and len(scratch.busy_s) == 3
+    assert {k: v for k, v in dict(scratch.flops_done).items() if v} == {"edge0/dev1": 1e9, "edge0/dev0": 1e9}
+
+
+def test_a_kept_relayed_update_is_not_overtaken_on_its_second_hop():
+    """Two-tier (device -> edge -> cloud), goal 2 of 3, the cloud's downlink shared. Booked all
+    together, B, A and C arrive in that order, so B and A rank first. Booked without C, B's first
+    hop ends sooner and B overtakes A on the cloud's downlink, which pushes A past the deadline.
+    So A cannot be kept with B: C takes its place, and what is kept is what arrives."""
+    from types import SimpleNamespace
+
+    from cloudedge.finetune.selection import keep_first
+
+    n, fast = 1000, 1e12
+    phone = {"count": 1, "profile": "phone-mid"}
+    raw = _raw([], sync={"name": "fedavg2", "k1": 8, "k2": 1, "deadline_factor": None})
+    raw["fleet"] = {
+        "cloud": {"overrides": {"downlink_Bps": n / 4, "uplink_Bps": fast, "latency_s": 0}},
+        "edges": [
+            {"count": 1, "overrides": {"downlink_Bps": n / 5, "uplink_Bps": fast, "latency_s": 0,
+                                       "wan_uplink_Bps": fast, "wan_latency_s": 0},
+             "devices": [{**phone, "overrides": {"uplink_Bps": fast, "latency_s": 0}},
+                         {**phone, "overrides": {"uplink_Bps": n / 18, "latency_s": 0}}]},
+            {"count": 1, "overrides": {"downlink_Bps": fast, "uplink_Bps": fast, "latency_s": 0,
+                                       "wan_uplink_Bps": fast, "wan_latency_s": 10},
+             "devices": [{**phone, "overrides": {"uplink_Bps": fast, "latency_s": 0}}]}]}
+    loop = _loop(raw)
+    b, c, a = "edge0/dev0", "edge0/dev1", "edge1/dev0"
+    sent, deadline = {c: 0.0, b: 0.1, a: 7.0}, 22.5
+    planned = [SimpleNamespace(dev=loop.fleet.nodes[d], begin=sent[d], flops=0.0, online_until=math.inf)
+               for d in (c, b, a)]
+
+    def arrivals(items):
+        return loop.rounds._expected_arrivals("cloud", items, n, deadline)
+
+    together = dict(zip((c, b, a), arrivals(planned), strict=True))
+    assert together[b] < together[a] < together[c] < deadline  # the setting: B and A rank first
+    kept, cancelled = keep_first(planned, 2, loop.clock, arrivals)
+    assert [p.dev.id for p in kept] == [c, b] and cancelled == 1
+    real = loop.messages.uploads([Upload(p.dev.id, "cloud", n, sent[p.dev.id], math.inf, deadline) for p in kept])
+    assert all(r.lost is None for r in real)
+
+
+def test_keep_first_ranks_updates_that_will_be_rejected_last_and_cancels_at_the_last_kept_arrival():
+    """Pure ranking: arrivals 1, 2, 3 (booked alone the same); the first to arrive will be rejected
+    (a stale update past max_staleness), so the second and third are kept, the first is cancelled
+    at the later of their arrivals (3), charged its compute up to then."""
+    from types import SimpleNamespace
+
+    from cloudedge.finetune.selection import keep_first
+    from cloudedge.fleet import VirtualClock
+
+    cfg = config_from_dict(_raw({"count": 3, "profile": "phone-mid", "overrides": {"flops": 1.0}}))
+    fleet = Fleet.from_config(cfg.fleet, cfg.seed)
+    clock = VirtualClock(fleet)
+    at = {"edge0/dev0": 1.0, "edge0/dev1": 2.0, "edge0/dev2": 3.0}
+    planned = [SimpleNamespace(dev=fleet.nodes[d], begin=0.0, flops=10.0, stale=d == "edge0/dev0") for d in at]
+    kept, cancelled = keep_first(planned, 2, clock, lambda items: [at[p.dev.id] for p in items],
+                                 last=lambda p: p.stale)
+    assert [p.dev.id for p in kept] == ["edge0/dev1", "edge0/dev2"] and cancelled == 1
+    assert clock.flops_done["edge0/dev0"] == 3.0  # 1 FLOP/s from 0 until the cut at 3

@@ -8,7 +8,8 @@ deadline, its energy up to then is charged, its update is dropped, and the point
 deadline (it cannot know the update is not coming). The plan judges each upload on its time alone;
 one that queues past the deadline (or its sender's time online) behind the others' is lost when
 the uploads are booked. With a goal, the over-selected devices are ranked by a what-if booking of
-all their uploads queued together, so the kept ones are in. The updates that arrive pass the update gate and are aggregated
+all their uploads queued together, and the kept ones are booked alone the same way, so that they are
+in (unless a worker fails). The updates that arrive pass the update gate and are aggregated
 (:class:`cloudedge.finetune.safeguards.Safeguards`).
 
 A round is *planned* (who takes part, with how many steps, from which model; dropouts and
@@ -231,16 +232,19 @@ class EdgeRounds:
             else:
                 plan.planned.append(Planned(dev, steps, flops, begin, start, staleness, t_off))
         if self.s.goal is not None and len(plan.planned) > self.s.goal:
-            expected = self._expected_arrivals(agg_id, plan.planned, up_bytes, t_deadline)
-            plan.planned, plan.surplus = keep_first(plan.planned, self.s.goal, self.clock, expected)
+            plan.planned, plan.surplus = keep_first(
+                plan.planned, self.s.goal, self.clock,
+                lambda items: self._expected_arrivals(agg_id, items, up_bytes, t_deadline),
+                last=lambda p: p.staleness > 0 and self.churn.stale_reason(p.staleness) is not None)
         plan.tasks = [self._train_task(p) for p in plan.planned]
         return plan
 
     def _expected_arrivals(self, agg_id: str, planned: list[Planned], up_bytes: int,
                            t_deadline: float) -> list[float]:
-        """When each planned update would be in if every planned device computed and uploaded, in
-        the order they are sent, behind one another on the edge's links (inf: lost in the queue,
-        past the deadline or its sender's time online). Booked on a what-if clock: nothing is charged."""
+        """When each of ``planned``'s updates would be in if those devices alone computed and
+        uploaded, in the order they are sent, behind one another on the links to ``agg_id`` (inf:
+        lost in the queue, past the deadline or its sender's time online). Booked on a what-if
+        clock: nothing is charged."""
         scratch = self.clock.what_if()
         sends = [Upload(p.dev.id, agg_id, up_bytes, scratch.compute(p.dev.id, p.flops, start=p.begin),
                         p.online_until, t_deadline) for p in planned]

@@ -6,15 +6,15 @@ deadlines and over-selection").
   the round's start), then a ``participation`` share; with a goal, ``goal x over_selection`` drawn
   among the devices online at the round's start, looking only at the candidates drawn (a fleet may
   hold a million devices).
-- :func:`keep_first`: over-selection's cut: of the devices that will deliver, the first ``goal`` by
-  expected arrival (every planned upload queued on the edge's links: a what-if booking) are kept;
-  the others are cancelled when the last kept update is due.
+- :func:`keep_first`: over-selection's cut: of the devices that will deliver, the first ``goal`` to
+  arrive (what-if bookings of their uploads queued together on the aggregation point's links) are
+  kept; the others are cancelled when the last kept update is in.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,21 +54,38 @@ def select_devices(fleet: Fleet, devices: Sequence[Node], t0: float, rng: np.ran
 
 
 def keep_first(planned: list[Any], goal: int | None, clock: Any,
-               expected: Sequence[float]) -> tuple[list[Any], int]:
+               arrivals: Callable[[list[Any]], list[float]], last: Callable[[Any], bool] = lambda p: False,
+               ) -> tuple[list[Any], int]:
     """Over-selection: keep the first ``goal`` of ``planned`` (items with ``dev``, ``begin``,
-    ``flops``) by ``expected`` arrival (per item; inf: it would be lost in the queue), and charge
-    each other one's compute up to when the last kept update is due (the edge cancels it then).
-    ``expected`` comes from booking every planned upload, so a kept one, queued behind fewer, is
-    in no later. When fewer than ``goal`` would be in at all, nobody is cancelled: the round takes
-    what comes. Returns the kept items, in their order, and how many were cancelled."""
+    ``flops``) to arrive, and charge each other one's compute up to when the last kept update is
+    in (the aggregation point cancels it then). Returns the kept items, in their order, and how
+    many were cancelled.
+
+    ``arrivals(items)``: when each of ``items`` would be in if those alone computed and uploaded
+    (a what-if booking; inf: lost in the queue). They are ranked by a booking of all of them, the
+    items ``last`` says cannot count (an update the aggregation point will reject) after the others.
+    The first ``goal`` are then booked alone, as the round will book them. If one of those is
+    lost, queued behind the others (a relayed upload can be overtaken on its second hop), it is
+    dropped and the next by rank takes its place, until all kept would be in. When that leaves
+    fewer than ``goal``, nobody is cancelled: the round takes what comes."""
     if goal is None or len(planned) <= goal:
         return planned, 0
-    order = sorted(range(len(planned)), key=lambda i: (expected[i], planned[i].dev.index))
-    t_cut = expected[order[goal - 1]]
-    if not math.isfinite(t_cut):
-        return planned, 0
-    kept, extra = set(order[:goal]), order[goal:]
-    for i in extra:
-        p = planned[i]
-        clock.compute_until(p.dev.id, p.flops, p.begin, t_cut)
-    return [p for i, p in enumerate(planned) if i in kept], len(extra)
+    everyone = arrivals(planned)
+    rank = sorted(range(len(planned)), key=lambda i: (last(planned[i]), everyone[i], planned[i].dev.index))
+    kept, waiting = sorted(rank[:goal], key=rank.index), rank[goal:]
+    while True:
+        got = arrivals([planned[i] for i in kept])
+        lost = [i for i, t in zip(kept, got, strict=True) if not math.isfinite(t)]
+        if not lost:
+            break
+        if len(waiting) < len(lost):
+            return planned, 0
+        kept = sorted([i for i in kept if i not in lost] + waiting[:len(lost)], key=rank.index)
+        waiting = waiting[len(lost):]
+    t_cut = max(got)
+    keep = set(kept)
+    for i in range(len(planned)):
+        if i not in keep:
+            p = planned[i]
+            clock.compute_until(p.dev.id, p.flops, p.begin, t_cut)
+    return [p for i, p in enumerate(planned) if i in keep], len(planned) - len(keep)

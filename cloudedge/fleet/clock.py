@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,8 +78,9 @@ class ClockMark:
 
 
 class _Overlay(dict):  # type: ignore[type-arg]
-    """A per-node table of a what-if clock: reads fall through to the real clock's table (without
-    adding entries to it), writes stay here."""
+    """A per-node table of a what-if clock: its own writes over the real clock's table, which it
+    reads through without adding entries to it. Membership, iteration and length are of the union,
+    so the clock's reports work on a what-if clock too."""
 
     def __init__(self, base: dict[str, float]):
         super().__init__()
@@ -89,7 +90,26 @@ class _Overlay(dict):  # type: ignore[type-arg]
         return self.base.get(key, 0.0)
 
     def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        return dict.__getitem__(self, key) if key in self else self.base.get(key, default)
+        return dict.__getitem__(self, key) if dict.__contains__(self, key) else self.base.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or key in self.base
+
+    def __iter__(self) -> Iterator[str]:
+        yield from dict.__iter__(self)
+        yield from (k for k in self.base if not dict.__contains__(self, k))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return list(self)
+
+    def values(self) -> list[float]:  # type: ignore[override]
+        return [self[k] for k in self]
+
+    def items(self) -> list[tuple[str, float]]:  # type: ignore[override]
+        return [(k, self[k]) for k in self]
 
 
 class VirtualClock:
@@ -176,8 +196,10 @@ class VirtualClock:
 
     def what_if(self) -> VirtualClock:
         """A scratch clock that sees everything booked here so far and keeps what is booked on it
-        to itself: to try out several bookings that queue behind one another (an edge deciding
-        which over-selected updates will be in first). Costs O(1), whatever the fleet's size."""
+        to itself: to try out several bookings that queue behind one another (an aggregation point
+        deciding which over-selected updates will be in first). Costs O(1), whatever the fleet's
+        size. Use it at once and drop it: its per-node tables read through to this clock's as they
+        are when read, its totals (time, messages, bytes, energy by kind) are copies."""
         scratch = copy.copy(self)
         for name in self._PER_NODE:
             setattr(scratch, name, _Overlay(getattr(self, name)))
