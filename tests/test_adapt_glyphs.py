@@ -344,13 +344,19 @@ def test_benchmark_adapts_a_local_hugging_face_clip_on_the_device_and_precision_
         assert got["tpt"]["timed_images"] > 0
     # bf16 autocast is really on: TPT's adaptation step holds half-size activations
     assert bf16["tpt"]["peak_mem_mb"] < fp32["tpt"]["peak_mem_mb"]
-    for bad, field in (({"device": "tpu"}, "adapt.device"), ({"precision": "fp8"}, "adapt.precision")):
-        with pytest.raises(InputError, match=field):
-            run_benchmark("adapt-tta", tmp_path / "out", quick=True, checkpoint=str(hf), **bad)
+    # A bad option fails before the glyph CLIP's build (minutes), and before anything is written.
+    def no_build(quick):
+        raise AssertionError("the glyph CLIP was built before the options were checked")
+
+    monkeypatch.setattr("cloudedge.bench.adapt_tta.glyph_clip", no_build)
+    bad_options = [({"device": "tpu"}, r"--set device: one of cpu, cuda, auto \(got 'tpu'\)"),
+                   ({"precision": "fp8"}, r"--set precision: one of fp32, bf16 \(got 'fp8'\)")]
     if not torch.cuda.is_available():
-        with pytest.raises(InputError, match="--set device: 'cuda' asked for"):
-            run_benchmark("adapt-tta", tmp_path / "out", quick=True, checkpoint=str(hf), device="cuda")
-    assert not (tmp_path / "cache" / "cloudedge" / "clip").exists()  # nothing was built
+        bad_options.append(({"device": "cuda"}, "--set device: 'cuda' asked for, but no CUDA device"))
+    for bad, message in bad_options:
+        with pytest.raises(InputError, match=message):
+            run_benchmark("adapt-tta", tmp_path / "out", quick=True, **bad)
+    assert not (tmp_path / "out" / "model_card.json").exists()
 
 
 def test_benchmark_coop_source_is_upright_while_the_clip_saw_styles(tmp_path):

@@ -181,3 +181,20 @@ def test_adapt_on_cuda_predicts_as_the_cpu_run(tmp_path, precision) -> None:
         # (on the CPU, fp32 and bf16 runs of this test's stream move the prompt in directions 0.98 alike)
         moved = [(p["online"] - p["target"]).flatten() for p in (want, got)]
         assert float(torch.nn.functional.cosine_similarity(*moved, dim=0)) > 0.9
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_adapt_tta_prompt_methods_run_on_cuda_with_a_hugging_face_clip(tmp_path, monkeypatch) -> None:
+    """``cloudedge bench adapt-tta --set checkpoint=<HF CLIP> --set device=cuda --set precision=bf16``:
+    every kind of method (a prompt fitted at the cloud, per-image, online) on the GPU."""
+    pytest.importorskip("matplotlib")  # the glyphs are rendered from its fonts
+    from cloudedge.bench.adapt_tta import METHODS, run_methods
+    from tests.test_adapt_prompts import save_tiny_hf_clip
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hf = save_tiny_hf_clip(tmp_path / "hf", context=64)
+    specs = {"coop": METHODS["coop"], "tpt": {"method": {"name": "tpt", "n_views": 3}},
+             "swapprompt": METHODS["swapprompt"], "template-select": METHODS["template-select"]}
+    got = run_methods(hf, [{"shift": "inverted"}], 36, specs, "local", 1, where=("cuda", "bf16"))
+    assert list(got) == list(specs)
+    assert all(0.0 <= r["acc_per_shift"]["inverted"] <= 1.0 and r["timed_images"] > 0 for r in got.values())

@@ -54,7 +54,7 @@ class PromptLearner(nn.Module):
             if not ctx_ids:
                 raise InputError(f"ctx_init: {ctx_init!r} has no tokens")
             with torch.no_grad():
-                init = embed(torch.tensor(ctx_ids)).clone()
+                init = embed(torch.tensor(ctx_ids, device=embed.weight.device)).clone()
         else:
             ctx_ids = [tok.pad_id] * n_ctx  # placeholders; their embeddings are replaced
             gen = torch.Generator().manual_seed(seed)
@@ -74,8 +74,8 @@ class PromptLearner(nn.Module):
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-        with torch.no_grad():
-            token_embeds = embed(ids)
+        with torch.no_grad():  # the ids where the embedding is (the CLIP may already be on a GPU)
+            token_embeds = embed(ids.to(embed.weight.device))
         self.register_buffer("template_ids", ids, persistent=False)
         self.register_buffer("attention_mask", mask, persistent=False)
         self.register_buffer("prefix", token_embeds[:, :1].clone(), persistent=False)

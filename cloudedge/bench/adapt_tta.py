@@ -38,11 +38,12 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from cloudedge.adapt.glyph_clip import GLYPH_VIEWS, MODEL, STYLES, glyph_clip, glyph_data
 from cloudedge.adapt.methods import ZEROSHOT_TEMPLATE
 from cloudedge.config import config_from_dict
+from cloudedge.config.adapt import AdaptConfig
 from cloudedge.data.glyph_styles import style_template
 from cloudedge.device import resolve_device
 from cloudedge.errors import InputError
@@ -244,13 +245,14 @@ def run(quick: bool, out_dir: Path, checkpoint: str | None = None, engine: str =
     if workers < 1:
         raise InputError(f"benchmark adapt-tta: --workers must be a whole number of at least 1 "
                          f"(processes), got {raw_workers!r}")
-    where = (device, precision)
-    try:  # a bad device or precision fails here, before the build
-        _config(Path(checkpoint or "."), SHIFTS, 512, 1, *where)
-    except InputError as err:
-        raise InputError(f"benchmark adapt-tta --set device / precision: {err}") from None
-    if engine == "local":  # the methods run here: no GPU here is known now, not after the build
-        resolve_device(device, "benchmark adapt-tta --set device")
+    # A bad device or precision fails here, before the build. The coordinator holds the CLIP too
+    # (the cloud phase, CoOp's fit), so it needs the device whatever the engine.
+    for option, value in (("device", device), ("precision", precision)):
+        allowed = get_args(AdaptConfig.model_fields[option].annotation)
+        if value not in allowed:
+            raise InputError(f"benchmark adapt-tta --set {option}: one of {', '.join(allowed)} (got {value!r})")
+    here = resolve_device(device, "benchmark adapt-tta --set device")
+    where = (device, precision)  # auto: each worker's host decides (a Ray worker's may have a GPU)
     # One torch thread on a 2-core host: a second one mostly spins (docs/performance.md).
     configure_threads(None)
     out_dir = Path(out_dir)
@@ -289,7 +291,8 @@ def run(quick: bool, out_dir: Path, checkpoint: str | None = None, engine: str =
         "config": {"model": MODEL, "clip": card, "shifts": names,
                    "severity5_shifts": [] if quick else [shift_name(s) for s in SEVERE],
                    "images_per_shift": per_shift, "batch_size": BATCH, "seed": 0, "coop_source_images": SOURCE_IMAGES,
-                   "gate_points": GATE_POINTS, "methods": METHODS, "workers": workers, "device": device,
+                   "gate_points": GATE_POINTS, "methods": METHODS, "workers": workers,
+                   "device": here if engine == "local" else device,
                    "precision": precision},
         "methods": methods,
         "goals": {"swapprompt_minus_tpt": acc["swapprompt"] - acc["tpt"],
