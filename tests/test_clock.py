@@ -277,11 +277,12 @@ def test_relaying_edge_is_busy_for_every_hop_it_carries():
     assert clock.busy_s["edge0"] == pytest.approx(2 * (hop_1 + hop_2))
 
 
-def test_an_upload_queued_past_the_deadline_or_its_senders_time_online_is_lost_and_not_booked():
+def test_an_upload_queued_past_the_deadline_or_its_senders_time_online_is_lost_and_cut_off():
     """Three devices send 1 MB to their edge at t = 0 over the edge's 1 MB/s downlink: alone, each
     would be in at 1.05 s; queued, the second is in at 2.05 s and the third at 3.05 s. With the
     edge's deadline at 2.5 s the third is lost ("deadline"); a second device that goes offline at
-    1.5 s is lost ("offline"). Lost uploads are not booked: the next one queues behind the first only."""
+    1.2 s is lost ("offline"). A lost upload holds the links until it is cut off, and what got
+    through by then is charged: the third, its turn on the downlink at 2 s, half its megabyte."""
     from cloudedge.finetune.messages import Messages, Upload
 
     fleet = make_fleet(edge={"downlink_Bps": 1e6}, n_devices=3)
@@ -298,12 +299,20 @@ def test_an_upload_queued_past_the_deadline_or_its_senders_time_online_is_lost_a
     assert (a0.at, a0.lost) == (pytest.approx(alone), None)
     assert (a1.at, a1.lost) == (pytest.approx(2.0 + 0.05), None)
     assert (a2.at, a2.lost) == (math.inf, "deadline")
-    assert clock.bytes_by_direction[("device", "edge")] == 2 * mb and clock.energy_j["edge0/dev2"] == 0
-    clock, (a0, a1, a2) = run([math.inf, 1.5, math.inf])
+    assert clock.bytes_by_direction[("device", "edge")] == pytest.approx(2.5 * mb, abs=1)
+    radio = fleet.nodes["edge0/dev0"].profile.radio_joules_per_byte
+    assert clock.energy_j["edge0/dev2"] == pytest.approx(0.5 * mb * radio)
+    assert clock.busy_until["edge0/dev2"] == 2.5  # busy sending until the edge stopped waiting
+    clock, (a0, a1, a2) = run([math.inf, 1.2, math.inf])
     assert a1.lost == "offline" and a0.lost is None
-    assert (a2.at, a2.lost) == (pytest.approx(2.0 + 0.05), None)  # dev1's megabyte was never sent
+    # dev1 held the downlink from its turn (1 s) until it left (0.2 MB through); dev2 queued after that
+    assert (a2.at, a2.lost) == (pytest.approx(1.2 + 1.0 + 0.05), None)
+    assert clock.bytes_by_direction[("device", "edge")] == pytest.approx(2.2 * mb, abs=1)
     # Going offline after the deadline is a deadline miss, as the round's plan counts it.
     assert run([math.inf, math.inf, 3.0])[1][2].lost == "deadline"
+    # An upload whose turn had not come by its cut got nothing through and holds nothing.
+    clock = VirtualClock(fleet)
+    assert clock.transfer_cut("edge0/dev0", "edge0", mb, until=0.5, start=1.0) == 0 and not clock.messages
 
 
 def test_a_relayed_upload_needs_its_device_online_only_until_the_edge_has_it():
@@ -323,10 +332,12 @@ def test_a_relayed_upload_needs_its_device_online_only_until_the_edge_has_it():
     assert gone.lost == "offline"
     clock = VirtualClock(fleet)
     (late,) = Messages(None, fleet, clock, {}, None).uploads(
-        [Upload("edge0/dev0", "cloud", mb, 0.0, math.inf, hop_1 + 0.5 * hop_2)])
+        [Upload("edge0/dev0", "cloud", mb, 0.0, math.inf, hop_1 + 0.25 * hop_2)])
     assert late.lost == "deadline"
-    # The first hop was booked (the edge has it), the second was not.
-    assert clock.bytes_by_direction[("device", "edge")] == mb and ("edge", "cloud") not in clock.bytes_by_direction
+    # The first hop was booked whole (the edge has it); the second was cut off at the deadline,
+    # 5 ms into its 10 ms on the 100 MB/s link: half the megabyte got through.
+    assert clock.bytes_by_direction[("device", "edge")] == mb
+    assert clock.bytes_by_direction[("edge", "cloud")] == pytest.approx(mb / 2, abs=1)
 
 
 def test_transfer_end_of_a_forwarded_message_does_not_wait_for_what_the_relay_received_later():

@@ -153,8 +153,9 @@ def test_an_update_queued_past_the_deadline_is_a_straggler():
     # edge's downlink) is in before the round's deadline; queued behind the other, it is not.
     (deadline,) = deadlines
     assert 2 * train_s < deadline < 3 * train_s
-    # Only the first upload was booked: one update's bytes reached the edge.
-    assert loop.clock.bytes_by_direction[("device", "edge")] == up_bytes
+    # The first upload was booked whole; the second held the downlink from its turn until the
+    # deadline cut it off, and what got through by then is charged.
+    assert up_bytes < loop.clock.bytes_by_direction[("device", "edge")] < 2 * up_bytes
 
 
 def test_a_relayed_update_needs_its_device_online_only_until_the_edge_has_it(tmp_path):
@@ -186,8 +187,11 @@ def test_a_relayed_update_needs_its_device_online_only_until_the_edge_has_it(tmp
     first_hop = loop.messages.sender_s(loop.fleet.nodes["edge0/dev0"], loop.fleet.nodes["cloud"],
                                        loop.messages.update_bytes())
     loop, arrivals = run(handed_over - 0.5 * first_hop)  # during its first hop, after its compute
-    assert loop.history[1]["dropped"] == 1 and not arrivals  # dropped in the plan: it never trained
+    # Dropped in the plan, it never trained: its upload starts and is cut off when it leaves.
+    assert loop.history[1]["dropped"] == 1 and [a.lost for a in arrivals] == ["offline"]
     assert loop.clock.flops_done["edge0/dev0"] == pytest.approx(flops)  # its whole compute is charged
+    assert 0 < loop.clock.bytes_by_direction[("device", "edge")] < loop.messages.update_bytes()
+    assert ("edge", "cloud") not in loop.clock.bytes_by_direction
 
 
 def _three_on_a_slow_downlink(tmp_path, offline: dict[str, float] | None = None):
@@ -345,3 +349,35 @@ def test_keep_first_ranks_updates_that_will_be_rejected_last_and_cancels_at_the_
                                  last=lambda p: p.stale)
     assert [p.dev.id for p in kept] == ["edge0/dev1", "edge0/dev2"] and cancelled == 1
     assert clock.flops_done["edge0/dev0"] == 3.0  # 1 FLOP/s from 0 until the cut at 3
+
+
+def test_a_straggler_that_finished_computing_uploads_until_the_deadline_cuts_it_off():
+    """dev2 trains as fast as the others but uploads over a link three times slower than its
+    training: the plan knows its update cannot be in by the deadline (a straggler), yet the device
+    does not know it. It uploads from the end of its training until the deadline, holding its link,
+    and what got through by then is charged to it and to the edge."""
+    fast = {"availability": 1.0, "flops": FLOPS, "latency_s": 0.0005}
+    raw = _raw([{"count": 3, "profile": "phone-mid", "overrides": fast}],
+               sync={"name": "hierfavg", "k1": 8, "k2": 1, "deadline_factor": 1.5})
+    loop = _loop(raw)
+    train_s = 8 * loop.rounds.step_flops / FLOPS
+    up_bytes = loop.rounds.messages.update_bytes()
+    raw["fleet"]["edges"][0]["devices"] = [
+        {"count": 2, "profile": "phone-mid", "overrides": fast},
+        {"count": 1, "profile": "phone-mid", "overrides": {**fast, "uplink_Bps": up_bytes / (3 * train_s)}}]
+    loop = _loop(raw)
+    deadlines = []
+    policy_deadline = loop.policy.deadline
+    loop.policy.deadline = lambda edge: deadlines.append(edge.now + (out := policy_deadline(edge))) or out
+    loop.run()
+    (deadline,) = deadlines  # the round's start plus the policy's deadline
+    row, clock = loop.history[1], loop.clock
+    assert row["timed_out"] == 1 and set(loop.train_count) == {"edge0/dev0", "edge0/dev1"}  # it never trained
+    straggler, peer = "edge0/dev2", "edge0/dev0"
+    assert clock.flops_done[straggler] == clock.flops_done[peer] > 0  # its compute ended before the deadline
+    assert clock.busy_until[straggler] == pytest.approx(deadline)  # sending until the deadline
+    sent = clock.bytes_by_direction[("device", "edge")] - 2 * up_bytes  # the two kept updates, then its part
+    assert 0 < sent < up_bytes
+    # The same compute and download as its peer; its upload, cut off, is charged for what got through.
+    radio = loop.fleet.nodes[straggler].profile.radio_joules_per_byte
+    assert clock.energy_j[straggler] - clock.energy_j[peer] == pytest.approx((sent - up_bytes) * radio)

@@ -416,7 +416,9 @@ def test_devices_follow_the_fleets_availability_trace(tmp_path) -> None:
 def test_a_device_leaving_while_its_upload_waits_behind_another_drops_out(tmp_path) -> None:
     """Two devices finish together and upload over one slow cloud downlink: dev2's update queues
     behind dev0's and would arrive at about twice the upload time. Online until 3/4 of that, it
-    leaves before its update is in, though its upload alone would have made it."""
+    leaves before its update is in, though its upload alone would have made it. Its upload held the
+    cloud's downlink from its turn until it left: the round waits until then, not longer, and what
+    got through is charged."""
     slow = {"profile": "a100", "overrides": {"downlink_Bps": 20_000.0}}
     stays = _trace_run(tmp_path, "edge0/dev0,0,1e9\nedge0/dev2,0,1e9\n", workers=("device",), cloud=slow)
     assert "failures" not in stays[0] and stays[0]["participants"] == 2
@@ -426,7 +428,9 @@ def test_a_device_leaving_while_its_upload_waits_behind_another_drops_out(tmp_pa
     reason = leaves[0]["failures"]["edge0/dev2"]
     assert reason.startswith(f"went offline at {t_off:.6g} s (virtual)")
     assert float(reason.rsplit(" at ", 1)[1].split(" s")[0]) == pytest.approx(queued_arrival, rel=1e-4)
-    assert leaves[0]["participants"] == 1 and leaves[0]["round_s"] < t_off < queued_arrival
+    assert leaves[0]["participants"] == 1 and leaves[0]["round_s"] == pytest.approx(t_off) and t_off < queued_arrival
+    update = stays[0]["bytes_total"] / 4  # both broadcasts and both updates are the same size
+    assert 3 * update < leaves[0]["bytes_total"] < 4 * update  # two broadcasts, dev0's update, part of dev2's
 
 
 def test_a_round_whose_every_device_leaves_is_lost_work_not_an_error(tmp_path) -> None:

@@ -80,6 +80,9 @@ class EdgeRoundPlan:
     planned: list[Planned] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
     dropped_out: list[str] = field(default_factory=list)
+    # Uploads of stragglers and dropouts that finished computing before their cut: they start, and
+    # are cut off at the deadline or when their sender leaves (booked with the round's uploads).
+    cut: list[Upload] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
     surplus: int = 0  # over-selected devices cancelled once the goal's updates were due
 
@@ -223,32 +226,37 @@ class EdgeRounds:
                 plan.dropped_out.append(dev.id)
             elif end + self.messages.sender_s(dev, agg, up_bytes) > t_off and t_off < t_deadline:
                 # Its trace takes it offline before its update is out of its hands (in, or at the
-                # relaying edge): a dropout at that instant, its work up to then charged.
+                # relaying edge): a dropout at that instant, its work up to then charged (and its
+                # upload so far, if it got that far).
                 self.clock.compute_until(dev.id, flops, begin, t_off)
                 plan.dropped_out.append(dev.id)
+                if end < t_off:
+                    plan.cut.append(Upload(dev.id, agg_id, up_bytes, end, t_off, t_deadline))
             elif arrive > t_deadline:
                 self.clock.compute_until(dev.id, flops, begin, t_deadline)
                 plan.timed_out.append(dev.id)
+                if end < t_deadline:
+                    plan.cut.append(Upload(dev.id, agg_id, up_bytes, end, t_off, t_deadline))
             else:
                 plan.planned.append(Planned(dev, steps, flops, begin, start, staleness, t_off))
         if self.s.goal is not None and len(plan.planned) > self.s.goal:
             plan.planned, plan.surplus = keep_first(
                 plan.planned, self.s.goal, self.clock,
-                lambda items: self._expected_arrivals(agg_id, items, up_bytes, t_deadline),
+                lambda items: self._expected_arrivals(agg_id, items, up_bytes, t_deadline, plan.cut),
                 last=lambda p: p.staleness > 0 and self.churn.stale_reason(p.staleness) is not None)
         plan.tasks = [self._train_task(p) for p in plan.planned]
         return plan
 
-    def _expected_arrivals(self, agg_id: str, planned: list[Planned], up_bytes: int,
-                           t_deadline: float) -> list[float]:
+    def _expected_arrivals(self, agg_id: str, planned: list[Planned], up_bytes: int, t_deadline: float,
+                           cut: Sequence[Upload] = ()) -> list[float]:
         """When each of ``planned``'s updates would be in if those devices alone computed and
-        uploaded, in the order they are sent, behind one another on the links to ``agg_id`` (inf:
-        lost in the queue, past the deadline or its sender's time online). Booked on a what-if
-        clock: nothing is charged."""
+        uploaded, in the order they are sent, behind one another and the ``cut`` uploads on the
+        links to ``agg_id`` (inf: lost in the queue, past the deadline or its sender's time online).
+        Booked on a what-if clock: nothing is charged."""
         scratch = self.clock.what_if()
         sends = [Upload(p.dev.id, agg_id, up_bytes, scratch.compute(p.dev.id, p.flops, start=p.begin),
                         p.online_until, t_deadline) for p in planned]
-        return [a.at for a in self.messages.uploads(sends, on=scratch)]
+        return [a.at for a in self.messages.uploads([*sends, *cut], on=scratch)[:len(sends)]]
 
     def _train_task(self, p: Planned) -> Task:
         """The engine task of a planned device (its worker registered for this round when needed)."""
@@ -288,7 +296,8 @@ class EdgeRounds:
                 got, nbytes = self.messages.ship(res["update"])
                 done[i] = (self.clock.compute(p.dev.id, p.flops, start=p.begin), got)
                 sends.append(Upload(p.dev.id, agg_id, nbytes, done[i][0], p.online_until, t_deadline))
-        arrival_of = dict(zip(done, self.messages.uploads(sends), strict=True))
+        # The cut uploads of the plan's stragglers and dropouts hold the links until their cut.
+        arrival_of = dict(zip(done, self.messages.uploads([*sends, *plan.cut])[:len(sends)], strict=True))
         for i, (p, res) in enumerate(zip(plan.planned, results, strict=True)):
             dev = p.dev
             if isinstance(res, WorkerError):

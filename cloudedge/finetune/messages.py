@@ -136,8 +136,9 @@ class Messages:
         A hop is judged, behind what is queued when it starts (``VirtualClock.transfer_end``), before
         it is booked: an upload that would arrive after its ``deadline`` is lost as ``"deadline"``, and
         one whose sender goes offline (``online_until``, before the deadline) before its own hop is
-        done is lost as ``"offline"`` (a relaying edge needs no device any more). A lost hop is not
-        booked, as a straggler's upload is not (edge_round.py)."""
+        done is lost as ``"offline"`` (a relaying edge needs no device any more). A lost hop is booked
+        as cut off at that instant (``VirtualClock.transfer_cut``): until then it holds its links and
+        its bytes so far are charged."""
         clock = self.clock if on is None else on
         arrival: dict[int, Arrival] = {}
         events = [(u.sent_at, 0, i) for i, u in enumerate(sends)]
@@ -154,6 +155,8 @@ class Messages:
             elif end > u.deadline:
                 lost = "deadline"
             if lost is not None:
+                clock.transfer_cut(src, dst, u.nbytes, until=u.online_until if lost == "offline" else u.deadline,
+                                   start=t, forwarding=hop == 1)
                 arrival[i] = Arrival(math.inf, lost)
                 continue
             end = clock.transfer(src, dst, u.nbytes, start=t, forwarding=hop == 1)

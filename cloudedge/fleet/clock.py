@@ -176,7 +176,12 @@ class VirtualClock:
         self._mark_busy(src_id, begin, end)
         self._mark_busy(dst_id, begin, end)
         self._data_ready[dst_id] = max(self._data_ready[dst_id], end)
+        self._charge_bytes(src, dst, nbytes)
+        return end
 
+    def _charge_bytes(self, src: Node, dst: Node, nbytes: int) -> None:
+        """One message's ``nbytes``: radio energy at each end (its own profile's figure), the bytes
+        on the link between the two tiers and in that direction."""
         for node in (src, dst):
             joules = nbytes * node.profile.radio_joules_per_byte
             self.energy_j[node.id] += joules
@@ -186,7 +191,33 @@ class VirtualClock:
         direction = (src.tier, dst.tier)
         self.bytes_by_direction[direction] = self.bytes_by_direction.get(direction, 0) + int(nbytes)
         self.messages += 1
-        return end
+
+    def transfer_cut(self, src_id: str, dst_id: str, nbytes: int, until: float, start: float | None = None,
+                     forwarding: bool = False) -> int:
+        """A message that would arrive after ``until`` and is cut off then (its receiver stopped
+        waiting, or its sender went away). Both ends are busy, and each end's pipe carries it (if
+        its turn there had come), until ``until``. The bytes through by then (the fewer of the two
+        pipes') are charged: radio energy at both ends, the link's bytes. Returns those bytes: 0,
+        with nothing booked, when it would not have started by then."""
+        begin, end, (up_free, up_end), (down_free, down_end) = self._route(src_id, dst_id, nbytes, start,
+                                                                           forwarding)
+        if end <= until:
+            raise ValueError(f"a message arriving at {end} is not cut at {until}: use transfer()")
+        if until <= begin:
+            return 0
+        src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
+        up, _, _, _ = link_figures(src.profile, dst.tier)
+        _, down, _, _ = link_figures(dst.profile, src.tier)
+        # Each pipe started on it once what was queued before it had gone (end - its own time).
+        up_bytes = min(nbytes, max(0.0, until - (up_end - nbytes / up)) * up)
+        down_bytes = min(nbytes, max(0.0, until - (down_end - nbytes / down)) * down)
+        up_free[src_id] = max(up_free.get(src_id, 0.0), min(up_end, until))
+        down_free[dst_id] = max(down_free.get(dst_id, 0.0), min(down_end, until))
+        self._mark_busy(src_id, begin, until)
+        self._mark_busy(dst_id, begin, until)
+        through = int(min(up_bytes, down_bytes))
+        self._charge_bytes(src, dst, through)
+        return through
 
     def transfer_end(self, src_id: str, dst_id: str, nbytes: int, start: float | None = None,
                      forwarding: bool = False) -> float:

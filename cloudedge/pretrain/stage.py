@@ -344,8 +344,9 @@ class PretrainRun:
         in worker order): none waits behind one sent later. The cloud's own compute is booked first,
         as it runs while the uploads come in (booked after them, it would wait for them). A device
         whose availability model takes it offline before its update would arrive drops out at that
-        instant (:meth:`_departure`): nothing is sent, and the round waits for it only until it
-        leaves (the coordinator sees the connection go)."""
+        instant (:meth:`_departure`): its update never arrives (an upload it had started is cut off
+        then), and the round waits for it only until it leaves (the coordinator sees the connection
+        go)."""
         clock, nodes = self.clock, self.fleet.nodes
         begin = {wid: max(ready[wid], clock.busy_until[wid]) for wid in ids}
         sent_at = {wid: begin[wid] + compute_seconds(nodes[wid].profile, flops[wid]) for wid in ids}
@@ -365,8 +366,8 @@ class PretrainRun:
     def _departure(self, wid: str, begin: float, sent_at: float, flops: float, up_bytes: int) -> str | None:
         """Why device ``wid`` (computing from ``begin``, sending at ``sent_at``) goes offline before
         its update would arrive (traces and the diurnal model; Bernoulli availability has no time),
-        or None. When it does, the compute it did until it left is charged to the clock, as
-        fine-tuning does (edge_round.py). Its arrival is the clock's, behind the uploads sent before
+        or None. When it does, the compute it did until it left is charged to the clock, and so is
+        the upload it had started, cut off then, as fine-tuning does (edge_round.py). Its arrival is the clock's, behind the uploads sent before
         it and queued at the cloud, not its upload's time alone."""
         if self.fleet.availability.kind == "bernoulli" or self.fleet.nodes[wid].tier != "device":
             return None
@@ -375,6 +376,8 @@ class PretrainRun:
         if arrive <= t_off:
             return None
         self.clock.compute_until(wid, flops, begin, t_off)
+        if sent_at < t_off:  # it had started sending: its upload holds the links until it leaves
+            self.clock.transfer_cut(wid, CLOUD_ID, up_bytes, until=t_off, start=sent_at)
         return f"went offline at {t_off:.6g} s (virtual), before its update would have arrived at {arrive:.6g} s"
 
     def _host_utilization(self, ids: list[str], plan: Plan, steps: dict[str, int], results: list[dict[str, Any]],
