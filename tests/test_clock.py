@@ -315,6 +315,28 @@ def test_an_upload_queued_past_the_deadline_or_its_senders_time_online_is_lost_a
     assert clock.transfer_cut("edge0/dev0", "edge0", mb, until=0.5, start=1.0) == 0 and not clock.messages
 
 
+def test_a_cut_upload_holds_each_pipe_for_the_bytes_that_got_through():
+    """dev0's megabyte has the edge's 1 MB/s downlink from 0 to 1 s. dev1's, sent at 0 too, gets its
+    turn there at 1 s: cut at 0.5 s nothing got through (its own uplink had started, the edge's had
+    not), so nothing is booked; cut at 1.5 s, half a megabyte got through. The edge's downlink is
+    then free at 1.5 s and dev1's uplink at 0.5 s; the edge holds no new data; dev2's megabyte,
+    sent at 0, takes the downlink from 1.5 s."""
+    fleet = make_fleet(edge={"downlink_Bps": 1e6}, n_devices=3)
+    mb = 1_000_000
+    clock = VirtualClock(fleet)
+    clock.transfer("edge0/dev0", "edge0", mb, start=0.0)
+    before = clock.state_dict()
+    assert clock.transfer_cut("edge0/dev1", "edge0", mb, until=0.5, start=0.0) == 0
+    assert clock.state_dict() == before  # nothing booked, not even a message
+    ready = clock._data_ready["edge0"]
+    assert clock.transfer_cut("edge0/dev1", "edge0", mb, until=1.5, start=0.0) == pytest.approx(mb / 2, abs=1)
+    assert clock.busy_until["edge0/dev1"] == 1.5 and clock.busy_s["edge0/dev1"] == 1.5
+    assert clock._data_ready["edge0"] == ready  # a cut message delivers nothing
+    assert clock.transfer_end("edge0/dev1", "edge0", 0, start=0.0) == pytest.approx(1.5 + 0.05)  # downlink free at 1.5
+    assert clock.transfer_end("edge0/dev2", "edge0", mb, start=0.0) == pytest.approx(1.5 + 1.0 + 0.05)
+    assert clock._up_free["edge0/dev1"] == pytest.approx(0.5)  # its uplink carried half a megabyte
+
+
 def test_a_relayed_upload_needs_its_device_online_only_until_the_edge_has_it():
     """Device -> edge -> cloud: the device may leave once its first hop is done; the deadline is
     judged on the arrival at the cloud."""
@@ -337,6 +359,12 @@ def test_a_relayed_upload_needs_its_device_online_only_until_the_edge_has_it():
     # The first hop was booked whole (the edge has it); the second was cut off at the deadline,
     # 5 ms into its 10 ms on the 100 MB/s link: half the megabyte got through.
     assert clock.bytes_by_direction[("device", "edge")] == mb
+    assert clock.bytes_by_direction[("edge", "cloud")] == pytest.approx(mb / 2, abs=1)
+    # The edge carries it on after the device has left: the second hop is cut at the deadline.
+    clock = VirtualClock(fleet)
+    (late,) = Messages(None, fleet, clock, {}, None).uploads(
+        [Upload("edge0/dev0", "cloud", mb, 0.0, hop_1 + 0.1 * hop_2, hop_1 + 0.25 * hop_2)])
+    assert late.lost == "deadline"
     assert clock.bytes_by_direction[("edge", "cloud")] == pytest.approx(mb / 2, abs=1)
 
 

@@ -170,7 +170,7 @@ def test_a_relayed_update_needs_its_device_online_only_until_the_edge_has_it(tmp
         loop = _loop(raw)
         arrivals = []
         uploads = loop.messages.uploads
-        loop.messages.uploads = lambda sends: arrivals.extend(out := uploads(sends)) or out
+        loop.messages.uploads = lambda sends, on=None: (out := uploads(sends, on=on), on or arrivals.extend(out))[0]
         if t_off is not None:
             _trace(loop, tmp_path, [("edge0/dev0", 0, t_off)])
         loop.run()
@@ -285,6 +285,9 @@ def test_a_what_if_clock_sees_the_bookings_and_keeps_its_own():
     assert scratch.busy_until["edge0/dev1"] > 0 and scratch.messages == before["messages"] + 1
     assert clock.state_dict() == before  # nothing booked on it reached the real clock
     assert "edge0/dev1" not in clock.busy_until and "edge0/dev1" not in clock.energy_j  # not even read as 0
+    fresh = clock.what_if()  # membership and length are the real clock's until it books
+    assert "edge0/dev0" in fresh.busy_until and "edge0/dev1" not in fresh.busy_until
+    assert len(fresh.busy_until) == len(clock.busy_until) and fresh.busy_until.get("edge0/dev1") is None
     # Its reports are of the real clock's bookings and its own together.
     assert scratch.makespan() == again > clock.makespan() == first
     assert set(scratch.state_dict()["node_ids"]) == {"edge0/dev1", "edge0/dev0", "edge0"}
@@ -332,9 +335,10 @@ def test_a_kept_relayed_update_is_not_overtaken_on_its_second_hop():
 
 
 def test_keep_first_ranks_updates_that_will_be_rejected_last_and_cancels_at_the_last_kept_arrival():
-    """Pure ranking: arrivals 1, 2, 3 (booked alone the same); the first to arrive will be rejected
-    (a stale update past max_staleness), so the second and third are kept, the first is cancelled
-    at the later of their arrivals (3), charged its compute up to then."""
+    """Pure ranking: arrivals 2, 3, 4 booked all together, 1, 2, 3 booked fewer at a time (less
+    queueing). The first to arrive will be rejected (a stale update past max_staleness), so the
+    second and third are kept, and the first is cancelled when they are in booked alone (3, not the
+    ranking booking's 4), charged its compute up to then."""
     from types import SimpleNamespace
 
     from cloudedge.finetune.selection import keep_first
@@ -345,7 +349,7 @@ def test_keep_first_ranks_updates_that_will_be_rejected_last_and_cancels_at_the_
     clock = VirtualClock(fleet)
     at = {"edge0/dev0": 1.0, "edge0/dev1": 2.0, "edge0/dev2": 3.0}
     planned = [SimpleNamespace(dev=fleet.nodes[d], begin=0.0, flops=10.0, stale=d == "edge0/dev0") for d in at]
-    kept, cancelled = keep_first(planned, 2, clock, lambda items: [at[p.dev.id] for p in items],
+    kept, cancelled = keep_first(planned, 2, clock, lambda items: [at[p.dev.id] + (len(items) == 3) for p in items],
                                  last=lambda p: p.stale)
     assert [p.dev.id for p in kept] == ["edge0/dev1", "edge0/dev2"] and cancelled == 1
     assert clock.flops_done["edge0/dev0"] == 3.0  # 1 FLOP/s from 0 until the cut at 3
@@ -381,3 +385,73 @@ def test_a_straggler_that_finished_computing_uploads_until_the_deadline_cuts_it_
     # The same compute and download as its peer; its upload, cut off, is charged for what got through.
     radio = loop.fleet.nodes[straggler].profile.radio_joules_per_byte
     assert clock.energy_j[straggler] - clock.energy_j[peer] == pytest.approx((sent - up_bytes) * radio)
+
+
+def _slow_third(tmp_path, **extra):
+    """dev2 computes 1.7x longer than dev0 and dev1, whose two uploads share the edge's downlink
+    (0.3 x training each). Returns the raw config and training time."""
+    fast = {"availability": 1.0, "flops": FLOPS, "latency_s": 0.0005}
+    raw = _raw([{"count": 2, "profile": "phone-mid", "overrides": fast},
+                {"count": 1, "profile": "phone-mid", "overrides": {**fast, "flops": FLOPS / 1.7}}], **extra)
+    loop = _loop(raw)
+    train_s = 8 * loop.rounds.step_flops / FLOPS
+    raw["fleet"]["edges"][0]["overrides"]["downlink_Bps"] = loop.rounds.messages.update_bytes() / (0.3 * train_s)
+    return raw, train_s
+
+
+def _run_spying_cut(loop):
+    """Run ``loop``; returns the plans' cut uploads (stragglers and dropouts that finished computing)."""
+    planned_cut: list = []
+    plan_round = loop.rounds._plan_edge_round
+    loop.rounds._plan_edge_round = lambda *a: planned_cut.extend((plan := plan_round(*a)).cut) or plan
+    loop.run()
+    return planned_cut
+
+
+def test_a_straggler_cut_off_stops_when_the_goals_updates_are_in(tmp_path):
+    """Goal 2 of 3: the round ends when dev0's and dev1's updates are in, before the straggler dev2
+    has finished computing (before its deadline). So dev2 sends nothing, and the edge's links are
+    not held past its round (cut at the deadline, its upload would have held them)."""
+    raw, train_s = _slow_third(tmp_path, selection={"goal": 2, "over_selection": 1.5},
+                               sync={"name": "hierfavg", "k1": 8, "k2": 1, "deadline_factor": 1.5})
+    loop = _loop(raw)
+    (cut,) = _run_spying_cut(loop)
+    assert loop.history[1]["timed_out"] == 1 and cut.src == "edge0/dev2"
+    assert cut.sent_at < cut.deadline  # the setting: dev2 had finished computing before the deadline
+    up_bytes = loop.messages.update_bytes()
+    assert loop.clock.bytes_by_direction[("device", "edge")] == 2 * up_bytes  # dev0's and dev1's only
+    assert loop.clock.busy_until["edge0/dev2"] == pytest.approx(cut.sent_at)  # it never started sending
+
+
+def test_without_a_deadline_the_round_waits_for_a_device_that_started_sending_until_it_leaves(tmp_path):
+    """No deadline, no goal: dev2 starts its upload after dev0's and dev1's are in and goes offline
+    during it. The edge sees it leave: the round ends then, and what got through is charged."""
+    raw, train_s = _slow_third(tmp_path)
+    loop = _loop(raw)
+    up_bytes = loop.messages.update_bytes()
+    _trace(loop, tmp_path, [("edge0/dev0", 0, 1e6), ("edge0/dev1", 0, 1e6), ("edge0/dev2", 0, 2.2 * train_s)])
+    ends = []
+    finish = loop.rounds._finish_edge_round
+    loop.rounds._finish_edge_round = lambda plan, res: ends.append((out := finish(plan, res))[1]) or out
+    (cut,) = _run_spying_cut(loop)
+    assert loop.history[1]["dropped"] == 1 and cut.src == "edge0/dev2" and cut.online_until == 2.2 * train_s
+    assert 2 * up_bytes < loop.clock.bytes_by_direction[("device", "edge")] < 3 * up_bytes
+    assert loop.clock.busy_until["edge0/dev2"] == pytest.approx(2.2 * train_s)
+    assert ends == [pytest.approx(2.2 * train_s)]  # the edge round ends when dev2 leaves
+
+
+def test_the_over_selection_what_if_queues_behind_the_plans_cut_uploads():
+    """A straggler's upload, cut off at the deadline, holds the edge's downlink: the what-if that
+    ranks the over-selected devices books it too, so an upload sent after it is expected later."""
+    from types import SimpleNamespace
+
+    loop = _loop(_raw({"count": 2, "profile": "phone-mid", "overrides": {"availability": 1.0, "latency_s": 0.0005}}))
+    up_bytes = loop.messages.update_bytes()
+    dev1 = loop.fleet.nodes["edge0/dev1"]
+    item = SimpleNamespace(dev=dev1, begin=0.001, flops=0.0, online_until=math.inf)  # sent after the straggler
+    alone = loop.rounds._expected_arrivals("edge0", [item], up_bytes, math.inf)
+    straggler = Upload("edge0/dev0", "edge0", 100 * up_bytes, 0.0, math.inf, 1e6)  # cut long after
+    behind = loop.rounds._expected_arrivals("edge0", [item], up_bytes, math.inf, [straggler])
+    assert behind[0] > alone[0] + 1e-6
+    assert loop.clock.messages == 0  # what-if bookings only
+

@@ -258,6 +258,22 @@ class EdgeRounds:
                         p.online_until, t_deadline) for p in planned]
         return [a.at for a in self.messages.uploads([*sends, *cut], on=scratch)[:len(sends)]]
 
+    def _cut_by_round_end(self, plan: EdgeRoundPlan, sends: list[Upload]) -> list[Upload]:
+        """The plan's cut uploads, each cut off at the latest when the aggregation point stops
+        listening: when the goal's updates are in (found by a what-if booking of the round's uploads
+        with them), else at the deadline. Without either it listens until a device that had
+        started sending leaves (the round waits for that: :meth:`_finish_edge_round`). Cut sooner,
+        they hold the links less, so the round's own uploads are in no later than in the what-if."""
+        if not plan.cut:
+            return []
+        t_stop = plan.t_deadline
+        if self.s.goal is not None:
+            trial = self.messages.uploads([*sends, *plan.cut], on=self.clock.what_if())[:len(sends)]
+            arrived = [a.at for a in trial if a.lost is None]
+            if len(arrived) >= self.s.goal:
+                t_stop = max(arrived)
+        return [u._replace(deadline=min(u.deadline, t_stop)) for u in plan.cut]
+
     def _train_task(self, p: Planned) -> Task:
         """The engine task of a planned device (its worker registered for this round when needed)."""
         n = self.train_count.get(p.dev.id, 0)
@@ -296,8 +312,9 @@ class EdgeRounds:
                 got, nbytes = self.messages.ship(res["update"])
                 done[i] = (self.clock.compute(p.dev.id, p.flops, start=p.begin), got)
                 sends.append(Upload(p.dev.id, agg_id, nbytes, done[i][0], p.online_until, t_deadline))
-        # The cut uploads of the plan's stragglers and dropouts hold the links until their cut.
-        arrival_of = dict(zip(done, self.messages.uploads([*sends, *plan.cut])[:len(sends)], strict=True))
+        # The plan's stragglers and dropouts that finished computing upload until they are cut off.
+        cut = self._cut_by_round_end(plan, sends)
+        arrival_of = dict(zip(done, self.messages.uploads([*sends, *cut])[:len(sends)], strict=True))
         for i, (p, res) in enumerate(zip(plan.planned, results, strict=True)):
             dev = p.dev
             if isinstance(res, WorkerError):
@@ -334,6 +351,8 @@ class EdgeRounds:
         goal_met = self.s.goal is not None and len(arrivals) >= self.s.goal  # no need to wait for the rest
         if (plan.timed_out or plan.dropped_out or failed or not plan.planned) and not goal_met:
             t_end = max(t_end, t_deadline if math.isfinite(t_deadline) else t0)
+            if not math.isfinite(t_deadline):  # no deadline: it sees a device that had started sending leave
+                t_end = max([t_end, *(u.online_until for u in cut)])
         if not plan.avail and not math.isfinite(t_deadline):
             t_end = t0 + max(o.comm_s + o.sec_per_step for o in plan.obs_all)  # nobody reachable: wait a beat
         new_state = self.safeguards.aggregate_devices(agg_id, plan.version, plan.state, plan.received, accepted,

@@ -137,8 +137,8 @@ class Messages:
         it is booked: an upload that would arrive after its ``deadline`` is lost as ``"deadline"``, and
         one whose sender goes offline (``online_until``, before the deadline) before its own hop is
         done is lost as ``"offline"`` (a relaying edge needs no device any more). A lost hop is booked
-        as cut off at that instant (``VirtualClock.transfer_cut``): until then it holds its links and
-        its bytes so far are charged."""
+        as cut off at that instant (``VirtualClock.transfer_cut``): its links are held for the bytes
+        that got through by then, and those are charged."""
         clock = self.clock if on is None else on
         arrival: dict[int, Arrival] = {}
         events = [(u.sent_at, 0, i) for i, u in enumerate(sends)]

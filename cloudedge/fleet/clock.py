@@ -195,27 +195,27 @@ class VirtualClock:
     def transfer_cut(self, src_id: str, dst_id: str, nbytes: int, until: float, start: float | None = None,
                      forwarding: bool = False) -> int:
         """A message that would arrive after ``until`` and is cut off then (its receiver stopped
-        waiting, or its sender went away). Both ends are busy, and each end's pipe carries it (if
-        its turn there had come), until ``until``. The bytes through by then (the fewer of the two
-        pipes') are charged: radio energy at both ends, the link's bytes. Returns those bytes: 0,
-        with nothing booked, when it would not have started by then."""
+        waiting, or its sender went away). The bytes through by then are the fewer that the two
+        ends' pipes had carried, each from its turn (latency aside). Each pipe is held for those
+        bytes, so the slower one until ``until``; both ends are busy until ``until``; the bytes are
+        charged as radio energy at both ends and on the link. Returns them: 0, with nothing booked,
+        when its turn had not come on one of the pipes by then."""
         begin, end, (up_free, up_end), (down_free, down_end) = self._route(src_id, dst_id, nbytes, start,
                                                                            forwarding)
         if end <= until:
             raise ValueError(f"a message arriving at {end} is not cut at {until}: use transfer()")
-        if until <= begin:
-            return 0
         src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
         up, _, _, _ = link_figures(src.profile, dst.tier)
         _, down, _, _ = link_figures(dst.profile, src.tier)
-        # Each pipe started on it once what was queued before it had gone (end - its own time).
-        up_bytes = min(nbytes, max(0.0, until - (up_end - nbytes / up)) * up)
-        down_bytes = min(nbytes, max(0.0, until - (down_end - nbytes / down)) * down)
-        up_free[src_id] = max(up_free.get(src_id, 0.0), min(up_end, until))
-        down_free[dst_id] = max(down_free.get(dst_id, 0.0), min(down_end, until))
+        # Each pipe takes the message once what was queued on it before has gone.
+        up_start, down_start = up_end - nbytes / up, down_end - nbytes / down
+        through = int(min(nbytes, max(0.0, until - up_start) * up, max(0.0, until - down_start) * down))
+        if through <= 0:
+            return 0
+        up_free[src_id] = max(up_free.get(src_id, 0.0), up_start + through / up)
+        down_free[dst_id] = max(down_free.get(dst_id, 0.0), down_start + through / down)
         self._mark_busy(src_id, begin, until)
         self._mark_busy(dst_id, begin, until)
-        through = int(min(up_bytes, down_bytes))
         self._charge_bytes(src, dst, through)
         return through
 

@@ -376,7 +376,7 @@ class PretrainRun:
         if arrive <= t_off:
             return None
         self.clock.compute_until(wid, flops, begin, t_off)
-        if sent_at < t_off:  # it had started sending: its upload holds the links until it leaves
+        if sent_at < t_off:  # it had started sending: its upload is cut off when it leaves
             self.clock.transfer_cut(wid, CLOUD_ID, up_bytes, until=t_off, start=sent_at)
         return f"went offline at {t_off:.6g} s (virtual), before its update would have arrived at {arrive:.6g} s"
 
