@@ -455,3 +455,16 @@ def test_the_over_selection_what_if_queues_behind_the_plans_cut_uploads():
     assert behind[0] > alone[0] + 1e-6
     assert loop.clock.messages == 0  # what-if bookings only
 
+
+def test_a_device_holding_fewer_samples_than_a_batch_is_charged_for_what_it_trains_on():
+    """batch_size 1,000 on devices holding a few hundred samples each: a worker trains each step on
+    all it holds, so the clock charges a step of that many samples, not of 1,000 (the FLOPs, and
+    the time and energy they take)."""
+    raw = _raw({"count": 2, "profile": "phone-mid", "overrides": {"availability": 1.0}}, batch_size=1000)
+    loop = _loop(raw)
+    loop.run()
+    batch_step = loop.rounds.step_flops  # one step of 1,000 samples
+    for dev in ("edge0/dev0", "edge0/dev1"):
+        n = loop.rounds._n(dev)
+        assert n < 1000
+        assert loop.clock.flops_done[dev] == pytest.approx(8 * batch_step * n / 1000)  # k1 = 8 steps

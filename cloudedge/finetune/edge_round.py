@@ -75,7 +75,7 @@ class EdgeRoundPlan:
     avail: list[Node]
     obs_all: tuple[DeviceObs, ...]
     t_deadline: float
-    extra: float  # FLOPs of the gradient statistics some policies ask for, per device
+    extra: float  # steps' worth of FLOPs the gradient statistics some policies ask for cost a device (0 or 1)
     energy0: float
     planned: list[Planned] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
@@ -137,8 +137,15 @@ class EdgeRounds:
             self.n_samples[dev_id] = sample_count(self.device_data, dev_id)
         return self.n_samples[dev_id]
 
+    def _step_flops_of(self, dev_id: str) -> float:
+        """FLOPs of one of this device's training steps as the clock charges them: a batch of
+        ``batch_size`` samples, or of all it holds when that is fewer (its worker trains on
+        ``min(batch_size, samples)``)."""
+        batch = self.s.batch_size
+        return self.step_flops * min(batch, self._n(dev_id)) / batch
+
     def _step_s(self, dev: Node) -> float:
-        return self.sec_per_step.get(dev.id, self.step_flops / dev.profile.flops)
+        return self.sec_per_step.get(dev.id, self._step_flops_of(dev.id) / dev.profile.flops)
 
     def _device_obs(self, agg: Node, dev: Node, down_bytes: int, up_bytes: int) -> DeviceObs:
         comm = (self.messages.link_s(agg, dev, down_bytes) + self.messages.link_s(dev, agg, up_bytes))
@@ -202,7 +209,7 @@ class EdgeRounds:
         deadline = self.policy.deadline(EdgeObs(agg_id, 0, 0.0, 0.0, self.edge_round_s.get(agg_id, 0.0),
                                                 0.0, 0.0, 0.0, obs_all, t0))
         t_deadline = math.inf if deadline is None else t0 + deadline
-        extra = self.step_flops if self.policy.needs_grad_stats else 0.0
+        extra = 1.0 if self.policy.needs_grad_stats else 0.0  # one more step's FLOPs per device
         plan = EdgeRoundPlan(agg_id, devices, state, t0, version, received, avail, obs_all, t_deadline, extra,
                              energy0=sum(self.clock.energy_j[d.id] for d in avail))
         churn_rng = self.churn.rng(agg_id)
@@ -213,7 +220,7 @@ class EdgeRounds:
             start, staleness = self.churn.start_state(agg_id, dev.id, received, version)
             # A stale device missed this round's model: it receives nothing and starts at once.
             t_recv = self.messages.transfer(agg_id, dev.id, down_bytes, start=t0) if staleness == 0 else t0
-            flops = steps * self.step_flops + extra
+            flops = (steps + extra) * self._step_flops_of(dev.id)
             begin = max(t_recv, self.clock.busy_until[dev.id])
             end = begin + flops / dev.profile.flops
             arrive = end + self.messages.link_s(dev, agg, up_bytes)
@@ -326,7 +333,7 @@ class EdgeRounds:
                 (plan.dropped_out if arrival.lost == "offline" else plan.timed_out).append(dev.id)
                 continue
             arrivals.append(arrival.at)
-            measured = (t_done - p.begin) / max(1.0, p.steps + extra / self.step_flops)
+            measured = (t_done - p.begin) / max(1.0, p.steps + extra)
             self.sec_per_step[dev.id] = 0.5 * self._step_s(dev) + 0.5 * measured
             step_s.append(measured)
             comm_s.append(obs_of[dev.id].comm_s)
