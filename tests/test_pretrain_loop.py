@@ -437,3 +437,31 @@ def test_a_round_whose_every_device_leaves_is_lost_work_not_an_error(tmp_path) -
     rows = _trace_run(tmp_path, "edge0/dev0,0,0.001\nedge0/dev1,0,0.001\nedge0/dev2,0,0.001\n", ("device",))
     assert rows[0]["participants"] == 0 and rows[0]["train_loss"] is None and len(rows[0]["failures"]) == 3
     assert rows[0]["round_s"] > 0 and rows[1]["virtual_time_s"] > rows[0]["virtual_time_s"]
+
+
+def test_a_round_with_nobody_reachable_trains_no_one_and_waits_a_beat(tmp_path) -> None:
+    """Only devices train and none is online (the trace starts them at 1,000 s): each round is lost
+    work (no participant, no failure: nobody was there to fail), the model stays as it was, and the
+    clock moves on by the fastest worker's nominal round. A device never online never trains."""
+    rows = _trace_run(tmp_path, "edge0/dev0,1000,2000\n", workers=("device",))
+    assert [row["participants"] for row in rows] == [0, 0]
+    assert all(row["train_loss"] is None and "failures" not in row for row in rows)
+    assert rows[0]["round_s"] > 0 and rows[1]["virtual_time_s"] == pytest.approx(2 * rows[0]["round_s"])
+    assert rows[0]["bytes_total"] == 0 and rows[1]["energy_j"] == 0
+
+
+def test_the_round_that_spends_the_time_budget_is_evaluated_and_checkpointed(tmp_path) -> None:
+    """A run stopped by ``time_budget_s`` ends like one stopped by ``rounds``: its last round is
+    evaluated (the summary's final loss is the final model's) and checkpointed."""
+    raw = {"seed": 3, "fleet": {"edges": [{"count": 1, "devices": [{"count": 2, "profile": "phone-mid",
+                                                                     "overrides": {"availability": 1.0}}]}]},
+           "data": {"source": "digits", "partition": {"kind": "iid"}},
+           "model": {"kind": "vit", "hidden": 16, "layers": 1, "heads": 2, "channels": 1},
+           "pretrain": {"task": "classify", "encoder": "mlp", "rounds": 50, "global_batch": 40, "eval_every": 4,
+                        "checkpoint_every": 7, "lr": 0.01, "workers": ["device"]}}
+    first = pretrain(config_from_dict(raw)).rows[0]
+    raw["pretrain"]["time_budget_s"] = 2.5 * first["round_s"]  # the third round spends it
+    res = pretrain(config_from_dict(raw), tmp_path / "run")
+    assert [row["round"] for row in res.rows] == [0, 1, 2]
+    assert res.rows[-1]["val_loss"] is not None and res.summary["final_val_loss"] == res.rows[-1]["val_loss"]
+    assert (tmp_path / "run" / "checkpoints" / "pretrain" / "step-000002.json").exists()

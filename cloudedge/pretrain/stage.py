@@ -103,7 +103,7 @@ def pretrain(cfg: RunConfig, run_dir: RunDir | str | Path | None = None, engine:
                     break  # the virtual-time budget is spent
                 row = run.log(stage.round(r))
                 rows.append(row)
-                if run.ckpt_dir is not None and ((r + 1) % pcfg.checkpoint_every == 0 or r == pcfg.rounds - 1):
+                if run.ckpt_dir is not None and ((r + 1) % pcfg.checkpoint_every == 0 or stage.is_last(r)):
                     run.checkpoint(r, stage.state_dict())
                 if on_round is not None:
                     on_round(r, row)
@@ -223,8 +223,10 @@ class PretrainRun:
                             availability=1.0 if n.id == CLOUD_ID else n.profile.availability)
                  for n in self.workers]
         plan: Plan = self.controller.plan(r, infos)
-        if not plan.batches:
-            plan = Plan({max(self.workers, key=lambda n: n.profile.flops).id: pcfg.global_batch})
+        if not plan.batches and avail:  # a controller that planned nobody: the fastest reachable worker trains
+            plan = Plan({max((n for n in self.workers if n.id in avail), key=lambda n: n.profile.flops).id:
+                         pcfg.global_batch})
+        # Nobody reachable: a round of lost work. Nothing trains; the coordinator waits a beat.
         ids = sorted(plan.batches, key=lambda k: list(caps).index(k))
         steps = {k: self.local_h for k in ids}
         lr = _lr_at(pcfg, r) * plan.lr_scale
@@ -240,15 +242,20 @@ class PretrainRun:
                       "client_state": self.client_states.get(wid)}
             # Devices hold no model between the rounds they are sampled in.
             tasks.append(self.algorithm.worker_task(wid, common, lr, release=fleet.nodes[wid].tier == "device"))
-        wall0 = time.perf_counter()
-        results = self.engine.run_tolerant(tasks)
-        work_wall_s = time.perf_counter() - wall0
-        # A worker that failed (a crashed actor, an exception) is left out of this round and logged;
-        # the round completes with the others. Ray rebuilds a dead host for the next round.
-        ids, results, failed = drop_failed(ids, results)
-        if not ids:
-            raise WorkerError("round", str(r), f"every worker failed: {'; '.join(failed.values())}")
-        host_util, compute_wall_s = self._host_utilization(ids, plan, steps, results, work_wall_s)
+        results: list[dict[str, Any]] = []
+        failed: dict[str, str] = {}
+        host_util: dict[str, Any] = {}
+        work_wall_s = compute_wall_s = 0.0
+        if ids:
+            wall0 = time.perf_counter()
+            results = self.engine.run_tolerant(tasks)
+            work_wall_s = time.perf_counter() - wall0
+            # A worker that failed (a crashed actor, an exception) is left out of this round and
+            # logged; the round completes with the others. Ray rebuilds a dead host for the next round.
+            ids, results, failed = drop_failed(ids, results)
+            if not ids:
+                raise WorkerError("round", str(r), f"every worker failed: {'; '.join(failed.values())}")
+            host_util, compute_wall_s = self._host_utilization(ids, plan, steps, results, work_wall_s)
 
         # 3. virtual clock: broadcast, compute, upload; everyone waits for the slowest
         t0 = clock.now
@@ -266,6 +273,8 @@ class PretrainRun:
             failed.update(departed)
             kept = [i for i, wid in enumerate(ids) if wid not in departed]
             ids, results = [ids[i] for i in kept], [results[i] for i in kept]
+        if not plan.batches:
+            clock.advance_to(t0 + self._idle_wait())
         t1 = clock.barrier([*ids, *departed, CLOUD_ID])
         round_s = t1 - t0
         # Every update is checked before it is aggregated (a hostile or broken worker can send
@@ -305,7 +314,7 @@ class PretrainRun:
         # 6. evaluate
         row_val = None
         client_metrics: dict[str, Any] = {}
-        if (r + 1) % pcfg.eval_every == 0 or r == pcfg.rounds - 1:
+        if (r + 1) % pcfg.eval_every == 0 or self.is_last(r):
             if self.data.val is not None:
                 row_val = self.val_loss = evaluate_loss(pcfg.task, self.model, self.data.val)
                 if (pcfg.target_val_loss is not None and self.totals["time_to_target_s"] is None
@@ -321,6 +330,20 @@ class PretrainRun:
             "bytes_total": summary_clock["bytes_total"], "energy_j": summary_clock["energy_j_total"],
             "work_wall_s": work_wall_s, "compute_wall_s": compute_wall_s, **host_util,
             **{f"ctl_{k}": v for k, v in plan.info.items()}, **client_metrics})
+
+    def is_last(self, r: int) -> bool:
+        """Whether round ``r``, just run, is the run's last: the last of ``rounds``, or the one that
+        spent the virtual-time budget (no round starts after it). The last is always evaluated and
+        checkpointed, whichever stops the run."""
+        budget = self.pcfg.time_budget_s
+        return r == self.pcfg.rounds - 1 or (budget is not None and self.clock.now >= budget)
+
+    def _idle_wait(self) -> float:
+        """How long a round with nobody reachable waits before the next one: what the fastest worker's
+        round would take by the clock's priors (its compute of the global batch for ``local_h``
+        steps, a broadcast and an upload)."""
+        return min(self.local_h * (self.pcfg.global_batch * sample_s + overhead_s)
+                   for sample_s, overhead_s in self.priors.values())
 
     def _reachable(self, r: int) -> set[str]:
         """The workers reachable in round ``r``: devices as ``fleet.availability`` says at the round's
