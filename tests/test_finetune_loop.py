@@ -248,3 +248,19 @@ def test_a_checkpoint_of_other_adapters_is_refused_by_name_and_left_as_it_was(tm
     with pytest.raises(InputError, match=r"checkpoints.*(shape|not this config's).*finetune\.lora"):
         finetune(cfg, RunDir.create(tmp_path, resume=True), LocalEngine(), resume=True)
     assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "checkpoints" / "finetune").iterdir()) == before
+
+
+@pytest.mark.parametrize(("kind", "data"), [("gpt", {"source": "digits"}),
+                                            ("vit", {"source": "pydocs", "n_classes": 4})])
+def test_a_model_that_cannot_read_the_data_is_a_config_error(kind, data) -> None:
+    """A GPT on images or a ViT on text: one line naming the model and the data, before any worker
+    starts (it was a traceback from the cloud's worker)."""
+    from cloudedge.errors import InputError
+
+    raw = {"fleet": {"edges": [{"count": 1, "devices": [{"count": 2, "profile": "phone-mid"}]}]}, "data": data,
+           "model": {"kind": kind, "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
+                     "channels": 1},
+           "finetune": {"lora": {"rank": 2}, "max_cloud_rounds": 1}}
+    reads, other = ("text", "images") if kind == "gpt" else ("images", "text")
+    with pytest.raises(InputError, match=rf"finetune.model: model.kind '{kind}' reads {reads}, .* is {other}"):
+        finetune(config_from_dict(raw), None, LocalEngine())

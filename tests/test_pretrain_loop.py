@@ -465,3 +465,17 @@ def test_the_round_that_spends_the_time_budget_is_evaluated_and_checkpointed(tmp
     assert [row["round"] for row in res.rows] == [0, 1, 2]
     assert res.rows[-1]["val_loss"] is not None and res.summary["final_val_loss"] == res.rows[-1]["val_loss"]
     assert (tmp_path / "run" / "checkpoints" / "pretrain" / "step-000002.json").exists()
+
+
+@pytest.mark.parametrize(("task", "kind", "data"), [("clip", "vit", "digits"), ("lm", "vit", "pydocs"),
+                                                    ("lm", "clip", "pydocs")])
+def test_a_model_the_task_cannot_train_is_a_config_error(task, kind, data) -> None:
+    """A ViT cannot be pre-trained as a language model or a CLIP: one line naming both fields,
+    before any worker starts (it was a traceback from inside the workers)."""
+    raw = {"fleet": {"edges": [{"count": 1, "devices": [{"count": 1, "profile": "phone-mid"}]}]}, "data": {"source": data},
+           "model": {"kind": kind, "hidden": 16, "layers": 1, "heads": 2, "image_size": 8, "patch_size": 4,
+                     "channels": 1},
+           "pretrain": {"task": task, "rounds": 1, "global_batch": 8}}
+    needs = "gpt" if task == "lm" else "clip"
+    with pytest.raises(InputError, match=rf"pretrain.task: '{task}' trains a '{needs}' model, but model.kind is '{kind}'"):
+        pretrain(config_from_dict(raw))

@@ -57,6 +57,10 @@ def prepare_task(cfg: RunConfig, fleet: Fleet, base_tensors: dict[str, torch.Ten
         raise InputError(f"{source}.n_classes: fine-tuning on pydocs needs a number of module classes")
     train, test = build_dataset(data_cfg, cfg.base_dir, seed=cfg.seed)
     is_text = hasattr(train, "texts")
+    # A GPT reads text, a ViT or CLIP images (a local HF checkpoint is checked when it loads).
+    if model_cfg.kind != "hf" and (model_cfg.kind == "gpt") != is_text:
+        raise InputError(f"{STAGE}.model: model.kind '{model_cfg.kind}' reads {'text' if model_cfg.kind == 'gpt' else 'images'}, "
+                         f"but {source} ({data_cfg.source}) is {'text' if is_text else 'images'}")
     if is_text:
         if train.labels is None:
             raise InputError(f"{source}: text fine-tuning needs labels (label_field, or pydocs with n_classes)")

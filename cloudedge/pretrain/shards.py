@@ -44,6 +44,11 @@ def build_shards(cfg: RunConfig, pcfg: PretrainConfig, workers: list[Node], seq_
     from cloudedge.data import build_dataset, lm_blocks, partition
     from cloudedge.data.tokenizer import ByteTokenizer
 
+    # The model each task trains (classify: any backbone; a local HF checkpoint is checked on load).
+    kind, needs = cfg.stage_model(STAGE).kind, {"lm": "gpt", "clip": "clip"}.get(pcfg.task)
+    if needs is not None and kind not in (needs, "hf"):
+        raise InputError(f"{STAGE}.task: '{pcfg.task}' trains a '{needs}' model, but model.kind is '{kind}'")
+
     data_cfg = cfg.stage_data(STAGE)
     train, test = build_dataset(data_cfg, cfg.base_dir, cfg.seed)
     part = data_cfg.partition
