@@ -29,12 +29,31 @@ from cloudedge.errors import InputError
 LATEST = "latest"
 
 
+def _umask() -> int:
+    """The process's umask. Read from /proc where Linux offers it: setting and restoring it (the only
+    portable way to read it) would briefly apply umask 0 to files other threads create meanwhile."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` then rename over ``path`` (same directory: atomic on POSIX)."""
+    """Write through ``write(tmp_path)`` then rename over ``path`` (same directory: atomic on POSIX).
+
+    The file gets the mode a plain ``open(path, "w")`` would give it (0666 less the umask):
+    mkstemp creates its file 0600, which would leave run files unreadable to a group that may read
+    their siblings."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

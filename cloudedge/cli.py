@@ -138,8 +138,26 @@ def fedscale_trace(
         text = write_csv(capacity_to_rows(source, ids), ("device", "compute_scale", "uplink_scale", "downlink_scale"))
     else:
         raise InputError(f"fedscale-trace: unknown kind {kind!r} (known: behave, capacity)")
-    dest.write_text(text)
+    _write_output(dest, text)
     console.print(f"wrote {dest} ({text.count(chr(10)) - 1} rows)")
+
+
+def _write_output(dest: Path, text: str) -> None:
+    """Write a command's output file, creating missing folders as ``--out`` does for runs; written
+    atomically, so a failed write leaves an existing file whole. An unwritable place is an InputError."""
+    from cloudedge.checkpoint import atomic_write_text
+
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"{dest}: cannot write the output file: a file stands where its folder "
+                         f"{dest.parent} would be") from None
+    except OSError as err:
+        raise InputError(f"{dest}: cannot create the output file's folder ({err.strerror or err})") from None
+    try:
+        atomic_write_text(dest, text)
+    except OSError as err:
+        raise InputError(f"{dest}: cannot write the output file ({err.strerror or err})") from None
 
 
 @app.command()

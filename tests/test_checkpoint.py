@@ -1,9 +1,17 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
 
-from cloudedge.checkpoint import check_state_dict, load_latest, load_tensors, save_checkpoint
+from cloudedge.checkpoint import (
+    atomic_write_text,
+    check_state_dict,
+    load_latest,
+    load_tensors,
+    save_checkpoint,
+)
 from cloudedge.errors import InputError
 
 
@@ -60,3 +68,18 @@ def test_check_state_dict():
         check_state_dict({"m.weight": model.weight}, model, "ck", prefix="m.")
     with pytest.raises(InputError, match=r"'weight' has shape \(4, 3\)"):
         check_state_dict({"weight": torch.zeros(4, 3), "bias": torch.zeros(2)}, model, "ck")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_atomic_writes_get_the_mode_a_plain_write_gets(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+        save_checkpoint(tmp_path, 1, {"x": torch.ones(1)}, {})
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == expected
+    for name in ("config.yaml", "step-000001.safetensors", "step-000001.json", "latest"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name

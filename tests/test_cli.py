@@ -51,3 +51,34 @@ def test_entry_point_exit_code(tmp_path):
 def test_benchmark_option_it_does_not_take_is_an_input_error(capsys, tmp_path):
     assert main(["bench", "pretrain-hetero", "--quick", "--devices", "100", "--out", str(tmp_path)]) == 2
     assert "takes no --devices option" in capsys.readouterr().err
+
+
+def _fedscale_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    trace = tmp_path / "behave.json"
+    trace.write_text('{"1": {"active": [0], "inactive": [10], "finish_time": 40}}')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("fleet:\n  edges: [{count: 1, devices: [{count: 1, profile: phone-mid}]}]\n")
+    return trace, cfg
+
+
+def test_fedscale_trace_creates_missing_folders_like_out(tmp_path):
+    trace, cfg = _fedscale_inputs(tmp_path)
+    dest = tmp_path / "new" / "deeper" / "avail.csv"
+    assert main(["fedscale-trace", "behave", str(trace), str(dest), "--config", str(cfg), "--horizon-s", "80"]) == 0
+    assert dest.read_text().splitlines() == ["device,start_s,end_s", "edge0/dev0,0,10", "edge0/dev0,40,50"]
+
+
+def test_fedscale_trace_unwritable_destination_exits_2_naming_it(tmp_path, capsys):
+    trace, cfg = _fedscale_inputs(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    dest = blocker / "avail.csv"  # its folder would have to be a file that exists
+    assert main(["fedscale-trace", "behave", str(trace), str(dest), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {dest}:") and "Traceback" not in err
+    assert blocker.read_text() == "kept"
+    folder = tmp_path / "a-folder"
+    (folder / "inside").mkdir(parents=True)
+    assert main(["fedscale-trace", "behave", str(trace), str(folder), "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {folder}: cannot write the output file")
+    assert (folder / "inside").is_dir() and not list(tmp_path.glob(".a-folder.*"))  # nothing lost, no leftovers

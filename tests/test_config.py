@@ -68,3 +68,47 @@ def test_stage_inherits_top_level_data():
     cfg = config_from_dict({"data": {"source": "rotated", "degrees": 30}, "pretrain": {}})
     assert cfg.stage_data("pretrain").source == "rotated"
     assert cfg.stage_model("finetune") == cfg.model
+
+
+def test_empty_adapt_streams_is_refused(tmp_path):
+    # Edge i streams streams[i % len(streams)]: an empty list used to divide by zero mid-run.
+    with pytest.raises(InputError, match=r"c\.yaml: adapt\.streams: needs at least one stream"):
+        load_config(write(tmp_path, "adapt:\n  streams: []\n"))
+    assert len(load_config(write(tmp_path, "adapt:\n  streams: [{}]\n")).adapt.streams) == 1
+
+
+def test_duplicate_key_names_file_line_and_key(tmp_path):
+    p = write(tmp_path, "name: x\npretrain:\n  rounds: 6\n  lr: 0.01\n  rounds: 9\n")
+    with pytest.raises(InputError) as ei:
+        load_config(p)
+    assert str(ei.value) == f"{p}: line 5: duplicate key 'rounds' (first given on line 3); give each key once"
+    with pytest.raises(InputError, match=r"line 2: duplicate key 'seed' \(first given on line 1\)"):
+        load_config(write(tmp_path, "seed: 0\nseed: 1\n"))
+    with pytest.raises(InputError, match=r"line 1: duplicate key 'rounds'"):  # flow mappings too
+        load_config(write(tmp_path, "pretrain: {rounds: 6, rounds: 9}\n"))
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    # A key a merge (`<<`) brings in is not a duplicate of the mapping's own: overriding is its use.
+    cfg = load_config(write(tmp_path, "pretrain:\n  <<: {rounds: 6, lr: 0.01}\n  rounds: 9\n"))
+    assert cfg.pretrain.rounds == 9 and cfg.pretrain.lr == 0.01
+
+
+@pytest.mark.parametrize(("text", "field", "flag"), [
+    ("pretrain: {global_batch: true}\n", "pretrain.global_batch", "true"),
+    ("seed: false\n", "seed", "false"),
+    ("pretrain: {lr: yes}\n", "pretrain.lr", "true"),
+    ("data: {partition: {kind: dirichlet, edge_alpha: [0.5, true]}}\n", "data.partition.edge_alpha.1", "true"),
+    ("fleet: {edges: [{devices: [{count: 2, mix: {phone-mid: true}}]}]}\n",
+     "fleet.edges.0.devices.0.mix.phone-mid", "true"),
+])
+def test_boolean_for_a_number_is_refused(tmp_path, text, field, flag):
+    p = write(tmp_path, text)
+    with pytest.raises(InputError) as ei:
+        load_config(p)
+    assert str(ei.value) == f"{p}: {field}: expected a number, got a boolean ({flag})"
+
+
+def test_boolean_fields_still_take_booleans():
+    cfg = config_from_dict({"data": {"source": "glyphs", "glyphs": {"cache": False}}})
+    assert cfg.data.glyphs.cache is False

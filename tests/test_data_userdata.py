@@ -186,6 +186,32 @@ def test_greyscale_folder_has_one_channel(tmp_path):
     assert ds.x.shape == (2, 1, 4, 4) and torch.allclose(ds.x, torch.full_like(ds.x, 0.2))
 
 
+# An 8 x 8 gradient over the whole range of each high-bit grey kind, stored as the file format that
+# holds it (PNG for 16 bits; Pillow reads a TIFF by its content whatever the suffix says).
+HIGH_BIT = {
+    "I;16": (np.linspace(0, 65535, 64).round().astype(np.uint16), 65535.0, "PNG"),
+    "I": (np.linspace(0, 65535, 64).round().astype(np.int32), 65535.0, "TIFF"),
+    "F": (np.linspace(0, 1, 64).astype(np.float32), 1.0, "TIFF"),
+}
+
+
+@pytest.mark.parametrize("mode", list(HIGH_BIT))
+def test_high_bit_greyscale_is_scaled_not_clipped(tmp_path, mode):
+    values, white, fmt = HIGH_BIT[mode]
+    (tmp_path / "a").mkdir()
+    Image.fromarray(values.reshape(8, 8)).save(tmp_path / "a" / "g.png", format=fmt)
+    with Image.open(tmp_path / "a" / "g.png") as img:
+        assert img.mode == mode  # the mode the test means to cover
+    ds = load_image_folder(tmp_path, image_size=8)
+    expected = torch.from_numpy(values.reshape(1, 1, 8, 8).astype(np.float64) / white).float()
+    assert ds.x.shape == (1, 1, 8, 8)
+    torch.testing.assert_close(ds.x, expected, atol=1e-6, rtol=0)
+    # Resized, it stays a gradient in [0, 1] (bicubic overshoot clipped), darker at the top.
+    small = load_image_folder(tmp_path, image_size=4).x[0, 0]
+    assert 0.0 <= float(small.min()) and float(small.max()) <= 1.0
+    assert small[0].mean() < 0.25 and small[-1].mean() > 0.75
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(InputError, match="no such folder"):
         load_image_folder(tmp_path / "nope", 8)

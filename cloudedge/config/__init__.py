@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from cloudedge.config.adapt import AdaptConfig
+from cloudedge.config.base import BOOL_FOR_NUMBER
 from cloudedge.config.data import DataConfig, PartitionConfig
 from cloudedge.config.finetune import FinetuneConfig
 from cloudedge.config.fleet import DeviceGroup, EdgeSpec, FleetConfig
@@ -34,11 +35,16 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """First problem of a pydantic error as `source: a.b.0.c: what was expected (got X)`. Our own
     validators (a ``value_error``) say what they got in their message, so nothing is appended."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    path = [str(p) for p in first["loc"]]
     msg = first["msg"]
+    if first["type"] == BOOL_FOR_NUMBER:
+        # Raised by the section for one of its fields: the field belongs in the location.
+        path.append(first["ctx"]["field"])
+        msg = msg.removeprefix(f"{first['ctx']['field']}: ")
+    loc = ".".join(path) or "(top level)"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    shown = "" if first["type"] == "value_error" else shown_input(first.get("input"))
+    shown = "" if first["type"] in ("value_error", BOOL_FOR_NUMBER) else shown_input(first.get("input"))
     more = len(err.errors()) - 1
     tail = f" [+{more} more]" if more > 0 else ""
     return f"{source}: {loc}: {msg}{shown}{tail}"
@@ -95,14 +101,45 @@ def with_overrides(section: Any, overrides: dict[str, Any], label: str) -> Any:
         raise InputError(format_validation_error(err, f"{label} overrides")) from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: plain YAML keeps the last one
+    silently, so `rounds: 6` followed by `rounds: 9` would run 9 rounds with nobody told."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # Keys a merge (`<<: *base`) brings in may be overridden here: that is what merges are for.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first_line
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if seen:
+                raise _DuplicateKey(key, line, first_line[key])
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text") from None
+    except _DuplicateKey as err:
+        raise InputError(f"{path}: line {err.line}: duplicate key '{err.key}' (first given on line "
+                         f"{err.first_line}); give each key once") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

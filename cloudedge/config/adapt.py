@@ -75,3 +75,12 @@ class AdaptConfig(StrictModel):
     precision: Literal["fp32", "bf16"] = Field(
         default="fp32", description="bf16: the CLIP's forward passes under bfloat16 autocast (weights, prompts and "
                                     "optimizer state stay float32; features and logits are float32)")
+
+    @field_validator("streams")
+    @classmethod
+    def _some_stream(cls, streams: list[StreamSpec]) -> list[StreamSpec]:
+        # Edges are dealt streams[i % len(streams)]: an empty list leaves an edge nothing to stream.
+        if not streams:
+            raise ValueError("needs at least one stream spec, e.g. [{corruption: gaussian_noise}] "
+                             "(leave the key out for that default; [{}] streams clean images)")
+        return streams

@@ -21,7 +21,11 @@ from cloudedge.errors import InputError
 TEXT_SUFFIXES = (".txt", ".md")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # PIL modes read as one grey channel; every other mode (palette, RGB, RGBA, CMYK, ...) as RGB.
-GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# High-bit grey modes and the value read as white: 16-bit samples (and Pillow's 32-bit "I", which is
+# how it has held 16-bit PNG and PGM data) span 0..65535; float ("F") samples are taken as [0, 1].
+# convert("L") would clip them at 255 instead of scaling, turning nearly every pixel white.
+HIGH_BIT_WHITE = {"I": 65535.0, "I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "F": 1.0}
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 
 # Integer labels index classes 0..max: a bound keeps a stray huge label from building a huge class list.
@@ -257,22 +261,35 @@ def _checked_order(file: Path, entries: list[tuple[int, str]], folders: list[str
 
 def _load_image(file: Path, image_size: int) -> torch.Tensor:
     """``[C, S, S]`` in [0, 1], C = 1 for a greyscale image (PIL modes 1, L, LA, I, I;16, F), else
-    3 (RGB): shorter side resized to S (bicubic), then a centre crop."""
+    3 (RGB): shorter side resized to S (bicubic), then a centre crop. 16-bit grey is scaled by
+    1/65535 (so is 32-bit ``I``), float grey taken as [0, 1]; both clipped to [0, 1]."""
     from PIL import Image
 
     try:
         with Image.open(file) as img:
             img.load()
-            mode = "L" if img.mode in GREY_MODES else "RGB"
-            pic = img.convert(mode)
+            if img.mode in HIGH_BIT_WHITE:
+                pic = _grey_as_float(img)
+            else:
+                pic = img.convert("L" if img.mode in GREY_MODES else "RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise InputError(f"{file}: cannot decode image ({type(err).__name__}: {err})") from None
     return pil_to_tensor(pic, image_size)
 
 
+def _grey_as_float(img: Any) -> Any:
+    """A high-bit grey PIL image as mode ``F`` in [0, 1], keeping its precision through the resize."""
+    from PIL import Image
+
+    values = np.asarray(img, dtype=np.float64) / HIGH_BIT_WHITE[img.mode]
+    # A float image may hold NaN or inf, which no later step would remove: black and white.
+    values = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0)
+    return Image.fromarray(values.astype(np.float32))  # float32: mode F
+
+
 def pil_to_tensor(pic: Any, image_size: int) -> torch.Tensor:
-    """A PIL image (mode ``L`` or ``RGB``) as ``[C, S, S]`` in [0, 1]: shorter side resized to S
-    (bicubic), centre crop."""
+    """A PIL image (mode ``L`` or ``RGB`` in 0..255, or ``F`` in [0, 1]) as ``[C, S, S]`` in [0, 1]:
+    shorter side resized to S (bicubic), centre crop."""
     from PIL import Image
 
     w, h = pic.size
@@ -281,7 +298,11 @@ def pil_to_tensor(pic: Any, image_size: int) -> torch.Tensor:
     pic = pic.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
     pic = pic.crop((left, top, left + image_size, top + image_size))
-    arr = np.asarray(pic, dtype=np.float32) / 255.0
+    if pic.mode == "F":
+        # Bicubic overshoots at edges; 8-bit modes clip that in PIL, a float image must be clipped here.
+        arr = np.clip(np.asarray(pic, dtype=np.float32), 0.0, 1.0)
+    else:
+        arr = np.asarray(pic, dtype=np.float32) / 255.0
     return torch.from_numpy(arr).reshape(image_size, image_size, -1).permute(2, 0, 1).contiguous()
 
 
