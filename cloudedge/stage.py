@@ -178,7 +178,8 @@ def run_stage_into(stage: str, cfg: Any, out_dir: str | Path, resume: bool, engi
                    train: Callable[..., Any], save: Callable[[Any, Path], None] | None = None) -> dict[str, Any]:
     """Run ``train(cfg, run_dir, engine, resume=...)`` into ``out_dir``; return the stage's summary.
 
-    A run already complete is not run again on ``resume``. ``save(result, run_path)`` writes the
+    A run already complete is not run again on ``resume``; ``resume`` where there is no run yet
+    starts one (:meth:`RunDir.create`). ``save(result, run_path)`` writes the
     stage's artefact (a model, adapters) before summary.json is marked complete, so a complete run
     directory always holds it; then the report is written (:func:`write_report`). The engine is
     closed whatever happens.
@@ -187,11 +188,11 @@ def run_stage_into(stage: str, cfg: Any, out_dir: str | Path, resume: bool, engi
 
     t0 = time.perf_counter()
     run = RunDir.create(out_dir, cfg, resume=resume)
-    if resume and run.complete:
+    if run.resumed and run.complete:
         return run.read_summary().get(stage, {})
     engine = make_engine(engine_kind, cfg.engine.address, cfg.engine.threads)
     try:
-        result = train(cfg, run, engine, resume=resume)
+        result = train(cfg, run, engine, resume=run.resumed)
     finally:
         engine.close()
     if save is not None:

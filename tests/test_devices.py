@@ -73,8 +73,16 @@ def test_cuda_run_matches_the_cpu_run_and_resumes(tmp_path) -> None:
     assert next(gpu.model.parameters()).device.type == "cuda"
     for a, b in zip(cpu.rows, gpu.rows, strict=True):
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3)
-    resumed = pretrain(_cfg(device="cuda", rounds=4), tmp_path / "gpu", resume=True)
-    assert [r["round"] for r in resumed.rows] == [0, 1, 2, 3]
+
+    def stop(round_idx: int, row: dict) -> None:  # interrupted after round 1 (a resume keeps the config)
+        if round_idx == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_cfg(device="cuda"), tmp_path / "cut", on_round=stop)
+    resumed = pretrain(_cfg(device="cuda"), tmp_path / "cut", resume=True)
+    assert [r["round"] for r in resumed.rows] == [0, 1, 2]
+    assert [r["val_loss"] for r in resumed.rows] == pytest.approx([r["val_loss"] for r in gpu.rows], abs=1e-3)
 
 
 def _finetune_cfg(**finetune_fields: object) -> object:

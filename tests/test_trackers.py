@@ -113,7 +113,7 @@ def test_a_resume_shows_each_redone_round_once_in_tensorboard(tmp_path):
     assert _scalars(tmp_path / "run" / "tensorboard" / "pretrain" / "sync", "train_loss") == \
         [(0, 10.0), (1, 11.0), (2, 22.0), (3, 23.0), (4, 24.0)]
     # A series whose resume logs again at its last kept round (fine-tuning's grid rows carry the
-    # round of the last update) keeps that round's kept value: the purge starts past it.
+    # round of the last update) keeps that round's kept value: purged with the round, logged again.
     run = RunDir.create(tmp_path / "grid", cfg)
     run.log(stage="finetune", method="auto", round=1, acc=0.5)
     run.finish_tracking()
@@ -122,6 +122,56 @@ def test_a_resume_shows_each_redone_round_once_in_tensorboard(tmp_path):
     again.log(stage="finetune", method="auto", round=1, bytes_total=7.0)
     again.finish_tracking()
     assert _scalars(tmp_path / "grid" / "tensorboard" / "finetune" / "auto", "acc") == [(1, 0.5)]
+
+
+def test_rows_redone_at_the_checkpoints_round_show_once_in_both_trackers(tmp_path):
+    """Fine-tuning's grid rows logged after checkpoint N carry round N, and the resume logs them
+    again: the interrupted run's copy must go (before, TensorBoard purged from N + 1 and kept it,
+    and MLflow kept the old child: the row showed twice) while the kept row of round N stays."""
+    cfg = _config(tmp_path, tensorboard=True, mlflow=True)
+
+    def update(run: RunDir, r: int) -> None:
+        run.log(stage="finetune", method="auto", round=r, virtual_time_s=1.5 * r, bytes_total=10.0 * r)
+
+    def grid(run: RunDir, r: int, k: int) -> None:
+        run.log(stage="finetune", method="auto", round=r, virtual_time_s=2.0 * k, acc=0.1 * (k + 1), eval="grid")
+
+    run = RunDir.create(tmp_path / "run", cfg)
+    update(run, 0)
+    grid(run, 0, 0)
+    update(run, 1)  # checkpoint after round 1: these three rows are kept
+    grid(run, 1, 1)  # logged after it, then killed
+    run.finish_tracking()
+    _next_second()
+    state = json.loads((tmp_path / "run" / "mlflow.json").read_text())
+    again = RunDir.create(tmp_path / "run", cfg, resume=True)
+    kept = iter([True, True, True, False])
+    again.truncate_metrics(lambda row: next(kept))  # as the stage's resume does
+    grid(again, 1, 1)  # redone
+    update(again, 2)
+    grid(again, 2, 2)
+    again.finish_tracking()
+
+    tb = tmp_path / "run" / "tensorboard" / "finetune" / "auto"
+    assert _scalars(tb, "acc") == [(0, pytest.approx(0.1)), (1, pytest.approx(0.2)), (2, pytest.approx(0.3))]
+    assert _scalars(tb, "bytes_total") == [(0, 0.0), (1, 10.0), (2, 20.0)]  # round 1's kept row too
+    client = MlflowClient(tracking_uri=(tmp_path / "run" / "mlruns").as_uri())
+    child = json.loads((tmp_path / "run" / "mlflow.json").read_text())["children"]["finetune/auto"]
+    assert child != state["children"]["finetune/auto"]  # the old child held the dropped grid row
+    assert sorted((m.step, m.value) for m in client.get_metric_history(child, "acc")) == \
+        [(0, pytest.approx(0.1)), (1, pytest.approx(0.2)), (2, pytest.approx(0.3))]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(child, "bytes_total")) == \
+        [(0, 0.0), (1, 10.0), (2, 20.0)]
+
+
+@pytest.mark.parametrize("text", ['{"experiment_id": "1", "par', "[1, 2]"])
+def test_a_damaged_mlflow_state_is_an_input_error_naming_it(tmp_path, text):
+    cfg = _config(tmp_path, mlflow=True)
+    run = RunDir.create(tmp_path / "run", cfg)
+    run.log(stage="pretrain", method="sync", round=0, train_loss=1.0)
+    (tmp_path / "run" / "mlflow.json").write_text(text)
+    with pytest.raises(InputError, match=r"mlflow\.json: damaged"):
+        RunDir.create(tmp_path / "run", cfg, resume=True)
 
 
 def test_tracking_is_off_by_default_and_a_bad_key_is_an_input_error(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import yaml
 from cloudedge.checkpoint import atomic_write_text
 from cloudedge.errors import InputError
 from cloudedge.track.plots import availability_plot, curve_plots, k2_plot, shift_bars
-from cloudedge.track.run import read_metrics
+from cloudedge.track.run import read_metrics, read_run_config, read_summary
 from cloudedge.track.units import BEST_MARK, format_value, method_table
 
 
@@ -58,10 +57,8 @@ def _fleet_rows(config: dict[str, Any], base_dir: Path) -> list[list[str]]:
 
 def build_blocks(run_dir: Path) -> list[Block]:
     rows = read_metrics(run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    config_path = run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    summary = read_summary(run_dir)
+    config = read_run_config(run_dir)
 
     blocks = [Block("heading", f"cloudedge run: {run_dir.name}", level=1)]
     if not summary.get("complete"):

@@ -11,13 +11,16 @@
     RUN/tensorboard/, RUN/mlruns/   with a ``track`` config section (cloudedge.track.trackers)
 
 A directory whose summary.json lacks ``"complete": true`` is an interrupted run: `--resume`
-continues it; it is never mistaken for a finished one.
+continues it; it is never mistaken for a finished one. One whose metrics.jsonl has no row and that
+holds no checkpoint and no summary.json (a start that failed on its data or model) is no run yet:
+a new run starts in it, with or without `--resume` (docs/tracking.md, "Run directories").
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,7 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.summary_path = self.path / "summary.json"
         self._t0 = time.perf_counter()
+        self.resumed = False  # did create() reopen a run (False: a new run, also when asked to resume)
         self.trackers: list = []  # cloudedge.track.trackers.MetricLogger, fed by log()
 
     @classmethod
@@ -56,17 +60,36 @@ class RunDir:
                overwrite: bool = False) -> RunDir:
         """Make (or reopen, with ``resume``) a run directory.
 
-        An existing non-empty directory is only reused with ``resume``; with ``overwrite`` it is
-        moved aside to ``NAME.old-TIMESTAMP`` (nothing written before is lost).
+        An existing directory that holds a run (or anything else) is only reused with ``resume``;
+        with ``overwrite`` it is moved aside to ``NAME.old-TIMESTAMP`` (nothing written before is
+        lost). A directory that holds no run yet (:func:`holds_run`) takes a new run, also with
+        ``resume`` (said on stderr; :attr:`resumed` is then False). A resume checks ``config``
+        against the run's own config.yaml (:func:`config_differences`) and keeps that file.
         """
         path = Path(out_dir)
         if path.exists() and not path.is_dir():
             raise InputError(f"{path}: output path exists and is not a directory")
-        if path.is_dir() and any(path.iterdir()) and not resume:
-            if not overwrite:
+        held = holds_run(path)
+        if resume and held is None:
+            raise InputError(f"{path}: --resume: no cloudedge run here (no metrics.jsonl) and the directory is "
+                             "not empty; choose another --out, or --overwrite to move it aside")
+        if resume and not held:
+            print(f"note: {path} holds no run to resume yet; starting a new one", file=sys.stderr)
+            resume = False
+        if not resume and held is not False:
+            if not overwrite and held:
                 raise InputError(f"{path}: output directory already holds a run; pass --resume to continue it, "
                                  "--overwrite to move it aside, or choose another --out")
+            if not overwrite:
+                raise InputError(f"{path}: output directory is not empty and holds no cloudedge run (no "
+                                 "metrics.jsonl); choose another --out, or --overwrite to move it aside")
             move_aside(path)
+        if resume:
+            # Everything a resume reads is checked before anything is written: bad input loses nothing.
+            read_summary(path)
+            read_metrics(path)
+            if config is not None and hasattr(config, "model_dump"):
+                _check_resumed_config(path, config)
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write-test"
@@ -75,9 +98,11 @@ class RunDir:
         except OSError as err:
             raise InputError(f"{path}: output directory is not writable ({err.strerror or err})") from None
         run = cls(path)
+        run.resumed = resume
         for sub in ("checkpoints", "plots"):
             (path / sub).mkdir(exist_ok=True)
-        if config is not None:
+        # A resumed run keeps the config.yaml it started with (the config was checked against it).
+        if config is not None and not (resume and (path / "config.yaml").is_file()):
             from cloudedge.config import dump_config
 
             text = dump_config(config) if hasattr(config, "model_dump") else str(config)
@@ -130,9 +155,7 @@ class RunDir:
 
     # --- summary ---------------------------------------------------------------------------------
     def read_summary(self) -> dict[str, Any]:
-        if not self.summary_path.is_file():
-            return {}
-        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        return read_summary(self.path)
 
     def update_summary(self, section: str, values: dict[str, Any]) -> dict[str, Any]:
         """Merge one stage's headline numbers into summary.json (not marking it complete)."""
@@ -183,9 +206,130 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if n == len(lines) and not text.endswith("\n"):
                 break  # the last row was being written when the run was killed: it never happened
-            raise InputError(f"{path}:{n}: not a JSON object") from None
+            raise InputError(f"{path}:{n}: not a JSON object (not valid JSON)") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{n}: not a JSON object (a JSON {_json_kind(row)})")
+        rows.append(row)
     return rows
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """A run's summary.json ({} when there is none). A damaged one is an InputError naming it."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: damaged: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: damaged: not valid JSON ({err.msg} at line {err.lineno} "
+                         f"column {err.colno})") from None
+    if not isinstance(summary, dict):
+        raise InputError(f"{path}: damaged: not a JSON object (a JSON {_json_kind(summary)})")
+    return summary
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's config.yaml as a mapping (None when there is none). A damaged one is an InputError."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: damaged: not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"{path}: damaged: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(config, dict):
+        got = "empty" if config is None else f"a {type(config).__name__}"
+        raise InputError(f"{path}: damaged: not a mapping of config sections ({got})")
+    return config
+
+
+def holds_run(path: str | Path) -> bool | None:
+    """Does ``path`` hold a run? True: a run (metric rows, a checkpoint or a summary); False: no run
+    yet (missing, empty, or what a start that failed before its first row leaves: config.yaml, an
+    empty metrics.jsonl, empty checkpoints/ and plots/, its trackers' files); None: other files
+    and no metrics.jsonl (not a cloudedge run directory)."""
+    path = Path(path)
+    if not path.is_dir() or not any(path.iterdir()):
+        return False
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    with metrics.open(encoding="utf-8", errors="replace") as fh:
+        if any(line.strip() for line in fh):  # stops at the first row
+            return True
+    return (path / "summary.json").exists() or any(p.is_file() for p in (path / "checkpoints").rglob("*"))
+
+
+# Config sections a resume may change: how and where the run executes and where its rows are also
+# logged. Neither changes what the run computes; everything else must match the run's config.yaml.
+RESUMABLE_CHANGES = ("engine", "track")
+
+
+def config_differences(saved: Any, given: Any, prefix: str = "") -> list[str]:
+    """``path: old -> new`` for each leaf that differs between two plain configs (dotted paths;
+    list items as ``[i]``), leaving out the sections in :data:`RESUMABLE_CHANGES`."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        out = []
+        for key in [*saved, *(k for k in given if k not in saved)]:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if not prefix and key in RESUMABLE_CHANGES:
+                continue
+            out += config_differences(saved.get(key, _ABSENT), given.get(key, _ABSENT), name)
+        return out
+    if isinstance(saved, list) and isinstance(given, list) and len(saved) == len(given):
+        return [d for i, (a, b) in enumerate(zip(saved, given, strict=True))
+                for d in config_differences(a, b, f"{prefix}[{i}]")]
+    return [] if saved == given else [f"{prefix}: {_shown(saved)} -> {_shown(given)}"]
+
+
+_ABSENT = object()
+_SHOWN_MAX = 60  # characters of a value in a difference; the field's path says where to look
+
+
+def _shown(value: Any) -> str:
+    text = "(absent)" if value is _ABSENT else json.dumps(value)
+    return text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 3] + "..."
+
+
+def _check_resumed_config(path: Path, config: Any) -> None:
+    """A resume continues the run its config.yaml describes: ``config`` must match it (but for
+    :data:`RESUMABLE_CHANGES`), else an InputError naming each differing field."""
+    saved = read_run_config(path)
+    if saved is None:
+        return  # nothing to compare with: the resume writes it
+    import yaml
+
+    from cloudedge.config import config_from_dict, dump_config
+
+    given = yaml.safe_load(dump_config(config))
+    differences = config_differences(saved, given)
+    if differences and not any(d.startswith("plugins") for d in differences):
+        # A config.yaml written by an older version lacks fields added since: compare it as this
+        # version reads it (their defaults). Its plug-ins are the given config's, already loaded.
+        try:
+            resolved = config_from_dict(saved, source=str(path / "config.yaml"), base_dir=config.base_dir)
+        except InputError:
+            pass  # it no longer validates: the raw differences say what changed
+        else:
+            differences = config_differences(yaml.safe_load(dump_config(resolved)), given)
+    if differences:
+        shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        raise InputError(f"{path / 'config.yaml'}: --resume: the config differs from the run's own ({shown}); "
+                         "resume with the run's config, or start a new run in another --out "
+                         f"(only {', '.join(f'{s}.*' for s in RESUMABLE_CHANGES)} may change)")

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -97,30 +98,41 @@ class _Steps:
         self._next[series] = step + 1
         return step
 
-    def resume(self, kept_rows: Path, series: str) -> int:
+    def resume(self, kept_rows: Path, series: str, step: int | None) -> tuple[int, list[tuple[int, dict[str, float]]]]:
         """On a resume: number ``series``' rows that ``kept_rows`` kept as the interrupted run did,
-        so that its rows without a round go on from there; returns one past its last kept step
-        (0 when it kept none), where a tracker drops what the interrupted run logged after.
+        so that its rows without a round go on from there. Returns the first step a tracker must
+        drop what the interrupted run logged from, and the kept rows (step, scalars) at or past it,
+        which it must log again.
+
+        That step is one past the last kept step, or the step of the series' first row since the
+        resume (``step``; None: numbered in order) when that is lower: what the interrupted run
+        logged after its checkpoint began where the resume begins again, and a row logged again at
+        a kept step (fine-tuning's grid rows logged after checkpoint N carry round N) would
+        otherwise show twice.
 
         ``kept_rows``: the run's metrics.jsonl, cut back to what the resume keeps. Called while the
         series' first row since the resume is logged: that row is already the file's last line, so
         it is left out."""
         lines = kept_rows.read_text(encoding="utf-8").splitlines()[:-1] if kept_rows.is_file() else []
-        last = -1
+        kept = []
         for row in map(json.loads, filter(None, lines)):
-            name, step, scalars = row_scalars(row)
+            name, row_step, scalars = row_scalars(row)
             if name == series and scalars:  # a row without scalars reaches no tracker: no step
-                last = max(last, self.of(series, step))
-        return last + 1
+                kept.append((self.of(series, row_step), scalars))
+        first_redone = max((s for s, _ in kept), default=-1) + 1
+        if step is not None:
+            first_redone = min(first_redone, step)
+        return first_redone, [(s, scalars) for s, scalars in kept if s >= first_redone]
 
 
 class TensorBoardLogger:
     """Event files in ``root/STAGE/METHOD/`` (one TensorBoard run per series), flushed every row.
 
     On a resume (``kept_rows``: the run's metrics.jsonl, already cut back to the rows the resume
-    keeps), a series' writer opens with ``purge_step`` one past the last step it kept: TensorBoard
-    then drops what the interrupted run logged after it (the rounds the resume redoes), so each
-    round shows once. A series without rounds goes on numbering its rows after the kept ones."""
+    keeps), a series' writer opens with ``purge_step`` at the first step the resume redoes
+    (:meth:`_Steps.resume`): TensorBoard then drops everything the interrupted run logged from that
+    step on, the kept rows at that step are logged again, and each row shows once. A series without
+    rounds goes on numbering its rows after the kept ones."""
 
     def __init__(self, root: Path, kept_rows: Path | None = None):
         try:
@@ -140,8 +152,11 @@ class TensorBoardLogger:
             return
         writer = self._writers.get(series)
         if writer is None:
-            purge = self._steps.resume(self.kept_rows, series) if self.kept_rows is not None else None
+            purge, replay = self._steps.resume(self.kept_rows, series, step) if self.kept_rows is not None else (None, [])
             writer = self._writers[series] = self._writer_cls(log_dir=str(self.root / series), purge_step=purge)
+            for kept_step, kept_scalars in replay:  # kept, but at or past the purge: logged again after it
+                for tag, value in kept_scalars.items():
+                    writer.add_scalar(tag, value, global_step=kept_step)
         step = self._steps.of(series, step)
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, global_step=step)
@@ -160,10 +175,11 @@ class MLflowLogger:
     """A parent MLflow run per run directory (params, artifacts), a child run per series (metrics).
 
     Run ids are kept in ``RUN/mlflow.json`` so ``--resume`` continues the same MLflow runs. MLflow
-    cannot delete a logged value, so when a resume redoes rounds a series' child run already holds
-    (``kept_rows``, as for TensorBoard), that child is replaced at the series' first row: a new child
-    gets the kept rounds' values copied over, and the old one is ended as KILLED, tagged with its
-    replacement. Each round then shows once.
+    cannot delete a logged value, so when a resume redoes rows a series' child run already holds
+    (values from the first redone step on, :meth:`_Steps.resume`, beyond those of the rows
+    ``kept_rows`` kept), that child is replaced at the series' first row: a new child gets the kept
+    rows' values copied over, and the old one is ended as KILLED, tagged with its replacement. Each
+    row then shows once.
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, str], state_file: Path,
@@ -182,7 +198,7 @@ class MLflowLogger:
         self._steps = _Steps()
         self.kept_rows = kept_rows if resume else None
         self._checked: set[str] = set()  # series whose child was checked against kept_rows
-        state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
+        state = _read_mlflow_state(state_file) if resume and state_file.is_file() else {}
         if state:
             self.experiment_id, self.parent_id = state["experiment_id"], state["parent_id"]
             self.children: dict[str, str] = state.get("children", {})
@@ -217,25 +233,33 @@ class MLflowLogger:
             self._save_state()
         return self.children[series]
 
-    def _replace_redone(self, series: str) -> None:
-        """At a series' first row after a resume: if its child holds rounds the resume redoes,
-        replace it by a child with only the kept rounds (see the class docstring)."""
+    def _replace_redone(self, series: str, step: int | None) -> None:
+        """At a series' first row after a resume (at ``step``): if its child holds values the
+        resume redoes, replace it by a child with only the kept ones (see the class docstring)."""
         self._checked.add(series)
         old = self.children.get(series)
         if self.kept_rows is None:
             return
-        first_redone = self._steps.resume(self.kept_rows, series)
+        first_redone, replay = self._steps.resume(self.kept_rows, series, step)
         if old is None:
             return
         from mlflow.entities import Metric
 
         keys = list(self.client.get_run(old).data.metrics)
         history = [m for key in keys for m in self.client.get_metric_history(old, key)]
-        if all(m.step < first_redone for m in history):
+        # At and past first_redone the child may hold kept values (a kept row at that step) beside
+        # redone ones: it holds only kept ones when they are all among the replayed rows' values.
+        wanted = Counter((_mlflow_key(tag), s, v) for s, scalars in replay for tag, v in scalars.items())
+        tail = [m for m in history if m.step >= first_redone]
+        if not Counter((m.key, m.step, m.value) for m in tail) - wanted:
             return
         new = self.client.create_run(self.experiment_id, run_name=series,
                                      tags={**self._tags(series), "cloudedge.replaces": old}).info.run_id
         kept = [Metric(m.key, m.value, m.timestamp, m.step) for m in history if m.step < first_redone]
+        for m in tail:  # the kept values among them (logged first, so the first of equal ones)
+            if wanted[(m.key, m.step, m.value)] > 0:
+                wanted[(m.key, m.step, m.value)] -= 1
+                kept.append(Metric(m.key, m.value, m.timestamp, m.step))
         for i in range(0, len(kept), _MLFLOW_METRICS_BATCH):
             self.client.log_batch(new, metrics=kept[i: i + _MLFLOW_METRICS_BATCH])
         # Only now does the state point at the new child: killed before this, the next resume finds
@@ -252,7 +276,7 @@ class MLflowLogger:
         if not scalars:
             return
         if series not in self._checked:
-            self._replace_redone(series)
+            self._replace_redone(series, step)
         step = self._steps.of(series, step)
         now = int(time.time() * 1000)
         metrics = [Metric(_mlflow_key(k), v, now, step) for k, v in scalars.items()]
@@ -269,6 +293,19 @@ class MLflowLogger:
         status = "FINISHED" if complete else "KILLED"
         for run_id in [*self.children.values(), self.parent_id]:
             self.client.set_terminated(run_id, status=status)
+
+
+def _read_mlflow_state(path: Path) -> dict[str, Any]:
+    """``RUN/mlflow.json`` (the MLflow run ids a resume continues); a damaged one is an InputError."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        state = None
+    if not (isinstance(state, dict) and isinstance(state.get("experiment_id"), str)
+            and isinstance(state.get("parent_id"), str) and isinstance(state.get("children", {}), dict)):
+        raise InputError(f"{path}: damaged: not the JSON object of MLflow run ids a run writes "
+                         "(experiment_id, parent_id, children); restore it, or delete it to log to new MLflow runs")
+    return state
 
 
 def _mlflow_key(tag: str) -> str:
