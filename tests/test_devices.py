@@ -79,9 +79,12 @@ def test_cuda_run_matches_the_cpu_run_and_resumes(tmp_path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pretrain(_cfg(device="cuda"), tmp_path / "cut", on_round=stop)
-    resumed = pretrain(_cfg(device="cuda"), tmp_path / "cut", resume=True)
-    assert [r["round"] for r in resumed.rows] == [0, 1, 2]
+        pretrain(_cfg(device="cuda", checkpoint_every=1), tmp_path / "cut", on_round=stop)
+    assert (tmp_path / "cut" / "checkpoints" / "pretrain" / "step-000001.json").exists()
+    redone: list[int] = []
+    resumed = pretrain(_cfg(device="cuda", checkpoint_every=1), tmp_path / "cut", resume=True,
+                       on_round=lambda r, row: redone.append(r))
+    assert redone == [2] and [r["round"] for r in resumed.rows] == [0, 1, 2]  # from the checkpoint, on the GPU
     assert [r["val_loss"] for r in resumed.rows] == pytest.approx([r["val_loss"] for r in gpu.rows], abs=1e-3)
 
 

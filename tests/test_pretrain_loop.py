@@ -479,3 +479,13 @@ def test_a_model_the_task_cannot_train_is_a_config_error(task, kind, data) -> No
     needs = "gpt" if task == "lm" else "clip"
     with pytest.raises(InputError, match=rf"pretrain.task: '{task}' trains a '{needs}' model, but model.kind is '{kind}'"):
         pretrain(config_from_dict(raw))
+
+
+def test_the_beat_a_lost_round_waits_is_a_devices_round_not_the_clouds(tmp_path) -> None:
+    """The cloud trains too but is unreachable, and no device is online: the wait is the fastest
+    device's nominal round (the cloud, with no link to cross, would make it nanoseconds)."""
+    devices_only = _trace_run(tmp_path, "edge0/dev0,1000,2000\n", workers=("device",))
+    with_cloud = _trace_run(tmp_path, "edge0/dev0,1000,2000\n", workers=("cloud", "device"),
+                            cloud={"profile": "a100", "overrides": {"availability": 0.0}})
+    assert [row["participants"] for row in with_cloud] == [0, 0]
+    assert with_cloud[0]["round_s"] == pytest.approx(devices_only[0]["round_s"]) and with_cloud[0]["round_s"] > 1e-3

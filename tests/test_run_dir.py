@@ -100,17 +100,27 @@ def test_a_start_that_failed_on_its_data_does_not_block_the_corrected_run(tmp_pa
     path.write_text(json.dumps(config))
     assert main(["pretrain", str(path), "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["complete"] is True
-    assert "corpus.txt" in (out / "config.yaml").read_text() and not list(tmp_path.glob("run.old-*"))
+    assert "corpus.txt" in (out / "config.yaml").read_text()
+    (aside,) = tmp_path.glob("run.old-*")  # the failed start's files, kept
+    assert "missing.txt" in (aside / "config.yaml").read_text()
 
 
-def test_a_directory_with_no_run_yet_takes_a_new_run_and_keeps_other_files(tmp_path):
+def test_a_directory_with_no_run_yet_takes_a_new_run_with_the_failed_starts_files_moved_aside(tmp_path, capsys):
+    """Nothing of the failed start (its trackers' files included) mixes with the new run, and
+    nothing is lost: it is moved aside whole."""
     out = tmp_path / "run"
     RunDir.create(out, _cfg(tmp_path, lr=0.5))  # a start that then failed before its first row
     (out / "checkpoints" / "pretrain").mkdir()
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1").write_text("old")
     (out / "notes.txt").write_text("mine")
     run = RunDir.create(out, _cfg(tmp_path))
-    assert "lr: 0.003" in (out / "config.yaml").read_text() and (out / "notes.txt").read_text() == "mine"
+    assert "lr: 0.003" in (out / "config.yaml").read_text() and not (out / "tensorboard").exists()
     assert run.read_metrics() == [] and not run.resumed
+    (aside,) = tmp_path.glob("run.old-*")
+    assert (aside / "notes.txt").read_text() == "mine" and "lr: 0.5" in (aside / "config.yaml").read_text()
+    assert (aside / "tensorboard" / "events.out.tfevents.1").is_file()
+    assert f"moved it aside to {aside.name}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("made", ["a row", "a checkpoint", "a summary"])
@@ -189,3 +199,17 @@ def test_a_config_yaml_written_before_a_field_existed_still_resumes(tmp_path):
     assert RunDir.create(path, _cfg(tmp_path), resume=True).resumed
     with pytest.raises(InputError, match=r"pretrain\.eval_samples: 128 -> 64"):
         RunDir.create(path, _cfg(tmp_path, eval_samples=64), resume=True)
+
+
+def test_resume_after_the_project_moved_notes_other_paths_and_continues(tmp_path, capsys):
+    """The run's config.yaml names its data by a path; the project moved (another checkout), so the
+    same config now gives another path: said on stderr, not refused. Another setting still is."""
+    path = _interrupted_run(tmp_path)
+    saved = (path / "config.yaml").read_text()
+    (path / "config.yaml").write_text(saved.replace("  path: null\n", "  path: /old/checkout/corpus.txt\n", 1))
+    assert "/old/checkout/corpus.txt" in (path / "config.yaml").read_text()
+    assert RunDir.create(path, _cfg(tmp_path), resume=True).resumed
+    err = capsys.readouterr().err
+    assert "resuming with other paths" in err and '"/old/checkout/corpus.txt" -> null' in err
+    with pytest.raises(InputError, match=r"pretrain\.lr: 0\.003 -> 0\.5"):
+        RunDir.create(path, _cfg(tmp_path, lr=0.5), resume=True)

@@ -96,13 +96,21 @@ def test_an_input_error_in_a_worker_task_is_not_retried_as_a_worker_failure(tmp_
     assert err.startswith("error: finetune.lora.targets: ['no_such_module'] do not fit the vit model")
 
 
-def test_a_report_that_cannot_be_written_loses_nothing(tmp_path, capsys):
+def test_a_report_that_cannot_be_written_loses_nothing(tmp_path, capsys, monkeypatch):
+    import cloudedge.track.run as track_run
+
     config = _setup(tmp_path)
     out = tmp_path / "run"
-    (out / "report.html").mkdir(parents=True)  # a real failure: the report cannot replace a folder
-    (out / "report.html" / "keep").write_text("x")
-    (out / "metrics.jsonl").write_text("")  # a run killed before its first row, continued with --resume
-    assert main(["adapt", str(config), "--out", str(out), "--resume"]) == 0
+    create = track_run.RunDir.create.__func__
+
+    def create_then_block_the_report(cls, *args, **kwargs):
+        run = create(cls, *args, **kwargs)
+        (run.path / "report.html").mkdir()  # a real failure: the report cannot replace a folder
+        (run.path / "report.html" / "keep").write_text("x")
+        return run
+
+    monkeypatch.setattr(track_run.RunDir, "create", classmethod(create_then_block_the_report))
+    assert main(["adapt", str(config), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "report not written" in err and f"cloudedge report {out}" in err
     summary = json.loads((out / "summary.json").read_text())

@@ -341,9 +341,11 @@ class PretrainRun:
     def _idle_wait(self) -> float:
         """How long a round with nobody reachable waits before the next one: what the fastest worker's
         round would take by the clock's priors (its compute of the global batch for ``local_h``
-        steps, a broadcast and an upload)."""
-        return min(self.local_h * (self.pcfg.global_batch * sample_s + overhead_s)
-                   for sample_s, overhead_s in self.priors.values())
+        steps, a broadcast and an upload). A lost round counts against ``rounds``: a trace that
+        brings the devices online late can spend them all waiting."""
+        # Not the cloud's (it has no links to cross): with devices, a beat would be nanoseconds.
+        priors = [p for wid, p in self.priors.items() if wid != CLOUD_ID] or list(self.priors.values())
+        return min(self.local_h * (self.pcfg.global_batch * sample_s + overhead_s) for sample_s, overhead_s in priors)
 
     def _reachable(self, r: int) -> set[str]:
         """The workers reachable in round ``r``: devices as ``fleet.availability`` says at the round's

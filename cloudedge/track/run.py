@@ -76,6 +76,13 @@ class RunDir:
         if resume and not held:
             print(f"note: {path} holds no run to resume yet; starting a new one", file=sys.stderr)
             resume = False
+        if held is False:
+            # What a start that failed before its first row left (its config, trackers' files) is
+            # moved aside whole, not reused: a new run's TensorBoard or MLflow must not mix with it.
+            aside = move_aside(path)
+            if aside is not None:
+                print(f"note: {path} held only a start that never logged a row; moved it aside to {aside.name}",
+                      file=sys.stderr)
         if not resume and held is not False:
             if not overwrite and held:
                 raise InputError(f"{path}: output directory already holds a run; pass --resume to continue it, "
@@ -307,6 +314,13 @@ def _shown(value: Any) -> str:
     return text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 3] + "..."
 
 
+def _is_path_difference(difference: str) -> bool:
+    """Whether a :func:`config_differences` line is about a file's path: the plug-ins, or a field
+    called ``path`` (data, model, traces)."""
+    field = difference.split(": ", 1)[0]
+    return field.startswith("plugins") or field.split(".")[-1].split("[")[0] == "path"
+
+
 def _check_resumed_config(path: Path, config: Any) -> None:
     """A resume continues the run its config.yaml describes: ``config`` must match it (but for
     :data:`RESUMABLE_CHANGES`), else an InputError naming each differing field."""
@@ -319,7 +333,7 @@ def _check_resumed_config(path: Path, config: Any) -> None:
 
     given = yaml.safe_load(dump_config(config))
     differences = config_differences(saved, given)
-    if differences and not any(d.startswith("plugins") for d in differences):
+    if [d for d in differences if not _is_path_difference(d)]:
         # A config.yaml written by an older version lacks fields added since: compare it as this
         # version reads it (their defaults). Its plug-ins are the given config's, already loaded.
         try:
@@ -328,6 +342,12 @@ def _check_resumed_config(path: Path, config: Any) -> None:
             pass  # it no longer validates: the raw differences say what changed
         else:
             differences = config_differences(yaml.safe_load(dump_config(resolved)), given)
+    # Paths differ when the project moved (another checkout, mount or host): said, not refused.
+    moved = [d for d in differences if _is_path_difference(d)]
+    if moved:
+        print(f"note: {path}: resuming with other paths than the run's config.yaml: {'; '.join(moved)}",
+              file=sys.stderr)
+        differences = [d for d in differences if d not in moved]
     if differences:
         shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
         raise InputError(f"{path / 'config.yaml'}: --resume: the config differs from the run's own ({shown}); "
