@@ -36,17 +36,32 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
 
+from cloudedge.bool_numbers import BOOL_FOR_NUMBER, refuse_bool_numbers
 from cloudedge.errors import InputError, shown_input
 
 T = TypeVar("T")
 
 
 class Params(BaseModel):
-    """A plug-in's parameters: unknown keys are errors, inf/nan rejected, frozen once built."""
+    """A plug-in's parameters: unknown keys are errors, inf/nan and booleans for numbers rejected,
+    frozen once built."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_bool_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
 
 
 class Choice(BaseModel):
@@ -162,10 +177,12 @@ class Registry(Generic[T]):
             first = err.errors()[0]
             key = ".".join(str(p) for p in first["loc"])
             msg = first["msg"].removeprefix("Value error, ")
-            if first["type"] == "extra_forbidden":
+            if first["type"] == BOOL_FOR_NUMBER:  # raised for the model: it names its own field
+                key, msg = first["ctx"]["field"], msg.removeprefix(f"{first['ctx']['field']}: ")
+            elif first["type"] == "extra_forbidden":
                 known = ", ".join(model.model_fields) or "none"
                 msg = f"not a parameter of {self.family} {name!r} (known: {known})"
-            elif first["type"] != "value_error":  # pydantic's own message does not say what it got
+            if first["type"] not in ("value_error", BOOL_FOR_NUMBER):  # pydantic's own: not what it got
                 msg += shown_input(first.get("input"))
             raise ValueError(f"{key}: {msg}" if key else msg) from None  # no key: a rule across knobs
 

@@ -101,6 +101,9 @@ def test_merge_keys_may_still_be_overridden(tmp_path):
     ("data: {partition: {kind: dirichlet, edge_alpha: [0.5, true]}}\n", "data.partition.edge_alpha.1", "true"),
     ("fleet: {edges: [{devices: [{count: 2, mix: {phone-mid: true}}]}]}\n",
      "fleet.edges.0.devices.0.mix.phone-mid", "true"),
+    ("data: {source: glyphs, glyphs: {channels: true}}\n", "data.glyphs.channels", "true"),  # Literal[1, 3]
+    ("finetune: {sync: {name: hierfavg, k1: true}}\n", "finetune.sync: k1", "true"),  # a plug-in's knob
+    ("adapt: {method: {name: swapprompt, lr: false}}\n", "adapt.method: lr", "false"),
 ])
 def test_boolean_for_a_number_is_refused(tmp_path, text, field, flag):
     p = write(tmp_path, text)
@@ -112,3 +115,5 @@ def test_boolean_for_a_number_is_refused(tmp_path, text, field, flag):
 def test_boolean_fields_still_take_booleans():
     cfg = config_from_dict({"data": {"source": "glyphs", "glyphs": {"cache": False}}})
     assert cfg.data.glyphs.cache is False
+    cfg = config_from_dict({"adapt": {"method": {"name": "swapprompt", "swap": False}}})  # a plug-in's bool knob
+    assert cfg.adapt.method.kwargs()["swap"] is False
