@@ -281,7 +281,11 @@ def _grey_as_float(img: Any) -> Any:
     """A high-bit grey PIL image as mode ``F`` in [0, 1], keeping its precision through the resize."""
     from PIL import Image
 
-    values = np.asarray(img, dtype=np.float64) / HIGH_BIT_WHITE[img.mode]
+    values = np.asarray(img, dtype=np.float64)
+    white = HIGH_BIT_WHITE[img.mode]
+    if img.mode == "F" and np.nanmax(values, initial=0.0) > 1.0:
+        white = 255.0  # a float image in 0..255, as Pillow's own conversion to 8 bits reads it
+    values = values / white
     # A float image may hold NaN or inf, which no later step would remove: black and white.
     values = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0)
     return Image.fromarray(values.astype(np.float32))  # float32: mode F
