@@ -211,5 +211,7 @@ def test_resume_after_the_project_moved_notes_other_paths_and_continues(tmp_path
     assert RunDir.create(path, _cfg(tmp_path), resume=True).resumed
     err = capsys.readouterr().err
     assert "resuming with other paths" in err and '"/old/checkout/corpus.txt" -> null' in err
+    assert RunDir.create(path, _cfg(tmp_path, device="auto"), resume=True).resumed  # e.g. on a GPU now
+    assert "pretrain.device: \"cpu\" -> \"auto\"" in capsys.readouterr().err
     with pytest.raises(InputError, match=r"pretrain\.lr: 0\.003 -> 0\.5"):
         RunDir.create(path, _cfg(tmp_path, lr=0.5), resume=True)

@@ -315,10 +315,12 @@ def _shown(value: Any) -> str:
 
 
 def _is_path_difference(difference: str) -> bool:
-    """Whether a :func:`config_differences` line is about a file's path: the plug-ins, or a field
-    called ``path`` (data, model, traces)."""
+    """Whether a :func:`config_differences` line is about where the run's files or its model are: the
+    plug-ins, a field called ``path`` (data, model, traces), or a stage's ``device`` (an interrupted
+    CPU run continued on a GPU; the resume says so)."""
     field = difference.split(": ", 1)[0]
-    return field.startswith("plugins") or field.split(".")[-1].split("[")[0] == "path"
+    last = field.split(".")[-1].split("[")[0]
+    return field.startswith("plugins") or last == "path" or (field.count(".") == 1 and last == "device")
 
 
 def _check_resumed_config(path: Path, config: Any) -> None:
@@ -345,7 +347,7 @@ def _check_resumed_config(path: Path, config: Any) -> None:
     # Paths differ when the project moved (another checkout, mount or host): said, not refused.
     moved = [d for d in differences if _is_path_difference(d)]
     if moved:
-        print(f"note: {path}: resuming with other paths than the run's config.yaml: {'; '.join(moved)}",
+        print(f"note: {path}: resuming with other paths or devices than the run's config.yaml: {'; '.join(moved)}",
               file=sys.stderr)
         differences = [d for d in differences if d not in moved]
     if differences:
