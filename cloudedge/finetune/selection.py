@@ -72,7 +72,8 @@ def keep_first(planned: list[Any], goal: int | None, clock: Any,
         return planned, 0
     everyone = arrivals(planned)
     rank = sorted(range(len(planned)), key=lambda i: (last(planned[i]), everyone[i], planned[i].dev.index))
-    kept, waiting = sorted(rank[:goal], key=rank.index), rank[goal:]
+    place = {i: n for n, i in enumerate(rank)}
+    kept, waiting = rank[:goal], rank[goal:]
     while True:
         got = arrivals([planned[i] for i in kept])
         lost = [i for i, t in zip(kept, got, strict=True) if not math.isfinite(t)]
@@ -80,7 +81,7 @@ def keep_first(planned: list[Any], goal: int | None, clock: Any,
             break
         if len(waiting) < len(lost):
             return planned, 0
-        kept = sorted([i for i in kept if i not in lost] + waiting[:len(lost)], key=rank.index)
+        kept = sorted([i for i in kept if i not in lost] + waiting[:len(lost)], key=place.__getitem__)
         waiting = waiting[len(lost):]
     t_cut = max(got)
     keep = set(kept)

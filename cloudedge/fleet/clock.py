@@ -170,8 +170,8 @@ class VirtualClock:
         received since (else a send waits for src's last compute or receive).
         """
         src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
-        begin, end, (up_free, up_end), (down_free, down_end) = self._route(src_id, dst_id, nbytes, start,
-                                                                           forwarding)
+        begin, end, (up_free, _, up_end), (down_free, _, down_end) = self._route(src_id, dst_id, nbytes, start,
+                                                                                 forwarding)
         up_free[src_id], down_free[dst_id] = up_end, down_end
         self._mark_busy(src_id, begin, end)
         self._mark_busy(dst_id, begin, end)
@@ -200,23 +200,22 @@ class VirtualClock:
         bytes, so the slower one until ``until``; both ends are busy until ``until``; the bytes are
         charged as radio energy at both ends and on the link. Returns them: 0, with nothing booked,
         when its turn had not come on one of the pipes by then."""
-        begin, end, (up_free, up_end), (down_free, down_end) = self._route(src_id, dst_id, nbytes, start,
-                                                                           forwarding)
+        begin, end, (up_free, up_start, up_end), (down_free, down_start, down_end) = self._route(
+            src_id, dst_id, nbytes, start, forwarding)
         if end <= until:
             raise ValueError(f"a message arriving at {end} is not cut at {until}: use transfer()")
-        src, dst = self.fleet.nodes[src_id], self.fleet.nodes[dst_id]
-        up, _, _, _ = link_figures(src.profile, dst.tier)
-        _, down, _, _ = link_figures(dst.profile, src.tier)
-        # Each pipe takes the message once what was queued on it before has gone.
-        up_start, down_start = up_end - nbytes / up, down_end - nbytes / down
-        through = int(min(nbytes, max(0.0, until - up_start) * up, max(0.0, until - down_start) * down))
+        # Each pipe carries the message from its turn there at its own rate (nbytes over its time).
+        carried = [nbytes * max(0.0, until - t0) / (t1 - t0) if t1 > t0 else 0.0
+                   for t0, t1 in ((up_start, up_end), (down_start, down_end))]
+        through = int(min(nbytes, *carried))
         if through <= 0:
             return 0
-        up_free[src_id] = max(up_free.get(src_id, 0.0), up_start + through / up)
-        down_free[dst_id] = max(down_free.get(dst_id, 0.0), down_start + through / down)
+        share = through / nbytes
+        up_free[src_id] = max(up_free.get(src_id, 0.0), up_start + share * (up_end - up_start))
+        down_free[dst_id] = max(down_free.get(dst_id, 0.0), down_start + share * (down_end - down_start))
         self._mark_busy(src_id, begin, until)
         self._mark_busy(dst_id, begin, until)
-        self._charge_bytes(src, dst, through)
+        self._charge_bytes(self.fleet.nodes[src_id], self.fleet.nodes[dst_id], through)
         return through
 
     def transfer_end(self, src_id: str, dst_id: str, nbytes: int, start: float | None = None,
@@ -239,9 +238,10 @@ class VirtualClock:
         return scratch
 
     def _route(self, src_id: str, dst_id: str, nbytes: int, start: float | None, forwarding: bool = False
-               ) -> tuple[float, float, tuple[dict[str, float], float], tuple[dict[str, float], float]]:
-        """``(begin, end, (uplink queue, its new end), (downlink queue, its new end))`` of one
-        message: each end's pipe carries it at that end's full rate, after what is queued on it.
+               ) -> tuple[float, float, tuple[dict[str, float], float, float], tuple[dict[str, float], float, float]]:
+        """``(begin, end, (uplink queue, its turn there, its new end), (downlink queue, its turn
+        there, its new end))`` of one message: each end's pipe carries it at that end's full rate,
+        from its turn (after what is queued on it).
         Reads only (``.get``: no node becomes "touched" by being asked about)."""
         if src_id == dst_id:
             raise ValueError(f"transfer from {src_id!r} to itself")
@@ -255,10 +255,10 @@ class VirtualClock:
         _, down, dst_lat, dst_wan = link_figures(dp, sp.tier)
         up_free = self._wan_up_free if src_wan else self._up_free
         down_free = self._wan_down_free if dst_wan else self._down_free
-        up_end = max(begin, up_free.get(src_id, 0.0)) + nbytes / up
-        down_end = max(begin, down_free.get(dst_id, 0.0)) + nbytes / down
+        up_start, down_start = max(begin, up_free.get(src_id, 0.0)), max(begin, down_free.get(dst_id, 0.0))
+        up_end, down_end = up_start + nbytes / up, down_start + nbytes / down
         wire_end = max(begin + nbytes / min(up, down), up_end, down_end)
-        return begin, wire_end + max(src_lat, dst_lat), (up_free, up_end), (down_free, down_end)
+        return begin, wire_end + max(src_lat, dst_lat), (up_free, up_start, up_end), (down_free, down_start, down_end)
 
     def _mark_busy(self, node_id: str, begin: float, end: float) -> None:
         # Only the part past what is already counted: overlapping messages are not double-counted.
